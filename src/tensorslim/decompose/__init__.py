@@ -1,0 +1,1 @@
+"""Numerical algorithms on plain tensors (no nn.Module here)."""

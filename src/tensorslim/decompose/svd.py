@@ -1,0 +1,91 @@
+"""SVD of dense weights, and the two ways of viewing a conv kernel as a matrix.
+
+Conv kernel K has shape (n, c, kh, kw) (out channels, in channels, height, width).
+
+- channel-wise (Zhang et al. 2015): M = K viewed n × (c·kh·kw); M ≈ U Vᵀ becomes a conv
+  c→r with the full kh×kw kernel followed by a 1×1 conv r→n.
+- spatial-wise (Jaderberg et al. 2014): M[(n, w), (c, h)] = K[n, c, h, w], an (n·kw) × (c·kh)
+  matrix; M ≈ U Vᵀ becomes a conv c→r with a kh×1 kernel followed by a conv r→n with 1×kw.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from tensorslim.errors import TensorslimError
+
+Scheme = Literal["channel", "spatial"]
+SvdDriver = Literal["auto", "full", "randomized"]
+
+# Randomized SVD (Halko, Martinsson, Tropp) pays off only on large matrices with a small rank.
+RANDOMIZED_MIN_DIM = 1024
+RANDOMIZED_MAX_RANK_FRACTION = 0.25
+
+
+def conv_weight_to_matrix(weight: torch.Tensor, scheme: Scheme) -> torch.Tensor:
+    """View a conv kernel (n, c, kh, kw) as the matrix the scheme factorizes.
+
+    channel → (n, c·kh·kw); spatial → (n·kw, c·kh) with rows (n, w) and columns (c, h).
+    """
+    n, c, kh, kw = weight.shape
+    if scheme == "channel":
+        return weight.reshape(n, c * kh * kw)
+    if scheme == "spatial":
+        return weight.permute(0, 3, 1, 2).reshape(n * kw, c * kh)
+    raise TensorslimError(f"unknown SVD scheme '{scheme}': use 'channel' or 'spatial'")
+
+
+def matrix_to_conv_weight(
+    matrix: torch.Tensor, shape: tuple[int, int, int, int], scheme: Scheme
+) -> torch.Tensor:
+    """Inverse of :func:`conv_weight_to_matrix`."""
+    n, c, kh, kw = shape
+    if scheme == "channel":
+        return matrix.reshape(n, c, kh, kw)
+    return matrix.reshape(n, kw, c, kh).permute(0, 2, 3, 1).contiguous()
+
+
+def singular_values(matrix: torch.Tensor) -> torch.Tensor:
+    """All singular values, descending, computed in float64 for a faithful spectrum."""
+    return torch.linalg.svdvals(matrix.detach().double())
+
+
+def truncated_svd(
+    matrix: torch.Tensor, rank: int, driver: SvdDriver = "auto", niter: int = 6
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Best rank-``rank`` factors of ``matrix`` (m × n): U (m × r), S (r), V (n × r).
+
+    ``driver="full"`` uses ``torch.linalg.svd``; ``"randomized"`` uses ``torch.svd_lowrank``
+    (subspace iteration, ``niter`` power steps); ``"auto"`` picks randomized only for matrices with
+    both sides ≥ 1024 and a rank under a quarter of the smaller side.
+    """
+    m, n = matrix.shape
+    full_rank = min(m, n)
+    if not 1 <= rank <= full_rank:
+        raise TensorslimError(f"rank {rank} is impossible for a {m}×{n} matrix (1..{full_rank})")
+    if driver not in ("auto", "full", "randomized"):
+        raise TensorslimError(f"unknown SVD driver '{driver}': use auto, full or randomized")
+    work = matrix.detach().double()
+    use_randomized = driver == "randomized" or (
+        driver == "auto"
+        and min(m, n) >= RANDOMIZED_MIN_DIM
+        and rank <= RANDOMIZED_MAX_RANK_FRACTION * full_rank
+    )
+    if use_randomized:
+        q = min(full_rank, rank + 10)
+        u, s, v = torch.svd_lowrank(work, q=q, niter=niter)
+    else:
+        u, s, vh = torch.linalg.svd(work, full_matrices=False)
+        v = vh.mH
+    return u[:, :rank], s[:rank], v[:, :rank]
+
+
+def balanced_factors(
+    matrix: torch.Tensor, rank: int, driver: SvdDriver = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (m × r), B (n × r) with A Bᵀ the best rank-r approximation, √σ split into both."""
+    u, s, v = truncated_svd(matrix, rank, driver)
+    root = s.sqrt()
+    return (u * root).to(matrix.dtype), (v * root).to(matrix.dtype)

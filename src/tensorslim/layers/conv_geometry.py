@@ -1,0 +1,44 @@
+"""Output sizes and argument normalisation for Conv2d-like layers."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from tensorslim.errors import TensorslimError
+
+
+def pair(value: int | tuple[int, ...]) -> tuple[int, int]:
+    """``3`` → ``(3, 3)``; a 2-tuple is returned as is."""
+    if isinstance(value, int):
+        return (value, value)
+    if len(value) != 2:
+        raise TensorslimError(f"expected an int or a pair, got {value}")
+    return (int(value[0]), int(value[1]))
+
+
+def conv_output_hw(
+    in_hw: tuple[int, int],
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int] | str,
+    dilation: tuple[int, int],
+) -> tuple[int, int]:
+    """Spatial output size of a convolution (PyTorch's formula; 'same' keeps the size)."""
+    if padding == "same":
+        return in_hw
+    pad = (0, 0) if padding == "valid" else padding
+    return tuple(  # type: ignore[return-value]
+        (size + 2 * p - d * (k - 1) - 1) // s + 1
+        for size, k, s, p, d in zip(in_hw, kernel, stride, pad, dilation, strict=True)
+    )
+
+
+def unsupported_conv_reason(conv: nn.Conv2d) -> str | None:
+    """Why a conv cannot be factorized channel-/spatial-wise, or None if it can."""
+    if conv.groups != 1:
+        return f"grouped conv (groups={conv.groups}) is kept dense"
+    if conv.padding_mode != "zeros":
+        return f"padding_mode '{conv.padding_mode}' is kept dense (only zero padding factorizes)"
+    if conv.padding == "same" and tuple(conv.stride) != (1, 1):
+        return "padding='same' with stride > 1 is kept dense"
+    return None

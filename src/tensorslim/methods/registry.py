@@ -1,0 +1,52 @@
+"""Registry of compression methods by name."""
+
+from __future__ import annotations
+
+import difflib
+from typing import TYPE_CHECKING, Any
+
+from tensorslim.errors import TensorslimError
+
+if TYPE_CHECKING:
+    from tensorslim.methods.base import Method
+
+_METHODS: dict[str, type[Method]] = {}
+
+
+def _register(cls: type[Method]) -> None:
+    existing = _METHODS.get(cls.name)
+    if existing is not None and existing is not cls and existing.__qualname__ != cls.__qualname__:
+        raise RuntimeError(f"method name '{cls.name}' registered twice ({existing} and {cls})")
+    _METHODS[cls.name] = cls
+
+
+def _ensure_builtin_methods() -> None:
+    # Importing the package's method modules registers them (via Method.__init_subclass__).
+    import tensorslim.methods  # noqa: F401
+
+
+def list_methods() -> list[str]:
+    """Names of all registered methods."""
+    _ensure_builtin_methods()
+    return sorted(_METHODS)
+
+
+def method_class(name: str) -> type[Method]:
+    """The class registered under ``name``; a clear error naming the known ones otherwise."""
+    _ensure_builtin_methods()
+    key = name.strip().lower().replace("_", "-")
+    for candidate in (name, key, key.replace("-", "_")):
+        if candidate in _METHODS:
+            return _METHODS[candidate]
+    close = difflib.get_close_matches(key, list(_METHODS), n=1)
+    hint = f" — did you mean '{close[0]}'?" if close else ""
+    raise TensorslimError(f"unknown method '{name}'{hint} (known: {', '.join(sorted(_METHODS))})")
+
+
+def get_method(name: str, **settings: Any) -> Method:
+    """An instance of the method ``name`` with the given settings (validated by the method)."""
+    cls = method_class(name)
+    try:
+        return cls(**settings)
+    except TypeError as exc:
+        raise TensorslimError(f"method '{name}': bad settings {settings}: {exc}") from None
