@@ -46,6 +46,7 @@ class LayerInfo:
     output_shape: tuple[int, ...]
     params: int
     flops: int
+    calls: int = 1
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,49 @@
+"""FLOPs: counted by ``torch.utils.flop_counter`` for whole models, analytic for single layers.
+
+Convention everywhere: 2 FLOPs per multiply-add (what ``FlopCounterMode`` counts for matmul,
+conv, bmm and einsum). Bias additions, activations, pooling and normalisation are not counted.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from tensorslim.layers.base import StructuredLayer
+from tensorslim.layers.conv_geometry import conv_output_hw
+
+
+def count_flops(model: nn.Module, example_input: torch.Tensor) -> int:
+    """Total FLOPs of one forward pass of ``model`` on ``example_input``, by FlopCounterMode."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(example_input)
+    finally:
+        model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+def dense_layer_flops(module: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Analytic FLOPs of a Linear, Conv2d or structured layer on an input of ``input_shape``.
+
+    Linear: 2·tokens·in·out. Conv2d: 2·B·Ho·Wo·n·(c/groups)·kh·kw. Other modules: 0.
+    """
+    if isinstance(module, StructuredLayer):
+        return int(module.analytic_flops(tuple(input_shape)))
+    if isinstance(module, nn.Linear):
+        return 2 * math.prod(input_shape[:-1]) * module.in_features * module.out_features
+    if isinstance(module, nn.Conv2d):
+        batch = math.prod(input_shape[:-3])
+        ho, wo = conv_output_hw(
+            tuple(input_shape[-2:]), module.kernel_size, module.stride, module.padding,
+            module.dilation,
+        )
+        kh, kw = module.kernel_size
+        per_position = module.out_channels * (module.in_channels // module.groups) * kh * kw
+        return 2 * batch * ho * wo * per_position
+    return 0

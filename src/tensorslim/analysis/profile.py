@@ -1,0 +1,96 @@
+"""Per-layer facts from one forward pass: input/output shapes, parameters, FLOPs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from tensorslim.analysis.flops import dense_layer_flops
+from tensorslim.layers.base import StructuredLayer
+from tensorslim.methods.base import LayerInfo
+
+COMPRESSIBLE = (nn.Linear, nn.Conv2d)
+
+
+def count_params(module: nn.Module) -> int:
+    """Number of parameter elements (shared parameters counted once)."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def collect_layer_info(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    types: tuple[type[nn.Module], ...] = (*COMPRESSIBLE, StructuredLayer),
+    names: Iterable[tuple[str, nn.Module]] | None = None,
+) -> tuple[dict[str, LayerInfo], set[str]]:
+    """Run ``example_input`` once and record every matching layer's shapes and cost.
+
+    Returns (info by fqn, fqns of matching layers whose forward never ran — e.g. the
+    ``out_proj`` of ``nn.MultiheadAttention``, whose parent reads ``.weight`` directly).
+    Structured layers are not descended into.
+    """
+    chosen = list(names) if names is not None else _top_level_layers(model, types)
+    seen: dict[int, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
+    handles = []
+
+    def make_hook(key: int):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
+                seen.setdefault(key, []).append((tuple(args[0].shape), tuple(output.shape)))
+
+        return hook
+
+    unique = {id(m): m for _, m in chosen}
+    for key, module in unique.items():
+        handles.append(module.register_forward_hook(make_hook(key)))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    infos: dict[str, LayerInfo] = {}
+    never_called: set[str] = set()
+    done: set[int] = set()
+    for fqn, module in chosen:
+        if id(module) in done:
+            continue
+        done.add(id(module))
+        calls = seen.get(id(module))
+        if not calls:
+            never_called.add(fqn)
+            continue
+        in_shape, out_shape = calls[0]
+        infos[fqn] = LayerInfo(
+            fqn=fqn,
+            type_name=type(module).__name__,
+            input_shape=in_shape,
+            output_shape=out_shape,
+            params=count_params(module),
+            flops=sum(dense_layer_flops(module, shape) for shape, _ in calls),
+            calls=len(calls),
+        )
+    return infos, never_called
+
+
+def _top_level_layers(
+    model: nn.Module, types: tuple[type[nn.Module], ...]
+) -> list[tuple[str, nn.Module]]:
+    """Matching modules, not descending into structured layers (their parts are not layers)."""
+    found: list[tuple[str, nn.Module]] = []
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        for name, child in module.named_children():
+            fqn = f"{prefix}.{name}" if prefix else name
+            if isinstance(child, types):
+                found.append((fqn, child))
+            if not isinstance(child, StructuredLayer):
+                walk(child, fqn)
+
+    walk(model, "")
+    return found

@@ -1,0 +1,163 @@
+"""Post-hoc low-rank SVD of trained Linear and Conv2d layers (the foundation method)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from tensorslim.decompose.svd import conv_weight_to_matrix, singular_values
+from tensorslim.errors import TensorslimError
+from tensorslim.layers.conv_geometry import unsupported_conv_reason
+from tensorslim.layers.lowrank import LowRankConv2d, LowRankLinear
+from tensorslim.methods.base import LayerInfo, Method, Option
+from tensorslim.rank.select import (
+    energy_kept,
+    rank_from_energy,
+    rank_from_ratio,
+    validate_fixed_rank,
+)
+
+SCHEMES = ("channel", "spatial", "best")
+MAX_LADDER = 48  # options per layer offered to the allocator (ranks spaced over 1..R)
+
+
+@dataclass
+class SVDMethod(Method):
+    """Truncated SVD: Linear → two Linears, Conv2d → two convs (channel- or spatial-wise).
+
+    Settings: ``scheme`` ("channel", "spatial", or "best": offer both and let the allocator
+    choose); one optional per-layer rule — ``rank`` (fixed), ``ratio`` (of the full rank) or
+    ``energy`` (fraction of Σσ² to keep); ``driver`` for the SVD ("auto", "full",
+    "randomized"). With a global budget the rule is ignored and ranks come from the allocator.
+    """
+
+    name: ClassVar[str] = "svd"
+    description: ClassVar[str] = "low-rank SVD (channel-/spatial-wise for convs)"
+    scheme: str = "channel"
+    rank: int | None = None
+    ratio: float | None = None
+    energy: float | None = None
+    driver: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise TensorslimError(f"unknown SVD scheme '{self.scheme}': use {', '.join(SCHEMES)}")
+        rules = [k for k in ("rank", "ratio", "energy") if getattr(self, k) is not None]
+        if len(rules) > 1:
+            raise TensorslimError(f"give at most one of rank, ratio, energy (got {rules})")
+        if self.ratio is not None and not 0 < self.ratio <= 1:
+            raise TensorslimError(f"ratio must be in (0, 1], got {self.ratio}")
+        if self.energy is not None and not 0 < self.energy <= 1:
+            raise TensorslimError(f"energy to keep must be in (0, 1], got {self.energy}")
+        if self.rank is not None and (not isinstance(self.rank, int) or self.rank < 1):
+            raise TensorslimError(f"rank must be a positive integer, got {self.rank}")
+
+    @property
+    def has_rule(self) -> bool:
+        return any(getattr(self, k) is not None for k in ("rank", "ratio", "energy"))
+
+    def supports(self, module: nn.Module, fqn: str) -> str | None:
+        if isinstance(module, nn.Linear):
+            return None
+        if isinstance(module, nn.Conv2d):
+            return unsupported_conv_reason(module)
+        return f"{type(module).__name__} is not a Linear or Conv2d"
+
+    def _schemes(self, module: nn.Module) -> tuple[str, ...]:
+        if isinstance(module, nn.Linear) or tuple(module.kernel_size) == (1, 1):
+            return ("channel",)
+        return ("channel", "spatial") if self.scheme == "best" else (self.scheme,)
+
+    def candidates(self, module: nn.Module, info: LayerInfo) -> list[Option]:
+        options: list[Option] = []
+        for scheme in self._schemes(module):
+            spectrum = _spectrum(module, scheme)
+            full = spectrum.numel()
+            kept = energy_kept(spectrum)
+            if self.has_rule:
+                ranks = [self._rule_rank(spectrum, info.fqn)]
+            else:
+                ranks = _ladder(full)
+            for rank in ranks:
+                layer = self._skeleton(module, rank, scheme, meta=True)
+                error = math.sqrt(max(0.0, 1.0 - float(kept[rank - 1])))
+                options.append(
+                    Option(
+                        method=self.name,
+                        config={"rank": rank, "scheme": scheme},
+                        params=_params(module, rank, scheme),
+                        flops=layer.analytic_flops(info.input_shape) * info.calls,
+                        error=error,
+                        label=f"rank {rank}/{full}" + ("" if scheme == "channel" else " spatial"),
+                        extra={"energy_kept": float(kept[rank - 1]), "full_rank": full},
+                    )
+                )
+        return options
+
+    def _rule_rank(self, spectrum: torch.Tensor, fqn: str) -> int:
+        full = spectrum.numel()
+        if self.rank is not None:
+            return validate_fixed_rank(self.rank, full, fqn)
+        if self.ratio is not None:
+            return rank_from_ratio(self.ratio, full)
+        return rank_from_energy(spectrum, float(self.energy))  # type: ignore[arg-type]
+
+    def build(
+        self, module: nn.Module, config: dict[str, Any], info: LayerInfo | None, *, init: bool = True
+    ) -> nn.Module:
+        rank, scheme = int(config["rank"]), str(config.get("scheme", "channel"))
+        if init:
+            if isinstance(module, nn.Linear):
+                return LowRankLinear.from_dense(module, rank, driver=self.driver)  # type: ignore[arg-type]
+            return LowRankConv2d.from_dense(module, rank, scheme, driver=self.driver)  # type: ignore[arg-type]
+        return self._skeleton(module, rank, scheme)
+
+    @staticmethod
+    def _skeleton(module: nn.Module, rank: int, scheme: str, meta: bool = False) -> nn.Module:
+        # meta=True builds on the meta device: no memory, used only for FLOP formulas
+        device = torch.device("meta") if meta else module.weight.device
+        dtype = module.weight.dtype
+        if isinstance(module, nn.Linear):
+            return LowRankLinear(
+                module.in_features, module.out_features, rank, module.bias is not None,
+                device=device, dtype=dtype,
+            )
+        return LowRankConv2d(
+            module.in_channels, module.out_channels, module.kernel_size, rank, scheme,  # type: ignore[arg-type]
+            module.stride, module.padding, module.dilation, module.bias is not None,
+            device=device, dtype=dtype,
+        )
+
+
+def _params(module: nn.Module, rank: int, scheme: str) -> int:
+    bias = module.bias.numel() if getattr(module, "bias", None) is not None else 0
+    if isinstance(module, nn.Linear):
+        return rank * (module.in_features + module.out_features) + bias
+    n, c, kh, kw = module.weight.shape
+    if scheme == "channel":
+        return rank * (c * kh * kw + n) + bias
+    return rank * (c * kh + n * kw) + bias
+
+
+def _spectrum(module: nn.Module, scheme: str) -> torch.Tensor:
+    weight = module.weight.detach()
+    return singular_values(weight if weight.dim() == 2 else conv_weight_to_matrix(weight, scheme))
+
+
+@lru_cache(maxsize=256)
+def _ladder(full_rank: int) -> list[int]:
+    """Ranks offered to the allocator: all of 1..R when R is small, else a dense-then-sparse grid."""
+    if full_rank <= MAX_LADDER:
+        return list(range(1, full_rank + 1))
+    grid = torch.linspace(0, 1, MAX_LADDER, dtype=torch.float64) ** 1.5 * (full_rank - 1) + 1
+    return sorted({int(round(float(v))) for v in grid})
+
+
+def layer_spectrum(module: nn.Module, scheme: str = "channel") -> torch.Tensor:
+    """Singular values of a Linear weight or a conv kernel's ``scheme`` matrix (descending)."""
+    return _spectrum(module, scheme)

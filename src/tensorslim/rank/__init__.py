@@ -1,0 +1,18 @@
+"""Rank selection: per-layer rules and the global budget allocator."""
+
+from tensorslim.rank.budget import Budget, allocate
+from tensorslim.rank.select import (
+    energy_kept,
+    rank_from_energy,
+    rank_from_ratio,
+    validate_fixed_rank,
+)
+
+__all__ = [
+    "Budget",
+    "allocate",
+    "energy_kept",
+    "rank_from_energy",
+    "rank_from_ratio",
+    "validate_fixed_rank",
+]

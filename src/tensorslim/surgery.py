@@ -1,0 +1,106 @@
+"""Model surgery: find submodules and replace them in place, wherever they are referenced.
+
+Works on any ``nn.Module`` tree: nested modules, ``nn.Sequential``, ``nn.ModuleList``,
+``nn.ModuleDict``, and modules shared by two parents (every reference is replaced by the same new
+module, so the sharing survives). The new module takes the old one's device, dtype and
+train/eval mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from tensorslim.errors import TensorslimError
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+def select_modules(
+    model: nn.Module,
+    *,
+    fqns: Iterable[str] | None = None,
+    types: tuple[type[nn.Module], ...] | type[nn.Module] | None = None,
+    filter_fn: FilterFn | None = None,
+) -> list[tuple[str, nn.Module]]:
+    """(fqn, module) pairs chosen by exact names, by type, and/or by ``filter_fn(module, fqn)``.
+
+    All given criteria must hold. Shared modules appear once, under their first name.
+    Unknown names in ``fqns`` are a clear error.
+    """
+    named = dict(model.named_modules())
+    if fqns is not None:
+        wanted = list(fqns)
+        missing = [f for f in wanted if f not in named]
+        if missing:
+            raise TensorslimError(
+                f"no module named {missing[0]!r} in the model (see `tensorslim inspect` for names)"
+            )
+        items = [(f, named[f]) for f in wanted]
+    else:
+        items = [(f, m) for f, m in named.items() if f]
+    if types is not None:
+        items = [(f, m) for f, m in items if isinstance(m, types)]
+    if filter_fn is not None:
+        items = [(f, m) for f, m in items if filter_fn(m, f)]
+    return items
+
+
+def references(model: nn.Module, target: nn.Module) -> list[tuple[nn.Module, str]]:
+    """Every (parent, child name) under ``model`` whose child is ``target`` (identity)."""
+    found = []
+    for parent in model.modules():
+        for name, child in parent._modules.items():
+            if child is target:
+                found.append((parent, name))
+    return found
+
+
+def match_state(old: nn.Module, new: nn.Module) -> nn.Module:
+    """Move ``new`` to ``old``'s device and floating dtype, and copy its train/eval mode."""
+    tensor = next(iter(old.parameters()), None)
+    if tensor is None:
+        tensor = next(iter(old.buffers()), None)
+    if tensor is not None:
+        new = new.to(device=tensor.device)
+        if torch.is_floating_point(tensor):
+            new = new.to(dtype=tensor.dtype)
+    new.train(old.training)
+    return new
+
+
+def replace_module(model: nn.Module, fqn: str, new: nn.Module) -> nn.Module:
+    """Replace the module at ``fqn`` (and every other reference to it) with ``new``.
+
+    Returns the old module. ``new`` is moved to the old module's device/dtype/mode.
+    """
+    if not fqn:
+        raise TensorslimError("cannot replace the root module itself; replace its children")
+    try:
+        old = model.get_submodule(fqn)
+    except AttributeError:
+        raise TensorslimError(f"no module named {fqn!r} in the model") from None
+    new = match_state(old, new)
+    for parent, name in references(model, old):
+        parent._modules[name] = new
+    return old
+
+
+def replace_modules(
+    model: nn.Module,
+    factory: Callable[[nn.Module, str], nn.Module | None],
+    *,
+    fqns: Iterable[str] | None = None,
+    types: tuple[type[nn.Module], ...] | type[nn.Module] | None = None,
+    filter_fn: FilterFn | None = None,
+) -> dict[str, nn.Module]:
+    """Replace each selected module by ``factory(module, fqn)`` (None: leave it). Returns the new."""
+    replaced = {}
+    for fqn, module in select_modules(model, fqns=fqns, types=types, filter_fn=filter_fn):
+        new = factory(module, fqn)
+        if new is not None:
+            replace_module(model, fqn, new)
+            replaced[fqn] = new
+    return replaced
