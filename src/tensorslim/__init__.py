@@ -1,21 +1,21 @@
 """tensorslim — compress trained PyTorch networks by giving their weights structure.
 
-    import tensorslim as ts
-    plan = ts.plan(model, method="svd", budget=ts.Budget(flops=0.5), example_input=x)
-    small = ts.apply(model, plan)
-    ts.save(small, "out/")
-    again = ts.load("out/", base_model=fresh_model)
+import tensorslim as ts
+plan = ts.plan(model, method="svd", budget=ts.Budget(flops=0.5), example_input=x)
+small = ts.apply(model, plan)
+ts.save(small, "out/")
+again = ts.load("out/", base_model=fresh_model)
 """
 
 __version__ = "0.1.0"
 
-from tensorslim.errors import TensorslimError  # noqa: E402
-from tensorslim.io import load, save  # noqa: E402
-from tensorslim.layers import LowRankConv2d, LowRankLinear, StructuredLayer  # noqa: E402
-from tensorslim.methods import get_method, list_methods  # noqa: E402
-from tensorslim.plan import CompressionPlan, LayerPlan, apply, plan  # noqa: E402
-from tensorslim.rank.budget import Budget  # noqa: E402
-from tensorslim.train import evaluate, fit  # noqa: E402
+from tensorslim.errors import TensorslimError
+from tensorslim.io import load, save
+from tensorslim.layers import LowRankConv2d, LowRankLinear, StructuredLayer
+from tensorslim.methods import get_method, list_methods
+from tensorslim.plan import CompressionPlan, LayerPlan, apply, plan
+from tensorslim.rank.budget import Budget
+from tensorslim.train import evaluate, fit
 
 
 def create_model(name: str, **kwargs):  # type: ignore[no-untyped-def]

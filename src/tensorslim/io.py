@@ -33,13 +33,17 @@ MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
 
 
-def save(model: nn.Module, directory: str | Path, *, metadata: dict[str, str] | None = None) -> Path:
+def save(
+    model: nn.Module, directory: str | Path, *, metadata: dict[str, str] | None = None
+) -> Path:
     """Write ``model``'s weights, plan and manifest into ``directory`` (created if needed)."""
     directory = Path(directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise TensorslimError(f"cannot create output directory {directory}: {exc.strerror}") from None
+        raise TensorslimError(
+            f"cannot create output directory {directory}: {exc.strerror}"
+        ) from None
     stages = [refresh_plan(model, p) for p in plans_of(model)]
     set_plans(model, stages)
     weights = directory / WEIGHTS_FILE
@@ -109,7 +113,9 @@ def load(directory: str | Path, base_model: nn.Module, *, verify: bool = True) -
             "pass the same architecture that was compressed"
         ) from None
     if missing or unexpected:
-        what = f"missing {sorted(missing)[:3]}" if missing else f"unexpected {sorted(unexpected)[:3]}"
+        what = (
+            f"missing {sorted(missing)[:3]}" if missing else f"unexpected {sorted(unexpected)[:3]}"
+        )
         raise TensorslimError(
             f"weights in {weights} do not fit the base model ({what}): "
             "pass the same architecture that was compressed"

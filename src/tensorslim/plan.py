@@ -115,7 +115,9 @@ class CompressionPlan:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise TensorslimError(f"unknown plan field(s) {sorted(unknown)}; known: {sorted(known)}")
+            raise TensorslimError(
+                f"unknown plan field(s) {sorted(unknown)}; known: {sorted(known)}"
+            )
         missing = {"method", "layers", "input_shape", "model_params", "model_flops"} - set(data)
         if missing:
             raise TensorslimError(f"plan is missing field(s) {sorted(missing)}")
@@ -152,14 +154,18 @@ class CompressionPlan:
         from tensorslim.train.checkpoint import atomic_write_text
 
         path = Path(path)
-        atomic_write_text(path, self.to_yaml() if path.suffix in {".yaml", ".yml"} else self.to_json())
+        atomic_write_text(
+            path, self.to_yaml() if path.suffix in {".yaml", ".yml"} else self.to_json()
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> CompressionPlan:
         path = Path(path)
         if not path.is_file():
             raise TensorslimError(f"plan file {path} does not exist")
-        return cls.from_text(path.read_text(), "yaml" if path.suffix in {".yaml", ".yml"} else "json")
+        return cls.from_text(
+            path.read_text(), "yaml" if path.suffix in {".yaml", ".yml"} else "json"
+        )
 
     # ----- validation ------------------------------------------------------------------------
     def validate(self, model: nn.Module) -> None:
@@ -233,7 +239,9 @@ def plan(
             continue  # a second name of a shared module, or inside a structured layer
         if fqn in never_called:
             entries[fqn] = _dense_entry(
-                fqn, module, None,
+                fqn,
+                module,
+                None,
                 "its forward never runs (the parent reads .weight directly, e.g. "
                 "nn.MultiheadAttention.out_proj): replacing it would be unsafe",
             )
@@ -241,8 +249,10 @@ def plan(
         if isinstance(module, StructuredLayer) or _is_parametrized(module):
             entries[fqn] = _dense_entry(fqn, module, info, "already structured")
             continue
-        if (wanted is not None and fqn not in wanted) or fqn in excluded or (
-            filter_fn is not None and not filter_fn(module, fqn)
+        if (
+            (wanted is not None and fqn not in wanted)
+            or fqn in excluded
+            or (filter_fn is not None and not filter_fn(module, fqn))
         ):
             entries[fqn] = _dense_entry(fqn, module, info, "not selected")
             continue
@@ -280,8 +290,10 @@ def plan(
         for lc in choices:
             info = infos[lc.fqn]
             option = chosen_method.choose_without_budget(lc.options, info)
-            if option is not None and not training_method and not (
-                option.flops < info.flops or option.params < info.params
+            if (
+                option is not None
+                and not training_method
+                and not (option.flops < info.flops or option.params < info.params)
             ):
                 entries[lc.fqn].reason = (
                     f"{option.label or 'the chosen option'} is not cheaper than dense "

@@ -96,7 +96,7 @@ def replace_modules(
     types: tuple[type[nn.Module], ...] | type[nn.Module] | None = None,
     filter_fn: FilterFn | None = None,
 ) -> dict[str, nn.Module]:
-    """Replace each selected module by ``factory(module, fqn)`` (None: leave it). Returns the new."""
+    """Replace each selected module by ``factory(module, fqn)`` (None: leave it); returns the new."""
     replaced = {}
     for fqn, module in select_modules(model, fqns=fqns, types=types, filter_fn=filter_fn):
         new = factory(module, fqn)

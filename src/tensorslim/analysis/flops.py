@@ -40,7 +40,10 @@ def dense_layer_flops(module: nn.Module, input_shape: tuple[int, ...]) -> int:
     if isinstance(module, nn.Conv2d):
         batch = math.prod(input_shape[:-3])
         ho, wo = conv_output_hw(
-            tuple(input_shape[-2:]), module.kernel_size, module.stride, module.padding,
+            tuple(input_shape[-2:]),
+            module.kernel_size,
+            module.stride,
+            module.padding,
             module.dilation,
         )
         kh, kw = module.kernel_size

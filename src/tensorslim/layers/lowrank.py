@@ -64,11 +64,15 @@ class LowRankLinear(StructuredLayer):
     def from_dense(
         cls, layer: nn.Linear, rank: int, scheme: str = "channel", driver: SvdDriver = "auto"
     ) -> LowRankLinear:
-        """Truncated SVD of ``layer.weight`` (``scheme`` is accepted for symmetry; Linear has one)."""
+        """Truncated SVD of ``layer.weight`` (``scheme``: accepted for symmetry)."""
         w = layer.weight.detach()
         new = cls(
-            layer.in_features, layer.out_features, rank, layer.bias is not None,
-            device=w.device, dtype=w.dtype,
+            layer.in_features,
+            layer.out_features,
+            rank,
+            layer.bias is not None,
+            device=w.device,
+            dtype=w.dtype,
         )
         a, b = balanced_factors(w, rank, driver)
         with torch.no_grad():
@@ -84,8 +88,11 @@ class LowRankLinear(StructuredLayer):
     def to_dense(self) -> nn.Linear:
         w = self.down.weight
         dense = nn.Linear(
-            self.in_features, self.out_features, self.up.bias is not None,
-            device=w.device, dtype=w.dtype,
+            self.in_features,
+            self.out_features,
+            self.up.bias is not None,
+            device=w.device,
+            dtype=w.dtype,
         )
         with torch.no_grad():
             dense.weight.copy_(self.up.weight @ self.down.weight)
@@ -134,9 +141,17 @@ class LowRankConv2d(StructuredLayer):
             raise TensorslimError(f"unknown SVD scheme '{scheme}': use 'channel' or 'spatial'")
         _check_rank(rank, full, f"a {scheme}-wise {out_channels}×{in_channels}×{kh}×{kw} conv")
         self.in_channels, self.out_channels, self.rank, self.scheme = (
-            in_channels, out_channels, rank, scheme,
+            in_channels,
+            out_channels,
+            rank,
+            scheme,
         )
-        self.kernel_size, self.stride, self.dilation, self.padding = (kh, kw), (sh, sw), (dh, dw), pad
+        self.kernel_size, self.stride, self.dilation, self.padding = (
+            (kh, kw),
+            (sh, sw),
+            (dh, dw),
+            pad,
+        )
         factory = {"device": device, "dtype": dtype}
         if scheme == "channel":
             self.down = nn.Conv2d(
@@ -149,8 +164,9 @@ class LowRankConv2d(StructuredLayer):
             self.down = nn.Conv2d(
                 in_channels, rank, (kh, 1), (sh, 1), pad_h, (dh, 1), bias=False, **factory
             )
-            self.up = nn.Conv2d(rank, out_channels, (1, kw), (1, sw), pad_w, (1, dw), bias=bias,
-                                **factory)
+            self.up = nn.Conv2d(
+                rank, out_channels, (1, kw), (1, sw), pad_w, (1, dw), bias=bias, **factory
+            )
 
     @classmethod
     def from_dense(
@@ -162,9 +178,17 @@ class LowRankConv2d(StructuredLayer):
             raise TensorslimError(f"cannot factorize this Conv2d: {reason}")
         w = layer.weight.detach()
         new = cls(
-            layer.in_channels, layer.out_channels, layer.kernel_size, rank, scheme,
-            layer.stride, layer.padding, layer.dilation, layer.bias is not None,
-            device=w.device, dtype=w.dtype,
+            layer.in_channels,
+            layer.out_channels,
+            layer.kernel_size,
+            rank,
+            scheme,
+            layer.stride,
+            layer.padding,
+            layer.dilation,
+            layer.bias is not None,
+            device=w.device,
+            dtype=w.dtype,
         )
         n, c, kh, kw = w.shape
         a, b = balanced_factors(conv_weight_to_matrix(w, scheme), rank, driver)
@@ -196,8 +220,15 @@ class LowRankConv2d(StructuredLayer):
     def to_dense(self) -> nn.Conv2d:
         w = self.down.weight
         dense = nn.Conv2d(
-            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-            self.dilation, bias=self.up.bias is not None, device=w.device, dtype=w.dtype,
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            bias=self.up.bias is not None,
+            device=w.device,
+            dtype=w.dtype,
         )
         with torch.no_grad():
             dense.weight.copy_(self.dense_weight())
@@ -213,8 +244,9 @@ class LowRankConv2d(StructuredLayer):
         n, c, r = self.out_channels, self.in_channels, self.rank
         if self.scheme == "channel":
             return 2 * batch * ho * wo * r * (c * kh * kw + n)
-        mid_w = conv_output_hw((h, w), (kh, 1), (self.stride[0], 1),
-                               self.down.padding, (self.dilation[0], 1))[1]
+        mid_w = conv_output_hw(
+            (h, w), (kh, 1), (self.stride[0], 1), self.down.padding, (self.dilation[0], 1)
+        )[1]
         return 2 * batch * ho * (mid_w * r * c * kh + wo * r * n * kw)
 
     def config(self) -> dict[str, Any]:

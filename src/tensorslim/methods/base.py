@@ -101,7 +101,12 @@ class Method(abc.ABC):
 
     @abc.abstractmethod
     def build(
-        self, module: nn.Module, config: dict[str, Any], info: LayerInfo | None, *, init: bool = True
+        self,
+        module: nn.Module,
+        config: dict[str, Any],
+        info: LayerInfo | None,
+        *,
+        init: bool = True,
     ) -> nn.Module:
         """The structured replacement of ``module`` described by ``config``."""
 

@@ -79,10 +79,7 @@ class SVDMethod(Method):
             spectrum = _spectrum(module, scheme)
             full = spectrum.numel()
             kept = energy_kept(spectrum)
-            if self.has_rule:
-                ranks = [self._rule_rank(spectrum, info.fqn)]
-            else:
-                ranks = _ladder(full)
+            ranks = [self._rule_rank(spectrum, info.fqn)] if self.has_rule else _ladder(full)
             for rank in ranks:
                 layer = self._skeleton(module, rank, scheme, meta=True)
                 error = math.sqrt(max(0.0, 1.0 - float(kept[rank - 1])))
@@ -108,7 +105,12 @@ class SVDMethod(Method):
         return rank_from_energy(spectrum, float(self.energy))  # type: ignore[arg-type]
 
     def build(
-        self, module: nn.Module, config: dict[str, Any], info: LayerInfo | None, *, init: bool = True
+        self,
+        module: nn.Module,
+        config: dict[str, Any],
+        info: LayerInfo | None,
+        *,
+        init: bool = True,
     ) -> nn.Module:
         rank, scheme = int(config["rank"]), str(config.get("scheme", "channel"))
         if init:
@@ -124,13 +126,25 @@ class SVDMethod(Method):
         dtype = module.weight.dtype
         if isinstance(module, nn.Linear):
             return LowRankLinear(
-                module.in_features, module.out_features, rank, module.bias is not None,
-                device=device, dtype=dtype,
+                module.in_features,
+                module.out_features,
+                rank,
+                module.bias is not None,
+                device=device,
+                dtype=dtype,
             )
         return LowRankConv2d(
-            module.in_channels, module.out_channels, module.kernel_size, rank, scheme,  # type: ignore[arg-type]
-            module.stride, module.padding, module.dilation, module.bias is not None,
-            device=device, dtype=dtype,
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,
+            rank,
+            scheme,  # type: ignore[arg-type]
+            module.stride,
+            module.padding,
+            module.dilation,
+            module.bias is not None,
+            device=device,
+            dtype=dtype,
         )
 
 
@@ -151,11 +165,11 @@ def _spectrum(module: nn.Module, scheme: str) -> torch.Tensor:
 
 @lru_cache(maxsize=256)
 def _ladder(full_rank: int) -> list[int]:
-    """Ranks offered to the allocator: all of 1..R when R is small, else a dense-then-sparse grid."""
+    """Ranks offered to the allocator: 1..R when R is small, else a grid denser at low ranks."""
     if full_rank <= MAX_LADDER:
         return list(range(1, full_rank + 1))
     grid = torch.linspace(0, 1, MAX_LADDER, dtype=torch.float64) ** 1.5 * (full_rank - 1) + 1
-    return sorted({int(round(float(v))) for v in grid})
+    return sorted({round(float(v)) for v in grid})
 
 
 def layer_spectrum(module: nn.Module, scheme: str = "channel") -> torch.Tensor:

@@ -32,7 +32,9 @@ class Budget:
     def __post_init__(self) -> None:
         given = {k: v for k, v in (("flops", self.flops), ("params", self.params)) if v is not None}
         if len(given) != 1:
-            raise TensorslimError("a budget needs exactly one of flops=… or params=… (e.g. flops=0.5)")
+            raise TensorslimError(
+                "a budget needs exactly one of flops=… or params=… (e.g. flops=0.5)"
+            )
         key, value = next(iter(given.items()))
         if not isinstance(value, int | float) or not 0 < value <= 1:
             raise TensorslimError(f"budget {key}={value} must be a fraction in (0, 1]")

@@ -29,7 +29,9 @@ def unwrap(model: nn.Module) -> nn.Module:
 class TrainHook:
     """Base class: every method is a no-op; override what the method needs."""
 
-    def on_train_begin(self, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int) -> None:
+    def on_train_begin(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int
+    ) -> None:
         """Called once before the first step (``total_steps`` = epochs × steps per epoch)."""
 
     def extra_loss(self, model: nn.Module, step: int) -> torch.Tensor | None:

@@ -212,7 +212,7 @@ def fit(
                 hook.after_step(model, opt, step)
             batch = targets.numel()
             seen += batch
-            loss_sum += float(task) * batch
+            loss_sum += float(task.detach()) * batch
             correct += int((logits.detach().argmax(dim=1) == targets).sum())
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")

@@ -1,0 +1,56 @@
+"""Per-layer inspection: shapes, parameters, FLOPs, spectra and measured latency."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from tensorslim.analysis.flops import count_flops
+from tensorslim.analysis.latency import measure_latency
+from tensorslim.analysis.profile import COMPRESSIBLE, collect_layer_info, count_params
+from tensorslim.decompose.svd import conv_weight_to_matrix, singular_values
+from tensorslim.rank.select import rank_from_energy
+
+
+def inspect_model(
+    model: nn.Module, example_batch: torch.Tensor, *, latency: bool = True, energy: float = 0.9
+) -> dict[str, Any]:
+    """Facts per Linear/Conv2d layer and for the whole model.
+
+    Per layer: input/output shape (batch 1), params, FLOPs (share of the model), full rank of the
+    weight matrix, the rank keeping ``energy`` of Σσ², and (optionally) the layer's own measured
+    latency on an input of the example batch's size.
+    """
+    x1 = example_batch[:1]
+    infos, never_called = collect_layer_info(model, x1, types=COMPRESSIBLE)
+    total_flops = count_flops(model, x1)
+    batch = example_batch.shape[0]
+    rows = []
+    for fqn, info in infos.items():
+        module = model.get_submodule(fqn)
+        w = module.weight.detach()
+        matrix = w if w.dim() == 2 else conv_weight_to_matrix(w, "channel")
+        spectrum = singular_values(matrix)
+        row: dict[str, Any] = {
+            "layer": fqn,
+            "type": info.type_name,
+            "input": "×".join(map(str, info.input_shape[1:])),
+            "output": "×".join(map(str, info.output_shape[1:])),
+            "params": info.params,
+            "flops": info.flops,
+            "flops_share": info.flops / total_flops if total_flops else 0.0,
+            "full_rank": spectrum.numel(),
+            f"rank@{energy:g}": rank_from_energy(spectrum, energy),
+        }
+        if latency:
+            x = torch.randn((batch, *info.input_shape[1:]), dtype=w.dtype)
+            row["latency_ms"] = measure_latency(module, x, min_run_time=0.05)["median_ms"]
+        rows.append(row)
+    whole: dict[str, Any] = {"params": count_params(model), "flops": total_flops}
+    if latency:
+        whole["latency_ms"] = measure_latency(model, example_batch)["median_ms"]
+        whole["latency_batch"] = batch
+        whole["threads"] = torch.get_num_threads()
+    return {"layers": rows, "total": whole, "never_called": sorted(never_called)}

@@ -1,0 +1,45 @@
+"""``tensorslim export RUN --format onnx|torchscript|safetensors``."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import typer
+
+from tensorslim.cli.cmd_eval import load_run_model
+from tensorslim.cli.common import handle_errors
+from tensorslim.errors import TensorslimError
+from tensorslim.export import FORMATS, export_onnx, export_torchscript
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("export")
+    @handle_errors
+    def export(
+        run: Path = typer.Argument(..., help="A run directory (from compress or train)."),
+        format: str = typer.Option("onnx", "--format", help="onnx | torchscript | safetensors"),
+        out: Path = typer.Option(None, help="Output file or directory (default RUN/export/)."),
+    ) -> None:
+        """Export a run's model; ONNX is verified in onnxruntime against PyTorch."""
+        if format not in FORMATS:
+            raise TensorslimError(f"unknown export format '{format}': use {', '.join(FORMATS)}")
+        if not run.is_dir():
+            raise TensorslimError(f"run directory {run} does not exist")
+        s, model = load_run_model(run)
+        example = s.example_batch[:4]
+        if format == "safetensors":
+            target = out or run / "export" / "safetensors"
+            shutil.copytree(run / "model", target, dirs_exist_ok=True)
+            typer.echo(f"wrote {target} (weights + plan.json + manifest.json)")
+            return
+        suffix = ".onnx" if format == "onnx" else ".pt"
+        target = out or run / "export" / f"model{suffix}"
+        if format == "onnx":
+            info = export_onnx(model, example, target)
+        else:
+            info = export_torchscript(model, example, target)
+        typer.echo(
+            f"wrote {target} ({int(info['bytes'])} bytes, max |Δ| vs PyTorch "
+            f"{info['max_abs_diff']:.2e})"
+        )

@@ -1,0 +1,24 @@
+"""``tensorslim methods`` and ``tensorslim models``: what is available."""
+
+from __future__ import annotations
+
+import typer
+
+from tensorslim.methods import list_methods, method_class
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("methods")
+    def methods() -> None:
+        """List the registered compression methods."""
+        for name in list_methods():
+            cls = method_class(name)
+            typer.echo(f"{name:12s} [{cls.kind}] {cls.description}")
+
+    @app.command("models")
+    def models() -> None:
+        """List the models in the zoo."""
+        from tensorslim.models import list_models
+
+        for name in list_models():
+            typer.echo(name)

@@ -1,0 +1,180 @@
+"""The compress pipeline shared by the CLI, the demo and recipes:
+
+measure original → plan → apply → (train with the method's hooks | fine-tune) → finalize →
+measure compressed → results dict. Writing files is left to :mod:`tensorslim.report.run`.
+"""
+
+from __future__ import annotations
+
+import copy
+import platform
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tensorslim.analysis.flops import count_flops
+from tensorslim.analysis.latency import measure_latency
+from tensorslim.analysis.profile import count_params
+from tensorslim.errors import TensorslimError
+from tensorslim.methods.registry import get_method
+from tensorslim.plan import CompressionPlan, apply, plan, plans_of, refresh_plan, set_plans
+from tensorslim.rank.budget import Budget
+from tensorslim.train.loop import evaluate, fit
+
+
+def machine_facts() -> dict[str, Any]:
+    """What a latency number depends on: threads, torch version, CPU count, platform."""
+    import os
+
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "platform": platform.platform(),
+    }
+
+
+def measure(
+    model: nn.Module,
+    example_batch: torch.Tensor,
+    test_loader: Iterable | None,
+    *,
+    latency: bool = True,
+    min_run_time: float = 0.3,
+) -> dict[str, Any]:
+    """accuracy / loss (if a loader is given), params, FLOPs (per sample) and latency (batch)."""
+    row: dict[str, Any] = {
+        "params": count_params(model),
+        "flops": count_flops(model, example_batch[:1]),
+    }
+    if test_loader is not None:
+        row.update(evaluate(model, test_loader))
+    if latency:
+        lat = measure_latency(model, example_batch, min_run_time=min_run_time)
+        row["latency_ms"] = lat["median_ms"]
+        row["latency_batch"] = lat["batch"]
+        row["latency_threads"] = lat["threads"]
+    return row
+
+
+def layer_rows(compression_plan: CompressionPlan) -> list[dict[str, Any]]:
+    """One row per planned layer, for tables and report.md."""
+    rows = []
+    for lp in compression_plan.layers:
+        rows.append(
+            {
+                "layer": lp.fqn,
+                "type": lp.type_name,
+                "method": lp.method or "dense",
+                "choice": lp.label,
+                "params": lp.params_before,
+                "params_after": lp.params_after,
+                "flops": lp.flops_before,
+                "flops_after": lp.flops_after,
+                "flops_kept": lp.flops_after / lp.flops_before if lp.flops_before else 1.0,
+                "error": lp.error,
+                "energy_kept": lp.extra.get("energy_kept"),
+                "reason": lp.reason,
+            }
+        )
+    return rows
+
+
+def compress_model(
+    model: nn.Module,
+    *,
+    method: str,
+    budget: Budget | None,
+    settings: dict[str, Any] | None = None,
+    train_loader: Iterable | None,
+    test_loader: Iterable | None,
+    example_batch: torch.Tensor,
+    finetune_epochs: int = 1,
+    lr: float = 0.01,
+    optimizer: str = "sgd",
+    distill: bool = False,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+    measure_original: dict[str, Any] | None = None,
+    latency: bool = True,
+    max_steps_per_epoch: int | None = None,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Compress ``model`` (left untouched) and return (compressed model, results dict).
+
+    The results dict holds ``original`` and ``compressed`` (each: accuracy, params, flops,
+    latency_ms), ``accuracy_before_finetune``, the per-layer ``layers`` rows, the fine-tune
+    ``history`` and whatever the method's ``summary(model)`` adds.
+    """
+    settings = dict(settings or {})
+    started = time.perf_counter()
+    original = measure_original or measure(model, example_batch, test_loader, latency=latency)
+    the_plan = plan(model, method, budget, example_batch, filter_fn=filter_fn, **settings)
+    method_obj = get_method(method, **settings)
+    if not the_plan.compressed_layers:
+        reasons = sorted({lp.reason for lp in the_plan.layers if lp.reason})
+        raise TensorslimError(f"method '{method}' compressed no layer ({'; '.join(reasons)[:300]})")
+    small = apply(model, the_plan)
+    applied_at = time.perf_counter()
+    before = evaluate(small, test_loader) if test_loader is not None else {}
+    hooks = method_obj.train_hooks(small, the_plan)
+    history: list[dict[str, float]] = []
+    if finetune_epochs > 0:
+        if train_loader is None:
+            raise TensorslimError("fine-tuning needs training data")
+        teacher = copy.deepcopy(model).eval() if distill else None
+        history = fit(
+            small,
+            train_loader,
+            epochs=finetune_epochs,
+            lr=lr,
+            optimizer=optimizer,
+            hooks=hooks,
+            test_loader=test_loader,
+            teacher=teacher,
+            checkpoint_dir=checkpoint_dir,
+            resume=resume,
+            progress=progress,
+            log=log,
+            max_steps_per_epoch=max_steps_per_epoch,
+            description=f"{method} fine-tune",
+        ).epochs
+    elif hooks:
+        raise TensorslimError(
+            f"method '{method}' works during training: give --finetune-epochs ≥ 1"
+        )
+    small = method_obj.finalize(small, the_plan)
+    set_plans(small, [refresh_plan(small, p) for p in plans_of(small)])
+    compressed = measure(small, example_batch, test_loader, latency=latency)
+    results: dict[str, Any] = {
+        "method": method,
+        "settings": method_obj.settings(),
+        "budget": budget.to_dict() if budget is not None else None,
+        "original": original,
+        "compressed": compressed,
+        "accuracy_before_finetune": before.get("accuracy"),
+        "flops_fraction": compressed["flops"] / original["flops"],
+        "params_fraction": compressed["params"] / original["params"],
+        "latency_speedup": (
+            original["latency_ms"] / compressed["latency_ms"]
+            if latency and compressed.get("latency_ms")
+            else None
+        ),
+        "plan_notes": the_plan.notes,
+        "layers": layer_rows(plans_of(small)[-1]),
+        "history": history,
+        "seconds": {"decompose": applied_at - started, "total": time.perf_counter() - started},
+        "machine": machine_facts(),
+    }
+    summary = getattr(method_obj, "summary", None)
+    if callable(summary):
+        results["method_summary"] = summary(small)
+    return small, results

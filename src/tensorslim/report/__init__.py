@@ -1,0 +1,1 @@
+"""Run reports: terminal tables, results.json, report.md and plots."""

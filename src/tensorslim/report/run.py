@@ -1,0 +1,182 @@
+"""Write a run directory's report: results.json, report.md and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tensorslim.report.plots import layer_bars_plot, pareto_plot, spectra_plot, training_curves_plot
+from tensorslim.report.tables import markdown_table
+from tensorslim.train.checkpoint import atomic_write_text
+
+SUMMARY_COLUMNS = [
+    "method",
+    "budget",
+    "accuracy_before_ft",
+    "accuracy",
+    "params",
+    "flops",
+    "flops_fraction",
+    "latency_ms",
+    "speedup",
+]
+LAYER_COLUMNS = [
+    "layer",
+    "type",
+    "method",
+    "choice",
+    "flops",
+    "flops_after",
+    "flops_kept",
+    "error",
+    "reason",
+]
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe copy: tensors → lists, NaN/Inf → None, tuples → lists."""
+    if isinstance(value, Mapping):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return _clean(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Atomic, pretty JSON."""
+    atomic_write_text(path, json.dumps(_clean(data), indent=2))
+
+
+def summary_row(result: Mapping[str, Any]) -> dict[str, Any]:
+    """One row of the summary table from a ``compress_model`` results dict."""
+    budget = result.get("budget") or {}
+    comp = result["compressed"]
+    return {
+        "method": result["method"],
+        "budget": ", ".join(f"{k}={v:g}" for k, v in budget.items()) or "rule",
+        "accuracy_before_ft": result.get("accuracy_before_finetune"),
+        "accuracy": comp.get("accuracy"),
+        "params": comp["params"],
+        "flops": comp["flops"],
+        "flops_fraction": result.get("flops_fraction"),
+        "latency_ms": comp.get("latency_ms"),
+        "speedup": result.get("latency_speedup"),
+    }
+
+
+def original_row(original: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "method": "original",
+        "budget": "–",
+        "accuracy": original.get("accuracy"),
+        "params": original["params"],
+        "flops": original["flops"],
+        "flops_fraction": 1.0,
+        "latency_ms": original.get("latency_ms"),
+        "speedup": 1.0,
+    }
+
+
+def write_report(
+    out_dir: str | Path,
+    results: Sequence[Mapping[str, Any]],
+    *,
+    title: str,
+    original: Mapping[str, Any],
+    spectra: Mapping[str, torch.Tensor] | None = None,
+    base_history: Sequence[Mapping[str, float]] | None = None,
+    extra_json: Mapping[str, Any] | None = None,
+) -> dict[str, Path]:
+    """Write results.json, report.md, pareto.png (+ spectra.png, layers.png, curves.png)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Path] = {}
+    points = [
+        {
+            "method": r["method"],
+            "flops_fraction": r["flops_fraction"],
+            "accuracy": r["compressed"].get("accuracy", 0.0),
+            "accuracy_before_finetune": r.get("accuracy_before_finetune"),
+        }
+        for r in results
+        if r["compressed"].get("accuracy") is not None
+    ]
+    if points:
+        files["pareto"] = pareto_plot(
+            points, out / "pareto.png", original=dict(original), title=title
+        )
+    if spectra:
+        files["spectra"] = spectra_plot(spectra, out / "spectra.png")
+    if results:
+        files["layers"] = layer_bars_plot(results[-1]["layers"], out / "layers.png")
+    histories = {f"{r['method']} {summary_row(r)['budget']}": r.get("history", []) for r in results}
+    if base_history:
+        histories = {"base training": list(base_history), **histories}
+    if any(histories.values()):
+        files["curves"] = training_curves_plot(histories, out / "curves.png")
+
+    payload: dict[str, Any] = {"original": dict(original)}
+    if len(results) == 1:
+        payload.update(dict(results[0]))
+        payload["original"] = dict(original)
+    else:
+        payload["runs"] = [dict(r) for r in results]
+        best = min(results, key=lambda r: abs(r["flops_fraction"] - 0.5)) if results else None
+        if best is not None:
+            payload["compressed"] = dict(best["compressed"])
+    if extra_json:
+        payload.update(extra_json)
+    write_json(out / "results.json", payload)
+    files["results"] = out / "results.json"
+
+    rows = [original_row(original)] + [summary_row(r) for r in results]
+    lines = [f"# {title}", "", "## Summary", "", markdown_table(SUMMARY_COLUMNS, rows), ""]
+    lines += [
+        "Accuracy is top-1 on the test split; FLOPs are per sample (2 per multiply-add, counted by "
+        "`torch.utils.flop_counter`); latency is the median forward time of one batch of "
+        f"{original.get('latency_batch', '?')} measured with `torch.utils.benchmark` on "
+        f"{original.get('latency_threads', '?')} thread(s).",
+        "",
+    ]
+    for name, label in (
+        ("pareto", "Accuracy vs FLOPs"),
+        ("spectra", "Singular value spectra"),
+        ("layers", "FLOPs kept per layer (last run)"),
+        ("curves", "Training curves"),
+    ):
+        if name in files:
+            lines += [f"## {label}", "", f"![{label}]({files[name].name})", ""]
+    for r in results:
+        lines += [f"## Layers: {r['method']} {summary_row(r)['budget']}", ""]
+        lines += [markdown_table(LAYER_COLUMNS, r["layers"]), ""]
+        for note in r.get("plan_notes", []):
+            lines += [f"> note: {note}", ""]
+    atomic_write_text(out / "report.md", "\n".join(lines))
+    files["report"] = out / "report.md"
+    return files
+
+
+def model_spectra(model: nn.Module, limit: int = 12) -> dict[str, torch.Tensor]:
+    """Singular values of each Linear / non-grouped Conv2d weight (channel-wise view)."""
+    from tensorslim.decompose.svd import conv_weight_to_matrix, singular_values
+
+    spectra = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1):
+            w = module.weight.detach()
+            matrix = w if w.dim() == 2 else conv_weight_to_matrix(w, "channel")
+            if min(matrix.shape) > 1:
+                spectra[name] = singular_values(matrix)
+        if len(spectra) >= limit:
+            break
+    return spectra
