@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from tensorslim.errors import TensorslimError
 from tensorslim.train.checkpoint import load_checkpoint, save_checkpoint
-from tensorslim.train.distributed import barrier, is_main_process
+from tensorslim.train.distributed import barrier, is_distributed, is_main_process
 from tensorslim.train.hooks import TrainHook
 
 CHECKPOINT_NAME = "last.pt"
@@ -115,6 +115,7 @@ def fit(
     log: Callable[[str], None] | None = None,
     max_steps_per_epoch: int | None = None,
     description: str = "train",
+    ddp: bool | None = None,
 ) -> History:
     """Train ``model`` in place for ``epochs`` epochs and return the per-epoch history.
 
@@ -123,6 +124,9 @@ def fit(
     "constant"`` keeps it fixed), after an optional linear warm-up.
     With ``checkpoint_dir`` the state after each epoch is saved atomically to ``last.pt``;
     ``resume=True`` continues from it (model, optimizer, schedule, hooks, history, RNG).
+    Inside an initialised ``torch.distributed`` process group (``ddp=None`` → automatic) the model
+    is wrapped in DistributedDataParallel for the steps; hooks receive the wrapped model and only
+    rank 0 logs, shows progress and writes the checkpoint.
     """
     if epochs < 0:
         raise TensorslimError(f"epochs must be ≥ 0, got {epochs}")
@@ -159,8 +163,16 @@ def fit(
         start_epoch = int(state["epoch"])
         torch.set_rng_state(state["rng"])
         _say(log, f"resumed from {ckpt_path} after epoch {start_epoch}")
+    use_ddp = is_distributed() if ddp is None else ddp
+    if use_ddp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # every rank starts from rank 0's weights, so all hold the same model
+        net: nn.Module = DistributedDataParallel(model)
+    else:
+        net = model
     for hook in hooks:
-        hook.on_train_begin(model, opt, total_steps)
+        hook.on_train_begin(net, opt, total_steps)
     if teacher is not None:
         teacher.eval()
     alpha = kd_alpha if teacher is not None else 0.0
@@ -184,7 +196,7 @@ def fit(
                 break
             step = epoch * steps_per_epoch + batch_index
             inputs, targets = inputs.to(device), targets.to(device)
-            logits = model(inputs)
+            logits = net(inputs)
             task = F.cross_entropy(logits, targets)
             loss = task
             if alpha > 0:
@@ -193,7 +205,7 @@ def fit(
                 kd = distillation_loss(logits, teacher_logits, kd_temperature)
                 loss = (1 - alpha) * task + alpha * kd
             for hook in hooks:
-                extra = hook.extra_loss(model, step)
+                extra = hook.extra_loss(net, step)
                 if extra is not None:
                     loss = loss + extra
             if not torch.isfinite(loss):
@@ -205,11 +217,11 @@ def fit(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             for hook in hooks:
-                hook.after_backward(model, opt, step)
+                hook.after_backward(net, opt, step)
             opt.step()
             scheduler.step()
             for hook in hooks:
-                hook.after_step(model, opt, step)
+                hook.after_step(net, opt, step)
             batch = targets.numel()
             seen += batch
             loss_sum += float(task.detach()) * batch
@@ -224,7 +236,7 @@ def fit(
             "lr": opt.param_groups[0]["lr"],
         }
         for hook in hooks:
-            record.update(hook.on_epoch_end(model, epoch))
+            record.update(hook.on_epoch_end(net, epoch))
         if test_loader is not None:
             metrics = evaluate(model, test_loader, device=device)
             record["test_accuracy"] = metrics["accuracy"]
