@@ -1,0 +1,317 @@
+"""Fit a DeBut chain to a dense weight: alternating least squares, or Adam on the factors.
+
+Target W (out × in), chain F_K ⋯ F_1 (input side first). Objective ‖W − F_K ⋯ F_1‖²_F.
+
+**ALS.** One factor at a time, the others fixed: with L = F_K ⋯ F_(k+1) (out × p_k) and
+R = F_(k−1) ⋯ F_1 (q_k × in) the objective is a least-squares problem in F_k's nonzeros,
+‖W − L F_k R‖². F_k's nonzeros fall into channels (b, d) — the r×s dense grid M_bd that maps
+inputs C_bd = {b·s·t + j·t + d} to outputs O_bd = {b·r·t + i·t + d} — and the normal equations
+of one channel with the others fixed are
+
+    (L_Oᵀ L_O) M_bd (R_C R_Cᵀ) = L_Oᵀ (W − Σ_(other channels) …) R_Cᵀ,
+
+solved block by block, batched over all channels: M = G_L⁻¹ B G_R⁻¹ with
+G_L = L_Oᵀ L_O (r×r), G_R = R_C R_Cᵀ (s×s), B = (Lᵀ W Rᵀ) restricted to the channel. When all
+neighbours of the chain merge exactly (t_(k+1) = r_k t_k, e.g. every generated chain) each weight
+entry depends on one nonzero of F_k only, the channels do not interact, and this one batched
+block solve *is* the exact least-squares update. Otherwise the channels are coupled and the
+update runs preconditioned conjugate gradients on the factor's full normal equations with that
+block solve as preconditioner, warm-started from the current factor — every CG step lowers the
+objective, so ALS never increases the error either way.
+
+Sweeps alternate direction: left to right (input side first), then right to left, … R (or L)
+is updated incrementally along the sweep; the other side is precomputed for the sweep. Lᵀ W,
+L(·) and Lᵀ(·) are applied with the fast chain multiply (cost columns × nonzeros), never as
+dense products. After each sweep the relative Frobenius error ‖W − Ŵ‖_F / ‖W‖_F is recorded.
+
+**Gradient fit.** Adam on all factors' nonzeros minimising ‖W − Ŵ‖²_F / ‖W‖²_F, Ŵ built by the
+fast multiply (cost in × nonzeros per step).
+
+Computation is in float64 on the weight's device; results are returned in float64.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from tensorslim.errors import TensorslimError
+from tensorslim.layers.debut import (
+    apply_factor,
+    chain_dense,
+    chain_multiply,
+    random_factor_weights,
+    transpose_chain,
+)
+from tensorslim.layers.debut_chain import DeButChain, DeButFactor
+
+_DTYPE = torch.float64
+
+
+def _check_target(weight: torch.Tensor, chain: DeButChain) -> torch.Tensor:
+    if weight.dim() != 2:
+        raise TensorslimError(
+            f"DeBut fit needs a 2-D weight (out × in), got shape {tuple(weight.shape)}"
+        )
+    chain.check_shape(weight.shape[0], weight.shape[1], "the weight")
+    return weight.detach().to(_DTYPE)
+
+
+def relative_error(
+    weight: torch.Tensor, chain: DeButChain, weights: Sequence[torch.Tensor]
+) -> float:
+    """‖W − F_K ⋯ F_1‖_F / ‖W‖_F."""
+    target = weight.detach().to(_DTYPE)
+    approx = chain_dense(chain.factors, [w.detach().to(_DTYPE) for w in weights])
+    return float(
+        torch.linalg.vector_norm(target - approx)
+        / torch.linalg.vector_norm(target).clamp_min(1e-300)
+    )
+
+
+def _apply_chain_t(
+    factors: Sequence[DeButFactor], weights: Sequence[torch.Tensor], x: torch.Tensor
+) -> torch.Tensor:
+    """(F_K ⋯ F_1)ᵀ X for X (p_K × M); identity for an empty chain."""
+    if not factors:
+        return x
+    tf, tw = transpose_chain(factors, weights)
+    return chain_multiply(tf, tw, x)
+
+
+def _apply_chain(
+    factors: Sequence[DeButFactor], weights: Sequence[torch.Tensor], x: torch.Tensor
+) -> torch.Tensor:
+    if not factors:
+        return x
+    return chain_multiply(factors, weights, x)
+
+
+def _channel_products(left: torch.Tensor, right: torch.Tensor, spec: DeButFactor) -> torch.Tensor:
+    """C[b,i,j,d] = Σ_n left[b·rt+i·t+d, n] · right[b·st+j·t+d, n], shape (B, r, s, t).
+
+    ``left`` is p × n, ``right`` is q × n; a batched matmul over (b, d).
+    """
+    blocks, r, s, t = spec.weight_shape
+    n = left.shape[1]
+    lv = left.reshape(blocks, r, t, n).transpose(1, 2).reshape(blocks * t, r, n)
+    rv = right.reshape(blocks, s, t, n).transpose(1, 2).reshape(blocks * t, s, n)
+    return torch.bmm(lv, rv.transpose(1, 2)).reshape(blocks, t, r, s).permute(0, 2, 3, 1)
+
+
+def _channel_grams(
+    lt: torch.Tensor, right: torch.Tensor, spec: DeButFactor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """G_L (B·t, r, r) from Lᵀ (p × out) and G_R (B·t, s, s) from R (q × in), regularised."""
+    blocks, r, s, t = spec.weight_shape
+    lv = lt.reshape(blocks, r, t, -1).transpose(1, 2).reshape(blocks * t, r, -1)
+    rv = right.reshape(blocks, s, t, -1).transpose(1, 2).reshape(blocks * t, s, -1)
+    gl = torch.bmm(lv, lv.transpose(1, 2))
+    gr = torch.bmm(rv, rv.transpose(1, 2))
+    return _ridge(gl), _ridge(gr)
+
+
+def _ridge(g: torch.Tensor) -> torch.Tensor:
+    # a tiny ridge keeps channels whose L or R columns vanish solvable (their update is ~0),
+    # and is far below the float64 resolution of well-posed channels
+    size = g.shape[-1]
+    scale = torch.diagonal(g, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-300)
+    floor = torch.diagonal(g, dim1=-2, dim2=-1).mean().clamp_min(1e-300)
+    eye = torch.eye(size, dtype=g.dtype, device=g.device)
+    return g + (1e-12 * scale + 1e-14 * floor)[:, None, None] * eye
+
+
+def _block_solve(
+    gl: torch.Tensor, gr: torch.Tensor, rhs: torch.Tensor, spec: DeButFactor
+) -> torch.Tensor:
+    """Per channel: M = G_L⁻¹ · RHS · G_R⁻¹; rhs and result in weight layout (B, r, s, t)."""
+    blocks, r, s, t = spec.weight_shape
+    b = rhs.permute(0, 3, 1, 2).reshape(blocks * t, r, s)
+    x = torch.linalg.solve(gl, b)
+    x = torch.linalg.solve(gr, x.transpose(1, 2)).transpose(1, 2)  # G_R symmetric
+    return x.reshape(blocks, t, r, s).permute(0, 2, 3, 1)
+
+
+def _update_factor(
+    k: int,
+    chain: DeButChain,
+    weights: list[torch.Tensor],
+    target: torch.Tensor,
+    right: torch.Tensor,
+    lt: torch.Tensor,
+    cg_iters: int,
+) -> None:
+    """Least-squares update of factor k in place, given R = F_(k−1)⋯F_1 and Lᵀ = (F_K⋯F_(k+1))ᵀ."""
+    spec = chain[k]
+    after_f, after_w = chain.factors[k + 1 :], weights[k + 1 :]
+    gl, gr = _channel_grams(lt, right, spec)
+    lt_w = _apply_chain_t(after_f, after_w, target)  # Lᵀ W (p_k × in)
+    rhs = _channel_products(lt_w, right, spec)
+    if chain.single_path:
+        weights[k] = _block_solve(gl, gr, rhs, spec)
+        return
+
+    def normal_op(w: torch.Tensor) -> torch.Tensor:
+        # P(Lᵀ L F(w) R Rᵀ): the normal-equation operator restricted to the pattern
+        fr = apply_factor(spec, w, right)
+        lfr = _apply_chain(after_f, after_w, fr)
+        return _channel_products(_apply_chain_t(after_f, after_w, lfr), right, spec)
+
+    w = weights[k]
+    residual = rhs - normal_op(w)
+    z = _block_solve(gl, gr, residual, spec)
+    direction = z
+    rz = float((residual * z).sum())
+    start = math.sqrt(float((residual * residual).sum()))
+    for _ in range(cg_iters):
+        if rz <= 0 or start == 0.0:
+            break
+        a_dir = normal_op(direction)
+        curvature = float((direction * a_dir).sum())
+        if curvature <= 0:
+            break
+        alpha = rz / curvature
+        w = w + alpha * direction
+        residual = residual - alpha * a_dir
+        if math.sqrt(float((residual * residual).sum())) <= 1e-10 * start:
+            break
+        z = _block_solve(gl, gr, residual, spec)
+        rz_new = float((residual * z).sum())
+        direction = z + (rz_new / rz) * direction
+        rz = rz_new
+    weights[k] = w
+
+
+def als_fit(
+    weight: torch.Tensor,
+    chain: DeButChain | str,
+    *,
+    sweeps: int = 6,
+    init: Sequence[torch.Tensor] | None = None,
+    generator: torch.Generator | None = None,
+    cg_iters: int = 25,
+    tol: float = 0.0,
+) -> tuple[list[torch.Tensor], list[float]]:
+    """ALS fit of ``chain`` to ``weight`` (out × in).
+
+    Returns the factors' nonzeros (float64, shapes (B, r, s, t), input side first) and the
+    relative Frobenius error after each sweep (sweeps alternate left→right, right→left).
+    ``init``: starting factors (default: variance-preserving random). Stops early when a sweep
+    improves the error by less than ``tol`` (relative).
+    """
+    chain = DeButChain.parse(chain)
+    if sweeps < 1:
+        raise TensorslimError(f"ALS needs at least one sweep, got {sweeps}")
+    target = _check_target(weight, chain)
+    device = target.device
+    if init is None:
+        weights = [
+            w.to(device) for w in random_factor_weights(chain, generator=generator, dtype=_DTYPE)
+        ]
+    else:
+        weights = [w.detach().to(device=device, dtype=_DTYPE).clone() for w in init]
+        for spec, w in zip(chain, weights, strict=True):
+            if tuple(w.shape) != spec.weight_shape:
+                raise TensorslimError(
+                    f"initial factor for ({spec.text}) has shape {tuple(w.shape)}, "
+                    f"needs {spec.weight_shape}"
+                )
+    n_factors = len(chain)
+    out_f, in_f = chain.out_features, chain.in_features
+    eye_in = torch.eye(in_f, dtype=_DTYPE, device=device)
+    eye_out = torch.eye(out_f, dtype=_DTYPE, device=device)
+    norm = float(torch.linalg.vector_norm(target)) or 1.0
+    errors: list[float] = []
+    for sweep in range(sweeps):
+        if sweep % 2 == 0:  # left to right: Lᵀ for every k from the current factors
+            lts: list[torch.Tensor] = [eye_out] * n_factors
+            for k in range(n_factors - 2, -1, -1):
+                nxt = chain[k + 1]
+                lts[k] = apply_factor(nxt.transpose(), weights[k + 1].transpose(1, 2), lts[k + 1])
+            right = eye_in
+            for k in range(n_factors):
+                _update_factor(k, chain, weights, target, right, lts[k], cg_iters)
+                right = apply_factor(chain[k], weights[k], right)
+            approx = right
+        else:  # right to left: R for every k from the current factors
+            rights: list[torch.Tensor] = [eye_in] * n_factors
+            for k in range(1, n_factors):
+                rights[k] = apply_factor(chain[k - 1], weights[k - 1], rights[k - 1])
+            lt = eye_out
+            for k in range(n_factors - 1, -1, -1):
+                _update_factor(k, chain, weights, target, rights[k], lt, cg_iters)
+                lt = apply_factor(chain[k].transpose(), weights[k].transpose(1, 2), lt)
+            approx = lt.t()  # Lᵀ for k = 0 covers the whole chain: (F_K⋯F_1)ᵀ
+        errors.append(float(torch.linalg.vector_norm(target - approx)) / norm)
+        if tol > 0 and len(errors) > 1 and errors[-2] - errors[-1] < tol * errors[-2]:
+            break
+    _balance(chain, weights)
+    return weights, errors
+
+
+def _balance(chain: DeButChain, weights: list[torch.Tensor]) -> None:
+    """Rescale factors to equal Frobenius-norm-per-√nonzero (the product is unchanged).
+
+    ALS leaves the scale split between factors arbitrary; equal scales keep gradients of
+    later fine-tuning balanced across the chain.
+    """
+    norms = [float(torch.linalg.vector_norm(w)) / math.sqrt(w.numel()) for w in weights]
+    if any(n == 0.0 or not math.isfinite(n) for n in norms):
+        return
+    geo = math.exp(sum(math.log(n) for n in norms) / len(norms))
+    for k, n in enumerate(norms):
+        weights[k] = weights[k] * (geo / n)
+
+
+def grad_fit(
+    weight: torch.Tensor,
+    chain: DeButChain | str,
+    *,
+    steps: int = 300,
+    lr: float = 0.02,
+    init: Sequence[torch.Tensor] | None = None,
+    generator: torch.Generator | None = None,
+    report_every: int | None = None,
+) -> tuple[list[torch.Tensor], list[float]]:
+    """Adam on the factors' nonzeros minimising ‖W − Ŵ‖²/‖W‖² (cosine-decayed learning rate).
+
+    Returns the factors (float64) and the relative error every ``report_every`` steps
+    (default: 10 reports) and at the end.
+    """
+    chain = DeButChain.parse(chain)
+    if steps < 1:
+        raise TensorslimError(f"gradient fit needs at least one step, got {steps}")
+    target = _check_target(weight, chain)
+    device = target.device
+    if init is None:
+        start = random_factor_weights(chain, generator=generator, dtype=_DTYPE)
+    else:
+        start = [w.detach().to(_DTYPE) for w in init]
+    params = [w.to(device).clone().requires_grad_(True) for w in start]
+    norm2 = float((target * target).sum()) or 1.0
+    # start from the best single scale of the random product (a cheap, exact 1-D fit)
+    with torch.no_grad():
+        approx = chain_dense(chain.factors, params)
+        scale = float((approx * target).sum()) / max(float((approx * approx).sum()), 1e-300)
+        if scale != 0.0:
+            per = abs(scale) ** (1.0 / len(params))
+            for k, p in enumerate(params):
+                p.mul_(per * (math.copysign(1.0, scale) if k == 0 else 1.0))
+    optimizer = torch.optim.Adam(params, lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    every = report_every or max(1, steps // 10)
+    errors: list[float] = []
+    for step in range(1, steps + 1):
+        optimizer.zero_grad(set_to_none=True)
+        approx = chain_dense(chain.factors, params)
+        loss = ((approx - target) ** 2).sum() / norm2
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % every == 0 or step == steps:
+            errors.append(math.sqrt(max(float(loss.detach()), 0.0)))
+    weights = [p.detach() for p in params]
+    errors[-1] = relative_error(target, chain, weights)
+    return weights, errors

@@ -1,0 +1,673 @@
+"""DeBut layers: ``DeButLinear`` and ``DeButConv2d``, and the fast chain multiply behind them.
+
+A dense weight W (out × in) is replaced by a DeBut chain F_K ⋯ F_1 (see
+``tensorslim.layers.debut_chain`` for factors, chains and their text form). A conv kernel is the
+matrix C_out × (C_in·kh·kw) in the order ``F.unfold`` produces (channel, kernel row, kernel
+column), applied to the unfolded input.
+
+**Fast multiply.** Activations are kept *feature-major*: X is (features × columns), columns being
+the rows of a Linear input or the (image, position) pairs of a conv. A factor (p, q, r, s, t)
+with nonzeros w (B, r, s, t) maps X viewed as (B, s, t, M) to
+
+    Y[b, i, d, m] = Σ_j w[b, i, j, d] · X[b, j, d, m]            (Y viewed (B, r, t, M) = p × M)
+
+without ever forming a masked p×q matrix. Exact neighbours (t_(k+1) = r_k t_k) are merged into
+one factor with a larger grid when that saves passes over memory (``plan_segments`` decides by a
+cost model). A merged factor runs with one of three kernels:
+
+- ``bmm`` (t = 1): one ``torch.bmm`` of B blocks (r×s)·(s×M), no copies — in this layout every
+  t = 1 factor is a plain batched matmul, and the first one reads a Linear input (N × in)
+  through a transposed view for free;
+- ``ew`` (small grids, t > 1): s fused multiply-adds over the whole activation (a custom
+  autograd function computes ∂X with the transposed factor and ∂w as per-(b, d) dot products);
+- ``pbmm`` (large grids, t > 1): regroup to (B·t) batches, batched matmul, regroup back.
+
+FLOPs: 2 per multiply-add, 2·columns·Σ_k p_k s_k for the chain as given (merging is an execution
+detail; the analytic count is the chain's). Parameters: Σ_k p_k s_k (+ bias).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tensorslim.errors import TensorslimError
+from tensorslim.layers.base import StructuredLayer
+from tensorslim.layers.conv_geometry import conv_output_hw, pair, unsupported_conv_reason
+from tensorslim.layers.debut_chain import (
+    DeButChain,
+    DeButFactor,
+    Segment,
+    merge_specs,
+    plan_segments,
+)
+
+# --------------------------------------------------------------------------------------------
+# merged weights of exact neighbours
+
+
+def merge_pair(
+    first: DeButFactor, w_first: torch.Tensor, second: DeButFactor, w_second: torch.Tensor
+) -> torch.Tensor:
+    """Nonzeros of F₂F₁ as one factor (p₂, q₁, r₂r₁, s₂s₁, t₁); needs t₂ = r₁t₁.
+
+    With b₁ = b₂·s₂ + j₂ and d₂ = i₁·t₁ + d₁ every merged nonzero is a single product:
+    M[b₂, (i₂,i₁), (j₂,j₁), d₁] = w₂[b₂, i₂, j₂, (i₁,d₁)] · w₁[(b₂,j₂), i₁, j₁, d₁].
+    """
+    merged = merge_specs((first, second))
+    b2, r2, s2 = second.blocks, second.r, second.s
+    r1, s1, t1 = first.r, first.s, first.t
+    second_v = w_second.reshape(b2, r2, s2, r1, 1, t1)  # (b, i2, j2, i1, ·, d1)
+    first_v = w_first.reshape(b2, 1, s2, r1, s1, t1)  # (b, ·, j2, i1, j1, d1)
+    product = second_v * first_v  # (b, i2, j2, i1, j1, d1)
+    return product.permute(0, 1, 3, 2, 4, 5).reshape(merged.weight_shape)
+
+
+def merge_weights(specs: Sequence[DeButFactor], weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Nonzeros of the product of a run of exact neighbours (input side first)."""
+    spec, w = specs[0], weights[0]
+    for nxt, w_nxt in zip(specs[1:], weights[1:], strict=True):
+        w = merge_pair(spec, w, nxt, w_nxt)
+        spec = merge_specs((spec, nxt))
+    return w
+
+
+# --------------------------------------------------------------------------------------------
+# kernels on feature-major activations X (q × M) → (p × M)
+
+
+def _ew_forward(w: torch.Tensor, x: torch.Tensor, t: int) -> torch.Tensor:
+    """Y[b,i,d,m] = Σ_j w[b,i,j,d] X[b,j,d,m] as s broadcast multiply-adds (w: (B, r, s, t))."""
+    blocks, r, s, _ = w.shape
+    xv = x.reshape(blocks, s, t, -1)
+    y = torch.mul(w[:, :, 0, :, None], xv[:, None, 0])
+    for j in range(1, s):
+        y.addcmul_(w[:, :, j, :, None], xv[:, None, j])
+    return y.reshape(blocks * r * t, -1)
+
+
+def _channel_gram(gy: torch.Tensor, x: torch.Tensor, r: int, s: int, t: int) -> torch.Tensor:
+    """G[b,i,j,d] = Σ_m gY[b,i,d,m] X[b,j,d,m] (the gradient of w), shape (B, r, s, t)."""
+    cols = gy.shape[-1]
+    blocks = gy.shape[0] // (r * t)
+    gv = gy.reshape(blocks, r, t, cols)
+    xv = x.reshape(blocks, s, t, cols)
+    if r * s <= 16:
+        # a few fused products + row sums beat regrouping copies for small grids
+        out = gy.new_empty(blocks, r, s, t)
+        for i in range(r):
+            for j in range(s):
+                out[:, i, j] = torch.linalg.vecdot(gv[:, i], xv[:, j])
+        return out
+    g = gv.transpose(1, 2).reshape(blocks * t, r, cols)
+    xx = xv.transpose(1, 2).reshape(blocks * t, s, cols)
+    return torch.bmm(g, xx.transpose(1, 2)).reshape(blocks, t, r, s).permute(0, 2, 3, 1)
+
+
+class _EwMultiply(torch.autograd.Function):
+    """The ``ew`` kernel with a hand-written backward (autograd of broadcasts would materialise
+    r·s full-size temporaries): ∂X = the transposed factor applied to ∂Y, ∂w = channel grams."""
+
+    @staticmethod
+    def forward(ctx: Any, w: torch.Tensor, x: torch.Tensor, t: int) -> torch.Tensor:
+        ctx.save_for_backward(w, x)
+        ctx.t = t
+        return _ew_forward(w, x, t)
+
+    @staticmethod
+    def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        w, x = ctx.saved_tensors
+        t = ctx.t
+        _, r, s, _ = w.shape
+        gy = gy.contiguous()
+        gx = _ew_forward(w.transpose(1, 2), gy, t) if ctx.needs_input_grad[1] else None
+        gw = _channel_gram(gy, x, r, s, t) if ctx.needs_input_grad[0] else None
+        return gw, gx, None
+
+
+def apply_factor(
+    spec: DeButFactor, w: torch.Tensor, x: torch.Tensor, kernel: str | None = None
+) -> torch.Tensor:
+    """F·X for one (possibly merged) factor; X is (q × M) feature-major, result (p × M)."""
+    blocks, r, s, t = spec.weight_shape
+    if kernel is None:
+        kernel = "bmm" if t == 1 else ("ew" if r * s <= 64 else "pbmm")
+    if t == 1:
+        # X (q × M) viewed (B, s, M) is a strided batch of s×M matrices even when X is the
+        # transpose of a row-major input, which BLAS reads without a copy
+        return torch.bmm(w.reshape(blocks, r, s), x.reshape(blocks, s, -1)).reshape(spec.p, -1)
+    x = x.contiguous()
+    if kernel == "ew":
+        if torch.is_grad_enabled() and (w.requires_grad or x.requires_grad):
+            return _EwMultiply.apply(w, x, t)
+        return _ew_forward(w, x, t)
+    if kernel != "pbmm":
+        raise TensorslimError(f"unknown DeBut kernel '{kernel}': use bmm, ew or pbmm")
+    cols = x.shape[-1]
+    xb = x.reshape(blocks, s, t, cols).transpose(1, 2).reshape(blocks * t, s, cols)
+    wb = w.permute(0, 3, 1, 2).reshape(blocks * t, r, s)
+    y = torch.bmm(wb, xb).reshape(blocks, t, r, cols).transpose(1, 2)
+    return y.reshape(spec.p, cols)
+
+
+def chain_multiply(
+    factors: Sequence[DeButFactor],
+    weights: Sequence[torch.Tensor],
+    x: torch.Tensor,
+    segments: Sequence[Segment] | None = None,
+    merged: Sequence[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """F_K ⋯ F_1 · X for feature-major X (in × M); ``segments`` merge exact neighbours.
+
+    Without ``segments`` every factor runs on its own (the reference path). ``merged`` may give
+    precomputed merged weights, one per segment.
+    """
+    if segments is None:
+        for spec, w in zip(factors, weights, strict=True):
+            x = apply_factor(spec, w, x)
+        return x
+    for n, seg in enumerate(segments):
+        if merged is not None:
+            w = merged[n]
+        elif seg.stop - seg.start == 1:
+            w = weights[seg.start]
+        else:
+            w = merge_weights(factors[seg.start : seg.stop], weights[seg.start : seg.stop])
+        x = apply_factor(seg.spec, w, x, seg.kernel)
+    return x
+
+
+def transpose_chain(
+    factors: Sequence[DeButFactor], weights: Sequence[torch.Tensor]
+) -> tuple[list[DeButFactor], list[torch.Tensor]]:
+    """(F_K ⋯ F_1)ᵀ = F_1ᵀ ⋯ F_Kᵀ as a chain, input side first: [F_Kᵀ, …, F_1ᵀ]."""
+    return (
+        [f.transpose() for f in reversed(factors)],
+        [w.transpose(1, 2) for w in reversed(weights)],
+    )
+
+
+def chain_dense(factors: Sequence[DeButFactor], weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The dense product F_K ⋯ F_1 (out × in), by the fast multiply applied to the identity."""
+    eye = torch.eye(factors[0].q, dtype=weights[0].dtype, device=weights[0].device)
+    return chain_multiply(factors, weights, eye)
+
+
+def chain_dense_reference(
+    factors: Sequence[DeButFactor], weights: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """The same product from explicit dense factors (slow; for tests and masked-dense timing)."""
+    out = factors[0].dense(weights[0])
+    for spec, w in zip(factors[1:], weights[1:], strict=True):
+        out = spec.dense(w) @ out
+    return out
+
+
+def random_factor_weights(
+    chain: DeButChain,
+    *,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> list[torch.Tensor]:
+    """Variance-preserving random nonzeros: w ~ N(0, 1/s_k) in every factor.
+
+    Each output of a factor sums s_k inputs, so each factor keeps the activation variance and a
+    single-path chain's product has entries of variance Π 1/s_k = 1/in (LeCun scaling).
+    """
+    out = []
+    for spec in chain:
+        w = torch.randn(spec.weight_shape, generator=generator, dtype=dtype, device="cpu")
+        out.append((w / math.sqrt(spec.s)).to(device=device))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# the multiply as a module part: plan per column count, merged weights cached at inference
+
+
+def _cols_bucket(cols: int) -> int:
+    return 1 << max(0, (max(1, cols) - 1).bit_length())
+
+
+class _DeButCore(nn.Module):
+    """The chain's nonzeros as parameters ``factors.k`` (shape (B, r, s, t)) and its multiply."""
+
+    def __init__(
+        self,
+        chain: DeButChain,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.chain = chain
+        self.factors = nn.ParameterList(
+            [
+                nn.Parameter(torch.empty(spec.weight_shape, device=device, dtype=dtype))
+                for spec in chain
+            ]
+        )
+        self.fuse = True  # merge exact neighbours when the cost model says it pays
+        self._merged_cache: dict[tuple[Any, ...], list[torch.Tensor]] = {}
+        self._compiled: Callable[..., torch.Tensor] | None = None
+        self._compile_failed = False
+        self.use_compile = False
+
+    def segments(self, cols: int) -> tuple[Segment, ...] | None:
+        if not self.fuse:
+            return None
+        return plan_segments(self.chain, _cols_bucket(cols))
+
+    def _merged(self, segments: tuple[Segment, ...]) -> list[torch.Tensor] | None:
+        # merged weights only change when a parameter does: cache them for inference, recompute
+        # under autograd so gradients reach the factors
+        params = list(self.factors)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return None
+        key = (
+            segments,
+            tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params),
+        )
+        hit = self._merged_cache.get(key)
+        if hit is None:
+            with torch.no_grad():
+                hit = [
+                    params[s.start]
+                    if s.stop - s.start == 1
+                    else merge_weights(
+                        self.chain.factors[s.start : s.stop], params[s.start : s.stop]
+                    )
+                    for s in segments
+                ]
+            self._merged_cache.clear()
+            self._merged_cache[key] = hit
+        return hit
+
+    def multiply(self, x: torch.Tensor) -> torch.Tensor:
+        """F_K ⋯ F_1 · X for feature-major X (in × M) → (out × M)."""
+        if self.use_compile and not self._compile_failed:
+            try:
+                if self._compiled is None:
+                    self._compiled = torch.compile(self._eager_multiply, dynamic=False)
+                return self._compiled(x)
+            except Exception as exc:  # any compiler failure falls back to eager
+                self._compile_failed = True
+                warnings.warn(
+                    f"torch.compile of the DeBut multiply failed ({type(exc).__name__}); "
+                    "running eagerly",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        return self._eager_multiply(x)
+
+    def _eager_multiply(self, x: torch.Tensor) -> torch.Tensor:
+        segments = self.segments(x.shape[-1])
+        merged = self._merged(segments) if segments is not None else None
+        return chain_multiply(self.chain.factors, list(self.factors), x, segments, merged)
+
+    def dense_weight(self) -> torch.Tensor:
+        with torch.no_grad():
+            return chain_dense(self.chain.factors, [p.detach() for p in self.factors])
+
+    def _apply(self, fn: Any, recurse: bool = True) -> nn.Module:  # type: ignore[override]
+        self._merged_cache.clear()
+        self._compiled = None
+        return super()._apply(fn, recurse)
+
+
+def _check_chain(
+    chain: DeButChain | str, out_features: int, in_features: int, what: str
+) -> DeButChain:
+    chain = DeButChain.parse(chain)
+    chain.check_shape(out_features, in_features, what)
+    chain.check_qualified()
+    return chain
+
+
+# --------------------------------------------------------------------------------------------
+# layers
+
+
+class DeButLinear(StructuredLayer):
+    """x (…, in) → F_K ⋯ F_1 x + b for a qualified DeBut chain (in → out).
+
+    FLOPs 2·rows·Σ_k p_k s_k; parameters Σ_k p_k s_k (+ out for the bias).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        chain: DeButChain | str,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.chain = _check_chain(
+            chain, out_features, in_features, f"Linear({in_features}, {out_features})"
+        )
+        self.core = _DeButCore(self.chain, device=device, dtype=dtype)
+        self.bias = (
+            nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        )
+        self.init_info: dict[str, Any] = {"method": "random"}
+        self.reset_parameters()
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Variance-preserving random factors (see ``random_factor_weights``), bias like Linear."""
+        if self.core.factors[0].device.type == "meta":
+            return
+        weights = random_factor_weights(
+            self.chain, generator=generator, dtype=self.core.factors[0].dtype
+        )
+        with torch.no_grad():
+            for p, w in zip(self.core.factors, weights, strict=True):
+                p.copy_(w)
+            if self.bias is not None:
+                bound = 1.0 / math.sqrt(self.in_features)
+                self.bias.uniform_(-bound, bound, generator=generator)
+        self.init_info = {"method": "random"}
+
+    @property
+    def factors(self) -> nn.ParameterList:
+        return self.core.factors
+
+    @classmethod
+    def from_dense(
+        cls,
+        layer: nn.Linear,
+        chain: DeButChain | str,
+        init: str = "als",
+        *,
+        sweeps: int = 6,
+        steps: int = 300,
+        seed: int = 0,
+    ) -> DeButLinear:
+        """A DeBut layer fitted to ``layer.weight`` (``init``: "als", "grad" or "random")."""
+        w = layer.weight.detach()
+        new = cls(
+            layer.in_features,
+            layer.out_features,
+            chain,
+            layer.bias is not None,
+            device=w.device,
+            dtype=w.dtype,
+        )
+        new.init_from_weight(w, init, sweeps=sweeps, steps=steps, seed=seed)
+        if layer.bias is not None:
+            with torch.no_grad():
+                new.bias.copy_(layer.bias)  # type: ignore[union-attr]
+        return new
+
+    def init_from_weight(
+        self,
+        weight: torch.Tensor,
+        init: str = "als",
+        *,
+        sweeps: int = 6,
+        steps: int = 300,
+        seed: int = 0,
+    ) -> list[float]:
+        """Fit the factors to a dense (out × in) weight; returns the errors it reports."""
+        errors = _fit_core(self.core, weight, init, sweeps=sweeps, steps=steps, seed=seed)
+        self.init_info = _init_info(init, errors, sweeps, steps)
+        return errors
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise TensorslimError(
+                f"DeButLinear expects inputs with {self.in_features} features, got {tuple(x.shape)}"
+            )
+        lead = x.shape[:-1]
+        cols = x.reshape(-1, self.in_features).t()  # feature-major view, no copy
+        y = self.core.multiply(cols).t().reshape(*lead, self.out_features)
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+    def to_dense(self) -> nn.Linear:
+        w = self.core.factors[0]
+        dense = nn.Linear(
+            self.in_features,
+            self.out_features,
+            self.bias is not None,
+            device=w.device,
+            dtype=w.dtype,
+        )
+        with torch.no_grad():
+            dense.weight.copy_(self.core.dense_weight())
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense
+
+    def analytic_flops(self, input_shape: tuple[int, ...]) -> int:
+        return self.chain.flops(math.prod(input_shape[:-1]))
+
+    def analytic_params(self) -> int:
+        return self.chain.nnz + (self.out_features if self.bias is not None else 0)
+
+    def config(self) -> dict[str, Any]:
+        return {"chain": self.chain.text, "init": dict(self.init_info)}
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_features} → {self.out_features}, {len(self.chain)} factors, "
+            f"{self.chain.nnz} nonzeros ({self.chain.compression:.1f}× fewer), "
+            f"chain '{self.chain.text}'"
+        )
+
+
+class DeButConv2d(StructuredLayer):
+    """A Conv2d whose kernel, viewed C_out × (C_in·kh·kw) in unfold order, is a DeBut chain.
+
+    y = fold-free: unfold x → (N, C_in·kh·kw, L) → chain on every column → (N, C_out, Ho, Wo) + b.
+    FLOPs 2·N·Ho·Wo·Σ_k p_k s_k; parameters Σ_k p_k s_k (+ C_out).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        chain: DeButChain | str,
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str = 0,
+        dilation: int | tuple[int, int] = 1,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        kh, kw = pair(kernel_size)
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = (kh, kw)
+        self.stride = pair(stride)
+        self.dilation = pair(dilation)
+        if isinstance(padding, str):
+            if padding not in ("same", "valid"):
+                raise TensorslimError(
+                    f"padding '{padding}' is unknown: use an int, a pair, 'same' or 'valid'"
+                )
+            if padding == "same" and self.stride != (1, 1):
+                raise TensorslimError("padding='same' needs stride 1 (as in nn.Conv2d)")
+        self.padding: tuple[int, int] | str = padding if isinstance(padding, str) else pair(padding)
+        fan_in = in_channels * kh * kw
+        self.chain = _check_chain(
+            chain,
+            out_channels,
+            fan_in,
+            f"Conv2d({in_channels}→{out_channels}, {kh}×{kw}) as a matrix",
+        )
+        self.core = _DeButCore(self.chain, device=device, dtype=dtype)
+        self.bias = (
+            nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype)) if bias else None
+        )
+        self.init_info: dict[str, Any] = {"method": "random"}
+        self.reset_parameters()
+
+    reset_parameters = DeButLinear.reset_parameters
+
+    @property
+    def in_features(self) -> int:
+        return self.chain.in_features
+
+    @property
+    def factors(self) -> nn.ParameterList:
+        return self.core.factors
+
+    @classmethod
+    def from_dense(
+        cls,
+        layer: nn.Conv2d,
+        chain: DeButChain | str,
+        init: str = "als",
+        *,
+        sweeps: int = 6,
+        steps: int = 300,
+        seed: int = 0,
+    ) -> DeButConv2d:
+        """A DeBut conv fitted to ``layer``'s kernel (``init``: "als", "grad" or "random")."""
+        reason = unsupported_conv_reason(layer)
+        if reason is not None:
+            raise TensorslimError(f"cannot make a DeBut conv from this Conv2d: {reason}")
+        w = layer.weight.detach()
+        new = cls(
+            layer.in_channels,
+            layer.out_channels,
+            layer.kernel_size,
+            chain,
+            layer.stride,
+            layer.padding,
+            layer.dilation,
+            layer.bias is not None,
+            device=w.device,
+            dtype=w.dtype,
+        )
+        new.init_from_weight(w.reshape(w.shape[0], -1), init, sweeps=sweeps, steps=steps, seed=seed)
+        if layer.bias is not None:
+            with torch.no_grad():
+                new.bias.copy_(layer.bias)  # type: ignore[union-attr]
+        return new
+
+    init_from_weight = DeButLinear.init_from_weight
+
+    def _unfold(self, x: torch.Tensor) -> torch.Tensor:
+        padding = self.padding
+        if padding == "same":
+            # PyTorch pads 'same' with the extra row/column (even kernels) at the end
+            pads = []
+            for k, d in zip(reversed(self.kernel_size), reversed(self.dilation), strict=True):
+                total = d * (k - 1)
+                pads += [total // 2, total - total // 2]
+            x = F.pad(x, pads)
+            padding = (0, 0)
+        elif padding == "valid":
+            padding = (0, 0)
+        return F.unfold(x, self.kernel_size, self.dilation, padding, self.stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise TensorslimError(
+                f"DeButConv2d expects (N, {self.in_channels}, H, W) input, got {tuple(x.shape)}"
+            )
+        n = x.shape[0]
+        ho, wo = conv_output_hw(
+            (x.shape[2], x.shape[3]), self.kernel_size, self.stride, self.padding, self.dilation
+        )
+        cols = self._unfold(x)  # (N, C·kh·kw, L), L = Ho·Wo
+        positions = cols.shape[-1]
+        feature_major = cols.transpose(0, 1).reshape(self.in_features, n * positions)
+        y = self.core.multiply(feature_major)  # (C_out, N·L)
+        y = y.reshape(self.out_channels, n, ho, wo).transpose(0, 1)
+        if self.bias is not None:
+            y = y + self.bias.view(1, -1, 1, 1)
+        return y.contiguous()
+
+    def to_dense(self) -> nn.Conv2d:
+        w = self.core.factors[0]
+        dense = nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            bias=self.bias is not None,
+            device=w.device,
+            dtype=w.dtype,
+        )
+        with torch.no_grad():
+            dense.weight.copy_(self.core.dense_weight().reshape(dense.weight.shape))
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense
+
+    def analytic_flops(self, input_shape: tuple[int, ...]) -> int:
+        batch = math.prod(input_shape[:-3])
+        ho, wo = conv_output_hw(
+            tuple(input_shape[-2:]), self.kernel_size, self.stride, self.padding, self.dilation
+        )
+        return self.chain.flops(batch * ho * wo)
+
+    def analytic_params(self) -> int:
+        return self.chain.nnz + (self.out_channels if self.bias is not None else 0)
+
+    def config(self) -> dict[str, Any]:
+        return {"chain": self.chain.text, "init": dict(self.init_info)}
+
+    def extra_repr(self) -> str:
+        kh, kw = self.kernel_size
+        return (
+            f"{self.in_channels} → {self.out_channels}, {kh}×{kw}, stride {self.stride}, "
+            f"padding {self.padding}, {len(self.chain)} factors, {self.chain.nnz} nonzeros, "
+            f"chain '{self.chain.text}'"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# initialisation from a dense weight
+
+INITS = ("als", "grad", "random")
+
+
+def _fit_core(
+    core: _DeButCore, weight: torch.Tensor, init: str, *, sweeps: int, steps: int, seed: int
+) -> list[float]:
+    from tensorslim.decompose.debut_als import als_fit, grad_fit
+
+    if init not in INITS:
+        raise TensorslimError(f"unknown DeBut init '{init}': use {', '.join(INITS)}")
+    generator = torch.Generator().manual_seed(seed)
+    target = weight.detach()
+    if init == "random":
+        weights = random_factor_weights(core.chain, generator=generator, dtype=torch.float64)
+        errors: list[float] = []
+    elif init == "als":
+        weights, errors = als_fit(target, core.chain, sweeps=sweeps, generator=generator)
+    else:
+        weights, errors = grad_fit(target, core.chain, steps=steps, generator=generator)
+    with torch.no_grad():
+        for p, w in zip(core.factors, weights, strict=True):
+            p.copy_(w.to(dtype=p.dtype, device=p.device))
+    if init == "random":
+        return errors
+    return errors
+
+
+def _init_info(init: str, errors: list[float], sweeps: int, steps: int) -> dict[str, Any]:
+    info: dict[str, Any] = {"method": init}
+    if init == "als":
+        info["sweeps"] = sweeps
+    elif init == "grad":
+        info["steps"] = steps
+    if errors:
+        info["error"] = round(float(errors[-1]), 6)
+    return info
