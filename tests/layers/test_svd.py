@@ -18,6 +18,15 @@ from tensorslim.layers.svd import SVDConv2d, SVDLinear, svd_layers
 DOUBLE = torch.float64
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny tensors: several threads only add OpenMP contention (badly so on a busy machine)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def counted_flops(module: nn.Module, x: torch.Tensor) -> int:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         module(x)
