@@ -1,0 +1,208 @@
+"""Method ``svd_train``: SVD training (Yang et al., CVPR-W 2020) as a registered method.
+
+Planning gives every supported layer one option, its full-rank SVD form (``SVDLinear`` /
+``SVDConv2d``; costlier than dense while training — the saving comes at the end). Training adds
+the orthogonality and sparsity regularizers (``train_hooks``). ``finalize`` prunes singular
+values by energy — with the plan's budget, the energy threshold is searched so the whole model
+meets it — merges layers whose rank left does not pay back to dense, and converts the rest to
+``LowRankLinear``/``LowRankConv2d``. The three-stage pipeline with low-rank fine-tuning is
+``tensorslim.train.svd_pipeline.svd_train_pipeline`` (CLI: ``tensorslim svd-train``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+from tensorslim.errors import TensorslimError
+from tensorslim.layers.conv_geometry import unsupported_conv_reason
+from tensorslim.layers.svd import SVDConv2d, SVDLayer, SVDLinear
+from tensorslim.methods.base import LayerInfo, Method, Option
+
+if TYPE_CHECKING:
+    from tensorslim.plan import CompressionPlan
+    from tensorslim.train.hooks import TrainHook
+
+
+@dataclass
+class SVDTrainMethod(Method):
+    """Settings: ``scheme`` ("channel" | "spatial" for convs), ``reg`` ("l1" | "hoyer" |
+    "hoyer_square"), ``lambda_o`` and ``lambda_s`` (≥ 0), ``energy`` (fraction of Σs² pruning may
+    remove per layer, in [0, 1); used when the plan has no budget), ``from_scratch`` (ignore the
+    dense weights, Kaiming-style init), ``merge_dense`` (merge layers whose rank does not pay)."""
+
+    name: ClassVar[str] = "svd_train"
+    description: ClassVar[str] = (
+        "SVD training: orthogonality + singular value sparsity, then energy pruning (Yang 2020)"
+    )
+    kind: ClassVar[str] = "training"
+    demo_settings: ClassVar[dict[str, Any] | None] = {
+        "scheme": "channel",
+        "reg": "hoyer",
+        "lambda_o": 1.0,
+        "lambda_s": 0.02,
+    }
+
+    scheme: str = "channel"
+    reg: str = "hoyer"
+    lambda_o: float = 1.0
+    lambda_s: float = 0.01
+    energy: float | None = None
+    from_scratch: bool = False
+    merge_dense: bool = True
+
+    def __post_init__(self) -> None:
+        from tensorslim.rank.energy_prune import check_energy
+        from tensorslim.train.svd_regularizers import check_lambda, sparsity_function
+
+        if self.scheme not in ("channel", "spatial"):
+            raise TensorslimError(f"unknown SVD scheme '{self.scheme}': use 'channel' or 'spatial'")
+        sparsity_function(self.reg)
+        self.lambda_o = check_lambda(self.lambda_o, "lambda_o")
+        self.lambda_s = check_lambda(self.lambda_s, "lambda_s")
+        if self.energy is not None:
+            self.energy = check_energy(self.energy)
+        self._last_report: dict[str, Any] | None = None
+
+    def supports(self, module: nn.Module, fqn: str) -> str | None:
+        if isinstance(module, nn.Linear):
+            return None
+        if isinstance(module, nn.Conv2d):
+            return unsupported_conv_reason(module)
+        return f"{type(module).__name__} is not a Linear or Conv2d"
+
+    def _scheme_for(self, module: nn.Module) -> str:
+        # a 1×1 kernel has one matrix view: call it channel-wise
+        if isinstance(module, nn.Linear) or tuple(module.kernel_size) == (1, 1):
+            return "channel"
+        return self.scheme
+
+    def _skeleton(
+        self,
+        module: nn.Module,
+        rank: int | None,
+        scheme: str,
+        *,
+        init: bool,
+        device: torch.device | None = None,
+    ) -> SVDLayer:
+        device = device if device is not None else module.weight.device
+        dtype = module.weight.dtype
+        if isinstance(module, nn.Linear):
+            return SVDLinear(
+                module.in_features,
+                module.out_features,
+                rank,
+                module.bias is not None,
+                init=init,
+                device=device,
+                dtype=dtype,
+            )
+        return SVDConv2d(
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,
+            scheme,  # type: ignore[arg-type]
+            module.stride,
+            module.padding,
+            module.dilation,
+            module.bias is not None,
+            rank,
+            init=init,
+            device=device,
+            dtype=dtype,
+        )
+
+    def candidates(self, module: nn.Module, info: LayerInfo) -> list[Option]:
+        scheme = self._scheme_for(module)
+        # on the meta device: shapes and formulas only, no memory and no SVD
+        layer = self._skeleton(module, None, scheme, init=False, device=torch.device("meta"))
+        full = layer.full_rank
+        m, n = layer.matrix_shape
+        bias = module.bias.numel() if module.bias is not None else 0
+        return [
+            Option(
+                method=self.name,
+                config={"rank": full, "scheme": scheme},
+                params=full * (m + n + 1) + bias,
+                flops=layer.flops_at_rank(info.input_shape, full) * info.calls,
+                error=0.0,
+                label=f"SVD form, full rank {full}" + ("" if scheme == "channel" else " spatial"),
+                extra={"full_rank": full},
+            )
+        ]
+
+    def build(
+        self,
+        module: nn.Module,
+        config: dict[str, Any],
+        info: LayerInfo | None,
+        *,
+        init: bool = True,
+    ) -> nn.Module:
+        rank = config.get("rank")
+        scheme = str(config.get("scheme", self._scheme_for(module)))
+        if rank is not None:
+            rank = int(rank)
+        if not init:
+            return self._skeleton(module, rank, scheme, init=False)
+        if self.from_scratch:
+            return self._skeleton(module, rank, scheme, init=True)
+        if isinstance(module, nn.Linear):
+            return SVDLinear.from_dense(module, rank)
+        return SVDConv2d.from_dense(module, scheme, rank)  # type: ignore[arg-type]
+
+    def _target(self, plan: CompressionPlan) -> tuple[str, float] | None:
+        budget = plan.budget or {}
+        if budget:
+            ((metric, fraction),) = budget.items()
+            return str(metric), float(fraction)
+        return None
+
+    def train_hooks(self, model: nn.Module, plan: CompressionPlan) -> list[TrainHook]:
+        from tensorslim.train.svd_regularizers import SVDRegularizerHook
+
+        if self._target(plan) is None and self.energy is None:
+            raise TensorslimError(
+                "svd_train needs a budget (e.g. --budget flops=0.5) or an energy threshold "
+                "(e.g. --set energy=0.05) to prune singular values after training"
+            )
+        return [SVDRegularizerHook(self.lambda_o, self.lambda_s, self.reg)]
+
+    def finalize(self, model: nn.Module, plan: CompressionPlan) -> nn.Module:
+        """Energy pruning (budget search when the plan has one) and conversion to low rank."""
+        from tensorslim.train.svd_pipeline import finalize_svd_model
+
+        target = self._target(plan)
+        if target is None and self.energy is None:
+            raise TensorslimError(
+                "svd_train needs a budget or energy=… to prune singular values (see train_hooks)"
+            )
+        reference = next(iter(model.parameters()))
+        example = torch.zeros(plan.input_shape, device=reference.device, dtype=reference.dtype)
+        self._last_report = finalize_svd_model(
+            model,
+            example,
+            energy=None if target is not None else self.energy,
+            target=target,
+            reference=(plan.model_flops, plan.model_params),
+            merge_dense=self.merge_dense,
+        )
+        return model
+
+    def summary(self, model: nn.Module) -> dict[str, Any]:
+        """The energy threshold used and each layer's rank before/after pruning."""
+        if self._last_report is None:
+            return {}
+        report = self._last_report
+        return {
+            "energy": report["energy"],
+            "flops_fraction_predicted": report["flops_fraction"],
+            "layers": [
+                {k: row[k] for k in ("layer", "full_rank", "rank_after", "form", "energy_removed")}
+                for row in report["layers"]
+            ],
+        }
