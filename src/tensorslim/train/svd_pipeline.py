@@ -285,6 +285,36 @@ def _first_input(*loaders: Iterable | None) -> torch.Tensor:
     raise TensorslimError("no data to take an example input from: pass example_input")
 
 
+def check_pipeline_settings(
+    *,
+    scheme: str,
+    reg: str,
+    lambda_o: float,
+    lambda_s: float,
+    energy: float | None,
+    target_flops: float | None,
+    epochs_train: int,
+    epochs_finetune: int,
+) -> None:
+    """Every setting of :func:`svd_train_pipeline` checked, so bad input fails before any work."""
+    if scheme not in SCHEMES:
+        raise TensorslimError(f"unknown SVD scheme '{scheme}': use 'channel' or 'spatial'")
+    sparsity_function(reg)
+    check_lambda(lambda_o, "lambda_o")
+    check_lambda(lambda_s, "lambda_s")
+    if (energy is None) == (target_flops is None):
+        raise TensorslimError(
+            "give exactly one of energy=… (e.g. 0.05) or target_flops=… (e.g. 0.5)"
+        )
+    if energy is not None:
+        check_energy(energy)
+    if target_flops is not None and not 0 < target_flops <= 1:
+        raise TensorslimError(f"target_flops must be a fraction in (0, 1], got {target_flops}")
+    for name, value in (("epochs_train", epochs_train), ("epochs_finetune", epochs_finetune)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise TensorslimError(f"{name} must be an integer ≥ 0, got {value!r}")
+
+
 def svd_train_pipeline(
     model: nn.Module,
     train_loader: Iterable,
@@ -329,23 +359,16 @@ def svd_train_pipeline(
     FLOPs/params of the original, full-rank SVD, pruned and final model, accuracies at each
     stage (when ``test_loader`` is given) and both training histories.
     """
-    # validate everything before any work
-    if scheme not in SCHEMES:
-        raise TensorslimError(f"unknown SVD scheme '{scheme}': use 'channel' or 'spatial'")
-    sparsity_function(reg)
-    check_lambda(lambda_o, "lambda_o")
-    check_lambda(lambda_s, "lambda_s")
-    if (energy is None) == (target_flops is None):
-        raise TensorslimError(
-            "give exactly one of energy=… (e.g. 0.05) or target_flops=… (e.g. 0.5)"
-        )
-    if energy is not None:
-        check_energy(energy)
-    if target_flops is not None and not 0 < target_flops <= 1:
-        raise TensorslimError(f"target_flops must be a fraction in (0, 1], got {target_flops}")
-    for name, value in (("epochs_train", epochs_train), ("epochs_finetune", epochs_finetune)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise TensorslimError(f"{name} must be an integer ≥ 0, got {value!r}")
+    check_pipeline_settings(
+        scheme=scheme,
+        reg=reg,
+        lambda_o=lambda_o,
+        lambda_s=lambda_s,
+        energy=energy,
+        target_flops=target_flops,
+        epochs_train=epochs_train,
+        epochs_finetune=epochs_finetune,
+    )
     started = time.perf_counter()
     x = example_input[:1] if example_input is not None else _first_input(test_loader, train_loader)
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None

@@ -1,0 +1,75 @@
+"""``tensorslim svd-train`` through typer's test runner: a real run and the error paths."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tensorslim.cli import app
+
+runner = CliRunner()
+
+TINY = [
+    "--model", "lenet5", "--data", "synthetic", "--limit-train", "128", "--limit-test", "64",
+    "--batch-size", "64", "--train-epochs", "1", "--epochs", "1", "--finetune-epochs", "1",
+    "--no-progress",
+]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_run_writes_the_compress_artefacts_and_ranks(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["svd-train", *TINY, "--target-flops", "0.5", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    for name in ("args.json", "plan.json", "results.json", "report.md", "model"):
+        assert (out / name).exists(), name
+    results = json.loads((out / "results.json").read_text())
+    for entry in ("original", "compressed"):
+        for key in ("accuracy", "params", "flops", "latency_ms"):
+            assert isinstance(results[entry][key], int | float), (entry, key)
+    assert results["compressed"]["flops"] <= 0.5 * results["original"]["flops"]
+    assert results["flops_fraction"] <= 0.5
+    ranks = {row["layer"]: row for row in results["ranks"]}
+    assert set(ranks) == {"conv1", "conv2", "fc1", "fc2", "fc3"}
+    assert all(1 <= r["rank_after"] <= r["rank_before"] == r["full_rank"] for r in ranks.values())
+    assert [h["stage"] for h in results["history"]] == ["svd_train", "finetune"]
+    assert "rank_after" in result.output and "reduction" in result.output
+    # the saved model is rebuilt from its plan by `tensorslim eval`
+    evaluated = runner.invoke(app, ["eval", str(out)])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads((out / "eval.json").read_text())["flops"] == results["compressed"]["flops"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--energy", "1.5"], "outside [0, 1)"),
+        (["--energy", "0.1", "--lambda-s", "-1"], "lambda_s must be ≥ 0"),
+        (["--energy", "0.1", "--lambda-o", "-2"], "lambda_o must be ≥ 0"),
+        (["--energy", "0.1", "--target-flops", "0.5"], "exactly one"),
+        ([], "exactly one"),
+        (["--energy", "0.1", "--reg", "l3"], "unknown sparsity regularizer"),
+        (["--energy", "0.1", "--scheme", "diag"], "unknown SVD scheme"),
+        (["--energy", "0.1", "--from-scratch", "--weights", "w.safetensors"], "not both"),
+        (["--energy", "0.1", "--model", "resnet7"], "unknown model"),
+    ],
+)
+def test_bad_input_is_one_line_before_any_work(tmp_path: Path, extra: list[str], message) -> None:
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["svd-train", *TINY, *extra, "--out", str(out)])
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output
+    if message != "unknown model":  # the model is built after the run directory is made
+        assert not out.exists()
