@@ -310,6 +310,12 @@ class DeButChain:
         that output o reaches; a factor ORs together the sets of the s rows each output reads.
         Cost Σ_k p_k s_k · in/64 word operations.
         """
+        if self.single_path:
+            merged = merge_specs(self.factors)
+            # exact neighbours: the merged pattern *is* the product pattern, and a factor with a
+            # single block and t = 1 is dense
+            if merged.blocks == 1 and merged.t == 1:
+                return None
         return _unreachable(self.factors)
 
     @property
@@ -441,7 +447,7 @@ def _plan_segments(factors: tuple[DeButFactor, ...], cols: int) -> tuple[Segment
         options: list[tuple[float, tuple[Segment, ...]]] = []
         for start in range(stop - 1, -1, -1):
             group = factors[start:stop]
-            if start < stop - 1 and not exact_pair(factors[stop - 2], factors[stop - 1]):
+            if start < stop - 1 and not exact_pair(factors[start], factors[start + 1]):
                 break
             spec = merge_specs(group) if len(group) > 1 else group[0]
             if len(group) > 1 and spec.nnz > _MAX_MERGE_GROWTH * sum(f.nnz for f in group):
@@ -534,13 +540,14 @@ def _ordered_factorizations(n: int, k: int, cap: int) -> tuple[tuple[int, ...], 
     found: list[tuple[int, ...]] = []
     for item in rec(n, k):
         found.append(item)
-        if len(found) > 50 * cap:
+        if len(found) > 20 * cap:
             break
     if len(found) > cap:
         # keep the most balanced ones (small spread of log sizes), which give the cheapest chains,
         # plus an even sample of the rest for variety
-        target = math.log(n) / k
-        found.sort(key=lambda parts: sum((math.log(x) - target) ** 2 for x in parts))
+        logs = np.log(np.array(found, dtype=np.float64))
+        spread = ((logs - math.log(n) / k) ** 2).sum(axis=1)
+        found = [found[i] for i in np.argsort(spread, kind="stable")]
         head = found[: cap // 2]
         tail = found[cap // 2 :]
         step = max(1, len(tail) // (cap - len(head)))
