@@ -11,10 +11,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from tensorslim.report.html import embedded_image, html_table, write_html
 from tensorslim.report.plots import layer_bars_plot, pareto_plot, spectra_plot, training_curves_plot
 from tensorslim.report.tables import markdown_table
 from tensorslim.train.checkpoint import atomic_write_text
 
+PLOTS = (
+    ("pareto", "Accuracy vs FLOPs"),
+    ("spectra", "Singular value spectra"),
+    ("layers", "FLOPs kept per layer (last run)"),
+    ("curves", "Training curves"),
+)
 SUMMARY_COLUMNS = [
     "method",
     "budget",
@@ -71,6 +78,7 @@ def summary_row(result: Mapping[str, Any]) -> dict[str, Any]:
         "flops_fraction": result.get("flops_fraction"),
         "latency_ms": comp.get("latency_ms"),
         "speedup": result.get("latency_speedup"),
+        "disk_mb": comp.get("disk_mb"),
     }
 
 
@@ -84,6 +92,7 @@ def original_row(original: Mapping[str, Any]) -> dict[str, Any]:
         "flops_fraction": 1.0,
         "latency_ms": original.get("latency_ms"),
         "speedup": 1.0,
+        "disk_mb": original.get("disk_mb"),
     }
 
 
@@ -140,20 +149,15 @@ def write_report(
     files["results"] = out / "results.json"
 
     rows = [original_row(original)] + [summary_row(r) for r in results]
-    lines = [f"# {title}", "", "## Summary", "", markdown_table(SUMMARY_COLUMNS, rows), ""]
-    lines += [
+    conventions = (
         "Accuracy is top-1 on the test split; FLOPs are per sample (2 per multiply-add, counted by "
         "`torch.utils.flop_counter`); latency is the median forward time of one batch of "
         f"{original.get('latency_batch', '?')} measured with `torch.utils.benchmark` on "
-        f"{original.get('latency_threads', '?')} thread(s).",
-        "",
-    ]
-    for name, label in (
-        ("pareto", "Accuracy vs FLOPs"),
-        ("spectra", "Singular value spectra"),
-        ("layers", "FLOPs kept per layer (last run)"),
-        ("curves", "Training curves"),
-    ):
+        f"{original.get('latency_threads', '?')} thread(s)."
+    )
+    lines = [f"# {title}", "", "## Summary", "", markdown_table(SUMMARY_COLUMNS, rows), ""]
+    lines += [conventions, ""]
+    for name, label in PLOTS:
         if name in files:
             lines += [f"## {label}", "", f"![{label}]({files[name].name})", ""]
     for r in results:
@@ -163,6 +167,22 @@ def write_report(
             lines += [f"> note: {note}", ""]
     atomic_write_text(out / "report.md", "\n".join(lines))
     files["report"] = out / "report.md"
+
+    sections = [
+        ("Summary", html_table(SUMMARY_COLUMNS, rows) + f'<p class="note">{conventions}</p>')
+    ]
+    for name, label in PLOTS:
+        if name in files:
+            sections.append((label, embedded_image(files[name], label)))
+    for r in results:
+        notes = "".join(f'<p class="note">note: {n}</p>' for n in r.get("plan_notes", []))
+        sections.append(
+            (
+                f"Layers: {r['method']} {summary_row(r)['budget']}",
+                html_table(LAYER_COLUMNS, r["layers"]) + notes,
+            )
+        )
+    files["html"] = write_html(out / "report.html", title=title, sections=sections)
     return files
 
 

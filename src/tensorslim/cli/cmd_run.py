@@ -1,0 +1,43 @@
+"""``tensorslim run RECIPE``: a whole pipeline from one YAML file (also under torchrun)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from tensorslim.cli.common import handle_errors, say
+from tensorslim.recipes.schema import load_recipe
+from tensorslim.train.ddp import shutdown
+from tensorslim.train.distributed import is_main_process
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("run")
+    @handle_errors
+    def run(
+        recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/)."),
+        out: Path = typer.Option(None, help="Run directory (default runs/<recipe name>)."),
+        resume: bool = typer.Option(False, help="Continue after the last finished stage."),
+        overwrite: bool = typer.Option(False, help="Replace a non-empty run directory."),
+        progress: bool = typer.Option(True, help="Show progress bars."),
+    ) -> None:
+        """Run a recipe: train / compress / svd_train / prune / finetune / evaluate / export."""
+        from tensorslim.recipes.runner import run_recipe
+
+        parsed = load_recipe(recipe)  # validate before anything else
+        target = out or Path("runs") / parsed.name
+        try:
+            summary = run_recipe(
+                recipe, target, resume=resume, overwrite=overwrite, progress=progress, log=say
+            )
+        finally:
+            shutdown()
+        if is_main_process() and summary:
+            comp, orig = summary["compressed"], summary["original"]
+            typer.echo(
+                f"{parsed.name}: accuracy {orig['accuracy']:.4f} → {comp['accuracy']:.4f}, "
+                f"FLOPs ×{summary['flops_fraction']:.3f}, params {orig['params']} → "
+                f"{comp['params']}, latency {orig['latency_ms']:.2f} → {comp['latency_ms']:.2f} ms"
+            )
+            typer.echo(f"wrote {target}/results.json, report.md, report.html")

@@ -1,0 +1,343 @@
+"""Run a recipe: stages in order, each saved when done, so ``--resume`` continues after the last
+finished stage (and, inside a stage, from its last finished epoch).
+
+Run directory::
+
+    recipe.yaml            the resolved recipe (defaults filled in)
+    original/              the model before the first structure stage (safetensors + plan)
+    stages/NN-KIND/        model/ and done.json (that stage's results) once the stage finished;
+                           checkpoints/ while it runs
+    results.json report.md report.html *.png
+    ranks/rankR.json       per-rank digests of the final weights (distributed runs)
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+from torch.utils.data import DistributedSampler
+
+from tensorslim.analysis.latency import measure_latency
+from tensorslim.cli.common import load_weights, prepare_run_dir
+from tensorslim.data import load_dataset, make_loaders
+from tensorslim.errors import TensorslimError
+from tensorslim.export import export_onnx, export_torchscript
+from tensorslim.io import WEIGHTS_FILE, load, save
+from tensorslim.layers.base import StructuredLayer
+from tensorslim.models import create_model
+from tensorslim.pipeline import compress_model, machine_facts, measure
+from tensorslim.plan import plans_of, refresh_plan, set_plans
+from tensorslim.rank.budget import Budget
+from tensorslim.recipes.schema import STRUCTURE_STAGES, Recipe, load_recipe
+from tensorslim.report.run import model_spectra, write_json, write_report
+from tensorslim.surgery import replace_module
+from tensorslim.train.checkpoint import atomic_write_text
+from tensorslim.train.ddp import broadcast_model, init_from_env, state_digest
+from tensorslim.train.distributed import barrier, is_main_process, rank, world_size
+from tensorslim.train.loop import fit
+
+
+class RecipeRun:
+    """State shared by the stages of one run."""
+
+    def __init__(self, recipe: Recipe, out: Path, *, resume: bool, progress: bool, log) -> None:
+        self.recipe, self.out, self.resume, self.progress, self.log = (
+            recipe,
+            out,
+            resume,
+            progress,
+            log,
+        )
+        spec = recipe.data
+        # data first: a missing dataset is an error before any work starts
+        self.bundle = load_dataset(
+            spec.name,
+            spec.data_dir,
+            seed=recipe.seed,
+            limit_train=spec.limit_train,
+            limit_test=spec.limit_test,
+        )
+        world = world_size()
+        if spec.batch_size % world:
+            raise TensorslimError(
+                f"data.batch_size {spec.batch_size} must be divisible by the {world} processes"
+            )
+        sampler = (
+            DistributedSampler(self.bundle.train, shuffle=spec.shuffle, seed=recipe.seed)
+            if world > 1
+            else None
+        )
+        self.train_loader, self.test_loader = make_loaders(
+            self.bundle,
+            spec.batch_size // world,
+            shuffle=spec.shuffle,
+            seed=recipe.seed,
+            sampler=sampler,
+        )
+        count = min(32, len(self.bundle.test))
+        self.example = torch.stack([self.bundle.test[i][0] for i in range(count)])
+        self.model = self.fresh_model()
+        if recipe.model.weights:
+            load_weights(self.model, Path(recipe.model.weights))
+        self.reference: nn.Module | None = None
+
+    def fresh_model(self) -> nn.Module:
+        torch.manual_seed(self.recipe.seed)
+        spec = self.recipe.model
+        return create_model(
+            spec.name,
+            in_channels=int(self.bundle.input_shape[0]),
+            num_classes=self.bundle.num_classes,
+            **spec.kwargs,
+        )
+
+    def reload(self, directory: Path) -> nn.Module:
+        return load(directory, self.fresh_model())
+
+    def fit(self, model: nn.Module, stage: Any, checkpoints: Path, teacher=None) -> list[dict]:
+        return fit(
+            model,
+            self.train_loader,
+            epochs=stage.epochs,
+            lr=stage.lr,
+            optimizer=stage.optimizer,
+            weight_decay=stage.weight_decay,
+            test_loader=self.test_loader,
+            teacher=teacher,
+            kd_alpha=getattr(stage, "kd_alpha", 0.5),
+            kd_temperature=getattr(stage, "kd_temperature", 4.0),
+            checkpoint_dir=checkpoints,
+            resume=self.resume,
+            progress=self.progress,
+            log=self.log,
+            description=stage.stage,
+        ).epochs
+
+    def capture_reference(self) -> None:
+        """Keep the model as it was before the first structure stage (teacher, comparison)."""
+        if self.reference is not None:
+            return
+        original_dir = self.out / "original"
+        if self.resume and (original_dir / WEIGHTS_FILE).is_file():
+            self.reference = self.reload(original_dir)
+            return
+        self.reference = copy.deepcopy(self.model)
+        if is_main_process():
+            save(self.reference, original_dir)
+        barrier()
+
+
+def _filter(layers: list[str] | None, exclude: list[str] | None):
+    if layers is None and not exclude:
+        return None
+    chosen = set(layers) if layers is not None else None
+    skipped = set(exclude or [])
+    return lambda module, fqn: (chosen is None or fqn in chosen) and fqn not in skipped
+
+
+def _structure_stage(run: RecipeRun, stage: Any, sdir: Path) -> dict[str, Any]:
+    run.capture_reference()
+    method = stage.method if stage.stage in {"compress", "prune"} else "svd_train"
+    epochs = getattr(stage, "epochs", 0) if stage.stage != "compress" else 0
+    small, result = compress_model(
+        run.model,
+        method=method,
+        budget=Budget.parse(stage.budget) if stage.budget else None,
+        settings=stage.settings,
+        train_loader=run.train_loader,
+        test_loader=run.test_loader,
+        example_batch=run.example,
+        finetune_epochs=epochs,
+        lr=getattr(stage, "lr", 0.01),
+        optimizer=getattr(stage, "optimizer", "sgd"),
+        checkpoint_dir=sdir / "checkpoints",
+        resume=run.resume,
+        progress=run.progress,
+        log=run.log,
+        filter_fn=_filter(getattr(stage, "layers", None), getattr(stage, "exclude", None)),
+    )
+    broadcast_model(small)
+    if stage.stage == "svd_train" and stage.finetune_epochs > 0:
+        tune = stage.model_copy(update={"epochs": stage.finetune_epochs, "stage": "svd_train"})
+        result["finetune_history"] = run.fit(small, tune, sdir / "finetune")
+        result["compressed"] = measure(small, run.example, run.test_loader)
+    run.model = small
+    return result
+
+
+def _merge_slow_layers(model: nn.Module, example: torch.Tensor) -> list[dict[str, Any]]:
+    """Fold structured layers back to dense where the dense layer measures faster."""
+    inputs: dict[str, torch.Tensor] = {}
+    handles = []
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, StructuredLayer)}
+    for name, module in layers.items():
+        handles.append(
+            module.register_forward_hook(
+                lambda m, a, o, name=name: inputs.setdefault(name, a[0].detach())
+            )
+        )
+    with torch.no_grad():
+        model.eval()(example)
+    for handle in handles:
+        handle.remove()
+    decisions = []
+    for name, module in layers.items():
+        if name not in inputs:
+            continue
+        dense = module.to_dense()
+        t_struct = measure_latency(module, inputs[name], min_run_time=0.1)["median_ms"]
+        t_dense = measure_latency(dense, inputs[name], min_run_time=0.1)["median_ms"]
+        merged = t_dense < t_struct
+        if merged:
+            replace_module(model, name, dense)
+        decisions.append(
+            {"layer": name, "structured_ms": t_struct, "dense_ms": t_dense, "merged": merged}
+        )
+    set_plans(model, [refresh_plan(model, p) for p in plans_of(model)])
+    return decisions
+
+
+def _run_stage(run: RecipeRun, index: int, stage: Any, sdir: Path) -> dict[str, Any]:
+    kind = stage.stage
+    if kind in STRUCTURE_STAGES:
+        return _structure_stage(run, stage, sdir)
+    if kind == "train":
+        history = run.fit(run.model, stage, sdir / "checkpoints")
+        return {"history": history, **measure(run.model, run.example, run.test_loader)}
+    if kind == "finetune":
+        teacher = None
+        if stage.distill:
+            if run.reference is None:
+                raise TensorslimError(
+                    f"stage {index} (finetune) distils, but nothing was compressed"
+                )
+            teacher = run.reference.eval()
+        history = run.fit(run.model, stage, sdir / "checkpoints", teacher=teacher)
+        return {"history": history, **measure(run.model, run.example, run.test_loader)}
+    if kind == "evaluate":
+        return measure(run.model, run.example, run.test_loader, latency=stage.latency)
+    if kind == "export":
+        result: dict[str, Any] = {"files": {}}
+        model = run.model
+        if stage.merge_slow:
+            model = copy.deepcopy(run.model)
+            set_plans(model, plans_of(run.model))
+            result["merge"] = _merge_slow_layers(model, run.example)
+        target = sdir / "export"
+        if is_main_process():
+            for fmt in stage.formats:
+                if fmt == "safetensors":
+                    save(model, target / "safetensors")
+                    result["files"][fmt] = str(target / "safetensors")
+                elif fmt == "onnx":
+                    info = export_onnx(model, run.example[:4], target / "model.onnx")
+                    result["files"][fmt] = {"path": str(target / "model.onnx"), **info}
+                else:
+                    info = export_torchscript(model, run.example[:4], target / "model.pt")
+                    result["files"][fmt] = {"path": str(target / "model.pt"), **info}
+        run.model = model
+        return result
+    raise TensorslimError(f"unknown stage '{kind}'")
+
+
+def run_recipe(
+    recipe_path: str | Path,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    log=print,
+) -> dict[str, Any]:
+    """Run every stage of the recipe into ``out``; returns the final results dict."""
+    recipe = load_recipe(recipe_path)
+    out = Path(out)
+    distributed = init_from_env()
+    if not is_main_process():
+        log = _silent
+    if is_main_process():
+        prepare_run_dir(out, resume=resume, overwrite=overwrite)
+    barrier()
+    run = RecipeRun(recipe, out, resume=resume, progress=progress, log=log)
+    if is_main_process():
+        atomic_write_text(out / "recipe.yaml", yaml.safe_dump(recipe.model_dump(), sort_keys=False))
+    stage_results: list[dict[str, Any]] = []
+    for index, stage in enumerate(recipe.stages):
+        sdir = out / "stages" / f"{index:02d}-{stage.stage}"
+        done = sdir / "done.json"
+        if resume and done.is_file() and (sdir / "model" / WEIGHTS_FILE).is_file():
+            stage_results.append(json.loads(done.read_text()))
+            if stage.stage in STRUCTURE_STAGES and run.reference is None:
+                run.capture_reference()
+            run.model = run.reload(sdir / "model")
+            log(f"stage {index} ({stage.stage}) already done: skipped")
+            continue
+        log(f"stage {index}: {stage.stage}")
+        result = {"stage": stage.stage, "index": index, **_run_stage(run, index, stage, sdir)}
+        if is_main_process():
+            save(run.model, sdir / "model")
+            write_json(done, result)
+        barrier()
+        stage_results.append(result)
+    return _finish(run, recipe, stage_results, distributed)
+
+
+def _finish(run: RecipeRun, recipe: Recipe, stages: list[dict[str, Any]], distributed: bool):
+    out = run.out
+    if distributed:
+        (out / "ranks").mkdir(exist_ok=True)
+        write_json(out / "ranks" / f"rank{rank()}.json", state_digest(run.model))
+        barrier()
+    if not is_main_process():
+        return {}
+    reference = run.reference or run.model
+    original = measure(reference, run.example, run.test_loader)
+    final = measure(run.model, run.example, run.test_loader)
+    original["disk_mb"] = _disk_mb(out / "original") if run.reference is not None else None
+    last_stage_dir = out / "stages" / f"{len(recipe.stages) - 1:02d}-{recipe.stages[-1].stage}"
+    final["disk_mb"] = _disk_mb(last_stage_dir / "model")
+    structure = [s for s in stages if s["stage"] in STRUCTURE_STAGES]
+    methods = "+".join(s["method"] for s in structure) or "none"
+    summary = {
+        "method": methods,
+        "budget": structure[-1].get("budget") if structure else None,
+        "original": original,
+        "compressed": final,
+        "accuracy_before_finetune": structure[0].get("accuracy_before_finetune")
+        if structure
+        else None,
+        "flops_fraction": final["flops"] / original["flops"],
+        "latency_speedup": original["latency_ms"] / final["latency_ms"],
+        "layers": structure[-1]["layers"] if structure else [],
+        "history": [h for s in stages for h in s.get("history", [])],
+        "plan_notes": [n for s in structure for n in s.get("plan_notes", [])],
+    }
+    write_report(
+        out,
+        [summary],
+        title=f"{recipe.name}: {recipe.model.name} on {recipe.data.name}",
+        original=original,
+        spectra=model_spectra(reference),
+        extra_json={
+            "recipe": recipe.name,
+            "stages": stages,
+            "machine": machine_facts(),
+            "world_size": world_size(),
+        },
+    )
+    return summary
+
+
+def _silent(message: str) -> None:
+    """Log sink of ranks other than 0."""
+
+
+def _disk_mb(directory: Path) -> float | None:
+    path = directory / WEIGHTS_FILE
+    return path.stat().st_size / 1e6 if path.is_file() else None
