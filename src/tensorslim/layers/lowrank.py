@@ -38,7 +38,8 @@ from tensorslim.layers.conv_geometry import conv_output_hw, pair, unsupported_co
 
 
 def _check_rank(rank: int, full_rank: int, what: str) -> None:
-    if not isinstance(rank, int) or not 1 <= rank <= full_rank:
+    # bool is an int subclass: rank=True would silently mean rank 1
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= full_rank:
         raise TensorslimError(f"rank {rank} is impossible for {what}: choose 1..{full_rank}")
 
 

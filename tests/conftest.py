@@ -1,0 +1,42 @@
+"""Shared test helpers: FLOP counting with torch's counter, tiny models, a seeded RNG."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def counted_flops(module: nn.Module, *inputs: torch.Tensor) -> int:
+    """FLOPs of ``module(*inputs)`` as ``torch.utils.flop_counter`` counts them."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module(*inputs)
+    return int(counter.get_total_flops())
+
+
+class TinyCNN(nn.Module):
+    """conv(1→8) → conv(8→16, stride 2) → Linear(16·7·7 → 32) → Linear(32 → 10), on 1×14×14."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.fc1 = nn.Linear(16 * 7 * 7, 32)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+@pytest.fixture
+def tiny_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return TinyCNN().eval()
+
+
+@pytest.fixture
+def tiny_input() -> torch.Tensor:
+    return torch.randn(4, 1, 14, 14, generator=torch.Generator().manual_seed(1))
