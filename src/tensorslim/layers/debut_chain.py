@@ -633,17 +633,23 @@ def generate_chains(
     return result
 
 
-_SIDE_CAP = 400  # factorisations kept per side; pairs are scored with one matrix product
+_SIDE_CAP = 256  # factorisations kept per side; pairs are scored with one matrix product
 
 
-def _candidates_for(
-    out: int, inp: int, k: int, kind: str, widest: int, target: int | None
-) -> list[tuple[int, float, int, tuple[int, ...], tuple[int, ...]]]:
-    """Score all (r-parts, s-parts) pairs of k factors at once; keep a diverse shortlist."""
+@lru_cache(maxsize=256)
+def _pair_table(
+    out: int, inp: int, k: int, kind: str, widest: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All admissible (r-parts, s-parts) pairs of k factors: (nonzeros, r parts, s parts).
+
+    Every pair is scored at once: nonzeros Σ_k R_k S_k is one matrix product of prefix and
+    suffix products, widths p_k = R_k S_(k+1) an outer product.
+    """
     r_parts = np.array(_ordered_factorizations(out, k, _SIDE_CAP), dtype=np.float64)
     s_parts = np.array(_ordered_factorizations(inp, k, _SIDE_CAP), dtype=np.float64)
+    empty = (np.zeros(0), np.zeros((0, k), dtype=np.int64), np.zeros((0, k), dtype=np.int64))
     if r_parts.size == 0 or s_parts.size == 0:
-        return []
+        return empty
     prefix = np.cumprod(r_parts, axis=1)  # R_k = r_1⋯r_k
     suffix = np.cumprod(s_parts[:, ::-1], axis=1)[:, ::-1]  # S_k = s_k⋯s_K
     nnz = prefix @ suffix.T  # Σ_k R_k S_k for every pair
@@ -666,23 +672,41 @@ def _candidates_for(
             ok &= ~mono & (full.max(axis=2) > max(inp, out))
     idx = np.argwhere(ok)
     if len(idx) == 0:
+        return empty
+    return (
+        nnz[ok],
+        r_parts[idx[:, 0]].astype(np.int64),
+        s_parts[idx[:, 1]].astype(np.int64),
+    )
+
+
+_SHORTLIST = 24  # pairs per factor count whose merged execution is costed
+
+
+def _candidates_for(
+    out: int, inp: int, k: int, kind: str, widest: int, target: int | None
+) -> list[tuple[int, float, int, tuple[int, ...], tuple[int, ...]]]:
+    """A shortlist of k-factor pairs: nearest to the target, or spread over all sizes."""
+    values, r_parts, s_parts = _pair_table(out, inp, k, kind, widest)
+    if len(values) == 0:
         return []
-    values = nnz[ok]
-    # shortlist: per log-size bucket (1/4 octave) the pairs with fewest "narrow" bmm grids
-    # first; or, with a target, the pairs nearest to it
     if target is not None:
-        order = np.argsort(np.abs(np.log(values / target)), kind="stable")[:64]
+        order = np.argsort(np.abs(np.log(values / target)), kind="stable")[:_SHORTLIST]
     else:
+        # per quarter-octave of size, the smallest few
         buckets = np.floor(np.log2(values) * 4).astype(int)
         order_list = []
         for bucket in np.unique(buckets):
             members = np.flatnonzero(buckets == bucket)
-            order_list.extend(members[np.argsort(values[members], kind="stable")][:4].tolist())
+            order_list.extend(members[np.argsort(values[members], kind="stable")][:2].tolist())
         order = np.array(order_list, dtype=int)
-    out_list = []
-    for pos in order:
-        a, b = idx[pos]
-        rs = tuple(int(x) for x in r_parts[a])
-        ss = tuple(int(x) for x in s_parts[b])
-        out_list.append((int(values[pos]), 0.0, k, rs, ss))
-    return out_list
+    return [
+        (
+            int(values[pos]),
+            0.0,
+            k,
+            tuple(int(x) for x in r_parts[pos]),
+            tuple(int(x) for x in s_parts[pos]),
+        )
+        for pos in order
+    ]

@@ -1,0 +1,255 @@
+"""DeBut (deformable butterfly) chains for Linear and Conv2d layers, initialised by ALS.
+
+For every selected layer the method offers a ladder of generated, qualified chains at several
+compression ratios (each with its nonzeros, FLOPs and the relative weight error after a few
+ALS sweeps), so the global allocator can pick one chain per layer to meet a FLOPs or params
+budget. A chain can also be given explicitly, for all layers of a shape or per layer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from tensorslim.decompose.debut_als import als_fit
+from tensorslim.errors import TensorslimError
+from tensorslim.layers.conv_geometry import unsupported_conv_reason
+from tensorslim.layers.debut import INITS, DeButConv2d, DeButLinear
+from tensorslim.layers.debut_chain import DeButChain, generate_chains
+from tensorslim.methods.base import LayerInfo, Method, Option
+
+DEFAULT_RATIOS = (2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0)
+_ERROR_CACHE: OrderedDict[tuple[str, str, int, int], float] = OrderedDict()
+_ERROR_CACHE_SIZE = 2048
+
+
+def _weight_matrix(module: nn.Module) -> torch.Tensor:
+    """Linear weight, or a conv kernel viewed C_out × (C_in·kh·kw) in unfold order."""
+    w = module.weight.detach()
+    return w.reshape(w.shape[0], -1)
+
+
+def _columns(module: nn.Module, info: LayerInfo) -> int:
+    """Input vectors per forward at ``info``'s shape: tokens of a Linear, N·Ho·Wo of a conv."""
+    if isinstance(module, nn.Linear):
+        return math.prod(info.input_shape[:-1])
+    return info.output_shape[0] * math.prod(info.output_shape[2:])
+
+
+def _fingerprint(weight: torch.Tensor) -> str:
+    data = weight.detach().to("cpu", torch.float64).contiguous().numpy().tobytes()
+    return hashlib.sha1(data).hexdigest()
+
+
+@dataclass
+class DeButMethod(Method):
+    """Deformable butterfly chains (Lin et al., NeurIPS 2021).
+
+    Settings:
+    - ``chain``: an explicit chain in the flat text form (used for every layer it fits), or a
+      dict ``{fqn: chain}`` for named layers (other layers get generated chains);
+    - ``ratio``: one compression ratio per layer (a per-layer rule: no budget needed);
+    - ``ratios``: the ladder of ratios offered to the allocator (default 2 … 24);
+    - ``num_factors``: factor count(s) for generated chains (default 2–6), ``kind``: "any",
+      "monotonic" or "bulging";
+    - ``init``: "als" (default), "grad" (Adam on the factors) or "random" (train from scratch);
+      ``als_sweeps`` for ``build``, ``candidate_sweeps`` for the error of each candidate (cached
+      per weight and chain), ``grad_steps``, ``seed``.
+    """
+
+    name: ClassVar[str] = "debut"
+    description: ClassVar[str] = "deformable butterfly chains (DeBut) with ALS initialisation"
+    demo_settings: ClassVar[dict[str, Any] | None] = {"candidate_sweeps": 1, "als_sweeps": 4}
+
+    chain: str | dict[str, str] | None = None
+    ratio: float | None = None
+    ratios: list[float] = field(default_factory=lambda: list(DEFAULT_RATIOS))
+    num_factors: int | list[int] | None = None
+    kind: str = "any"
+    init: str = "als"
+    als_sweeps: int = 6
+    candidate_sweeps: int = 2
+    grad_steps: int = 300
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.init not in INITS:
+            raise TensorslimError(f"unknown DeBut init '{self.init}': use {', '.join(INITS)}")
+        if self.kind not in ("any", "monotonic", "bulging"):
+            raise TensorslimError(f"unknown chain kind '{self.kind}': use any, monotonic, bulging")
+        if isinstance(self.ratios, int | float):
+            self.ratios = [float(self.ratios)]
+        self.ratios = [float(r) for r in self.ratios]
+        if not self.ratios or any(r <= 0 for r in self.ratios):
+            raise TensorslimError(f"ratios must be positive numbers, got {self.ratios}")
+        if self.ratio is not None and self.ratio <= 0:
+            raise TensorslimError(f"ratio must be positive, got {self.ratio}")
+        for name in ("als_sweeps", "candidate_sweeps", "grad_steps"):
+            if int(getattr(self, name)) < 1:
+                raise TensorslimError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if isinstance(self.chain, str):
+            DeButChain.parse(self.chain)  # fail early on malformed text
+        elif isinstance(self.chain, dict):
+            for text in self.chain.values():
+                DeButChain.parse(text)
+        elif self.chain is not None:
+            raise TensorslimError(
+                f"chain must be text ('p q r s t ...') or a dict fqn → text, got {self.chain!r}"
+            )
+
+    # ------------------------------------------------------------------ contract
+    def supports(self, module: nn.Module, fqn: str) -> str | None:
+        if isinstance(module, nn.Linear):
+            return None
+        if isinstance(module, nn.Conv2d):
+            return unsupported_conv_reason(module)
+        return f"{type(module).__name__} is not a Linear or Conv2d"
+
+    def _explicit_chain(self, module: nn.Module, fqn: str) -> DeButChain | None:
+        out_f, in_f = _weight_matrix(module).shape
+        if isinstance(self.chain, dict):
+            text = self.chain.get(fqn)
+            if text is None:
+                return None
+            chain = DeButChain.parse(text)
+            chain.check_shape(out_f, in_f, f"layer {fqn}")
+            chain.check_qualified()
+            return chain
+        if isinstance(self.chain, str):
+            chain = DeButChain.parse(self.chain)
+            if (chain.out_features, chain.in_features) != (out_f, in_f):
+                return None  # the one chain fits other layers; this one gets generated chains
+            chain.check_qualified()
+            return chain
+        return None
+
+    def _chains(self, module: nn.Module, fqn: str, cols: int) -> list[DeButChain]:
+        explicit = self._explicit_chain(module, fqn)
+        if explicit is not None:
+            return [explicit]
+        out_f, in_f = _weight_matrix(module).shape
+        ratios = [self.ratio] if self.ratio is not None else self.ratios
+        chains: dict[str, DeButChain] = {}
+        for ratio in ratios:
+            try:
+                found = generate_chains(
+                    out_f,
+                    in_f,
+                    ratio=ratio,
+                    num_factors=self.num_factors,
+                    kind=self.kind,
+                    cols=max(64, cols),
+                    limit=1,
+                )
+            except TensorslimError:
+                continue
+            if not found:
+                continue
+            best = found[0]
+            # a ladder rung far from its ratio duplicates a neighbour or is not compressing
+            if self.ratio is None and abs(math.log(best.compression / ratio)) > math.log(1.5):
+                continue
+            chains.setdefault(best.chain.text, best.chain)
+        return list(chains.values())
+
+    def candidates(self, module: nn.Module, info: LayerInfo) -> list[Option]:
+        weight = _weight_matrix(module)
+        cols = _columns(module, info)
+        bias = module.bias.numel() if module.bias is not None else 0
+        options = []
+        for chain in self._chains(module, info.fqn, cols):
+            error = self._cached_error(weight, chain)
+            options.append(
+                Option(
+                    method=self.name,
+                    config={"chain": chain.text},
+                    params=chain.nnz + bias,
+                    flops=chain.flops(cols) * info.calls,
+                    error=error,
+                    label=f"DeBut {len(chain)}f {chain.compression:.1f}×",
+                    extra={
+                        "nnz": chain.nnz,
+                        "factors": len(chain),
+                        "kind": chain.kind,
+                        "compression": round(chain.compression, 3),
+                    },
+                )
+            )
+        return options
+
+    def _cached_error(self, weight: torch.Tensor, chain: DeButChain) -> float:
+        key = (_fingerprint(weight), chain.text, self.candidate_sweeps, self.seed)
+        hit = _ERROR_CACHE.get(key)
+        if hit is not None:
+            _ERROR_CACHE.move_to_end(key)
+            return hit
+        generator = torch.Generator().manual_seed(self.seed)
+        # float32 is plenty for an estimate that ranks options, and twice as fast
+        _, errors = als_fit(
+            weight, chain, sweeps=self.candidate_sweeps, generator=generator, dtype=torch.float32
+        )
+        error = float(errors[-1])
+        _ERROR_CACHE[key] = error
+        if len(_ERROR_CACHE) > _ERROR_CACHE_SIZE:
+            _ERROR_CACHE.popitem(last=False)
+        return error
+
+    def choose_without_budget(self, options: list[Option], info: LayerInfo) -> Option | None:
+        if len(options) == 1:
+            return options[0]
+        if not options:
+            return None
+        raise TensorslimError(
+            f"method 'debut' needs a budget (e.g. --budget flops=0.5), a per-layer rule "
+            f"(--set ratio=4) or an explicit chain (--set chain='p q r s t ...') to choose "
+            f"among {len(options)} chains for {info.fqn}"
+        )
+
+    def build(
+        self,
+        module: nn.Module,
+        config: dict[str, Any],
+        info: LayerInfo | None,
+        *,
+        init: bool = True,
+    ) -> nn.Module:
+        if "chain" not in config:
+            raise TensorslimError(f"a DeBut plan entry needs a 'chain', got config {config}")
+        chain = DeButChain.parse(config["chain"])
+        if init:
+            kwargs = {"sweeps": self.als_sweeps, "steps": self.grad_steps, "seed": self.seed}
+            if isinstance(module, nn.Linear):
+                return DeButLinear.from_dense(module, chain, self.init, **kwargs)
+            return DeButConv2d.from_dense(module, chain, self.init, **kwargs)  # type: ignore[arg-type]
+        w = module.weight
+        if isinstance(module, nn.Linear):
+            layer: DeButLinear | DeButConv2d = DeButLinear(
+                module.in_features,
+                module.out_features,
+                chain,
+                module.bias is not None,
+                device=w.device,
+                dtype=w.dtype,
+            )
+        else:
+            layer = DeButConv2d(
+                module.in_channels,
+                module.out_channels,
+                module.kernel_size,
+                chain,
+                module.stride,
+                module.padding,
+                module.dilation,
+                module.bias is not None,
+                device=w.device,
+                dtype=w.dtype,
+            )
+        if isinstance(config.get("init"), dict):
+            layer.init_info = dict(config["init"])  # keep the record of how it was initialised
+        return layer

@@ -1,0 +1,144 @@
+"""The "debut" method: support, candidate ladder, build, planning under a budget, save/load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from tensorslim.decompose.debut_als import als_fit
+from tensorslim.errors import TensorslimError
+from tensorslim.layers.base import dense_weight_error
+from tensorslim.layers.debut import DeButConv2d, DeButLinear
+from tensorslim.layers.debut_chain import DeButChain
+from tensorslim.methods import get_method, list_methods
+from tensorslim.methods.base import LayerInfo
+
+
+def linear_info(fqn: str, layer: nn.Linear, rows: int = 1) -> LayerInfo:
+    return LayerInfo(
+        fqn,
+        "Linear",
+        (rows, layer.in_features),
+        (rows, layer.out_features),
+        layer.weight.numel() + layer.bias.numel(),
+        2 * rows * layer.in_features * layer.out_features,
+    )
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 16, 3, padding=1)
+        self.fc1 = nn.Linear(16 * 6 * 6, 96)
+        self.fc2 = nn.Linear(96, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv(x)).flatten(1)
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_registered_and_supports() -> None:
+    assert "debut" in list_methods()
+    method = get_method("debut")
+    assert method.supports(nn.Linear(4, 4), "a") is None
+    assert method.supports(nn.Conv2d(4, 4, 3), "b") is None
+    assert "grouped" in method.supports(nn.Conv2d(4, 4, 3, groups=2), "c")
+    assert "not a Linear" in method.supports(nn.ReLU(), "d")
+    with pytest.raises(TensorslimError, match="init"):
+        get_method("debut", init="svd")
+    with pytest.raises(TensorslimError, match="five integers"):
+        get_method("debut", chain="1 2 3")
+
+
+def test_candidates_are_a_ladder_with_honest_costs_and_errors() -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(96, 64)
+    method = get_method("debut", ratios=[2, 4, 8], candidate_sweeps=2)
+    info = linear_info("fc", layer, rows=3)
+    options = method.candidates(layer, info)
+    assert len(options) >= 2
+    for option in options:
+        chain = DeButChain.parse(option.config["chain"])
+        assert chain.qualified and (chain.in_features, chain.out_features) == (96, 64)
+        assert option.params == chain.nnz + 64
+        assert option.flops == 2 * 3 * chain.nnz
+        _, errors = als_fit(
+            layer.weight,
+            chain,
+            sweeps=2,
+            generator=torch.Generator().manual_seed(0),
+            dtype=torch.float32,
+        )
+        assert option.error == pytest.approx(errors[-1], rel=1e-5)
+        assert 0.0 < option.error < 1.0
+    by_size = sorted(options, key=lambda o: o.params)
+    assert by_size[0].error >= by_size[-1].error  # fewer nonzeros, larger error
+
+
+def test_explicit_chains_text_and_per_layer() -> None:
+    layer = nn.Linear(18, 12)
+    text = "12 18 2 3 1  12 12 2 2 2  12 12 3 3 4"
+    options = get_method("debut", chain=text).candidates(layer, linear_info("fc", layer))
+    assert [o.config["chain"] for o in options] == [text]
+    per_layer = get_method("debut", chain={"fc": text}, ratios=[2])
+    assert per_layer.candidates(layer, linear_info("fc", layer))[0].config["chain"] == text
+    other = per_layer.candidates(layer, linear_info("other", layer))
+    assert other and other[0].config["chain"] != text
+    with pytest.raises(TensorslimError, match="layer fc"):
+        get_method("debut", chain={"fc": "8 8 8 8 1"}).candidates(layer, linear_info("fc", layer))
+
+
+def test_build_fits_the_weight_with_the_chosen_init() -> None:
+    torch.manual_seed(1)
+    layer = nn.Linear(48, 32)
+    info = linear_info("fc", layer)
+    method = get_method("debut", ratio=2, als_sweeps=6, candidate_sweeps=1)
+    (option,) = method.candidates(layer, info)
+    built = method.build(layer, option.config, info)
+    assert isinstance(built, DeButLinear)
+    assert dense_weight_error(layer, built) <= option.error + 1e-9  # more sweeps, no worse
+    assert built.config()["init"]["method"] == "als"
+    random = get_method("debut", ratio=2, init="random").build(layer, option.config, info)
+    assert dense_weight_error(layer, random) > dense_weight_error(layer, built)
+    skeleton = method.build(
+        layer, {"chain": option.config["chain"], "init": {"method": "als"}}, info, init=False
+    )
+    assert skeleton.config() == {"chain": option.config["chain"], "init": {"method": "als"}}
+    conv = nn.Conv2d(3, 8, 3)
+    conv_option = get_method("debut", ratio=2).candidates(
+        conv, LayerInfo("c", "Conv2d", (1, 3, 8, 8), (1, 8, 6, 6), 224, 2 * 36 * 8 * 27)
+    )[0]
+    assert conv_option.flops == 2 * 36 * DeButChain.parse(conv_option.config["chain"]).nnz
+    assert isinstance(method.build(conv, conv_option.config, None), DeButConv2d)
+
+
+def test_no_budget_needs_a_rule() -> None:
+    layer = nn.Linear(48, 32)
+    method = get_method("debut", ratios=[2, 4])
+    options = method.candidates(layer, linear_info("fc", layer))
+    with pytest.raises(TensorslimError, match="needs a budget"):
+        method.choose_without_budget(options, linear_info("fc", layer))
+
+
+def test_plan_under_a_budget_apply_save_load(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    ts = pytest.importorskip("tensorslim")
+    torch.manual_seed(0)
+    model = Net().eval()
+    x = torch.randn(2, 4, 6, 6)
+    the_plan = ts.plan(model, "debut", ts.Budget(flops=0.5), x, candidate_sweeps=1, als_sweeps=3)
+    chosen = [lp for lp in the_plan.layers if lp.method == "debut"]
+    assert chosen
+    assert the_plan.estimated_flops <= 0.5 * the_plan.model_flops * 1.001
+    small = ts.apply(model, the_plan)
+    assert any(isinstance(m, DeButLinear | DeButConv2d) for m in small.modules())
+    with torch.no_grad():
+        expected = small(x)
+    ts.save(small, tmp_path / "out")
+    torch.manual_seed(123)
+    again = ts.load(tmp_path / "out", Net().eval())
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), expected)
+    for name, module in again.named_modules():
+        if isinstance(module, DeButLinear | DeButConv2d):
+            assert module.config() == small.get_submodule(name).config()
