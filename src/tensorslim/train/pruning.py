@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,7 +115,8 @@ class SparsitySchedule:
         progress = (step - self.start) / (self.end - self.start)
         s_i, s_f = self.initial_sparsity, self.final_sparsity
         if self.kind == "cubic":
-            return s_f + (s_i - s_f) * (1.0 - progress) ** 3
+            # = s_f + (s_i − s_f)(1 − p)³, written to be exactly s_i at p = 0
+            return s_i + (s_f - s_i) * (1.0 - (1.0 - progress) ** 3)
         d_i, d_f = 1.0 - s_i, 1.0 - s_f
         return 1.0 - d_i * (d_f / d_i) ** progress
 
@@ -226,6 +227,35 @@ def reset_optimizer_state(
             value.masked_fill_(positions, 0)
 
 
+def add_masks(
+    model: nn.Module,
+    layers: Sequence[str] | None = None,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+) -> list[str]:
+    """Put an all-ones mask on every Linear / Conv2d of ``model`` (or the named ``layers``, or
+    those ``filter_fn(module, fqn)`` accepts) that has none; returns the masked fqns.
+
+    Call it before creating the optimizer and before wrapping the model in DDP, so both see the
+    final parameter order and buffers (a resumed run then restores the optimizer state exactly).
+    """
+    named = dict(unwrap(model).named_modules())
+    if layers is not None:
+        missing = [n for n in layers if n not in named]
+        if missing:
+            raise TensorslimError(f"add_masks: the model has no layer named {missing[0]!r}")
+        chosen = [(n, named[n]) for n in layers]
+    else:
+        chosen = list(prunable_modules(unwrap(model)))
+    masked = []
+    for name, module in chosen:
+        if filter_fn is not None and not filter_fn(module, name):
+            continue
+        if mask_of(module) is None:
+            add_mask(module, name=name)
+        masked.append(name)
+    return masked
+
+
 def _first_conv_and_classifier(
     modules: Sequence[tuple[str, nn.Module]],
 ) -> tuple[str | None, str | None]:
@@ -243,10 +273,10 @@ class PruningHook(TrainHook):
 
     ``start``/``end`` are fractions of the training steps (resolved when training begins);
     ``steps`` gives an absolute :class:`SparsitySchedule` instead. ``interval`` is ΔT in steps
-    (default: about :data:`AUTO_UPDATES` updates). ``layers`` names the layers to prune (default:
-    every layer that already has a mask, else every Linear/Conv2d, which then gets one; the
-    parameter objects stay the same, so an existing optimizer keeps working). ``keep_first_dense``
-    leaves the first Conv2d and ``keep_last_dense`` the last Linear out of the ranking.
+    (default: about :data:`AUTO_UPDATES` updates). The layers must carry masks already
+    (:func:`add_masks`, or ``apply`` of a gmp/rigl/rpg plan); ``layers`` names the ones to prune
+    (default: every masked layer). ``keep_first_dense`` leaves the first Conv2d and
+    ``keep_last_dense`` the last Linear out of the ranking (their masks stay all ones).
     """
 
     def __init__(
@@ -338,9 +368,20 @@ class PruningHook(TrainHook):
                     raise TensorslimError(
                         f"pruning: {name} is a {type(named[name]).__name__}, not a Linear/Conv2d"
                     )
+                if mask_of(named[name]) is None:
+                    raise TensorslimError(
+                        f"pruning: {name} has no mask; call add_masks(model) before creating "
+                        "the optimizer"
+                    )
                 chosen.append((name, named[name]))
         else:
-            chosen = list(masked_modules(net)) or list(prunable_modules(net))
+            chosen = list(masked_modules(net))
+            if not chosen:
+                raise TensorslimError(
+                    "pruning: the model has no pruning masks; call "
+                    "tensorslim.train.pruning.add_masks(model) before creating the optimizer "
+                    "(or apply a gmp / rigl / rpg plan)"
+                )
         first, last = _first_conv_and_classifier(chosen)
         self.kept_dense = [
             name
@@ -350,12 +391,9 @@ class PruningHook(TrainHook):
         layers = [(n, m) for n, m in chosen if n not in self.kept_dense]
         if not layers:
             raise TensorslimError(
-                "pruning: no layer left to prune (the model has no Linear/Conv2d outside the "
-                "layers kept dense)"
+                "pruning: no layer left to prune (every masked layer is kept dense: set "
+                "keep_first_dense / keep_last_dense to False)"
             )
-        for name, module in layers:
-            if mask_of(module) is None:
-                add_mask(module, name=name)
         self.layers = layers
         return layers
 
