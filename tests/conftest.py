@@ -7,6 +7,10 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+# On a shared 2-core machine a second intra-op thread spins against other processes and makes
+# LAPACK calls (svdvals) up to 500× slower; the tests check results, not speed.
+torch.set_num_threads(1)
+
 
 def counted_flops(module: nn.Module, *inputs: torch.Tensor) -> int:
     """FLOPs of ``module(*inputs)`` as ``torch.utils.flop_counter`` counts them."""

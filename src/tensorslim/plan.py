@@ -283,9 +283,18 @@ def plan(
                 f"budget {budget} is not reachable with this method: the cheapest options reach "
                 f"{(total - saved) / total:.3f} of the model's {metric}"
             )
+        dense_cost = {lc.fqn: lc.dense_cost for lc in choices}
         for fqn, option in picked.items():
             if option is None:
-                entries[fqn].reason = f"kept dense by the {metric} allocator (cheapest error)"
+                cheapest = min(
+                    o.flops if metric == "flops" else o.params for o in options_by_fqn[fqn]
+                )
+                # say so when no option could ever pay, not that the allocator preferred dense
+                entries[fqn].reason = (
+                    f"no option is cheaper than dense ({cheapest} ≥ {dense_cost[fqn]} {metric})"
+                    if cheapest >= dense_cost[fqn]
+                    else f"kept dense by the {metric} allocator (cheapest error)"
+                )
     else:
         for lc in choices:
             info = infos[lc.fqn]
