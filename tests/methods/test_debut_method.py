@@ -126,7 +126,9 @@ def test_plan_under_a_budget_apply_save_load(tmp_path) -> None:  # type: ignore[
     torch.manual_seed(0)
     model = Net().eval()
     x = torch.randn(2, 4, 6, 6)
-    the_plan = ts.plan(model, "debut", ts.Budget(flops=0.5), x, candidate_sweeps=1, als_sweeps=3)
+    the_plan = ts.plan(
+        model, "debut", ts.Budget(flops=0.5), x, candidate_sweeps=1, als_sweeps=3, ratios=[2, 4, 8]
+    )
     chosen = [lp for lp in the_plan.layers if lp.method == "debut"]
     assert chosen
     assert the_plan.estimated_flops <= 0.5 * the_plan.model_flops * 1.001
