@@ -315,7 +315,7 @@ def _finish(run: RecipeRun, recipe: Recipe, stages: list[dict[str, Any]], distri
         "flops_fraction": final["flops"] / original["flops"],
         "latency_speedup": original["latency_ms"] / final["latency_ms"],
         "layers": structure[-1]["layers"] if structure else [],
-        "history": [h for s in stages for h in s.get("history", [])],
+        "history": _cumulative_history(stages),
         "plan_notes": [n for s in structure for n in s.get("plan_notes", [])],
     }
     write_report(
@@ -332,6 +332,15 @@ def _finish(run: RecipeRun, recipe: Recipe, stages: list[dict[str, Any]], distri
         },
     )
     return summary
+
+
+def _cumulative_history(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """All stages' epochs on one axis (epoch numbers continue across stages)."""
+    merged: list[dict[str, Any]] = []
+    for stage in stages:
+        for record in stage.get("history", []):
+            merged.append({**record, "epoch": len(merged) + 1, "stage": stage["stage"]})
+    return merged
 
 
 def _silent(message: str) -> None:
