@@ -60,7 +60,7 @@ def test_report_renders_in_headless_chromium(report: Path, tmp_path: Path) -> No
 
     image = Image.open(screenshot).convert("RGB")
     assert image.size == (1200, 2400)
-    pixels = list(image.getdata())
+    pixels = list(image.get_flattened_data())
     inked = sum(1 for r, g, b in pixels if r + g + b < 600)
     assert inked > 0.01 * len(pixels), "the page looks blank"
     # matplotlib's first colour (31, 119, 180) appears only if the embedded plots decoded
