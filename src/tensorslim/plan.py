@@ -122,6 +122,10 @@ class CompressionPlan:
         if missing:
             raise TensorslimError(f"plan is missing field(s) {sorted(missing)}")
         layer_fields = {f.name for f in dataclasses.fields(LayerPlan)}
+        if not isinstance(data["layers"], list) or not all(
+            isinstance(raw, dict) for raw in data["layers"]
+        ):
+            raise TensorslimError("plan 'layers' must be a list of mappings, one per layer")
         layers = []
         for i, raw in enumerate(data["layers"]):
             bad = set(raw) - layer_fields
@@ -414,8 +418,15 @@ def refresh_plan(model: nn.Module, plan: CompressionPlan) -> CompressionPlan:
                 lp.method, lp.config = method, module.config()
                 lp.label = f"{method} {module.config()}"
                 fresh.methods.setdefault(method, {})
+                # the planned cost no longer describes this structure: state the new one
+                lp.params_after = module.analytic_params()
+                if lp.input_shape:
+                    calls = int(lp.extra.get("calls", 1))
+                    lp.flops_after = module.analytic_flops(tuple(lp.input_shape)) * calls
             continue
         if isinstance(module, COMPRESSIBLE) and not _is_parametrized(module):
             lp.extra["finalized_from"] = lp.method
             lp.method, lp.config, lp.reason = None, {}, f"finalized to dense after {lp.method}"
+            lp.label = "dense"
+            lp.params_after, lp.flops_after = lp.params_before, lp.flops_before
     return fresh

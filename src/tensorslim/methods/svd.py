@@ -112,7 +112,10 @@ class SVDMethod(Method):
         *,
         init: bool = True,
     ) -> nn.Module:
-        rank, scheme = int(config["rank"]), str(config.get("scheme", "channel"))
+        rank, scheme = config.get("rank"), str(config.get("scheme", "channel"))
+        # an edited plan may hold anything here: int() would turn 2.5 into 2 without a word
+        if isinstance(rank, bool) or not isinstance(rank, int):
+            raise TensorslimError(f"rank {rank!r} in the plan is not a positive integer")
         if init:
             if isinstance(module, nn.Linear):
                 return LowRankLinear.from_dense(module, rank, driver=self.driver)  # type: ignore[arg-type]
