@@ -119,7 +119,7 @@ def test_layer_selection(tiny_cnn, tiny_input) -> None:
 def test_plan_input_errors(tiny_cnn, tiny_input) -> None:
     with pytest.raises(TensorslimError, match="example_input"):
         ts.plan(tiny_cnn, "svd", "flops=0.5")
-    with pytest.raises(TensorslimError, match="unknown method 'svdd'.*did you mean 'svd'"):
+    with pytest.raises(TensorslimError, match=r"unknown method 'svdd'.*did you mean 'svd'"):
         ts.plan(tiny_cnn, "svdd", "flops=0.5", tiny_input)
     with pytest.raises(TensorslimError, match="bad settings"):
         ts.plan(tiny_cnn, "svd", "flops=0.5", tiny_input, rnak=3)
@@ -168,14 +168,14 @@ def test_impossible_rank_in_an_edited_plan_names_the_layer(planned, tiny_cnn, ra
 def test_unknown_fqn_in_an_edited_plan_is_a_clear_error(planned, tiny_cnn) -> None:
     i = first_compressed_index(planned)
     bad = edited(planned, **{f"layers__{i}__fqn": "encoder.conv7"})
-    with pytest.raises(TensorslimError, match="'encoder.conv7'.*does not have"):
+    with pytest.raises(TensorslimError, match=r"'encoder.conv7'.*does not have"):
         ts.apply(tiny_cnn, bad)
 
 
 def test_wrong_layer_type_in_an_edited_plan_is_a_clear_error(planned, tiny_cnn) -> None:
     i = first_compressed_index(planned)
     bad = edited(planned, **{f"layers__{i}__type_name": "Conv3d"})
-    with pytest.raises(TensorslimError, match="expects .* to be Conv3d"):
+    with pytest.raises(TensorslimError, match=r"expects .* to be Conv3d"):
         ts.apply(tiny_cnn, bad)
 
 
@@ -188,7 +188,7 @@ def test_unknown_method_in_an_edited_plan_is_a_clear_error(planned, tiny_cnn) ->
 
 def test_bad_scheme_in_an_edited_plan_is_a_clear_error(planned, tiny_cnn) -> None:
     bad = edited(planned, layers__0__method="svd", layers__0__config={"rank": 1, "scheme": "x"})
-    with pytest.raises(TensorslimError, match="layer conv1:.*scheme"):
+    with pytest.raises(TensorslimError, match=r"layer conv1:.*scheme"):
         ts.apply(tiny_cnn, bad)
 
 
@@ -202,7 +202,7 @@ def test_unknown_and_missing_fields_are_clear_errors(planned) -> None:
     with pytest.raises(TensorslimError, match="missing"):
         CompressionPlan.from_dict({k: v for k, v in data.items() if k != "model_flops"})
     short = [{k: v for k, v in data["layers"][0].items() if k != "flops_after"}]
-    with pytest.raises(TensorslimError, match="plan layer 0 .*flops_after"):
+    with pytest.raises(TensorslimError, match=r"plan layer 0 .*flops_after"):
         CompressionPlan.from_dict({**data, "layers": short})
     for not_layers in ("conv1", [5], None):
         with pytest.raises(TensorslimError, match="layers"):
