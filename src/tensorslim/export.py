@@ -5,12 +5,17 @@ from __future__ import annotations
 import io
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from tensorslim.analysis.latency import measure_latency
 from tensorslim.errors import TensorslimError
+from tensorslim.layers.base import StructuredLayer
+from tensorslim.plan import plans_of, refresh_plan, set_plans
+from tensorslim.surgery import replace_module
 
 FORMATS = ("onnx", "torchscript", "safetensors")
 
@@ -86,3 +91,43 @@ def export_torchscript(
     path.parent.mkdir(parents=True, exist_ok=True)
     traced.save(str(path))
     return {"bytes": float(path.stat().st_size), "max_abs_diff": diff}
+
+
+def merge_slow_layers(model: nn.Module, example: torch.Tensor) -> list[dict[str, Any]]:
+    """Fold structured layers back to dense where the dense layer measures faster.
+
+    Each structured layer is timed on the input it sees in ``model(example)`` against its
+    ``to_dense()`` form; the slower form loses. Returns one decision row per layer. The model's
+    plans are refreshed so ``save``/``load`` rebuild the merged structure.
+    """
+    inputs: dict[str, torch.Tensor] = {}
+    handles = []
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, StructuredLayer)}
+    def recorder(name: str):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            # a forward hook that returns a value would replace the output: return None
+            inputs.setdefault(name, args[0].detach())
+
+        return hook
+
+    for name, module in layers.items():
+        handles.append(module.register_forward_hook(recorder(name)))
+    with torch.no_grad():
+        model.eval()(example)
+    for handle in handles:
+        handle.remove()
+    decisions = []
+    for name, module in layers.items():
+        if name not in inputs:
+            continue
+        dense = module.to_dense()
+        t_struct = measure_latency(module, inputs[name], min_run_time=0.1)["median_ms"]
+        t_dense = measure_latency(dense, inputs[name], min_run_time=0.1)["median_ms"]
+        merged = t_dense < t_struct
+        if merged:
+            replace_module(model, name, dense)
+        decisions.append(
+            {"layer": name, "structured_ms": t_struct, "dense_ms": t_dense, "merged": merged}
+        )
+    set_plans(model, [refresh_plan(model, p) for p in plans_of(model)])
+    return decisions

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import typer
@@ -10,7 +9,9 @@ import typer
 from tensorslim.cli.cmd_eval import load_run_model
 from tensorslim.cli.common import handle_errors
 from tensorslim.errors import TensorslimError
-from tensorslim.export import FORMATS, export_onnx, export_torchscript
+from tensorslim.export import FORMATS, export_onnx, export_torchscript, merge_slow_layers
+from tensorslim.io import save
+from tensorslim.report.tables import print_table
 
 
 def register(app: typer.Typer) -> None:
@@ -20,6 +21,9 @@ def register(app: typer.Typer) -> None:
         run: Path = typer.Argument(..., help="A run directory (from compress or train)."),
         format: str = typer.Option("onnx", "--format", help="onnx | torchscript | safetensors"),
         out: Path = typer.Option(None, help="Output file or directory (default RUN/export/)."),
+        merge_slow: bool = typer.Option(
+            True, help="Merge structured layers back to dense where dense measures faster."
+        ),
     ) -> None:
         """Export a run's model; ONNX is verified in onnxruntime against PyTorch."""
         if format not in FORMATS:
@@ -28,9 +32,13 @@ def register(app: typer.Typer) -> None:
             raise TensorslimError(f"run directory {run} does not exist")
         s, model = load_run_model(run)
         example = s.example_batch[:4]
+        if merge_slow:
+            decisions = merge_slow_layers(model, s.example_batch)
+            if decisions:
+                print_table("structured vs dense latency (ms)", list(decisions[0]), decisions)
         if format == "safetensors":
             target = out or run / "export" / "safetensors"
-            shutil.copytree(run / "model", target, dirs_exist_ok=True)
+            save(model, target)
             typer.echo(f"wrote {target} (weights + plan.json + manifest.json)")
             return
         suffix = ".onnx" if format == "onnx" else ".pt"

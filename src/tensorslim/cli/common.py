@@ -95,8 +95,9 @@ def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> Path:
 
 def save_args(out: Path, command: str, args: dict[str, Any]) -> None:
     """The resolved arguments of a run (JSON), so `eval` and `export` can rebuild its model."""
-    clean = {k: (str(v) if isinstance(v, Path) else v) for k, v in args.items()}
-    atomic_write_text(out / "args.json", json.dumps({"command": command, **clean}, indent=2))
+    clean = {k: v for k, v in args.items() if not callable(v) and not k.startswith("_")}
+    text = json.dumps({"command": command, **clean}, indent=2, default=str)
+    atomic_write_text(out / "args.json", text)
 
 
 def read_args(run: Path) -> dict[str, Any]:

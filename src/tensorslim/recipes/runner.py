@@ -23,20 +23,17 @@ import yaml
 from torch import nn
 from torch.utils.data import DistributedSampler
 
-from tensorslim.analysis.latency import measure_latency
 from tensorslim.cli.common import load_weights, prepare_run_dir
 from tensorslim.data import load_dataset, make_loaders
 from tensorslim.errors import TensorslimError
-from tensorslim.export import export_onnx, export_torchscript
+from tensorslim.export import export_onnx, export_torchscript, merge_slow_layers
 from tensorslim.io import WEIGHTS_FILE, load, save
-from tensorslim.layers.base import StructuredLayer
 from tensorslim.models import create_model
 from tensorslim.pipeline import compress_model, machine_facts, measure
-from tensorslim.plan import plans_of, refresh_plan, set_plans
+from tensorslim.plan import plans_of, set_plans
 from tensorslim.rank.budget import Budget
 from tensorslim.recipes.schema import STRUCTURE_STAGES, Recipe, load_recipe
 from tensorslim.report.run import model_spectra, write_json, write_report
-from tensorslim.surgery import replace_module
 from tensorslim.train.checkpoint import atomic_write_text
 from tensorslim.train.ddp import broadcast_model, init_from_env, state_digest
 from tensorslim.train.distributed import barrier, is_main_process, rank, world_size
@@ -171,38 +168,6 @@ def _structure_stage(run: RecipeRun, stage: Any, sdir: Path) -> dict[str, Any]:
     return result
 
 
-def _merge_slow_layers(model: nn.Module, example: torch.Tensor) -> list[dict[str, Any]]:
-    """Fold structured layers back to dense where the dense layer measures faster."""
-    inputs: dict[str, torch.Tensor] = {}
-    handles = []
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, StructuredLayer)}
-    for name, module in layers.items():
-        handles.append(
-            module.register_forward_hook(
-                lambda m, a, o, name=name: inputs.setdefault(name, a[0].detach())
-            )
-        )
-    with torch.no_grad():
-        model.eval()(example)
-    for handle in handles:
-        handle.remove()
-    decisions = []
-    for name, module in layers.items():
-        if name not in inputs:
-            continue
-        dense = module.to_dense()
-        t_struct = measure_latency(module, inputs[name], min_run_time=0.1)["median_ms"]
-        t_dense = measure_latency(dense, inputs[name], min_run_time=0.1)["median_ms"]
-        merged = t_dense < t_struct
-        if merged:
-            replace_module(model, name, dense)
-        decisions.append(
-            {"layer": name, "structured_ms": t_struct, "dense_ms": t_dense, "merged": merged}
-        )
-    set_plans(model, [refresh_plan(model, p) for p in plans_of(model)])
-    return decisions
-
-
 def _run_stage(run: RecipeRun, index: int, stage: Any, sdir: Path) -> dict[str, Any]:
     kind = stage.stage
     if kind in STRUCTURE_STAGES:
@@ -228,7 +193,7 @@ def _run_stage(run: RecipeRun, index: int, stage: Any, sdir: Path) -> dict[str, 
         if stage.merge_slow:
             model = copy.deepcopy(run.model)
             set_plans(model, plans_of(run.model))
-            result["merge"] = _merge_slow_layers(model, run.example)
+            result["merge"] = merge_slow_layers(model, run.example)
         target = sdir / "export"
         if is_main_process():
             for fmt in stage.formats:
