@@ -107,9 +107,17 @@ def load(directory: str | Path, base_model: nn.Module, *, verify: bool = True) -
         model = apply(model, stage, init=False, inplace=True)
     try:
         missing, unexpected = safetensors.torch.load_model(model, str(weights), strict=False)
-    except (RuntimeError, safetensors.SafetensorError) as exc:
+    except safetensors.SafetensorError as exc:
+        # an unreadable file is a broken save, not a wrong base model
         raise TensorslimError(
-            f"weights in {weights} do not fit the base model ({str(exc).splitlines()[0]}): "
+            f"{weights} is not a readable safetensors file ({exc}): the save is corrupt"
+        ) from None
+    except RuntimeError as exc:
+        # load_state_dict's first line only names the class; the next names the tensor
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(exc).__name__)
+        raise TensorslimError(
+            f"weights in {weights} do not fit the base model ({detail}): "
             "pass the same architecture that was compressed"
         ) from None
     if missing or unexpected:

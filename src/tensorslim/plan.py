@@ -414,7 +414,10 @@ def refresh_plan(model: nn.Module, plan: CompressionPlan) -> CompressionPlan:
             continue
         if isinstance(module, StructuredLayer):
             method = _BUILT_BY.get(type(module).__name__)
-            if method is not None and (method != lp.method or module.config() != lp.config):
+            # a plan config may hold keys the layer does not report (a Linear's "scheme"):
+            # only a reported value that differs means the structure changed
+            changed = any(lp.config.get(k) != v for k, v in module.config().items())
+            if method is not None and (method != lp.method or changed):
                 lp.method, lp.config = method, module.config()
                 lp.label = f"{method} {module.config()}"
                 fresh.methods.setdefault(method, {})
