@@ -223,12 +223,16 @@ def plan(
     x = example_input[:1]
     infos, never_called = collect_layer_info(model, x, types=COMPRESSIBLE)
     named = dict(model.named_modules())
+    # a shared module is planned under its first name; accept any of its names from the user
+    every = dict(model.named_modules(remove_duplicate=False))
+    first_name = {id(m): f for f, m in named.items()}
     wanted = set(layers) if layers is not None else None
     if wanted is not None:
-        missing = sorted(wanted - set(named))
+        missing = sorted(wanted - set(every))
         if missing:
             raise TensorslimError(f"no layer named {missing[0]!r} in the model")
-    excluded = set(exclude or [])
+        wanted = {first_name[id(every[f])] for f in wanted}
+    excluded = {first_name[id(every[f])] for f in exclude or [] if f in every}
     model_params = count_params(model)
     model_flops = count_flops(model, x)
 

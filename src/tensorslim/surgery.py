@@ -32,6 +32,8 @@ def select_modules(
     """
     named = dict(model.named_modules())
     if fqns is not None:
+        # every name counts here, also the second name of a shared module
+        named = dict(model.named_modules(remove_duplicate=False))
         wanted = list(fqns)
         missing = [f for f in wanted if f not in named]
         if missing:
@@ -96,7 +98,7 @@ def replace_modules(
     types: tuple[type[nn.Module], ...] | type[nn.Module] | None = None,
     filter_fn: FilterFn | None = None,
 ) -> dict[str, nn.Module]:
-    """Replace each selected module by ``factory(module, fqn)`` (None: leave it); returns the new."""
+    """Replace each selected module by ``factory(module, fqn)`` (None: leave it); return the new."""
     replaced = {}
     for fqn, module in select_modules(model, fqns=fqns, types=types, filter_fn=filter_fn):
         new = factory(module, fqn)
