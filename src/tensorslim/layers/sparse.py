@@ -354,7 +354,9 @@ class _CsrWeight(StructuredLayer):
     bias: torch.Tensor | None
 
     def _store(self, matrix: torch.Tensor, bias: torch.Tensor | None) -> None:
-        csr = matrix.detach().to_sparse_csr()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            csr = matrix.detach().to_sparse_csr()
         self.register_buffer("crow_indices", csr.crow_indices().clone())
         self.register_buffer("col_indices", csr.col_indices().clone())
         self.register_buffer("values", csr.values().clone())
@@ -362,10 +364,25 @@ class _CsrWeight(StructuredLayer):
         self.matrix_shape = (int(matrix.shape[0]), int(matrix.shape[1]))
 
     def csr(self) -> torch.Tensor:
-        """The weight as a ``torch.sparse_csr_tensor`` (no copy)."""
-        return torch.sparse_csr_tensor(
-            self.crow_indices, self.col_indices, self.values, self.matrix_shape
+        """The weight as a ``torch.sparse_csr_tensor`` over the buffers (no copy; cached until
+        the buffers are replaced, e.g. by ``.to()`` or ``load_state_dict``)."""
+        key = (
+            self.values.data_ptr(),
+            self.crow_indices.data_ptr(),
+            self.col_indices.data_ptr(),
+            self.values.device,
+            self.values.dtype,
         )
+        cached = getattr(self, "_csr_cache", None)
+        if cached is None or cached[0] != key:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Sparse invariant checks")
+                tensor = torch.sparse_csr_tensor(
+                    self.crow_indices, self.col_indices, self.values, self.matrix_shape
+                )
+            object.__setattr__(self, "_csr_cache", (key, tensor))
+            return tensor
+        return cached[1]
 
     def nnz(self) -> int:
         return int(self.values.numel())

@@ -1,0 +1,474 @@
+"""Pruning benchmark (issue 5): GMP, RigL and RPG on Fashion-MNIST at 80 / 90 / 95 / 98 % sparsity.
+
+From one trained small_cnn (1 input channel; cached under bench/results/weights, shared with
+bench/lowrank.py), each method prunes the Linear/Conv2d weights (first conv kept dense, the
+library default) to the target sparsity during the same number of fine-tuning steps. Recorded:
+test accuracy, average δ-rank (and at other δ), per-layer sparsity, the time share of the rank
+loss (its SVDs) and of the mask updates in training, the compact sparse file size, and measured
+CPU inference latency of the finalized model with dense kernels vs the sparse path
+(``to_sparse_inference``: CSR for Linear, CSR × unfold for convs), whole model and per layer.
+
+    python bench/pruning.py [--limit-train 20000] [--epochs 2] [--steps-per-epoch 100]
+
+Writes bench/results/pruning.json, pruning.md, pruning_rank.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import tensorslim as ts
+from common import RESULTS, facts, fashion_loaders, trained_model, write_results
+from tensorslim.analysis.delta_rank import average_delta_rank
+from tensorslim.analysis.latency import measure_latency
+from tensorslim.layers.sparse import (
+    SparseConv2d,
+    SparseLinear,
+    save_sparse,
+    to_sparse_inference,
+)
+from tensorslim.methods import get_method
+from tensorslim.train.loop import evaluate, fit
+from tensorslim.train.pruning import PruningHook
+
+SPARSITIES = (0.8, 0.9, 0.95, 0.98)
+METHODS = ("gmp", "rigl", "rpg")
+DELTAS = (0.02, 0.05, 0.1)
+LATENCY_BATCHES = (1, 64)
+PARTIAL = RESULTS / "pruning.partial.json"
+
+
+def prune_run(
+    base: nn.Module,
+    method: str,
+    sparsity: float,
+    train,
+    test,
+    example: torch.Tensor,
+    *,
+    epochs: int,
+    steps: int | None,
+    lr: float,
+    settings: dict[str, Any],
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Plan → apply → fit with the method's hook → finalize; accuracy, δ-rank, timings."""
+    torch.manual_seed(0)
+    plan = ts.plan(base, method, ts.Budget(params=round(1 - sparsity, 6)), example)
+    model = ts.apply(base, plan)
+    meth = get_method(method, **settings)
+    hooks = meth.train_hooks(model, plan)
+    hook = next(h for h in hooks if isinstance(h, PruningHook))
+    started = time.perf_counter()
+    history = fit(
+        model,
+        train,
+        epochs=epochs,
+        lr=lr,
+        hooks=hooks,
+        progress=False,
+        max_steps_per_epoch=steps,
+        description=f"{method}@{sparsity}",
+        log=lambda line: print("   ", line, flush=True),
+    ).epochs
+    seconds = time.perf_counter() - started
+    model = meth.finalize(model, plan)
+    summary = meth.summary(model)
+    accuracy = evaluate(model, test)["accuracy"]
+    ranks = {str(d): average_delta_rank(model, d, summary["layers"].keys()) for d in DELTAS}
+    row = {
+        "method": method,
+        "sparsity_target": sparsity,
+        "settings": meth.settings(),
+        "accuracy": accuracy,
+        "sparsity": summary["sparsity"],
+        "all_layers_sparsity": summary["all_layers_sparsity"],
+        "avg_delta_rank": summary["avg_delta_rank"],
+        "avg_relative_delta_rank": summary["avg_relative_delta_rank"],
+        "delta_ranks": ranks,
+        "layers": summary["layers"],
+        "train_seconds": seconds,
+        "rank_loss_seconds": hook.rank_loss_seconds,
+        "rank_loss_share": hook.rank_loss_seconds / seconds,
+        "mask_update_seconds": hook.update_seconds,
+        "mask_update_share": hook.update_seconds / seconds,
+        "mask_updates": hook.updates,
+        "regrown": hook.regrown_total,
+        "steps": hook.state_dict()["next_step"],
+        "history": history,
+    }
+    return model, row
+
+
+def _median_ms(fn, *args, min_run_time: float, threads: int) -> float:
+    from torch.utils import benchmark
+
+    with torch.inference_mode():
+        fn(*args)
+        timer = benchmark.Timer(
+            stmt="fn(*args)", globals={"fn": fn, "args": args}, num_threads=threads
+        )
+        return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def layer_inputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The input each Linear / Conv2d of ``model`` sees on ``x``."""
+    inputs: dict[str, torch.Tensor] = {}
+
+    def keep(name: str):
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            inputs[name] = args[0].detach()
+
+        return hook
+
+    handles = [
+        m.register_forward_hook(keep(name))
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear | nn.Conv2d)
+    ]
+    with torch.inference_mode():
+        model(x)
+    for handle in handles:
+        handle.remove()
+    return inputs
+
+
+def latency_rows(
+    model: nn.Module, example: torch.Tensor, label: str, threads_list: list[int]
+) -> tuple[list[dict], list[dict]]:
+    """Whole-model and per-layer latency: dense kernels vs the sparse inference path."""
+    dense = model.eval()
+    sparse = to_sparse_inference(model, min_sparsity=0.0).eval()
+    with torch.inference_mode():
+        torch.testing.assert_close(sparse(example), dense(example), atol=1e-4, rtol=1e-4)
+    whole, per_layer = [], []
+    for threads in threads_list:
+        for batch in LATENCY_BATCHES:
+            x = example[:batch]
+            t_dense = measure_latency(dense, x, threads=threads, min_run_time=0.3)["median_ms"]
+            t_sparse = measure_latency(sparse, x, threads=threads, min_run_time=0.3)["median_ms"]
+            whole.append(
+                {
+                    "model": label,
+                    "threads": threads,
+                    "batch": batch,
+                    "dense_ms": t_dense,
+                    "sparse_ms": t_sparse,
+                    "speedup": t_dense / t_sparse,
+                }
+            )
+        # Per layer at batch 64, each on its real input.
+        for name, x in layer_inputs(dense, example[:64]).items():
+            layer = dense.get_submodule(name)
+            fast = sparse.get_submodule(name)
+            if not isinstance(fast, SparseLinear | SparseConv2d):
+                continue
+            t_d = _median_ms(layer, x, min_run_time=0.15, threads=threads)
+            t_s = _median_ms(fast, x, min_run_time=0.15, threads=threads)
+            zero = float((layer.weight == 0).float().mean())
+            per_layer.append(
+                {
+                    "model": label,
+                    "threads": threads,
+                    "layer": name,
+                    "sparsity": zero,
+                    "dense_ms": t_d,
+                    "sparse_ms": t_s,
+                    "speedup": t_d / t_s,
+                }
+            )
+    return whole, per_layer
+
+
+def plot(rows: list[dict], base_rank: float, base_acc: float, path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for method in METHODS:
+        mine = sorted(
+            (r for r in rows if r["method"] == method), key=lambda r: r["sparsity_target"]
+        )
+        if not mine:
+            continue
+        xs = [100 * r["sparsity_target"] for r in mine]
+        axes[0].plot(xs, [r["avg_delta_rank"] for r in mine], marker="o", label=method.upper())
+        axes[1].plot(xs, [100 * r["accuracy"] for r in mine], marker="o", label=method.upper())
+    axes[0].axhline(base_rank, color="gray", ls="--", lw=1, label="dense")
+    axes[1].axhline(100 * base_acc, color="gray", ls="--", lw=1, label="dense")
+    axes[0].set(
+        xlabel="sparsity (%)",
+        ylabel="average δ-rank (δ = 0.05)",
+        title="Rank of the sparse weights (cf. RPG Fig. 1)",
+    )
+    axes[1].set(xlabel="sparsity (%)", ylabel="test accuracy (%)", title="Accuracy")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("small_cnn on Fashion-MNIST: GMP vs RigL vs RPG at equal fine-tuning steps")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def claims(rows: list[dict], latency: list[dict]) -> list[dict]:
+    def get(method: str, s: float) -> dict | None:
+        return next((r for r in rows if r["method"] == method and r["sparsity_target"] == s), None)
+
+    out = []
+    for s in (0.95, 0.98):
+        rpg, gmp = get("rpg", s), get("gmp", s)
+        if rpg and gmp:
+            out.append(
+                {
+                    "claim": f"RPG average δ-rank above GMP's at {s:.0%}",
+                    "holds": rpg["avg_delta_rank"] > gmp["avg_delta_rank"],
+                    "evidence": (
+                        f"RPG {rpg['avg_delta_rank']:.1f} vs GMP {gmp['avg_delta_rank']:.1f}"
+                    ),
+                }
+            )
+    rpg, gmp, rigl = get("rpg", 0.95), get("gmp", 0.95), get("rigl", 0.95)
+    if rpg and gmp and rigl:
+        out.append(
+            {
+                "claim": "RPG accuracy at 95 % at or above GMP's and RigL's",
+                "holds": rpg["accuracy"] >= max(gmp["accuracy"], rigl["accuracy"]),
+                "evidence": f"RPG {rpg['accuracy']:.4f}, GMP {gmp['accuracy']:.4f}, "
+                f"RigL {rigl['accuracy']:.4f}",
+            }
+        )
+    rpgs = [r for r in rows if r["method"] == "rpg"]
+    if rpgs:
+        worst = max(r["rank_loss_share"] for r in rpgs)
+        out.append(
+            {
+                "claim": "rank-loss overhead under 5 % of training time",
+                "holds": worst < 0.05,
+                "evidence": f"largest share over RPG runs {100 * worst:.2f} %",
+            }
+        )
+    if latency:
+        best = max(latency, key=lambda r: r["speedup"])
+        out.append(
+            {
+                "claim": "the sparse CPU path beats dense kernels somewhere",
+                "holds": best["speedup"] > 1.0,
+                "evidence": f"best whole-model speedup {best['speedup']:.2f}× ({best['model']}, "
+                f"batch {best['batch']}, {best['threads']} thread(s))",
+            }
+        )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--limit-train", type=int, default=20000)
+    parser.add_argument("--base-epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=2, help="pruning fine-tune epochs")
+    parser.add_argument("--steps-per-epoch", type=int, default=100)
+    parser.add_argument("--lr", type=float, default=0.02)
+    parser.add_argument("--threads", type=int, default=1, help="training threads")
+    parser.add_argument("--sparsities", default=",".join(map(str, SPARSITIES)))
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--rpg", default="", help="extra RPG settings, e.g. rank_weight=2")
+    parser.add_argument("--resume", action="store_true", help="reuse finished runs")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    machine = facts()
+    print("machine", machine, flush=True)
+    _, train, test = fashion_loaders(args.limit_train)
+    example = torch.stack([test.dataset[i][0] for i in range(64)])
+    base, base_meta = trained_model(
+        "small_cnn",
+        train,
+        test,
+        epochs=args.base_epochs,
+        tag=f"fmnist-{args.limit_train}-e{args.base_epochs}",
+    )
+    base_acc = evaluate(base, test)["accuracy"]
+    base_ranks = {str(d): average_delta_rank(base, d) for d in DELTAS}
+    print(f"base accuracy {base_acc:.4f}, δ-ranks {base_ranks}", flush=True)
+    rpg_extra: dict[str, Any] = {}
+    for item in filter(None, args.rpg.split(",")):
+        key, _, value = item.partition("=")
+        rpg_extra[key] = json.loads(value)
+    done: list[dict] = []
+    if args.resume and PARTIAL.is_file():
+        done = json.loads(PARTIAL.read_text())["runs"]
+    rows: list[dict] = []
+    finals: dict[tuple[str, float], nn.Module] = {}
+    sparsities = [float(s) for s in args.sparsities.split(",")]
+    for sparsity in sparsities:
+        for method in args.methods.split(","):
+            settings = dict(rpg_extra) if method == "rpg" else {}
+            old = next(
+                (r for r in done if r["method"] == method and r["sparsity_target"] == sparsity),
+                None,
+            )
+            if old is not None and method != "rpg":
+                rows.append(old)
+                continue
+            print(f"== {method} at {sparsity:.0%}", flush=True)
+            model, row = prune_run(
+                base,
+                method,
+                sparsity,
+                train,
+                test,
+                example,
+                epochs=args.epochs,
+                steps=args.steps_per_epoch,
+                lr=args.lr,
+                settings=settings,
+            )
+            print(
+                f"   accuracy {row['accuracy']:.4f} sparsity {row['sparsity']:.4f} "
+                f"avg δ-rank {row['avg_delta_rank']:.1f} rank-loss share "
+                f"{100 * row['rank_loss_share']:.2f} % ({row['train_seconds']:.0f} s)",
+                flush=True,
+            )
+            rows.append(row)
+            finals[(method, sparsity)] = model
+            PARTIAL.write_text(json.dumps({"runs": rows}, indent=2, default=str))
+
+    # Latency and storage of the finalized RPG models (dense kernels vs the sparse path).
+    latency, per_layer, storage = [], [], []
+    threads_list = sorted({1, max(1, machine["cpus"] or 1)})
+    with tempfile.TemporaryDirectory() as tmp:
+        dense_path = Path(tmp) / "dense.safetensors"
+        import safetensors.torch
+
+        safetensors.torch.save_model(base, str(dense_path))
+        dense_bytes = dense_path.stat().st_size
+        for (method, sparsity), model in finals.items():
+            if method != "rpg":
+                continue
+            size = save_sparse(model, Path(tmp) / f"{method}-{sparsity}.safetensors")
+            storage.append(
+                {
+                    "model": f"rpg@{sparsity:.0%}",
+                    "dense_bytes": dense_bytes,
+                    "sparse_bytes": size,
+                    "ratio": size / dense_bytes,
+                }
+            )
+            whole, layers = latency_rows(
+                copy.deepcopy(model), example, f"rpg@{sparsity:.0%}", threads_list
+            )
+            latency += whole
+            per_layer += layers
+    torch.set_num_threads(args.threads)
+
+    plot(rows, base_ranks["0.05"]["avg_delta_rank"], base_acc, RESULTS / "pruning_rank.png")
+    verdicts = claims(rows, latency)
+    total = time.perf_counter() - started
+    machine_end = facts()
+    payload = {
+        "machine": machine,
+        "machine_end": machine_end,
+        "config": vars(args) | {"training_threads": args.threads},
+        "base": {"accuracy": base_acc, "delta_ranks": base_ranks, "meta": base_meta},
+        "runs": rows,
+        "latency": latency,
+        "latency_per_layer": per_layer,
+        "storage": storage,
+        "claims": verdicts,
+        "seconds": total,
+    }
+    run_table = [
+        {
+            "method": r["method"],
+            "target": f"{r['sparsity_target']:.0%}",
+            "sparsity": f"{r['sparsity']:.4f}",
+            "accuracy": f"{r['accuracy']:.4f}",
+            "avg δ-rank (δ=.05)": f"{r['avg_delta_rank']:.1f}",
+            "rel. δ-rank": f"{r['avg_relative_delta_rank']:.3f}",
+            "δ=.02": f"{r['delta_ranks']['0.02']['avg_delta_rank']:.1f}",
+            "δ=.1": f"{r['delta_ranks']['0.1']['avg_delta_rank']:.1f}",
+            "rank loss %": f"{100 * r['rank_loss_share']:.2f}",
+            "mask upd. %": f"{100 * r['mask_update_share']:.2f}",
+            "train s": f"{r['train_seconds']:.0f}",
+        }
+        for r in rows
+    ]
+    layer_names = list(rows[0]["layers"]) if rows else []
+    layer_table = [
+        {"method": r["method"], "target": f"{r['sparsity_target']:.0%}"}
+        | {
+            name: f"{r['layers'][name]['sparsity']:.3f} / {r['layers'][name]['delta_rank']}"
+            for name in layer_names
+        }
+        for r in rows
+    ]
+    notes = [
+        f"small_cnn on Fashion-MNIST; base model trained {args.base_epochs} epochs on the first "
+        f"{args.limit_train} training images (test accuracy {base_acc:.4f}, average δ-rank "
+        f"{base_ranks['0.05']['avg_delta_rank']:.1f} at δ = 0.05). Each pruning run: "
+        f"{args.epochs} epochs × {args.steps_per_epoch} steps of batch 128 (a training subset, "
+        f"to fit the time budget on this shared 2-core machine), SGD lr {args.lr} cosine, "
+        f"{args.threads} training thread(s); the same steps for every method. "
+        "Sparsity is over the pruned layers (all Linear/Conv2d but the first conv).",
+        "Methods: GMP = cubic schedule, global magnitude ranking; RigL = one-shot global "
+        "magnitude pruning then drop/regrow by dense gradient (α = 0.3, cosine decay); RPG = "
+        "cubic schedule + RigL regrowth scored by the gradient of task + λ·adversarial rank "
+        "loss. Pruning ends at 75 % of the steps; ΔT gives about 25 mask updates.",
+        "δ-rank: number of singular values of W/‖W‖_F (W viewed C_out × rest) above δ; "
+        "averaged over the pruned layers.",
+        "## Claims\n\n"
+        + "\n".join(
+            f"- {'HOLDS' if c['holds'] else 'DOES NOT HOLD'}: {c['claim']} — {c['evidence']}"
+            for c in verdicts
+        ),
+        "![rank vs sparsity](pruning_rank.png)",
+        f"Total benchmark time {total / 60:.1f} min; load average at start "
+        f"{machine['loadavg']}, at end {machine_end['loadavg']} (other jobs shared the CPUs, "
+        "so latencies are noisy; both kernels were timed in the same conditions).",
+    ]
+    tables = [
+        ("Runs", list(run_table[0]) if run_table else [], run_table),
+        ("Per-layer sparsity / δ-rank (δ = 0.05)", ["method", "target", *layer_names], layer_table),
+        (
+            "Whole-model latency (ms): dense kernels vs sparse path",
+            ["model", "threads", "batch", "dense_ms", "sparse_ms", "speedup"],
+            [
+                {k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in r.items()}
+                for r in latency
+            ],
+        ),
+        (
+            "Per-layer latency at batch 64 (ms)",
+            ["model", "threads", "layer", "sparsity", "dense_ms", "sparse_ms", "speedup"],
+            [
+                {k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in r.items()}
+                for r in per_layer
+            ],
+        ),
+        (
+            "Compact storage (values + indices or bitmap, safetensors)",
+            ["model", "dense_bytes", "sparse_bytes", "ratio"],
+            [
+                {k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in r.items()}
+                for r in storage
+            ],
+        ),
+    ]
+    write_results("pruning", payload, tables, notes)
+    PARTIAL.unlink(missing_ok=True)
+    print(f"done in {total / 60:.1f} min", flush=True)
+
+
+if __name__ == "__main__":
+    main()
