@@ -146,13 +146,16 @@ def tt_svd(
     *,
     max_rank: int | None = None,
     eps: float | None = None,
+    ranks: tuple[int, ...] | None = None,
     dtype: torch.dtype = torch.float64,
 ) -> TTResult:
-    """TT-SVD of ``matrix`` (Π out_modes × Π in_modes) with rank cap and/or δ-truncation.
+    """TT-SVD of ``matrix`` (Π out_modes × Π in_modes) with rank caps and/or δ-truncation.
 
-    ``max_rank`` caps every TT rank; ``eps`` is the relative accuracy ε of the δ-truncation
-    (see the module docstring). Neither → exact TT (full ranks). ``rel_error`` is measured by
-    multiplying the cores out (exact, not the bound).
+    ``max_rank`` caps every TT rank; ``ranks`` = (1, r₁, …, r_{d−1}, 1) caps each bond
+    separately (to rebuild a stored structure); ``eps`` is the relative accuracy ε of the
+    δ-truncation (see the module docstring). None of them → exact TT (full ranks). A bond never
+    gets more rank than the unfolding has, so asking for more than that yields the exact TT.
+    ``rel_error`` is measured by multiplying the cores out (exact, not the bound).
     """
     d = len(out_modes)
     if d != len(in_modes) or d < 1:
@@ -165,6 +168,8 @@ def tt_svd(
         )
     if max_rank is not None and max_rank < 1:
         raise TensorslimError(f"TT max_rank must be ≥ 1, got {max_rank}")
+    if ranks is not None and (len(ranks) != d + 1 or min(ranks) < 1):
+        raise TensorslimError(f"TT ranks must be (1, r₁, …, 1) with {d + 1} entries ≥ 1: {ranks}")
     if eps is not None and eps < 0:
         raise TensorslimError(f"TT accuracy eps must be ≥ 0, got {eps}")
     w = matrix.detach().to(device="cpu", dtype=dtype)
@@ -189,6 +194,8 @@ def tt_svd(
         keep = max(keep, 1)
         if max_rank is not None:
             keep = min(keep, max_rank)
+        if ranks is not None:
+            keep = min(keep, ranks[k + 1])
         cores.append(u[:, :keep].reshape(rank, out_modes[k], in_modes[k], keep))
         c = s[:keep, None] * vh[:keep]
         rank = keep
