@@ -162,6 +162,12 @@ def fit(
         history.epochs = list(state.get("history", []))
         start_epoch = int(state["epoch"])
         torch.set_rng_state(state["rng"])
+        # the loader's own generator decides the shuffle order: without it a resumed run
+        # would see other batches than an uninterrupted one
+        for generator, rng in zip(
+            _loader_generators(train_loader), state.get("loader_rng", []), strict=False
+        ):
+            generator.set_state(rng)
         _say(log, f"resumed from {ckpt_path} after epoch {start_epoch}")
     use_ddp = is_distributed() if ddp is None else ddp
     if use_ddp:
@@ -211,7 +217,7 @@ def fit(
             if not torch.isfinite(loss):
                 where = f" (last good checkpoint kept at {ckpt_path})" if ckpt_path else ""
                 raise NonFiniteLossError(
-                    f"loss became {float(loss)} at epoch {epoch + 1}, step {batch_index}: "
+                    f"loss became {float(loss.detach())} at epoch {epoch + 1}, step {batch_index}: "
                     f"lower the learning rate or the regularizer weights{where}"
                 )
             opt.zero_grad(set_to_none=True)
@@ -256,6 +262,7 @@ def fit(
                         "hooks": [hook.state_dict() for hook in hooks],
                         "history": history.epochs,
                         "rng": torch.get_rng_state(),
+                        "loader_rng": [g.get_state() for g in _loader_generators(train_loader)],
                     },
                 )
             barrier()
@@ -295,6 +302,18 @@ def _steps_per_epoch(loader: Iterable, cap: int | None) -> int:
     if steps == 0:
         raise TensorslimError("the training loader is empty: check the dataset and batch size")
     return steps
+
+
+def _loader_generators(loader: Iterable) -> list[torch.Generator]:
+    """The random generators a DataLoader (or its sampler) shuffles with, each once."""
+    found: list[torch.Generator] = []
+    sampler = getattr(loader, "sampler", None)
+    batch_sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", None)
+    for owner in (loader, sampler, batch_sampler):
+        generator = getattr(owner, "generator", None)
+        if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
+            found.append(generator)
+    return found
 
 
 def _set_sampler_epoch(loader: Iterable, epoch: int) -> None:
