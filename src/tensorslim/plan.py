@@ -33,6 +33,8 @@ PLANS_ATTRIBUTE = "_tensorslim_plans"
 # structured layer type name → method that builds it (filled by apply; used to describe a model
 # whose structure changed after planning, e.g. SVD training converted to low-rank layers)
 _BUILT_BY: dict[str, str] = {"LowRankLinear": "svd", "LowRankConv2d": "svd"}
+# every method seen building each structured layer type: a layer keeps the method that made it
+_BUILDERS: dict[str, set[str]] = {name: {method} for name, method in _BUILT_BY.items()}
 
 
 @dataclass
@@ -388,6 +390,7 @@ def apply(
             raise TensorslimError(f"layer {lp.fqn}: {exc}") from None
         if isinstance(new, StructuredLayer):
             _BUILT_BY.setdefault(type(new).__name__, lp.method)  # type: ignore[arg-type]
+            _BUILDERS.setdefault(type(new).__name__, set()).add(lp.method)  # type: ignore[arg-type]
         if new is not module:
             replace_module(target, lp.fqn, new)
     set_plans(target, [*plans_of(model if not inplace else target), plan])
@@ -417,7 +420,9 @@ def refresh_plan(model: nn.Module, plan: CompressionPlan) -> CompressionPlan:
         if module is None or lp.method is None:
             continue
         if isinstance(module, StructuredLayer):
-            method = _BUILT_BY.get(type(module).__name__)
+            kind = type(module).__name__
+            # another method building the same layer type must not take the layer over
+            method = lp.method if lp.method in _BUILDERS.get(kind, ()) else _BUILT_BY.get(kind)
             # a plan config may hold keys the layer does not report (a Linear's "scheme"):
             # only a reported value that differs means the structure changed
             changed = any(lp.config.get(k) != v for k, v in module.config().items())
