@@ -276,6 +276,38 @@ def _refresh_plans(model: nn.Module) -> None:
         set_plans(model, [refresh_plan(model, p) for p in plans])
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, loader: Iterable, batches: int = 10) -> int:
+    """Re-estimate every BatchNorm's running mean/variance on ``batches`` training batches.
+
+    Pruning singular values changes the statistics of each layer's output, so the running
+    statistics collected before pruning no longer match; a few forward passes (no gradient, no
+    labels) fix that before the pruned model is evaluated. Returns the number of batches used.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or batches <= 0:
+        return 0
+    saved = [(m.momentum, m.training) for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches seen
+    was_training = model.training
+    model.train()
+    device = next(iter(model.parameters())).device
+    used = 0
+    try:
+        for inputs, _ in loader:
+            if used >= batches:
+                break
+            model(inputs.to(device))
+            used += 1
+    finally:
+        model.train(was_training)
+        for m, (momentum, _) in zip(norms, saved, strict=True):
+            m.momentum = momentum
+    return used
+
+
 # ----- the pipeline --------------------------------------------------------------------------
 def _first_input(*loaders: Iterable | None) -> torch.Tensor:
     for loader in loaders:
@@ -337,6 +369,7 @@ def svd_train_pipeline(
     weight_decay: float = 5e-4,
     finetune_orthogonality: bool = True,
     merge_dense: bool = True,
+    bn_recalibration_batches: int = 0,
     example_input: torch.Tensor | None = None,
     filter_fn: FilterFn | None = None,
     progress: bool = True,
@@ -354,6 +387,8 @@ def svd_train_pipeline(
     ``torch.distributed`` process group ``fit`` wraps each training stage in
     DistributedDataParallel; structure changes happen on the unwrapped model between stages,
     identically on every rank (they depend only on the synchronised weights).
+    ``bn_recalibration_batches`` > 0 re-estimates BatchNorm statistics on that many training
+    batches right after pruning (see :func:`recalibrate_batchnorm`); 0 follows the paper.
 
     Returns (model with LowRank*/dense layers, report dict): per-layer rank before/after,
     FLOPs/params of the original, full-rank SVD, pruned and final model, accuracies at each
@@ -431,6 +466,8 @@ def svd_train_pipeline(
     )
     merge_unprofitable(model, prune_report)
     compact_svd_layers(model)
+    if bn_recalibration_batches > 0:
+        recalibrate_batchnorm(model, train_loader, bn_recalibration_batches)
     pruned = measure(model)
 
     # stage 3: low-rank fine-tuning (in SVD form, orthogonality kept, no sparsity)
