@@ -1,0 +1,174 @@
+"""Run reports: numbers for humans, JSON that is always valid, report.md, plots, pipeline rows."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from tensorslim.analysis.flops import count_flops
+from tensorslim.analysis.profile import count_params
+from tensorslim.pipeline import compress_model, layer_rows, measure
+from tensorslim.rank.budget import Budget
+from tensorslim.report.plots import pareto_plot, spectra_plot
+from tensorslim.report.run import (
+    LAYER_COLUMNS,
+    SUMMARY_COLUMNS,
+    model_spectra,
+    original_row,
+    summary_row,
+    write_json,
+    write_report,
+)
+from tensorslim.report.tables import human, markdown_table, print_table
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_human_numbers() -> None:
+    assert human(None) == "–"
+    assert human(True) == "True"
+    assert human(999) == "999"
+    assert human(1234) == "1.23k"
+    assert human(44_398_592) == "44.4M"
+    assert human(2_500_000_000) == "2.5G"
+    assert human(0.123456) == "0.1235"
+    assert human("spatial") == "spatial"
+
+
+def test_markdown_and_terminal_tables(capsys) -> None:
+    rows = [{"layer": "fc|1", "flops": 1500, "error": 0.5}, {"layer": "fc2"}]
+    text = markdown_table(["layer", "flops", "error"], rows)
+    assert text.splitlines() == [
+        "| layer | flops | error |",
+        "|---|---|---|",
+        "| fc/1 | 1.5k | 0.5 |",
+        "| fc2 | – | – |",
+    ]
+    print_table("title here", ["layer", "flops"], rows)
+    out = capsys.readouterr().out
+    assert "title here" in out and "1.5k" in out and "fc2" in out
+
+
+def test_write_json_cleans_tensors_nan_and_tuples(tmp_path) -> None:
+    write_json(
+        tmp_path / "x.json",
+        {"t": torch.tensor([1.0, 2.0]), "nan": float("nan"), "inf": math.inf, "shape": (1, 2)},
+    )
+    data = json.loads((tmp_path / "x.json").read_text())  # strict JSON: no NaN tokens
+    assert data == {"t": [1.0, 2.0], "nan": None, "inf": None, "shape": [1, 2]}
+
+
+@pytest.fixture(scope="module")
+def run_result(tmp_path_factory):
+    """A real compress_model result on a tiny CNN (one fine-tune epoch on 64 samples)."""
+    from conftest import TinyCNN
+
+    torch.manual_seed(0)
+    model = TinyCNN().eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 1, 14, 14, generator=g)
+    y = torch.randint(0, 10, (64,), generator=g)
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    original = measure(model, x[:8], loader, min_run_time=0.05)
+    small, result = compress_model(
+        model,
+        method="svd",
+        budget=Budget(flops=0.5),
+        train_loader=loader,
+        test_loader=loader,
+        example_batch=x[:8],
+        finetune_epochs=1,
+        progress=False,
+        measure_original=original,
+    )
+    return model, small, original, result
+
+
+def test_compress_model_result_fields(run_result) -> None:
+    _, small, original, result = run_result
+    for entry in (result["original"], result["compressed"]):
+        assert {"accuracy", "loss", "params", "flops", "latency_ms"} <= set(entry)
+    assert result["compressed"]["params"] == count_params(small)
+    assert result["compressed"]["flops"] == count_flops(small, torch.zeros(1, 1, 14, 14))
+    assert result["flops_fraction"] == result["compressed"]["flops"] / original["flops"]
+    assert result["flops_fraction"] <= 0.5
+    assert 0 <= result["accuracy_before_finetune"] <= 1
+    assert len(result["history"]) == 1
+    assert result["latency_speedup"] > 0
+    assert result["machine"]["threads"] == torch.get_num_threads()
+    assert [row["layer"] for row in result["layers"]] == ["conv1", "conv2", "fc1", "fc2"]
+    assert set(LAYER_COLUMNS) <= set(result["layers"][0])
+    assert result["seconds"]["total"] >= result["seconds"]["decompose"] >= 0
+
+
+def test_layer_rows_say_what_happened(run_result) -> None:
+    from tensorslim.plan import plans_of
+
+    _, small, _, _ = run_result
+    rows = layer_rows(plans_of(small)[-1])
+    for row in rows:
+        assert row["flops_kept"] == row["flops_after"] / row["flops"]
+        assert (row["method"] == "dense") == (row["flops_kept"] == 1.0)
+        if row["method"] == "svd":
+            assert 0 < row["energy_kept"] <= 1 and row["choice"].startswith("rank ")
+
+
+def test_write_report_for_one_run(run_result, tmp_path) -> None:
+    model, _, original, result = run_result
+    files = write_report(
+        tmp_path, [result], title="tiny", original=original, spectra=model_spectra(model)
+    )
+    for name in ("pareto", "spectra", "layers", "curves"):
+        assert files[name].read_bytes().startswith(PNG), name
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["original"]["accuracy"] == original["accuracy"]
+    assert data["compressed"]["flops"] == result["compressed"]["flops"]
+    report = (tmp_path / "report.md").read_text()
+    assert report.startswith("# tiny")
+    assert "| " + " | ".join(SUMMARY_COLUMNS) + " |" in report
+    assert "![Accuracy vs FLOPs](pareto.png)" in report
+    assert "## Layers: svd flops=0.5" in report
+    assert (tmp_path / "report.html").read_text().startswith("<!doctype html>")
+
+
+def test_write_report_for_several_runs_keeps_each(run_result, tmp_path) -> None:
+    _, _, original, result = run_result
+    other = dict(result, method="svd-spatial", flops_fraction=0.3, plan_notes=["a note"])
+    write_report(tmp_path, [result, other], title="two", original=original)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert [r["method"] for r in data["runs"]] == ["svd", "svd-spatial"]
+    assert {"original", "compressed"} <= set(data)
+    assert "> note: a note" in (tmp_path / "report.md").read_text()
+    assert not (tmp_path / "spectra.png").exists(), "no spectra were given"
+
+
+def test_summary_rows(run_result) -> None:
+    _, _, original, result = run_result
+    row = summary_row(result)
+    assert row["budget"] == "flops=0.5" and row["method"] == "svd"
+    assert row["flops"] == result["compressed"]["flops"]
+    assert summary_row(dict(result, budget=None))["budget"] == "rule"
+    assert original_row(original)["flops_fraction"] == 1.0
+
+
+def test_model_spectra_are_descending_per_layer(tiny_cnn) -> None:
+    spectra = model_spectra(tiny_cnn)
+    assert list(spectra) == ["conv1", "conv2", "fc1", "fc2"]
+    for values in spectra.values():
+        assert torch.all(values[:-1] >= values[1:])
+    assert len(model_spectra(tiny_cnn, limit=2)) == 2
+
+
+def test_plots_write_png(tmp_path) -> None:
+    points = [
+        {"method": "svd", "flops_fraction": 0.5, "accuracy": 0.9, "accuracy_before_finetune": 0.7},
+        {"method": "svd", "flops_fraction": 0.25, "accuracy": 0.8},
+    ]
+    pareto_plot(points, tmp_path / "p.png", original={"accuracy": 0.95})
+    spectra_plot({"a": torch.tensor([3.0, 1.0, 0.0])}, tmp_path / "s.png")
+    assert (tmp_path / "p.png").read_bytes().startswith(PNG)
+    assert (tmp_path / "s.png").read_bytes().startswith(PNG)
