@@ -88,7 +88,7 @@ class Method(abc.ABC):
     def settings(self) -> dict[str, Any]:
         """The constructor arguments that rebuild this method (stored in the plan)."""
         if dataclasses.is_dataclass(self):
-            return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+            return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
         return {}
 
     @abc.abstractmethod
