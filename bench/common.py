@@ -49,17 +49,33 @@ def trained_model(
         safetensors.torch.load_model(model, str(path))
         return model, json.loads(meta_path.read_text())
     started = time.perf_counter()
-    history = fit(model, train_loader, epochs=epochs, lr=lr, test_loader=test_loader,
-                  progress=False, log=print, description=f"train {name}").epochs
-    meta = {"epochs": epochs, "seconds": time.perf_counter() - started,
-            "accuracy": evaluate(model, test_loader)["accuracy"], "history": history}
+    history = fit(
+        model,
+        train_loader,
+        epochs=epochs,
+        lr=lr,
+        test_loader=test_loader,
+        progress=False,
+        log=print,
+        description=f"train {name}",
+    ).epochs
+    meta = {
+        "epochs": epochs,
+        "seconds": time.perf_counter() - started,
+        "accuracy": evaluate(model, test_loader)["accuracy"],
+        "history": history,
+    }
     safetensors.torch.save_model(model, str(path))
     meta_path.write_text(json.dumps(meta, indent=2))
     return model, meta
 
 
-def write_results(name: str, payload: dict[str, Any], tables: list[tuple[str, list[str], list[dict]]],
-                  notes: list[str]) -> None:
+def write_results(
+    name: str,
+    payload: dict[str, Any],
+    tables: list[tuple[str, list[str], list[dict]]],
+    notes: list[str],
+) -> None:
     """bench/results/NAME.json and NAME.md."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2, default=str))
@@ -69,6 +85,8 @@ def write_results(name: str, payload: dict[str, Any], tables: list[tuple[str, li
     for title, columns, rows in tables:
         lines += [f"## {title}", "", markdown_table(columns, rows), ""]
     m = payload.get("machine", {})
-    lines += [f"Machine: torch {m.get('torch')}, {m.get('threads')} threads, {m.get('cpus')} CPUs, "
-              f"load average {m.get('loadavg')}, {m.get('date')}."]
+    lines += [
+        f"Machine: torch {m.get('torch')}, {m.get('threads')} threads, {m.get('cpus')} CPUs, "
+        f"load average {m.get('loadavg')}, {m.get('date')}."
+    ]
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")

@@ -23,11 +23,10 @@ import matplotlib.pyplot as plt
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, facts, fashion_loaders, trained_model, write_results  # noqa: E402
-
-import tensorslim as ts  # noqa: E402
-from tensorslim.analysis.latency import measure_latency  # noqa: E402
-from tensorslim.train.loop import evaluate, fit  # noqa: E402
+import tensorslim as ts
+from common import RESULTS, facts, fashion_loaders, trained_model, write_results
+from tensorslim.analysis.latency import measure_latency
+from tensorslim.train.loop import evaluate, fit
 
 BUDGETS = (0.75, 0.5, 0.25)
 SCHEMES = ("channel", "spatial")
@@ -41,9 +40,15 @@ def layer_speed(dense: torch.nn.Module, small: torch.nn.Module, lp) -> dict:
     t_small = measure_latency(small.get_submodule(lp.fqn), x, min_run_time=0.2)["median_ms"]
     flops_reduction = lp.flops_before / lp.flops_after
     speedup = t_dense / t_small
-    return {"layer": lp.fqn, "choice": lp.label, "flops_reduction": flops_reduction,
-            "speedup": speedup, "speedup_per_flops_reduction": speedup / flops_reduction,
-            "dense_ms": t_dense, "lowrank_ms": t_small}
+    return {
+        "layer": lp.fqn,
+        "choice": lp.label,
+        "flops_reduction": flops_reduction,
+        "speedup": speedup,
+        "speedup_per_flops_reduction": speedup / flops_reduction,
+        "dense_ms": t_dense,
+        "lowrank_ms": t_small,
+    }
 
 
 def main() -> None:
@@ -57,14 +62,22 @@ def main() -> None:
     example = torch.stack([test.dataset[i][0] for i in range(LATENCY_BATCH)])
     runs, layer_rows, base_rows = [], [], []
     for name in args.models.split(","):
-        model, meta = trained_model(name, train, test, epochs=args.epochs,
-                                    tag=f"fmnist-{args.limit_train}-e{args.epochs}")
+        model, meta = trained_model(
+            name, train, test, epochs=args.epochs, tag=f"fmnist-{args.limit_train}-e{args.epochs}"
+        )
         base_acc = evaluate(model, test)["accuracy"]
         t_base = measure_latency(model, example, min_run_time=0.5)["median_ms"]
         base_flops = ts.analysis.count_flops(model, example[:1])
-        base_rows.append({"model": name, "accuracy": base_acc, "flops": base_flops,
-                          "params": ts.analysis.count_params(model), "latency_ms": t_base,
-                          "train_epochs": meta["epochs"]})
+        base_rows.append(
+            {
+                "model": name,
+                "accuracy": base_acc,
+                "flops": base_flops,
+                "params": ts.analysis.count_params(model),
+                "latency_ms": t_base,
+                "train_epochs": meta["epochs"],
+            }
+        )
         for scheme in SCHEMES:
             for fraction in BUDGETS:
                 started = time.perf_counter()
@@ -78,12 +91,22 @@ def main() -> None:
                 t_small = measure_latency(small, example, min_run_time=0.5)["median_ms"]
                 speedup = t_base / t_small
                 reduction = base_flops / flops
-                runs.append({"model": name, "scheme": scheme, "budget": fraction,
-                             "accuracy_base": base_acc, "accuracy_before_ft": before,
-                             "accuracy_after_ft": after, "flops_fraction": flops / base_flops,
-                             "params": ts.analysis.count_params(small), "latency_ms": t_small,
-                             "speedup": speedup, "speedup_per_flops_reduction": speedup / reduction,
-                             "decompose_s": decompose_s})
+                runs.append(
+                    {
+                        "model": name,
+                        "scheme": scheme,
+                        "budget": fraction,
+                        "accuracy_base": base_acc,
+                        "accuracy_before_ft": before,
+                        "accuracy_after_ft": after,
+                        "flops_fraction": flops / base_flops,
+                        "params": ts.analysis.count_params(small),
+                        "latency_ms": t_small,
+                        "speedup": speedup,
+                        "speedup_per_flops_reduction": speedup / reduction,
+                        "decompose_s": decompose_s,
+                    }
+                )
                 print(runs[-1], flush=True)
                 for lp in plan.compressed_layers:
                     row = layer_speed(model, small, lp)
@@ -100,10 +123,19 @@ def main() -> None:
     for ax, name in zip(axes, args.models.split(","), strict=False):
         for scheme in SCHEMES:
             rs = [r for r in runs if r["model"] == name and r["scheme"] == scheme]
-            ax.plot([r["flops_fraction"] for r in rs], [100 * r["accuracy_after_ft"] for r in rs],
-                    "o-", label=f"{scheme} (fine-tuned)")
-            ax.plot([r["flops_fraction"] for r in rs], [100 * r["accuracy_before_ft"] for r in rs],
-                    "o--", mfc="none", label=f"{scheme} (before)")
+            ax.plot(
+                [r["flops_fraction"] for r in rs],
+                [100 * r["accuracy_after_ft"] for r in rs],
+                "o-",
+                label=f"{scheme} (fine-tuned)",
+            )
+            ax.plot(
+                [r["flops_fraction"] for r in rs],
+                [100 * r["accuracy_before_ft"] for r in rs],
+                "o--",
+                mfc="none",
+                label=f"{scheme} (before)",
+            )
         base = next(b for b in base_rows if b["model"] == name)
         ax.axhline(100 * base["accuracy"], color="k", ls=":", label="dense")
         ax.set_title(name)
@@ -128,16 +160,53 @@ def main() -> None:
         f"{len(not_paying)} of {len(layer_rows)} factorized layers run slower than dense "
         "(speedup < 1); they are listed in the per-layer table.",
     ]
-    payload = {"base": base_rows, "runs": runs, "layers": layer_rows,
-               "resnet56_decompose_seconds": r56_seconds, "machine": facts(), "notes": notes}
-    write_results("lowrank", payload, [
-        ("Base models", list(base_rows[0]), base_rows),
-        ("Whole model", ["model", "scheme", "budget", "accuracy_base", "accuracy_before_ft",
-                         "accuracy_after_ft", "flops_fraction", "params", "latency_ms", "speedup",
-                         "speedup_per_flops_reduction"], runs),
-        ("Per layer", ["model", "scheme", "budget", "layer", "choice", "flops_reduction",
-                       "speedup", "speedup_per_flops_reduction"], layer_rows),
-    ], notes)
+    payload = {
+        "base": base_rows,
+        "runs": runs,
+        "layers": layer_rows,
+        "resnet56_decompose_seconds": r56_seconds,
+        "machine": facts(),
+        "notes": notes,
+    }
+    write_results(
+        "lowrank",
+        payload,
+        [
+            ("Base models", list(base_rows[0]), base_rows),
+            (
+                "Whole model",
+                [
+                    "model",
+                    "scheme",
+                    "budget",
+                    "accuracy_base",
+                    "accuracy_before_ft",
+                    "accuracy_after_ft",
+                    "flops_fraction",
+                    "params",
+                    "latency_ms",
+                    "speedup",
+                    "speedup_per_flops_reduction",
+                ],
+                runs,
+            ),
+            (
+                "Per layer",
+                [
+                    "model",
+                    "scheme",
+                    "budget",
+                    "layer",
+                    "choice",
+                    "flops_reduction",
+                    "speedup",
+                    "speedup_per_flops_reduction",
+                ],
+                layer_rows,
+            ),
+        ],
+        notes,
+    )
     print("\n".join(notes))
 
 
