@@ -17,9 +17,13 @@ T_k[b, j_k, (j_{k+1}…j_d), (i₁…i_{k−1}), r_{k−1}]; step k is one matmu
 a (B·N_{>k}·M_{<k}) × (r_{k−1} n_k) by (r_{k−1} n_k) × (m_k r_k) product. FLOPs (2 per
 multiply-add) for B input rows:
 
-    Σ_k 2·B·N_{>k}·M_{<k}·r_{k−1}·n_k·m_k·r_k,    N_{>k} = Π_{j>k} n_j,  M_{<k} = Π_{j<k} m_j,
+    Σ_k 2·B·N_{>k}·M_{<k}·r_{k−1}·n_k·m_k·r_k,    N_{>k} = Π_{j>k} n_j,  M_{<k} = Π_{j<k} m_j.
 
-against 2·B·in·out dense (bias additions are not counted, as for the dense layer). Parameters
+The cores can as well be contracted last to first (Σ_k 2·B·N_{<k}·M_{>k}·r_{k−1}·n_k·m_k·r_k);
+the layer uses whichever order is cheaper for its modes and ranks. Note that a TT layer saves
+parameters far more than FLOPs: the intermediate tensors can be larger than the input row, so at
+moderate ranks it may cost as many FLOPs as the dense layer. The cost is compared with
+2·B·in·out dense (bias additions are not counted, as for the dense layer). Parameters
 Σ_k r_{k−1} m_k n_k r_k (+ out bias).
 """
 
@@ -79,6 +83,8 @@ class TTLinear(StructuredLayer):
         self.in_features, self.out_features = in_features, out_features
         self.out_modes, self.in_modes, self.ranks = out_modes, in_modes, ranks
         self.padded_in, self.padded_out = math.prod(in_modes), math.prod(out_modes)
+        # Contract the cores in the cheaper order (it depends only on modes and ranks).
+        self.direction = cheaper_direction(out_modes, in_modes, ranks)
         # Random init with Var(W_ij) ≈ 1/(3·in) like nn.Linear's default: each entry of W is a
         # sum of Π r_k products of d core entries.
         std = (1.0 / (3.0 * in_features * math.prod(ranks))) ** (1.0 / (2 * d))
@@ -154,9 +160,18 @@ class TTLinear(StructuredLayer):
         if self.padded_in != self.in_features:
             t = F.pad(t, (0, self.padded_in - self.in_features))
         batch = t.shape[0]
-        done = 1  # M_{<k}
-        rest = self.padded_in  # n_k · N_{>k}
-        rank = 1
+        if self.direction == "forward":
+            out = self._forward_first_to_last(t, batch)
+        else:
+            out = self._forward_last_to_first(t, batch)
+        if self.padded_out != self.out_features:
+            out = out[:, : self.out_features]
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*lead, self.out_features)
+
+    def _forward_first_to_last(self, t: torch.Tensor, batch: int) -> torch.Tensor:
+        done, rest, rank = 1, self.padded_in, 1  # M_{<k}, n_k·N_{>k}, r_{k−1}
         for k, core in enumerate(self.cores):
             n_k, m_k, r_next = self.in_modes[k], self.out_modes[k], self.ranks[k + 1]
             rest //= n_k
@@ -164,15 +179,27 @@ class TTLinear(StructuredLayer):
             t = t.reshape(batch, n_k, rest, done, rank).permute(0, 2, 3, 4, 1)
             mat = core.permute(0, 2, 1, 3).reshape(rank * n_k, m_k * r_next)
             t = t.reshape(-1, rank * n_k) @ mat  # (B·N_{>k}·M_{<k}, m_k·r_k)
+            # The rows are (B, n_{k+1}, N_{>k+1}, M_{<k}) and the columns (m_k, r_k): exactly
+            # the layout the next step reshapes to.
             done *= m_k
             rank = r_next
-            # Next step's leading input mode is the first of N_{>k}: keep (B, N_{>k}, …) order.
-        out = t.reshape(batch, self.padded_out)
-        if self.padded_out != self.out_features:
-            out = out[:, : self.out_features]
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*lead, self.out_features)
+        return t.reshape(batch, self.padded_out)
+
+    def _forward_last_to_first(self, t: torch.Tensor, batch: int) -> torch.Tensor:
+        left, done, rank = self.padded_in, 1, 1  # N_{<k}·n_k, M_{>k}, r_k
+        for k in reversed(range(len(self.cores))):
+            core = self.cores[k]
+            n_k, m_k, r_prev = self.in_modes[k], self.out_modes[k], self.ranks[k]
+            left //= n_k
+            # t: (B, N_{<k}, n_k, r_k, M_{>k}) → rows (B, N_{<k}, M_{>k}), cols (n_k, r_k)
+            t = t.reshape(batch, left, n_k, rank, done).permute(0, 1, 4, 2, 3)
+            mat = core.permute(2, 3, 0, 1).reshape(n_k * rank, r_prev * m_k)
+            t = t.reshape(-1, n_k * rank) @ mat  # (B·N_{<k}·M_{>k}, r_{k−1}·m_k)
+            # → (B, N_{<k}, r_{k−1}, m_k, M_{>k}) so that (m_k, M_{>k}) is the new M_{≥k}.
+            t = t.reshape(batch, left, done, r_prev, m_k).permute(0, 1, 3, 4, 2)
+            done *= m_k
+            rank = r_prev
+        return t.reshape(batch, self.padded_out)
 
     def weight_matrix(self) -> torch.Tensor:
         """The dense (out × in) weight, cropped from the padded TT-matrix."""
@@ -196,7 +223,7 @@ class TTLinear(StructuredLayer):
 
     def analytic_flops(self, input_shape: tuple[int, ...]) -> int:
         return math.prod(input_shape[:-1]) * tt_flops_per_row(
-            self.out_modes, self.in_modes, self.ranks
+            self.out_modes, self.in_modes, self.ranks, self.direction
         )
 
     def config(self) -> dict[str, Any]:
@@ -225,15 +252,36 @@ def padded_weight(
 
 
 def tt_flops_per_row(
-    out_modes: Sequence[int], in_modes: Sequence[int], ranks: Sequence[int]
+    out_modes: Sequence[int],
+    in_modes: Sequence[int],
+    ranks: Sequence[int],
+    direction: str | None = None,
 ) -> int:
-    """FLOPs of the TT forward for one input row (see the module docstring)."""
-    total, done, rest = 0, 1, math.prod(in_modes)
-    for k, (m_k, n_k) in enumerate(zip(out_modes, in_modes, strict=True)):
-        rest //= n_k
-        total += 2 * rest * done * ranks[k] * n_k * m_k * ranks[k + 1]
-        done *= m_k
-    return total
+    """FLOPs of the TT forward for one input row (see the module docstring).
+
+    ``direction`` "forward" contracts core 1 first: Σ_k 2·N_{>k}·M_{<k}·r_{k−1}·n_k·m_k·r_k;
+    "reverse" contracts core d first: Σ_k 2·N_{<k}·M_{>k}·r_{k−1}·n_k·m_k·r_k; None = the cheaper.
+    """
+    d = len(out_modes)
+    total = {"forward": 0, "reverse": 0}
+    for k in range(d):
+        core = 2 * ranks[k] * in_modes[k] * out_modes[k] * ranks[k + 1]
+        total["forward"] += core * math.prod(in_modes[k + 1 :]) * math.prod(out_modes[:k])
+        total["reverse"] += core * math.prod(in_modes[:k]) * math.prod(out_modes[k + 1 :])
+    if direction is None:
+        return min(total.values())
+    if direction not in total:
+        raise TensorslimError(f"TT direction must be 'forward' or 'reverse', got {direction!r}")
+    return total[direction]
+
+
+def cheaper_direction(
+    out_modes: Sequence[int], in_modes: Sequence[int], ranks: Sequence[int]
+) -> str:
+    """The contraction order with fewer FLOPs ("forward" on a tie)."""
+    forward = tt_flops_per_row(out_modes, in_modes, ranks, "forward")
+    reverse = tt_flops_per_row(out_modes, in_modes, ranks, "reverse")
+    return "forward" if forward <= reverse else "reverse"
 
 
 def tt_params(out_modes: Sequence[int], in_modes: Sequence[int], ranks: Sequence[int]) -> int:
