@@ -273,12 +273,17 @@ def test_training_step_reaches_every_factor() -> None:
 
 
 @pytest.mark.slow
-def test_compiled_multiply_matches_eager() -> None:
+def test_compiled_multiply_matches_eager_forward_and_backward() -> None:
     chain = DeButChain.parse("16 16 2 2 1  16 16 2 2 2  16 16 2 2 4  16 16 2 2 8")
-    layer = DeButLinear(16, 16, chain)
+    eager = DeButLinear(16, 16, chain)
+    compiled = DeButLinear(16, 16, chain)
+    compiled.load_state_dict(eager.state_dict())
+    compiled.core.use_compile = True
     x = torch.randn(32, 16)
     with torch.no_grad():
-        eager = layer(x)
-        layer.core.use_compile = True
-        compiled = layer(x)
-    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-5)
+    for layer in (eager, compiled):
+        layer(x).pow(2).sum().backward()
+    assert not compiled.core._compile_failed
+    for a, b in zip(eager.parameters(), compiled.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)

@@ -255,7 +255,7 @@ class _DeButCore(nn.Module):
         )
         self.fuse = True  # merge exact neighbours when the cost model says it pays
         self._merged_cache: dict[tuple[Any, ...], list[torch.Tensor]] = {}
-        self._compiled: Callable[..., torch.Tensor] | None = None
+        self._compiled: dict[Any, Callable[..., torch.Tensor]] = {}
         self._compile_failed = False
         self.use_compile = False
 
@@ -291,25 +291,39 @@ class _DeButCore(nn.Module):
 
     def multiply(self, x: torch.Tensor) -> torch.Tensor:
         """F_K ⋯ F_1 · X for feature-major X (in × M) → (out × M)."""
+        segments = self.segments(x.shape[-1])
+        merged = self._merged(segments) if segments is not None else None
+        weights = merged if merged is not None else list(self.factors)
         if self.use_compile and not self._compile_failed:
             try:
-                if self._compiled is None:
-                    self._compiled = torch.compile(self._eager_multiply, dynamic=False)
-                return self._compiled(x)
+                return self._runner(segments, merged is not None)(x, *weights)
             except Exception as exc:  # any compiler failure falls back to eager
                 self._compile_failed = True
                 warnings.warn(
-                    f"torch.compile of the DeBut multiply failed ({type(exc).__name__}); "
+                    f"torch.compile of the DeBut multiply failed ({type(exc).__name__}: {exc}); "
                     "running eagerly",
                     RuntimeWarning,
                     stacklevel=2,
                 )
-        return self._eager_multiply(x)
-
-    def _eager_multiply(self, x: torch.Tensor) -> torch.Tensor:
-        segments = self.segments(x.shape[-1])
-        merged = self._merged(segments) if segments is not None else None
         return chain_multiply(self.chain.factors, list(self.factors), x, segments, merged)
+
+    def _runner(
+        self, segments: tuple[Segment, ...] | None, premerged: bool
+    ) -> Callable[..., torch.Tensor]:
+        """A compiled function of (X, *weights) for one static plan; planning and caching stay
+        outside the compiled region so the graph holds only tensor work."""
+        key = (segments, premerged)
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            factors = self.chain.factors
+
+            def run(x: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
+                if premerged:
+                    return chain_multiply(factors, [], x, segments, list(weights))
+                return chain_multiply(factors, list(weights), x, segments)
+
+            compiled = self._compiled[key] = torch.compile(run, dynamic=False)
+        return compiled
 
     def dense_weight(self) -> torch.Tensor:
         with torch.no_grad():
@@ -317,7 +331,7 @@ class _DeButCore(nn.Module):
 
     def _apply(self, fn: Any, recurse: bool = True) -> nn.Module:  # type: ignore[override]
         self._merged_cache.clear()
-        self._compiled = None
+        self._compiled.clear()
         return super()._apply(fn, recurse)
 
 

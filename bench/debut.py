@@ -1,0 +1,457 @@
+"""DeBut benchmark (issue 6): fast multiply speed, and LeNet-5 on Fashion-MNIST.
+
+Speed (fp32, 1024 input rows): the paper's VGG-16 chain for a 512×2304 weight and generated
+chains with ≥ 8× and ≥ 16× fewer FLOPs than dense on 1024×1024 and 4096×4096 weights. For each:
+dense ``F.linear``, DeBut (merged plan, eager), DeBut per factor (no merging), DeBut under
+``torch.compile`` and a masked-dense chain (every factor a dense p×q matrix times its 0/1 mask);
+forward (inference, no grad) and forward + backward (gradients for input and weights).
+Timings: ``torch.utils.benchmark.Timer.blocked_autorange`` medians; every case is measured in
+``--rounds`` interleaved rounds and the smallest round median is reported (other work on the
+machine only ever adds time), all rounds are kept in the JSON.
+
+LeNet-5 (the paper's setting): train lenet5 on Fashion-MNIST (weights cached), replace conv2,
+fc1 and fc2 by DeBut chains (generated at two compression levels) through ``ts.plan`` with an
+explicit chain per layer, initialise them by ALS from the trained weights or randomly, fine-tune
+the same number of epochs, and record accuracy, the layers' ALS errors, layer and model
+compression.
+
+    python bench/debut.py [--skip-speed] [--skip-lenet] [--rounds 3] [--ft-epochs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+import torch.nn.functional as F
+from torch.utils.benchmark import Timer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import tensorslim as ts
+from common import RESULTS, facts, fashion_loaders, trained_model, write_results
+from tensorslim.analysis.flops import count_flops
+from tensorslim.layers.debut import DeButConv2d, DeButLinear
+from tensorslim.layers.debut_chain import (
+    DeButChain,
+    dense_cost,
+    estimated_cost,
+    generate_chains,
+    plan_segments,
+)
+from tensorslim.train.loop import evaluate, fit
+
+VGG = (
+    "2048 2304 8 9 1  2048 2048 2 2 8  2048 2048 2 2 16  2048 2048 2 2 32  "
+    "1024 2048 2 4 64  512 1024 2 4 128  512 512 2 2 256"
+)
+ROWS = 1024
+LENET_LAYERS = ("conv2", "fc1", "fc2")
+
+
+# ------------------------------------------------------------------------------------ speed
+
+
+def speed_cases() -> list[tuple[str, DeButChain]]:
+    """The paper's VGG chain and, per width and FLOPs reduction, the generator's first choice
+    with at least that reduction."""
+    cases = [("VGG-16 chain 512×2304 (paper)", DeButChain.parse(VGG))]
+    for width in (1024, 4096):
+        for ratio in (8, 16):
+            found = generate_chains(width, width, ratio=ratio * 1.1, limit=12, cols=ROWS)
+            best = next(c for c in found if c.compression >= ratio)
+            cases.append((f"generated {width}×{width}, ≥{ratio}× fewer FLOPs", best.chain))
+    return cases
+
+
+def timer_median(fn, min_run_time: float) -> float:
+    return Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
+
+
+class MaskedDense(torch.nn.Module):
+    """Every factor stored as a dense p×q parameter, multiplied by its 0/1 pattern each call."""
+
+    def __init__(self, layer: DeButLinear) -> None:
+        super().__init__()
+        self.weights = torch.nn.ParameterList(
+            [
+                torch.nn.Parameter(spec.dense(w.detach()))
+                for spec, w in zip(layer.chain, layer.core.factors, strict=True)
+            ]
+        )
+        for k, spec in enumerate(layer.chain):
+            self.register_buffer(f"mask{k}", spec.pattern().float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for k, w in enumerate(self.weights):
+            x = F.linear(x, w * getattr(self, f"mask{k}"))
+        return x
+
+
+def measure_case(label: str, chain: DeButChain, rounds: int) -> dict[str, Any]:
+    torch.manual_seed(0)
+    n_in, n_out = chain.in_features, chain.out_features
+    layer = DeButLinear(n_in, n_out, chain, bias=False)
+    dense_w = layer.core.dense_weight().clone().requires_grad_(True)
+    big = n_in * n_out >= 4096 * 4096
+    masked = MaskedDense(layer)
+    x = torch.randn(ROWS, n_in)
+    xg = x.clone().requires_grad_(True)
+    grad_out = torch.randn(ROWS, n_out)
+
+    def fwd_dense() -> torch.Tensor:
+        return F.linear(x, dense_w)
+
+    def fwd_debut() -> torch.Tensor:
+        return layer(x)
+
+    def fwd_masked() -> torch.Tensor:
+        return masked(x)
+
+    def train_step(fn):  # forward + backward, gradients for the input and all weights
+        def step() -> None:
+            xg.grad = None
+            fn(xg).backward(grad_out)
+
+        return step
+
+    variants_fwd = {"dense": fwd_dense, "debut": fwd_debut, "masked_dense": fwd_masked}
+    variants_train = {
+        "dense": train_step(lambda inp: F.linear(inp, dense_w)),
+        "debut": train_step(layer),
+        "masked_dense": train_step(masked),
+    }
+    result: dict[str, Any] = {
+        "case": label,
+        "chain": chain.text,
+        "shape": [n_out, n_in],
+        "factors": len(chain),
+        "nnz": chain.nnz,
+        "flops_reduction": chain.compression,
+        "plan": [
+            {"factors": [s.start, s.stop], "merged": s.spec.text, "kernel": s.kernel}
+            for s in plan_segments(chain, ROWS)
+        ],
+        "model_us": {"debut": estimated_cost(chain, ROWS), "dense": dense_cost(n_out, n_in, ROWS)},
+        "forward_ms": {},
+        "train_ms": {},
+        "rounds": [],
+    }
+    # torch.compile: compile once (timed), then it is one more forward variant
+    compiled = DeButLinear(n_in, n_out, chain, bias=False)
+    compiled.load_state_dict(layer.state_dict())
+    compiled.core.use_compile = True
+    started = time.perf_counter()
+    with torch.no_grad():
+        try:
+            compiled(x)
+            compile_ok = not compiled.core._compile_failed
+        except Exception as exc:
+            compile_ok = False
+            result["compile_error"] = f"{type(exc).__name__}: {exc}"[:300]
+    result["compile_seconds"] = time.perf_counter() - started
+    result["compile_ok"] = compile_ok
+    if compile_ok:
+        variants_fwd["debut_compiled"] = lambda: compiled(x)
+    unfused = DeButLinear(n_in, n_out, chain, bias=False)
+    unfused.load_state_dict(layer.state_dict())
+    unfused.core.fuse = False
+    variants_fwd["debut_per_factor"] = lambda: unfused(x)
+
+    with torch.no_grad():  # the outputs agree before anything is timed
+        ref = fwd_dense()
+        for name in ("debut", "masked_dense", "debut_per_factor", "debut_compiled"):
+            if name in variants_fwd:
+                got = variants_fwd[name]()
+                err = float((got - ref).norm() / ref.norm())
+                if err > 1e-4:
+                    raise RuntimeError(f"{label}: {name} differs from dense by {err:.2e}")
+    run_time = 0.6 if not big else 1.0
+    for _ in range(rounds):
+        row: dict[str, dict[str, float]] = {"forward": {}, "train": {}}
+        with torch.no_grad():
+            for name, fn in variants_fwd.items():
+                row["forward"][name] = timer_median(fn, run_time) * 1e3
+        for name, fn in variants_train.items():
+            row["train"][name] = timer_median(fn, run_time) * 1e3
+        result["rounds"].append(row)
+    for kind in ("forward", "train"):
+        names = result["rounds"][0][kind]
+        result[f"{kind}_ms"] = {n: min(r[kind][n] for r in result["rounds"]) for n in names}
+    fwd, train = result["forward_ms"], result["train_ms"]
+    result["forward_speedup_vs_dense"] = fwd["dense"] / fwd["debut"]
+    result["train_speedup_vs_dense"] = train["dense"] / train["debut"]
+    return result
+
+
+def speed_part(rounds: int) -> list[dict[str, Any]]:
+    out = []
+    for label, chain in speed_cases():
+        print(f"speed: {label}: {chain.text}", flush=True)
+        res = measure_case(label, chain, rounds)
+        print(
+            f"  forward ms { ({k: round(v, 2) for k, v in res['forward_ms'].items()}) }\n"
+            f"  train ms   { ({k: round(v, 2) for k, v in res['train_ms'].items()}) }",
+            flush=True,
+        )
+        out.append(res)
+    return out
+
+
+# ------------------------------------------------------------------------------------ LeNet
+
+
+def lenet_part(args: argparse.Namespace) -> dict[str, Any]:
+    _, train, test = fashion_loaders(args.limit_train, batch_size=128)
+    tag = f"fmnist-{args.limit_train or 'all'}-e{args.base_epochs}"
+    model, meta = trained_model("lenet5", train, test, epochs=args.base_epochs, tag=tag)
+    example = torch.stack([test.dataset[i][0] for i in range(8)])
+    base_acc = evaluate(model, test)["accuracy"]
+    base_params = sum(p.numel() for p in model.parameters())
+    base_flops = count_flops(model, example[:1])
+    runs = []
+    for ratio in args.ratios:
+        chains = {}
+        for fqn in LENET_LAYERS:
+            w = model.get_submodule(fqn).weight
+            out_f, in_f = w.shape[0], w[0].numel()
+            chains[fqn] = generate_chains(out_f, in_f, ratio=ratio, limit=1)[0].text
+        for init in ("als", "random"):
+            torch.manual_seed(0)
+            started = time.perf_counter()
+            plan = ts.plan(
+                model,
+                "debut",
+                None,
+                example,
+                layers=list(LENET_LAYERS),
+                chain=chains,
+                init=init,
+                als_sweeps=args.sweeps,
+            )
+            small = ts.apply(model, plan)
+            init_s = time.perf_counter() - started
+            before = evaluate(small, test)["accuracy"]
+            started = time.perf_counter()
+            history = fit(small, train, epochs=args.ft_epochs, lr=args.ft_lr, progress=False).epochs
+            ft_s = time.perf_counter() - started
+            after = evaluate(small, test)["accuracy"]
+            layers = []
+            for fqn in LENET_LAYERS:
+                new = small.get_submodule(fqn)
+                assert isinstance(new, DeButLinear | DeButConv2d)
+                dense_params = model.get_submodule(fqn).weight.numel()
+                layers.append(
+                    {
+                        "layer": fqn,
+                        "chain": new.chain.text,
+                        "dense_weights": dense_params,
+                        "debut_nnz": new.chain.nnz,
+                        "layer_compression": dense_params / new.chain.nnz,
+                        "init_error": new.init_info.get("error"),
+                    }
+                )
+            params = sum(p.numel() for p in small.parameters())
+            runs.append(
+                {
+                    "target_ratio": ratio,
+                    "init": init,
+                    "accuracy_after_init": before,
+                    "accuracy_after_finetune": after,
+                    "params": params,
+                    "model_compression": base_params / params,
+                    "flops": count_flops(small, example[:1]),
+                    "init_seconds": init_s,
+                    "finetune_seconds": ft_s,
+                    "history": history,
+                    "layers": layers,
+                }
+            )
+            print(
+                f"lenet ratio {ratio} init {init}: acc after init {before:.4f}, "
+                f"after {args.ft_epochs} epochs {after:.4f}, model {base_params / params:.2f}×",
+                flush=True,
+            )
+    return {
+        "base": {
+            "accuracy": base_acc,
+            "params": base_params,
+            "flops": base_flops,
+            "train_epochs": meta["epochs"],
+        },
+        "runs": runs,
+    }
+
+
+# ------------------------------------------------------------------------------------ report
+
+
+def plot(speed: list[dict[str, Any]], lenet: dict[str, Any] | None, path: Path) -> None:
+    panels = (1 if speed else 0) * 2 + (1 if lenet else 0)
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5), squeeze=False)
+    col = 0
+    names = ["dense", "debut", "debut_per_factor", "debut_compiled", "masked_dense"]
+    for kind in ("forward", "train") if speed else ():
+        ax = axes[0][col]
+        col += 1
+        width = 0.16
+        for i, name in enumerate(
+            names if kind == "forward" else ["dense", "debut", "masked_dense"]
+        ):
+            vals = [r[f"{kind}_ms"].get(name, math.nan) for r in speed]
+            ax.bar([j + i * width for j in range(len(speed))], vals, width, label=name)
+        ax.set_yscale("log")
+        ax.set_xticks([j + 2 * width for j in range(len(speed))])
+        ax.set_xticklabels(
+            [f"{r['shape'][0]}×{r['shape'][1]}\n{r['flops_reduction']:.0f}×" for r in speed],
+            fontsize=8,
+        )
+        ax.set_ylabel("ms (log)")
+        ax.set_title(f"{'forward' if kind == 'forward' else 'forward + backward'}, {ROWS} rows")
+        ax.legend(fontsize=7)
+    if lenet:
+        ax = axes[0][col]
+        runs = lenet["runs"]
+        labels = [f"{r['init']}\n{r['model_compression']:.2f}× model" for r in runs]
+        ax.bar(
+            range(len(runs)),
+            [r["accuracy_after_finetune"] for r in runs],
+            color="tab:blue",
+            label="after fine-tune",
+        )
+        ax.bar(
+            range(len(runs)),
+            [r["accuracy_after_init"] for r in runs],
+            color="tab:orange",
+            width=0.4,
+            label="right after init",
+        )
+        ax.axhline(lenet["base"]["accuracy"], color="k", linestyle="--", label="dense LeNet-5")
+        ax.set_xticks(range(len(runs)))
+        ax.set_xticklabels(labels, fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.set_title("LeNet-5 on Fashion-MNIST: conv2, fc1, fc2 as DeBut")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--skip-lenet", action="store_true")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--limit-train", type=int, default=None)
+    parser.add_argument("--base-epochs", type=int, default=5)
+    parser.add_argument("--ft-epochs", type=int, default=3)
+    parser.add_argument("--ft-lr", type=float, default=0.02)
+    parser.add_argument("--sweeps", type=int, default=8)
+    parser.add_argument("--ratios", type=float, nargs="+", default=[2.0, 4.0])
+    args = parser.parse_args()
+    started = time.perf_counter()
+    machine = facts()
+    speed = [] if args.skip_speed else speed_part(args.rounds)
+    lenet = None if args.skip_lenet else lenet_part(args)
+    payload = {
+        "machine": machine,
+        "machine_after": facts(),
+        "args": vars(args),
+        "rows": ROWS,
+        "speed": speed,
+        "lenet": lenet,
+        "seconds": time.perf_counter() - started,
+    }
+    tables = []
+    notes = [
+        "DeBut (Lin et al., NeurIPS 2021) in tensorslim: fast multiply speed and LeNet-5 on "
+        "Fashion-MNIST. Generated by `python bench/debut.py`.",
+    ]
+    if speed:
+        rows = []
+        for r in speed:
+            fwd, tr = r["forward_ms"], r["train_ms"]
+            rows.append(
+                {
+                    "case": r["case"],
+                    "FLOPs ↓": f"{r['flops_reduction']:.1f}×",
+                    "dense fwd ms": f"{fwd['dense']:.2f}",
+                    "DeBut fwd ms": f"{fwd['debut']:.2f}",
+                    "per-factor fwd ms": f"{fwd['debut_per_factor']:.2f}",
+                    "compiled fwd ms": f"{fwd['debut_compiled']:.2f}"
+                    if "debut_compiled" in fwd
+                    else "failed",
+                    "masked fwd ms": f"{fwd['masked_dense']:.2f}",
+                    "fwd speedup": f"{r['forward_speedup_vs_dense']:.2f}×",
+                    "dense f+b ms": f"{tr['dense']:.2f}",
+                    "DeBut f+b ms": f"{tr['debut']:.2f}",
+                    "masked f+b ms": f"{tr['masked_dense']:.2f}",
+                    "f+b speedup": f"{r['train_speedup_vs_dense']:.2f}×",
+                }
+            )
+        tables.append((f"Speed at {ROWS} rows (fp32, ms, lower is better)", list(rows[0]), rows))
+        chains = [
+            {
+                "case": r["case"],
+                "chain": r["chain"],
+                "merged plan": " | ".join(f"{p['merged']} ({p['kernel']})" for p in r["plan"]),
+                "compile s": f"{r['compile_seconds']:.1f}",
+            }
+            for r in speed
+        ]
+        tables.append(("Chains and how they run", list(chains[0]), chains))
+        notes.append(
+            "Timings: Timer.blocked_autorange median, smallest of the interleaved rounds. "
+            "'DeBut' is the merged plan (exact neighbours multiplied into larger grids, chosen "
+            "by the cost model), 'per-factor' runs each factor alone, 'masked' multiplies dense "
+            "p×q factors times their 0/1 patterns."
+        )
+    if lenet:
+        rows = []
+        for r in lenet["runs"]:
+            rows.append(
+                {
+                    "target": f"{r['target_ratio']:g}×",
+                    "init": r["init"],
+                    "acc after init": f"{r['accuracy_after_init']:.4f}",
+                    "acc after fine-tune": f"{r['accuracy_after_finetune']:.4f}",
+                    "params": r["params"],
+                    "model compression": f"{r['model_compression']:.2f}×",
+                    "FLOPs": r["flops"],
+                    "layers (compression, ALS error)": "; ".join(
+                        f"{ly['layer']} {ly['layer_compression']:.2f}×"
+                        + (f" e={ly['init_error']:.3f}" if ly["init_error"] is not None else "")
+                        for ly in r["layers"]
+                    ),
+                }
+            )
+        base = lenet["base"]
+        notes.append(
+            f"Dense LeNet-5: accuracy {base['accuracy']:.4f}, {base['params']} params, "
+            f"{base['flops']} FLOPs, trained {base['train_epochs']} epochs. DeBut runs: same "
+            f"fine-tuning ({args.ft_epochs} epochs, SGD lr {args.ft_lr}, cosine) for both inits."
+        )
+        tables.append(("LeNet-5 on Fashion-MNIST, conv2/fc1/fc2 as DeBut", list(rows[0]), rows))
+        chain_rows = [
+            {"target": f"{r['target_ratio']:g}×", "layer": ly["layer"], "chain": ly["chain"]}
+            for r in lenet["runs"]
+            if r["init"] == "als"
+            for ly in r["layers"]
+        ]
+        tables.append(("LeNet chains", list(chain_rows[0]), chain_rows))
+    name = "debut" if (speed and lenet) else ("debut_speed" if speed else "debut_lenet")
+    write_results(name, payload, tables, notes)
+    plot(speed, lenet, RESULTS / f"{name}.png")
+    print(f"wrote {RESULTS / name}.json/.md/.png in {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
