@@ -19,8 +19,8 @@ Storage — :func:`sparse_state` writes each tensor in the smallest of three enc
 occupancy bitmap (⌈numel/8⌉ + nnz·b bytes); :func:`unpack_sparse_state` inverts it exactly.
 
 Inference — :class:`SparseLinear` and :class:`SparseConv2d` hold the weight in CSR form and compute
-y = W x with ``torch.sparse`` (convs through ``unfold``: the input patches form a (c·kh·kw) ×
-(N·L) matrix and the kernel an n × (c·kh·kw) sparse matrix). They cost 2·nnz FLOPs per output
+y = W x with ``torch.sparse`` (convs through ``unfold``: per sample, the n × (c·kh·kw) sparse
+kernel times the (c·kh·kw) × L matrix of input patches). They cost 2·nnz FLOPs per output
 position instead of 2·n·c·kh·kw; whether that is faster than the dense kernel on a CPU depends on
 the sparsity and the shapes — measure it (``bench/pruning.py``).
 """
@@ -485,8 +485,8 @@ def sparse_conv_unsupported_reason(conv: nn.Conv2d) -> str | None:
 class SparseConv2d(_CsrWeight):
     """A Conv2d computed as a sparse × dense matmul on unfolded patches.
 
-    Input (N, c, H, W) → patches P = unfold(x) of shape (N, c·kh·kw, L), L = Ho·Wo, laid out as a
-    (c·kh·kw) × (N·L) matrix; Y = K_csr P with K the n × (c·kh·kw) kernel; output (N, n, Ho, Wo).
+    Input (N, c, H, W) → patches P = unfold(x) of shape (N, c·kh·kw, L), L = Ho·Wo; per sample
+    Y_i = K_csr P_i with K the n × (c·kh·kw) kernel; output (N, n, Ho, Wo).
     FLOPs 2·N·Ho·Wo·nnz (the unfold copy is memory traffic, not FLOPs).
     """
 
@@ -516,13 +516,15 @@ class SparseConv2d(_CsrWeight):
             (x.shape[-2], x.shape[-1]), self.kernel_size, self.stride, self.padding, self.dilation
         )
         patches = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
-        k = patches.shape[1]
-        cols = patches.transpose(0, 1).reshape(k, batch * ho * wo)
-        y = torch.sparse.mm(self.csr(), cols)  # (n, N·L)
-        y = y.reshape(self.out_channels, batch, ho, wo).transpose(0, 1)
+        csr = self.csr()
+        # One CSR × (c·kh·kw, L) product per sample: patches[i] is contiguous, whereas one
+        # product over (c·kh·kw, N·L) would first copy all patches into that layout
+        # (measured 1.4–2.6× slower here).
+        y = torch.stack([torch.sparse.mm(csr, patches[i]) for i in range(batch)])
+        y = y.reshape(batch, self.out_channels, ho, wo)
         if self.bias is not None:
             y = y + self.bias.reshape(1, -1, 1, 1)
-        return y.contiguous()
+        return y
 
     def to_dense(self) -> nn.Conv2d:
         dense = nn.Conv2d(
