@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -286,7 +287,9 @@ def plan(
         metric = budget.metric
         total = model_flops if metric == "flops" else model_params
         target = budget.fraction * total
-        need = int(max(0.0, total - target))
+        # round up: saving floor(total − target) can leave the model just above the target;
+        # round(…, 6) first so that float noise in fraction·total does not add a unit
+        need = max(0, math.ceil(round(total - target, 6)))
         picked, saved = allocate(choices, metric, need)
         if saved < need:
             notes.append(

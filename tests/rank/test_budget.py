@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import pytest
 import torch
@@ -12,10 +14,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 import tensorslim as ts
+import tensorslim.methods.registry as registry
 from tensorslim.analysis.flops import count_flops
 from tensorslim.analysis.profile import count_params
 from tensorslim.errors import TensorslimError
-from tensorslim.methods.base import Option
+from tensorslim.methods.base import Method, Option
 from tensorslim.models import create_model
 from tensorslim.rank.budget import Budget, LayerChoices, _hull, allocate
 
@@ -271,3 +274,33 @@ def test_unreachable_budget_leaves_a_note(tiny_cnn, tiny_input) -> None:
 def test_full_budget_keeps_the_model_dense(tiny_cnn, tiny_input) -> None:
     plan = ts.plan(tiny_cnn, "svd", ts.Budget(flops=1.0), tiny_input)
     assert plan.compressed_layers == [] and plan.estimated_flops == plan.model_flops
+
+
+@dataclass
+class FixedCosts(Method):
+    """Offers two options of known FLOPs for a Linear (to probe the budget arithmetic)."""
+
+    name: ClassVar[str] = "test-fixed-costs"
+
+    def supports(self, module: nn.Module, fqn: str) -> str | None:
+        return None
+
+    def candidates(self, module: nn.Module, info) -> list[Option]:
+        return [
+            Option(self.name, {"rank": 3}, 1, 17, 0.1, "17 FLOPs"),
+            Option(self.name, {"rank": 1}, 1, 10, 0.5, "10 FLOPs"),
+        ]
+
+    def build(self, module, config, info, *, init: bool = True):
+        return module
+
+
+def test_a_fractional_target_is_not_exceeded(monkeypatch) -> None:
+    monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))
+    registry._METHODS[FixedCosts.name] = FixedCosts
+    layer = nn.Linear(4, 4, bias=False)  # 32 FLOPs on one token
+    # target 16.5 FLOPs: the 17-FLOP option saves 15 = floor(32 − 16.5) but misses the target
+    plan = ts.plan(nn.Sequential(layer), FixedCosts.name, "flops=0.515625", torch.ones(1, 4))
+    assert plan.model_flops == 32
+    assert plan.estimated_flops <= 16.5
+    assert plan.layer("0").label == "10 FLOPs"
