@@ -183,6 +183,10 @@ def test_missing_pieces_are_clear_errors(tmp_path) -> None:
     (tmp_path / "b" / MANIFEST_FILE).write_text(json.dumps(manifest))
     with pytest.raises(TensorslimError, match="newer tensorslim"):
         ts.load(tmp_path / "b", fresh("lenet5", 0))
+    ts.save(trained_like("lenet5"), tmp_path / "d")
+    (tmp_path / "d" / MANIFEST_FILE).write_bytes(b"\xff\xfe garbage")
+    with pytest.raises(TensorslimError, match=r"manifest\.json is not valid JSON"):
+        ts.load(tmp_path / "d", fresh("lenet5", 0))
     ts.save(trained_like("lenet5"), tmp_path / "c")
     (tmp_path / "c" / PLAN_FILE).write_text("{not json")
     with pytest.raises(TensorslimError, match="not valid JSON"):

@@ -93,7 +93,12 @@ def load(directory: str | Path, base_model: nn.Module, *, verify: bool = True) -
         raise TensorslimError(f"no {WEIGHTS_FILE} in {directory}: the save is incomplete")
     manifest_path = directory / MANIFEST_FILE
     if verify and manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise TensorslimError(
+                f"{manifest_path} is not valid JSON ({exc}): the save is corrupt"
+            ) from None
         if manifest.get("format_version", 0) > FORMAT_VERSION:
             raise TensorslimError(
                 f"{directory} was saved by a newer tensorslim (format "

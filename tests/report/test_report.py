@@ -172,3 +172,21 @@ def test_plots_write_png(tmp_path) -> None:
     spectra_plot({"a": torch.tensor([3.0, 1.0, 0.0])}, tmp_path / "s.png")
     assert (tmp_path / "p.png").read_bytes().startswith(PNG)
     assert (tmp_path / "s.png").read_bytes().startswith(PNG)
+
+
+def test_compress_model_refuses_a_plan_that_compresses_nothing(run_result) -> None:
+    from tensorslim.errors import TensorslimError
+
+    model = run_result[0]
+    x = torch.randn(8, 1, 14, 14)
+    with pytest.raises(TensorslimError, match="compressed no layer"):
+        compress_model(
+            model,
+            method="svd",
+            budget=Budget(flops=1.0),
+            train_loader=None,
+            test_loader=None,
+            example_batch=x,
+            finetune_epochs=0,
+            latency=False,
+        )
