@@ -192,3 +192,29 @@ def test_methods_and_models_lists() -> None:
     assert any(line.startswith("svd ") for line in methods.stdout.splitlines())
     models = runner.invoke(app, ["models"])
     assert {"lenet5", "small_cnn", "resnet20", "resnet56"} <= set(models.stdout.split())
+
+
+def test_train_interrupted_then_resumed(tmp_path: Path, monkeypatch) -> None:
+    import tensorslim.train.loop as loop
+
+    out = tmp_path / "train"
+    args = ["train", "--model", "lenet5", "--data", "synthetic", "--limit-train", "64",
+            "--limit-test", "32", "--batch-size", "32", "--epochs", "2", "--no-progress",
+            "--out", str(out)]  # fmt: skip
+    real_save = loop.save_checkpoint
+
+    def save_then_ctrl_c(path, state):
+        real_save(path, state)
+        raise KeyboardInterrupt  # Ctrl-C right after the first epoch's checkpoint
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_ctrl_c)
+    stopped = runner.invoke(app, args)
+    assert stopped.exit_code == 130, stopped.output
+    assert "--resume" in stopped.stderr and "Traceback" not in stopped.output
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    assert_one_line_error(runner.invoke(app, args), "not empty")
+    resumed = runner.invoke(app, [*args, "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "resumed from" in resumed.stderr and "after epoch 1" in resumed.stderr
+    history = json.loads((out / "results.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
