@@ -104,3 +104,21 @@ def test_bad_targets_are_clear_errors() -> None:
     # a zero target is fitted exactly (and without dividing by zero)
     _, errors = als_fit(torch.zeros(4, 4), chain, sweeps=1)
     assert errors == [0.0]
+
+
+def test_single_path_channel_grams_are_diagonal() -> None:
+    # the reason the single-path update may divide instead of solving block systems
+    from tensorslim.decompose.debut_als import _channel_grams
+    from tensorslim.layers.debut import apply_factor
+
+    chain = generate_chains(24, 36, ratio=2, num_factors=3, limit=1)[0].chain
+    assert chain.single_path
+    gen = torch.Generator().manual_seed(2)
+    weights = random_factor_weights(chain, generator=gen, dtype=DT)
+    right = torch.eye(36, dtype=DT)
+    right = apply_factor(chain[0], weights[0], right)  # R for factor 1
+    lt = apply_factor(chain[2].transpose(), weights[2].transpose(1, 2), torch.eye(24, dtype=DT))
+    gl, gr = _channel_grams(lt, right, chain[1])
+    for g in (gl, gr):
+        off = g - torch.diag_embed(torch.diagonal(g, dim1=-2, dim2=-1))
+        assert float(off.abs().max()) < 1e-12 * float(g.abs().max())

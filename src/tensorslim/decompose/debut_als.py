@@ -91,11 +91,29 @@ def _apply_chain(
     return chain_multiply(factors, weights, x)
 
 
-def _channel_products(left: torch.Tensor, right: torch.Tensor, spec: DeButFactor) -> torch.Tensor:
+def _times(spec: DeButFactor, w: torch.Tensor, mat: torch.Tensor | None) -> torch.Tensor:
+    """F · mat, where ``None`` stands for the identity (then F itself, p × q)."""
+    return spec.dense(w) if mat is None else apply_factor(spec, w, mat)
+
+
+def _times_t(spec: DeButFactor, w: torch.Tensor, mat: torch.Tensor | None) -> torch.Tensor:
+    """Fᵀ · mat, where ``None`` stands for the identity (then Fᵀ, q × p)."""
+    if mat is None:
+        return spec.dense(w).T
+    return apply_factor(spec.transpose(), w.transpose(1, 2), mat)
+
+
+def _channel_products(
+    left: torch.Tensor, right: torch.Tensor | None, spec: DeButFactor
+) -> torch.Tensor:
     """C[b,i,j,d] = Σ_n left[b·rt+i·t+d, n] · right[b·st+j·t+d, n], shape (B, r, s, t).
 
-    ``left`` is p × n, ``right`` is q × n; a batched matmul over (b, d).
+    ``left`` is p × n, ``right`` is q × n (``None``: the identity, then C gathers ``left`` at
+    the pattern); a batched matmul over (b, d).
     """
+    if right is None:
+        rows, cols = spec.indices(left.device)
+        return left[rows, cols]
     blocks, r, s, t = spec.weight_shape
     n = left.shape[1]
     lv = left.reshape(blocks, r, t, n).transpose(1, 2).reshape(blocks * t, r, n)
@@ -104,15 +122,35 @@ def _channel_products(left: torch.Tensor, right: torch.Tensor, spec: DeButFactor
 
 
 def _channel_grams(
-    lt: torch.Tensor, right: torch.Tensor, spec: DeButFactor
+    lt: torch.Tensor | None, right: torch.Tensor | None, spec: DeButFactor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """G_L (B·t, r, r) from Lᵀ (p × out) and G_R (B·t, s, s) from R (q × in), regularised."""
     blocks, r, s, t = spec.weight_shape
+    like = lt if lt is not None else right
+    assert like is not None
+    if lt is None:
+        lt = torch.eye(spec.p, dtype=like.dtype, device=like.device)
+    if right is None:
+        right = torch.eye(spec.q, dtype=like.dtype, device=like.device)
     lv = lt.reshape(blocks, r, t, -1).transpose(1, 2).reshape(blocks * t, r, -1)
     rv = right.reshape(blocks, s, t, -1).transpose(1, 2).reshape(blocks * t, s, -1)
     gl = torch.bmm(lv, lv.transpose(1, 2))
     gr = torch.bmm(rv, rv.transpose(1, 2))
     return _ridge(gl), _ridge(gr)
+
+
+def _diagonal_grams(
+    lt: torch.Tensor | None, right: torch.Tensor | None, spec: DeButFactor, like: torch.Tensor
+) -> torch.Tensor:
+    """diag(G_L)[b,i,d] · diag(G_R)[b,j,d] in weight layout (B, r, s, t), floored above 0."""
+    blocks, r, s, t = spec.weight_shape
+    ones = torch.ones((), dtype=like.dtype, device=like.device)
+    # ‖column (b,i,d) of L‖² and ‖row (b,j,d) of R‖² (1 for an identity)
+    left_sq = ones if lt is None else (lt * lt).sum(1).reshape(blocks, r, 1, t)
+    right_sq = ones if right is None else (right * right).sum(1).reshape(blocks, 1, s, t)
+    prod = (left_sq * right_sq).expand(spec.weight_shape)
+    info = torch.finfo(prod.dtype)
+    return prod + (1e-30 * prod.mean().clamp_min(info.tiny) + info.tiny)
 
 
 def _ridge(g: torch.Tensor) -> torch.Tensor:
@@ -141,23 +179,25 @@ def _update_factor(
     chain: DeButChain,
     weights: list[torch.Tensor],
     target: torch.Tensor,
-    right: torch.Tensor,
-    lt: torch.Tensor,
+    right: torch.Tensor | None,
+    lt: torch.Tensor | None,
     cg_iters: int,
 ) -> None:
     """Least-squares update of factor k in place, given R = F_(k−1)⋯F_1 and Lᵀ = (F_K⋯F_(k+1))ᵀ."""
     spec = chain[k]
     after_f, after_w = chain.factors[k + 1 :], weights[k + 1 :]
-    gl, gr = _channel_grams(lt, right, spec)
     lt_w = _apply_chain_t(after_f, after_w, target)  # Lᵀ W (p_k × in)
     rhs = _channel_products(lt_w, right, spec)
     if chain.single_path:
-        weights[k] = _block_solve(gl, gr, rhs, spec)
+        # one path per weight entry: the columns of L_O (and rows of R_C) of one channel have
+        # disjoint supports, so G_L and G_R are diagonal and the block solve is a division
+        weights[k] = rhs / _diagonal_grams(lt, right, spec, rhs)
         return
+    gl, gr = _channel_grams(lt, right, spec)
 
     def normal_op(w: torch.Tensor) -> torch.Tensor:
         # P(Lᵀ L F(w) R Rᵀ): the normal-equation operator restricted to the pattern
-        fr = apply_factor(spec, w, right)
+        fr = _times(spec, w, right)
         lfr = _apply_chain(after_f, after_w, fr)
         return _channel_products(_apply_chain_t(after_f, after_w, lfr), right, spec)
 
@@ -223,30 +263,29 @@ def als_fit(
                     f"needs {spec.weight_shape}"
                 )
     n_factors = len(chain)
-    out_f, in_f = chain.out_features, chain.in_features
-    eye_in = torch.eye(in_f, dtype=dtype, device=device)
-    eye_out = torch.eye(out_f, dtype=dtype, device=device)
+    # the identity ends of the sweep stay implicit (None): no in×in / out×out products with it
     norm = float(torch.linalg.vector_norm(target)) or 1.0
     errors: list[float] = []
     for sweep in range(sweeps):
         if sweep % 2 == 0:  # left to right: Lᵀ for every k from the current factors
-            lts: list[torch.Tensor] = [eye_out] * n_factors
+            lts: list[torch.Tensor | None] = [None] * n_factors
             for k in range(n_factors - 2, -1, -1):
-                nxt = chain[k + 1]
-                lts[k] = apply_factor(nxt.transpose(), weights[k + 1].transpose(1, 2), lts[k + 1])
-            right = eye_in
+                lts[k] = _times_t(chain[k + 1], weights[k + 1], lts[k + 1])
+            right: torch.Tensor | None = None
             for k in range(n_factors):
                 _update_factor(k, chain, weights, target, right, lts[k], cg_iters)
-                right = apply_factor(chain[k], weights[k], right)
+                right = _times(chain[k], weights[k], right)
+            assert right is not None
             approx = right
         else:  # right to left: R for every k from the current factors
-            rights: list[torch.Tensor] = [eye_in] * n_factors
+            rights: list[torch.Tensor | None] = [None] * n_factors
             for k in range(1, n_factors):
-                rights[k] = apply_factor(chain[k - 1], weights[k - 1], rights[k - 1])
-            lt = eye_out
+                rights[k] = _times(chain[k - 1], weights[k - 1], rights[k - 1])
+            lt: torch.Tensor | None = None
             for k in range(n_factors - 1, -1, -1):
                 _update_factor(k, chain, weights, target, rights[k], lt, cg_iters)
-                lt = apply_factor(chain[k].transpose(), weights[k].transpose(1, 2), lt)
+                lt = _times_t(chain[k], weights[k], lt)
+            assert lt is not None
             approx = lt.t()  # Lᵀ for k = 0 covers the whole chain: (F_K⋯F_1)ᵀ
         errors.append(float(torch.linalg.vector_norm(target - approx)) / norm)
         if tol > 0 and len(errors) > 1 and errors[-2] - errors[-1] < tol * errors[-2]:

@@ -29,6 +29,7 @@ detail; the analytic count is the chain's). Parameters: Σ_k p_k s_k (+ bias).
 from __future__ import annotations
 
 import math
+import types
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -322,7 +323,13 @@ class _DeButCore(nn.Module):
                     return chain_multiply(factors, [], x, segments, list(weights))
                 return chain_multiply(factors, list(weights), x, segments)
 
-            compiled = self._compiled[key] = torch.compile(run, dynamic=False)
+            # a code object of its own per layer and plan: dynamo keeps compiled graphs per code
+            # object, so layers sharing one would evict each other past its recompile limit
+            code = run.__code__.replace(
+                co_name=f"debut_multiply_{id(self):x}_{len(self._compiled)}"
+            )
+            own = types.FunctionType(code, run.__globals__, code.co_name, None, run.__closure__)
+            compiled = self._compiled[key] = torch.compile(own, dynamic=False)
         return compiled
 
     def dense_weight(self) -> torch.Tensor:

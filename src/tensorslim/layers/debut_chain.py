@@ -151,6 +151,11 @@ def exact_pair(first: DeButFactor, second: DeButFactor) -> bool:
 
 def merge_specs(factors: Sequence[DeButFactor]) -> DeButFactor:
     """The single factor equal to the product of exact neighbours (input side first)."""
+    return _merge_specs(tuple(factors))
+
+
+@lru_cache(maxsize=4096)
+def _merge_specs(factors: tuple[DeButFactor, ...]) -> DeButFactor:
     merged = factors[0]
     for nxt in factors[1:]:
         if not exact_pair(merged, nxt):
@@ -501,6 +506,11 @@ class ChainCandidate:
 
 def chain_from_parts(rs: Sequence[int], ss: Sequence[int]) -> DeButChain:
     """The exact chain with grid sizes r_k (out = Πr) and s_k (in = Πs), input side first."""
+    return _chain_from_parts(tuple(int(r) for r in rs), tuple(int(s) for s in ss))
+
+
+@lru_cache(maxsize=8192)
+def _chain_from_parts(rs: tuple[int, ...], ss: tuple[int, ...]) -> DeButChain:
     if len(rs) != len(ss) or not rs:
         raise TensorslimError("give as many r parts as s parts (one pair per factor)")
     out, inp = math.prod(rs), math.prod(ss)
@@ -667,10 +677,10 @@ def _pair_table(
     # no bottleneck: a width below min(in, out) would cap the rank of the product (a low-rank
     # factorisation in disguise, not a butterfly)
     ok = (widths.max(axis=2) <= widest) & (widths.min(axis=2) >= min(inp, out))
-    # a factor with r = s = 1 is a bare diagonal: it adds parameters and no mixing
-    trivial_r = r_parts == 1
-    trivial_s = s_parts == 1
-    ok &= ~(trivial_r[:, None, :] & trivial_s[None, :, :]).any(axis=2)
+    # a factor with r = s = 1 is a bare diagonal (parameters, no mixing), and a 2×1 or 1×2 grid
+    # only duplicates or sums pairs: neither is worth a pass over the activations
+    grid = r_parts[:, None, :] * s_parts[None, :, :]
+    ok &= (grid >= 3).all(axis=2)
     if kind != "any":
         full = np.concatenate([np.full((*widths.shape[:2], 1), float(inp)), widths], axis=2)
         steps = np.diff(full, axis=2)

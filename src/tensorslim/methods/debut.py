@@ -65,7 +65,12 @@ class DeButMethod(Method):
 
     name: ClassVar[str] = "debut"
     description: ClassVar[str] = "deformable butterfly chains (DeBut) with ALS initialisation"
-    demo_settings: ClassVar[dict[str, Any] | None] = {"candidate_sweeps": 1, "als_sweeps": 4}
+    # a short ladder and one-sweep error estimates keep the demo's planning to seconds
+    demo_settings: ClassVar[dict[str, Any] | None] = {
+        "ratios": [2, 4, 8],
+        "candidate_sweeps": 1,
+        "als_sweeps": 3,
+    }
 
     chain: str | dict[str, str] | None = None
     ratio: float | None = None
