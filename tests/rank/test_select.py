@@ -60,6 +60,15 @@ def test_energy_rule_keeps_the_smallest_rank_reaching_the_fraction(keep: float, 
 def test_energy_keep_one_keeps_every_nonzero_value_and_no_zero_one() -> None:
     assert rank_from_energy(spectrum(3.0, 2.0, 1.0), 1.0) == 3
     assert rank_from_energy(spectrum(3.0, 2.0, 0.0, 0.0), 1.0) == 2
+    # a tiny but nonzero value (energy 1e-12 of the total) is still energy: keep=1.0 keeps it
+    assert rank_from_energy(spectrum(10.0, 1e-5), 1.0) == 2
+    assert rank_from_energy(spectrum(*([100.0] * 29), 1e-5), 1.0) == 30
+    # …but what an SVD returns for an exactly rank-2 matrix beyond its rank is noise, not energy
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(40, 2, generator=g, dtype=torch.float64) for _ in range(2))
+    noisy = torch.linalg.svdvals(a @ b.T)
+    assert noisy[2] > 0
+    assert rank_from_energy(noisy, 1.0) == 2
     # rounding in the cumulative sum must not push keep=1.0 past the last value
     values = torch.rand(300, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     assert rank_from_energy(torch.sort(values, descending=True).values, 1.0) == 300

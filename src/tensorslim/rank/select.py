@@ -33,10 +33,25 @@ def energy_kept(singular_values: torch.Tensor) -> torch.Tensor:
 
 
 def rank_from_energy(singular_values: torch.Tensor, keep: float) -> int:
-    """Smallest k whose kept energy Σ_{i≤k} σᵢ² reaches ``keep`` · Σ σᵢ² (keep in (0, 1])."""
+    """Smallest k whose kept energy Σ_{i≤k} σᵢ² reaches ``keep`` · Σ σᵢ² (keep in (0, 1]).
+
+    Equivalently the smallest k whose dropped energy Σ_{i>k} σᵢ² is at most (1 − keep) · Σ σᵢ².
+    Singular values at or below the numerical noise floor of an SVD, R·ε·σ₁ (R values, ε of
+    float64; the tolerance of ``numpy.linalg.matrix_rank``), count as zero; every other value is
+    energy. So ``keep=1.0`` keeps the numerical rank: a small but real σ is never dropped.
+    """
     if not 0 < keep <= 1:
         raise TensorslimError(f"energy to keep must be in (0, 1], got {keep}")
-    kept = energy_kept(singular_values)
-    # tolerance so that keep=1.0 is reached despite rounding in the cumulative sum
-    k = int(torch.searchsorted(kept, torch.tensor(keep - 1e-12, dtype=kept.dtype))) + 1
-    return min(max(1, k), singular_values.numel())
+    s = singular_values.detach().double().flatten().abs()
+    energy = s**2
+    total = float(energy.sum())
+    if total <= 0:
+        return 1
+    noise = s.numel() * torch.finfo(torch.float64).eps * float(s.max())
+    signal = torch.where(s > noise, energy, torch.zeros_like(energy))
+    # summed from the small end: exactly 0 past the last value above the noise floor
+    tail = torch.flip(torch.cumsum(torch.flip(signal, [0]), 0), [0])  # tail[j] = Σ_{i≥j}
+    dropped = torch.cat([tail[1:], tail.new_zeros(1)])  # dropped[k−1]: energy lost keeping k
+    # relative slack for the rounding of ``keep`` itself (e.g. 1 − e of a computed fraction)
+    allowed = (1.0 - keep) * total * (1 + 1e-9)
+    return int(torch.nonzero(dropped <= allowed)[0]) + 1
