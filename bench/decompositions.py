@@ -97,7 +97,9 @@ def rel_err_np(x: np.ndarray, rec: np.ndarray) -> float:
 
 
 def kernel_part() -> dict[str, Any]:
-    warnings.simplefilter("ignore", UserWarning)  # TensorLy: 3-wide modes have < R vectors
+    # TensorLy warns that 3-wide modes have < R singular vectors; ours warns on degeneracy
+    # (recorded in the table as ours_degenerate).
+    warnings.simplefilter("ignore", UserWarning)
     kernels = test_kernels()
     tl.set_backend("numpy")
     # Warm-up both sides (LAPACK initialisation, allocator).
@@ -114,11 +116,17 @@ def kernel_part() -> dict[str, Any]:
             )
             e_theirs = rel_err_np(xn, tl.cp_to_tensor(theirs))
             e_ours = cp_error(x, ours)
-            reach = next((i + 1 for i, e in enumerate(ours.errors) if e <= e_theirs), None)
+            # Equal error: how long our ALS needs to first reach TensorLy's final error. A long
+            # run (no stopping rule, no degeneracy fallback) finds the sweep; a second run,
+            # identical up to that sweep, is timed.
+            long = cp_als(x, rank, max_iter=400, tol=0, on_degenerate="warn")
+            reach = next((i + 1 for i, e in enumerate(long.errors) if e <= e_theirs), None)
             t_match = e_match = None
             if reach is not None:
                 matched, t_match = timed(
-                    lambda x=x, rank=rank, reach=reach: cp_als(x, rank, max_iter=reach, tol=0)
+                    lambda x=x, rank=rank, reach=reach: cp_als(
+                        x, rank, max_iter=reach, tol=0, on_degenerate="warn"
+                    )
                 )
                 e_match = cp_error(x, matched)
             row = {
@@ -132,6 +140,7 @@ def kernel_part() -> dict[str, Any]:
                 "tensorly_error": e_theirs,
                 "speedup": t_theirs / t_ours,
                 "error_ratio": e_ours / e_theirs,
+                "ours_to_tensorly_error_sweeps": reach,
                 "ours_to_tensorly_error_s": t_match,
                 "ours_to_tensorly_error_error": e_match,
                 "speedup_at_equal_error": (t_theirs / t_match) if t_match else None,
@@ -433,16 +442,28 @@ def notes_for(payload: dict[str, Any]) -> list[str]:
         worst = min(r["speedup"] for r in cp_rows)
         equal_or_lower = all(r["ours_error"] <= r["tensorly_error"] * 1.0001 for r in cp_rows)
         matched = [r["speedup_at_equal_error"] for r in cp_rows if r["speedup_at_equal_error"]]
-        met = worst >= 5 and equal_or_lower
+        met_default = worst >= 5 and equal_or_lower
+        met_matched = len(matched) == len(cp_rows) and min(matched) >= 5
         notes.append(
-            "CP target (≥ 5× faster than TensorLy parafac at equal or lower error): "
-            f"default settings (ours: stop when the error changes < 1e-5 relative, ≤ 500 sweeps, "
-            f"extrapolation; TensorLy: its defaults, 100 sweeps, tol 1e-8) give speedups "
-            f"{min(r['speedup'] for r in cp_rows):.1f}–{max(r['speedup'] for r in cp_rows):.1f}× "
-            f"with our error {'≤' if equal_or_lower else 'NOT always ≤'} TensorLy's in every "
-            f"case; stopping our ALS as soon as it reaches TensorLy's final error gives "
-            + (f"{min(matched):.1f}–{max(matched):.1f}×" if matched else "no match")
-            + f" — {'met' if met else 'NOT met'}; the library uses its own CP-ALS."
+            "CP target (≥ 5× faster than TensorLy parafac at equal or lower error). Default "
+            "settings of both (ours: stop when the error changes < 1e-5 relative in a sweep, "
+            "≤ 500 sweeps, extrapolation, degeneracy check; TensorLy: 100 sweeps, tol 1e-8) give "
+            f"speedups {worst:.1f}–{max(r['speedup'] for r in cp_rows):.1f}× with our error "
+            + (
+                "≤ TensorLy's in every case"
+                if equal_or_lower
+                else "above TensorLy's in "
+                + ", ".join(
+                    f"{r['kernel']} R={r['rank']} ({r['error_ratio']:.5f}×)"
+                    for r in cp_rows
+                    if r["ours_error"] > r["tensorly_error"] * 1.0001
+                )
+            )
+            + f" ({'met' if met_default else 'not met'} with defaults). At equal error — our "
+            "ALS stopped at the first sweep that reaches TensorLy's final error — the speedup is "
+            + (f"{min(matched):.1f}–{max(matched):.1f}×" if matched else "not measurable")
+            + f" ({'met' if met_matched else 'NOT met'}). The library therefore uses its own "
+            "CP-ALS."
         )
         pt = payload["kernel"].get("tensorly_pytorch_backend_rank16")
         if pt:

@@ -262,3 +262,29 @@ def test_low_rank_conv_fallback_for_1x1(tiny_input) -> None:
     assert methods == {"0": "tucker", "1": "svd"}
     small = ts.apply(model, plan)
     assert isinstance(small[1], LowRankConv2d) and isinstance(small[0], TuckerConv2d)
+
+
+class TwiceConv(nn.Module):
+    """One conv applied twice (a shared layer): its FLOPs count for both calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(6, 6, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.relu(self.conv(x)))
+
+
+@pytest.mark.parametrize(
+    ("method", "settings"),
+    [("tucker", {}), ("cp", {"rank_rule": "budget", "ladder": [0.2, 0.4], "max_iter": 20})],
+)
+def test_layer_called_twice_is_costed_for_both_calls(method: str, settings: dict) -> None:
+    torch.manual_seed(0)
+    model = TwiceConv().eval()
+    x = torch.randn(1, 6, 8, 8)
+    plan = ts.plan(model, method, "flops=0.5", x, **settings)
+    (lp,) = plan.compressed_layers
+    assert lp.flops_before == 2 * counted_flops(model.conv, x)
+    small = ts.apply(model, plan)
+    assert counted_flops(small, x) == plan.estimated_flops <= 0.5 * plan.model_flops

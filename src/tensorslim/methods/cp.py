@@ -162,7 +162,7 @@ class CPMethod(Method):
             self._skeleton(module, 1, torch.device("meta")).analytic_flops(info.input_shape)
             * info.calls
         )
-        dense_flops = info.flops * info.calls
+        dense_flops = info.flops  # already summed over all calls
         equal_rank = max(1, dense_flops // max(per_rank, 1))
         default: int | None
         if rule == "fixed":

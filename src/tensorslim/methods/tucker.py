@@ -297,7 +297,7 @@ class TuckerMethod(Method):
         table = _TABLES.get_or_compute(fingerprint(weight), lambda: tucker2_error_table(weight))
         flops, params = tucker_cost_grids(module, info.input_shape, info.calls)
         errors = table[1:, 1:]
-        dense_flops = info.flops * info.calls
+        dense_flops = info.flops  # already summed over all calls
         if rule == "fixed":
             pairs = [self._fixed_ranks(n, c)]
             default: tuple[int, int] | None = pairs[0]

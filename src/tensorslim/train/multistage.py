@@ -49,7 +49,7 @@ def stage_groups(
     infos, _ = collect_layer_info(model, example_input[:1], types=COMPRESSIBLE)
     named = dict(model.named_modules())
     layers = [
-        (fqn, infos[fqn].flops * infos[fqn].calls)
+        (fqn, infos[fqn].flops)  # summed over calls
         for fqn, module in named.items()
         if fqn in infos
         and isinstance(module, COMPRESSIBLE)
@@ -130,11 +130,7 @@ def multistage(
         infos, _ = collect_layer_info(model, example_batch[:1], types=COMPRESSIBLE)
         metric = budget.metric
         costs = [
-            sum(
-                (infos[f].flops * infos[f].calls if metric == "flops" else infos[f].params)
-                for f in g
-                if f in infos
-            )
+            sum((infos[f].flops if metric == "flops" else infos[f].params) for f in g if f in infos)
             for g in groups
         ]
         targets = list(stage_targets(float(original[metric]), budget.fraction, costs))
