@@ -68,13 +68,18 @@ def test_inspect_prints_every_layer(tmp_path: Path) -> None:
     assert facts["total"]["params"] == sum(row["params"] for row in facts["layers"])
 
 
-def test_compress_then_eval_then_export(tmp_path: Path) -> None:
-    pytest.importorskip("onnxruntime", reason="the ONNX export check needs onnxruntime")
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def compressed_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "run"
     result = runner.invoke(
         app, ["compress", *TINY, "--method", "svd", "--budget", "flops=0.5", "--out", str(out)]
     )
     assert result.exit_code == 0, result.output
+    return out
+
+
+def test_compress_then_eval(compressed_run: Path) -> None:
+    out = compressed_run
     for name in ("args.json", "plan.json", "results.json", "report.md", "pareto.png", "model"):
         assert (out / name).exists(), name
     results = json.loads((out / "results.json").read_text())
@@ -92,16 +97,24 @@ def test_compress_then_eval_then_export(tmp_path: Path) -> None:
     assert again["flops"] == results["compressed"]["flops"]
     assert again["params"] == results["compressed"]["params"]
 
-    onnx = runner.invoke(app, ["export", str(out), "--format", "onnx"])
-    assert onnx.exit_code == 0, onnx.output
-    assert (out / "export" / "model.onnx").stat().st_size > 0
-    script = runner.invoke(app, ["export", str(out), "--format", "torchscript"])
-    assert script.exit_code == 0, script.output
-    assert (out / "export" / "model.pt").stat().st_size > 0
-
     # a second compress into the same directory must not clobber it
     refused = runner.invoke(app, ["compress", *TINY, "--budget", "flops=0.5", "--out", str(out)])
     assert_one_line_error(refused, "is not empty", "--resume", "--overwrite")
+
+
+def test_export_torchscript(compressed_run: Path) -> None:
+    script = runner.invoke(app, ["export", str(compressed_run), "--format", "torchscript"])
+    assert script.exit_code == 0, script.output
+    assert (compressed_run / "export" / "model.pt").stat().st_size > 0
+
+
+def test_export_onnx(compressed_run: Path) -> None:
+    pytest.importorskip("onnx", reason="ONNX export needs the onnx extra (pip install '.[onnx]')")
+    pytest.importorskip("onnxruntime", reason="the ONNX export check needs onnxruntime")
+    onnx = runner.invoke(app, ["export", str(compressed_run), "--format", "onnx"])
+    assert onnx.exit_code == 0, onnx.output
+    assert (compressed_run / "export" / "model.onnx").stat().st_size > 0
+    assert "max |Δ| vs PyTorch" in onnx.stdout
 
 
 @pytest.fixture
