@@ -112,7 +112,9 @@ def kernel_part() -> dict[str, Any]:
         for rank in CP_RANKS[name]:
             ours, t_ours = timed(lambda x=x, rank=rank: cp_als(x, rank))
             theirs, t_theirs = timed(
-                lambda xn=xn, rank=rank: parafac(xn, rank, init="svd", n_iter_max=100, tol=1e-8)
+                lambda xn=xn, rank=rank: parafac(
+                    xn, rank, init="svd", n_iter_max=100, tol=1e-8, random_state=0
+                )
             )
             e_theirs = rel_err_np(xn, tl.cp_to_tensor(theirs))
             e_ours = cp_error(x, ours)
@@ -152,7 +154,7 @@ def kernel_part() -> dict[str, Any]:
             hooi, t_hooi = timed(lambda x=x, ranks=ranks: partial_tucker(x, ranks, hooi_iters=10))
             (core, factors), t_tl = timed(
                 lambda xn=xn, ranks=ranks: tl_partial_tucker(
-                    xn, rank=list(ranks), modes=[0, 1], init="svd"
+                    xn, rank=list(ranks), modes=[0, 1], init="svd", random_state=0
                 )[0]
             )
             e_tl = rel_err_np(xn, tl.tenalg.multi_mode_dot(core, factors, modes=[0, 1]))
@@ -173,7 +175,9 @@ def kernel_part() -> dict[str, Any]:
     # TensorLy's pytorch backend, for the record (one rank): is it faster than numpy?
     x = kernels["decaying spectra"]
     tl.set_backend("pytorch")
-    theirs, t_pt = timed(lambda: parafac(x, 16, init="svd", n_iter_max=100, tol=1e-8))
+    theirs, t_pt = timed(
+        lambda: parafac(x, 16, init="svd", n_iter_max=100, tol=1e-8, random_state=0)
+    )
     e_pt = float((tl.cp_to_tensor(theirs) - x).norm() / x.norm())
     tl.set_backend("numpy")
     return {

@@ -60,7 +60,12 @@ class CPMethod(Method):
     description: ClassVar[str] = (
         "CP of conv kernels (1×1 → depthwise kh×1 → depthwise 1×kw → 1×1), ALS ranks by budget"
     )
-    demo_settings: ClassVar[dict[str, Any] | None] = {"rank_rule": "budget", "max_iter": 100}
+    # Four ranks per conv and a short ALS: the demo must plan in seconds.
+    demo_settings: ClassVar[dict[str, Any] | None] = {
+        "rank_rule": "budget",
+        "ladder": [0.1, 0.2, 0.35, 0.55],
+        "max_iter": 40,
+    }
     rank_rule: str = "auto"
     rank: int | None = None
     weaken: float = 1.0
