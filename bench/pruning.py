@@ -284,6 +284,9 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--rpg", default="", help="extra RPG settings, e.g. rank_weight=2")
     parser.add_argument("--resume", action="store_true", help="reuse finished runs")
+    parser.add_argument(
+        "--latency-threads", default="1", help="comma-separated thread counts for latency"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -346,7 +349,7 @@ def main() -> None:
 
     # Latency and storage of the finalized RPG models (dense kernels vs the sparse path).
     latency, per_layer, storage = [], [], []
-    threads_list = sorted({1, max(1, machine["cpus"] or 1)})
+    threads_list = [int(t) for t in args.latency_threads.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         dense_path = Path(tmp) / "dense.safetensors"
         import safetensors.torch
