@@ -5,6 +5,7 @@ chains with ≥ 8× and ≥ 16× fewer FLOPs than dense on 1024×1024 and 4096×
 dense ``F.linear``, DeBut (merged plan, eager), DeBut per factor (no merging), DeBut under
 ``torch.compile`` and a masked-dense chain (every factor a dense p×q matrix times its 0/1 mask);
 forward (inference, no grad) and forward + backward (gradients for input and weights).
+Configurations: thread counts, and OMP_WAIT_POLICY=PASSIVE (run in a child process).
 Timings: ``torch.utils.benchmark.Timer.blocked_autorange`` medians; every case is measured in
 ``--rounds`` interleaved rounds and the smallest round median is reported (other work on the
 machine only ever adds time), all rounds are kept in the JSON.
@@ -15,14 +16,18 @@ explicit chain per layer, initialise them by ALS from the trained weights or ran
 the same number of epochs, and record accuracy, the layers' ALS errors, layer and model
 compression.
 
-    python bench/debut.py [--skip-speed] [--skip-lenet] [--rounds 2] [--ft-epochs 2] [--threads 2 1]
+    python bench/debut.py [--skip-speed] [--skip-lenet] [--rounds 2] [--configs 2 2:passive 1]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -102,7 +107,7 @@ class MaskedDense(torch.nn.Module):
         return x
 
 
-def measure_case(label: str, chain: DeButChain, rounds: int) -> dict[str, Any]:
+def measure_case(label: str, chain: DeButChain, rounds: int, masked_too: bool) -> dict[str, Any]:
     torch.manual_seed(0)
     n_in, n_out = chain.in_features, chain.out_features
     layer = DeButLinear(n_in, n_out, chain, bias=False)
@@ -129,13 +134,15 @@ def measure_case(label: str, chain: DeButChain, rounds: int) -> dict[str, Any]:
 
         return step
 
-    variants_fwd = {"dense": fwd_dense, "debut": fwd_debut, "masked_dense": fwd_masked}
+    variants_fwd = {"dense": fwd_dense, "debut": fwd_debut}
     variants_train = {
         "dense": train_step(lambda inp: F.linear(inp, dense_w)),
         "debut": train_step(layer),
     }
-    if not big:  # a 4096² masked chain takes ~10 s per training step here: forward only
-        variants_train["masked_dense"] = train_step(masked)
+    if masked_too:  # the slow competitor is timed in the first configuration only
+        variants_fwd["masked_dense"] = fwd_masked
+        if not big:  # a 4096² masked chain takes ~10 s per training step here: forward only
+            variants_train["masked_dense"] = train_step(masked)
     result: dict[str, Any] = {
         "case": label,
         "chain": chain.text,
@@ -199,21 +206,54 @@ def measure_case(label: str, chain: DeButChain, rounds: int) -> dict[str, Any]:
     return result
 
 
-def speed_part(rounds: int, threads: int) -> list[dict[str, Any]]:
+def speed_part(rounds: int, threads: int, masked_too: bool) -> list[dict[str, Any]]:
     out = []
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
+    policy = os.environ.get("OMP_WAIT_POLICY", "default").lower()
     try:
         for label, chain in speed_cases():
-            print(f"speed ({threads} threads): {label}: {chain.text}", flush=True)
-            res = measure_case(label, chain, rounds)
+            print(f"speed ({threads} threads, wait {policy}): {label}: {chain.text}", flush=True)
+            res = measure_case(label, chain, rounds, masked_too)
             res["threads"] = threads
+            res["omp_wait_policy"] = policy
+            res["config"] = f"{threads}t" + ("" if policy == "default" else f" {policy}")
             fwd = {k: round(v, 2) for k, v in res["forward_ms"].items()}
             train = {k: round(v, 2) for k, v in res["train_ms"].items()}
             print(f"  forward ms {fwd}\n  train ms   {train}", flush=True)
             out.append(res)
     finally:
         torch.set_num_threads(previous)
+    return out
+
+
+def speed_configs(configs: list[str], rounds: int) -> list[dict[str, Any]]:
+    """Run every configuration "THREADS" or "THREADS:passive"; the OpenMP wait policy is read
+    when OpenMP starts, so passive-wait configurations run in a child process."""
+    out: list[dict[str, Any]] = []
+    for n, config in enumerate(configs):
+        threads_text, _, policy = config.partition(":")
+        threads, masked_too = int(threads_text), n == 0
+        if policy and policy.upper() != os.environ.get("OMP_WAIT_POLICY", "").upper():
+            with tempfile.TemporaryDirectory() as tmp:
+                target = Path(tmp) / "speed.json"
+                command = [
+                    sys.executable,
+                    str(Path(__file__).resolve()),
+                    "--speed-child",
+                    str(target),
+                    "--rounds",
+                    str(rounds),
+                    "--configs",
+                    threads_text,
+                ]
+                if masked_too:
+                    command.append("--child-masked")
+                env = dict(os.environ, OMP_WAIT_POLICY=policy.upper())
+                subprocess.run(command, env=env, check=True)
+                out.extend(json.loads(target.read_text()))
+        else:
+            out.extend(speed_part(rounds, threads, masked_too))
     return out
 
 
@@ -327,7 +367,7 @@ def plot(speed: list[dict[str, Any]], lenet: dict[str, Any] | None, path: Path) 
         ax.set_xticks([j + 2 * width for j in range(len(speed))])
         ax.set_xticklabels(
             [
-                f"{r['shape'][0]}×{r['shape'][1]}\n{r['flops_reduction']:.0f}×, {r['threads']}t"
+                f"{r['shape'][0]}×{r['shape'][1]}\n{r['flops_reduction']:.0f}×, {r['config']}"
                 for r in speed
             ],
             fontsize=8,
@@ -369,12 +409,13 @@ def main() -> None:
     parser.add_argument("--skip-lenet", action="store_true")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument(
-        "--threads",
-        type=int,
+        "--configs",
         nargs="+",
-        default=[torch.get_num_threads(), 1],
-        help="intra-op thread counts to time the speed part at",
+        default=[str(torch.get_num_threads()), f"{torch.get_num_threads()}:passive", "1"],
+        help="speed configurations: THREADS or THREADS:passive (OMP_WAIT_POLICY=PASSIVE)",
     )
+    parser.add_argument("--speed-child", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child-masked", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--limit-train", type=int, default=20000)
     parser.add_argument("--base-epochs", type=int, default=5)
     parser.add_argument("--ft-epochs", type=int, default=2)
@@ -382,11 +423,14 @@ def main() -> None:
     parser.add_argument("--sweeps", type=int, default=8)
     parser.add_argument("--ratios", type=float, nargs="+", default=[2.0, 4.0])
     args = parser.parse_args()
+    if args.speed_child is not None:  # a passive-wait configuration, run by the parent
+        threads = int(args.configs[0])
+        result = speed_part(args.rounds, threads, args.child_masked)
+        args.speed_child.write_text(json.dumps(result))
+        return
     started = time.perf_counter()
     machine = facts()
-    speed = []
-    if not args.skip_speed:
-        speed = [r for n in args.threads for r in speed_part(args.rounds, n)]
+    speed = [] if args.skip_speed else speed_configs(args.configs, args.rounds)
     lenet = None if args.skip_lenet else lenet_part(args)
     payload = {
         "machine": machine,
@@ -409,7 +453,7 @@ def main() -> None:
             rows.append(
                 {
                     "case": r["case"],
-                    "threads": r["threads"],
+                    "config": r["config"],
                     "FLOPs ↓": f"{r['flops_reduction']:.1f}×",
                     "dense fwd ms": f"{fwd['dense']:.2f}",
                     "DeBut fwd ms": f"{fwd['debut']:.2f}",
@@ -417,13 +461,11 @@ def main() -> None:
                     "compiled fwd ms": f"{fwd['debut_compiled']:.2f}"
                     if "debut_compiled" in fwd
                     else "failed",
-                    "masked fwd ms": f"{fwd['masked_dense']:.2f}",
+                    "masked fwd ms": f"{fwd['masked_dense']:.2f}" if "masked_dense" in fwd else "–",
                     "fwd speedup": f"{r['forward_speedup_vs_dense']:.2f}×",
                     "dense f+b ms": f"{tr['dense']:.2f}",
                     "DeBut f+b ms": f"{tr['debut']:.2f}",
-                    "masked f+b ms": f"{tr['masked_dense']:.2f}"
-                    if "masked_dense" in tr
-                    else "not run",
+                    "masked f+b ms": f"{tr['masked_dense']:.2f}" if "masked_dense" in tr else "–",
                     "f+b speedup": f"{r['train_speedup_vs_dense']:.2f}×",
                 }
             )
@@ -436,14 +478,23 @@ def main() -> None:
                 "compile s": f"{r['compile_seconds']:.1f}",
             }
             for r in speed
-            if r["threads"] == speed[0]["threads"]
+            if r["config"] == speed[0]["config"]
         ]
         tables.append(("Chains and how they run", list(chains[0]), chains))
         notes.append(
             "Timings: Timer.blocked_autorange median, smallest of the interleaved rounds. "
             "'DeBut' is the merged plan (exact neighbours multiplied into larger grids, chosen "
             "by the cost model), 'per-factor' runs each factor alone, 'masked' multiplies dense "
-            "p×q factors times their 0/1 patterns."
+            "p×q factors times their 0/1 patterns (timed in the first configuration only; its "
+            "4096² training step, ~10 s, is not run)."
+        )
+        notes.append(
+            "Configurations: intra-op threads, and 'passive' = OMP_WAIT_POLICY=PASSIVE. This "
+            "2-core machine is shared with other jobs (load average below): with OpenMP's "
+            "default spin-wait every parallel op can stall for a scheduler slice when the other "
+            "core is busy, which hurts code made of many short ops (eager DeBut: one or a few "
+            "ops per merged factor) far more than one long GEMM. Passive waiting or one thread "
+            "removes the stall; torch.compile reduces the op count."
         )
     if lenet:
         rows = []
