@@ -662,6 +662,8 @@ INITS = ("als", "grad", "random")
 def _fit_core(
     core: _DeButCore, weight: torch.Tensor, init: str, *, sweeps: int, steps: int, seed: int
 ) -> list[float]:
+    """Fill ``core``'s factors from ``weight`` (out × in) by ``init``; the fit's error list."""
+    # imported here: the fitting module builds on this module's multiply
     from tensorslim.decompose.debut_als import als_fit, grad_fit
 
     if init not in INITS:
@@ -678,8 +680,6 @@ def _fit_core(
     with torch.no_grad():
         for p, w in zip(core.factors, weights, strict=True):
             p.copy_(w.to(dtype=p.dtype, device=p.device))
-    if init == "random":
-        return errors
     return errors
 
 
