@@ -30,7 +30,9 @@ def _one_thread():
 
 def test_run_writes_the_compress_artefacts_and_ranks(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    result = runner.invoke(app, ["svd-train", *TINY, "--target-flops", "0.5", "--out", str(out)])
+    result = runner.invoke(
+        app, ["svd-train", *TINY, "--target-flops", "0.5", "--exclude", "fc3", "--out", str(out)]
+    )
     assert result.exit_code == 0, result.output
     for name in ("args.json", "plan.json", "results.json", "report.md", "model"):
         assert (out / name).exists(), name
@@ -41,7 +43,7 @@ def test_run_writes_the_compress_artefacts_and_ranks(tmp_path: Path) -> None:
     assert results["compressed"]["flops"] <= 0.5 * results["original"]["flops"]
     assert results["flops_fraction"] <= 0.5
     ranks = {row["layer"]: row for row in results["ranks"]}
-    assert set(ranks) == {"conv1", "conv2", "fc1", "fc2", "fc3"}
+    assert set(ranks) == {"conv1", "conv2", "fc1", "fc2"}  # fc3 excluded: stays dense
     assert all(1 <= r["rank_after"] <= r["rank_before"] == r["full_rank"] for r in ranks.values())
     assert [h["stage"] for h in results["history"]] == ["svd_train", "finetune"]
     assert "rank_after" in result.output and "reduction" in result.output
@@ -63,6 +65,7 @@ def test_run_writes_the_compress_artefacts_and_ranks(tmp_path: Path) -> None:
         (["--energy", "0.1", "--scheme", "diag"], "unknown SVD scheme"),
         (["--energy", "0.1", "--from-scratch", "--weights", "w.safetensors"], "not both"),
         (["--energy", "0.1", "--model", "resnet7"], "unknown model"),
+        (["--energy", "0.1", "--exclude", "fc9"], "no layer of that name"),
     ],
 )
 def test_bad_input_is_one_line_before_any_work(tmp_path: Path, extra: list[str], message) -> None:
@@ -71,5 +74,5 @@ def test_bad_input_is_one_line_before_any_work(tmp_path: Path, extra: list[str],
     assert result.exit_code == 2
     assert message in result.output
     assert "Traceback" not in result.output
-    if message != "unknown model":  # the model is built after the run directory is made
+    if message not in ("unknown model", "no layer of that name"):  # checked once the model exists
         assert not out.exists()

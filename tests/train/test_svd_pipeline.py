@@ -315,3 +315,12 @@ def test_pipeline_with_bn_recalibration() -> None:
     assert report["history"]["finetune"] == []
     assert report["pruned"]["flops"] == report["final"]["flops"]
     assert 0.0 <= report["final"]["accuracy"] <= 1.0
+
+
+def test_exclude_keeps_layers_dense() -> None:
+    torch.manual_seed(0)
+    model, report = run(Net(), target_flops=0.6, exclude=["fc", "conv1"])
+    assert type(model.fc) is nn.Linear and type(model.conv1) is nn.Conv2d
+    assert {row["layer"] for row in report["layers"]} == {"conv2", "conv3"}
+    with pytest.raises(TensorslimError, match="cannot exclude 'head'"):
+        run(Net(), energy=0.1, exclude=["head"])

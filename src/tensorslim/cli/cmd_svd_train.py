@@ -111,6 +111,9 @@ def register(app: typer.Typer) -> None:
         target_flops: float = typer.Option(
             None, help="Instead of --energy: FLOPs fraction of the model to land on."
         ),
+        exclude: list[str] = typer.Option(
+            None, "--exclude", help="Keep this layer dense (fqn, repeat), e.g. --exclude fc."
+        ),
         epochs: int = typer.Option(3, min=0, help="Full-rank SVD training epochs (stage 1)."),
         finetune_epochs: int = typer.Option(
             1, min=0, help="Low-rank fine-tuning epochs (stage 3)."
@@ -152,6 +155,9 @@ def register(app: typer.Typer) -> None:
             limit_train=limit_train,
             limit_test=limit_test,
         )
+        unknown = sorted(set(exclude or []) - {name for name, _ in s.model.named_modules()})
+        if unknown:
+            raise TensorslimError(f"--exclude {unknown[0]}: {model} has no layer of that name")
         base_history: list[dict] = []
         if weights is not None:
             load_weights(s.model, weights)
@@ -194,6 +200,7 @@ def register(app: typer.Typer) -> None:
             optimizer=optimizer,
             weight_decay=weight_decay,
             example_input=s.example_batch[:1],
+            exclude=exclude or None,
             progress=progress,
             log=say,
         )
@@ -218,6 +225,7 @@ def register(app: typer.Typer) -> None:
                 "from_scratch": from_scratch,
                 "epochs": epochs,
                 "finetune_epochs": finetune_epochs,
+                "exclude": list(exclude or []),
             },
             "budget": {"flops": target_flops} if target_flops is not None else None,
             "original": original,

@@ -18,7 +18,7 @@ can be saved with ``tensorslim.save`` and rebuilt with ``tensorslim.load``.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,18 +53,27 @@ def to_svd_model(
     scheme: str = "channel",
     from_scratch: bool = False,
     filter_fn: FilterFn | None = None,
+    exclude: Sequence[str] | None = None,
 ) -> nn.Module:
     """Turn every supported Linear/Conv2d of ``model`` (in place) into its full-rank SVD form.
 
     ``from_scratch=True`` ignores the dense weights and draws a Kaiming-style init per layer.
+    ``filter_fn(module, fqn)`` and ``exclude`` (fqns) keep layers dense — e.g. the classifier:
+    the authors' ResNets decompose only convolutions, and energy pruning of a 10-way classifier
+    can leave it rank 1.
     The conversion is recorded as a plan of method ``svd_train`` (so ``tensorslim.save`` works).
     """
+    names = dict(model.named_modules())
+    unknown = sorted(set(exclude or ()) - set(names))
+    if unknown:
+        raise TensorslimError(f"cannot exclude {unknown[0]!r}: the model has no such layer")
     the_plan = plan(
         model,
         "svd_train",
         None,
         example_input,
         filter_fn=filter_fn,
+        exclude=list(exclude) if exclude is not None else None,
         scheme=scheme,
         from_scratch=from_scratch,
     )
@@ -372,6 +381,7 @@ def svd_train_pipeline(
     bn_recalibration_batches: int = 0,
     example_input: torch.Tensor | None = None,
     filter_fn: FilterFn | None = None,
+    exclude: Sequence[str] | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     max_steps_per_epoch: int | None = None,
@@ -387,6 +397,7 @@ def svd_train_pipeline(
     ``torch.distributed`` process group ``fit`` wraps each training stage in
     DistributedDataParallel; structure changes happen on the unwrapped model between stages,
     identically on every rank (they depend only on the synchronised weights).
+    ``filter_fn``/``exclude`` (fqns) keep layers dense (e.g. ``exclude=["fc"]``).
     ``bn_recalibration_batches`` > 0 re-estimates BatchNorm statistics on that many training
     batches right after pruning (see :func:`recalibrate_batchnorm`); 0 follows the paper.
 
@@ -447,7 +458,9 @@ def svd_train_pipeline(
     reference = (original["flops"], original["params"])
 
     # stage 1: full-rank SVD training
-    to_svd_model(model, x, scheme=scheme, from_scratch=from_scratch, filter_fn=filter_fn)
+    to_svd_model(
+        model, x, scheme=scheme, from_scratch=from_scratch, filter_fn=filter_fn, exclude=exclude
+    )
     full_rank = {"params": count_params(model), "flops": count_flops(model, x)}
     hook = SVDRegularizerHook(lambda_o, lambda_s, reg)
     history_train = train("svd_train", epochs_train, [hook], lr)

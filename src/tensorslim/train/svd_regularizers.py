@@ -95,6 +95,12 @@ class NonFiniteSingularValuesError(NonFiniteLossError):
 def check_finite_layers(layers: list[tuple[str, SVDLayer]], where: str = "") -> None:
     """Raise :class:`NonFiniteSingularValuesError` naming the first layer whose U, s or V holds
     NaN/Inf."""
+    if not layers:
+        return
+    # one device sync for the common case; the per-layer search runs only after a failure
+    flags = [torch.isfinite(getattr(m, n)).all() for _, m in layers for n in ("s", "U", "V")]
+    if bool(torch.stack(flags).all()):
+        return
     for fqn, layer in layers:
         for name in ("s", "U", "V"):
             tensor = getattr(layer, name)
