@@ -48,6 +48,7 @@ from tensorslim.train.pruning import PruningHook
 
 SPARSITIES = (0.8, 0.9, 0.95, 0.98)
 METHODS = ("gmp", "rigl", "rpg")
+ABLATION = "rpg λ=0"
 DELTAS = (0.02, 0.05, 0.1)
 LATENCY_BATCHES = (1, 64)
 PARTIAL = RESULTS / "pruning.partial.json"
@@ -68,6 +69,10 @@ def prune_run(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Plan → apply → fit with the method's hook → finalize; accuracy, δ-rank, timings."""
     torch.manual_seed(0)
+    # Every run sees the same batches in the same order (the loader's shuffling generator
+    # would otherwise carry on from the previous run).
+    if getattr(train, "generator", None) is not None:
+        train.generator.manual_seed(0)
     plan = ts.plan(base, method, ts.Budget(params=round(1 - sparsity, 6)), example)
     model = ts.apply(base, plan)
     meth = get_method(method, **settings)
@@ -150,31 +155,42 @@ def layer_inputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
 def latency_rows(
     model: nn.Module, example: torch.Tensor, label: str, threads_list: list[int]
 ) -> tuple[list[dict], list[dict]]:
-    """Whole-model and per-layer latency: dense kernels vs the sparse inference path."""
+    """Whole-model and per-layer latency: dense kernels vs the sparse inference path.
+
+    Whole model, two sparse variants: every pruned layer on the sparse path ("all"), and only
+    the Linear layers ("linear", convs keep their dense kernels). Per layer: every Linear/Conv2d
+    (the dense first conv included) on its real input at batch 64.
+    """
     dense = model.eval()
-    sparse = to_sparse_inference(model, min_sparsity=0.0).eval()
+    variants = {
+        "all": to_sparse_inference(model, min_sparsity=0.5).eval(),
+        "linear": to_sparse_inference(model, min_sparsity=0.5, convs=False).eval(),
+    }
+    every = to_sparse_inference(model, min_sparsity=0.0).eval()
     with torch.inference_mode():
-        torch.testing.assert_close(sparse(example), dense(example), atol=1e-4, rtol=1e-4)
+        for fast in (*variants.values(), every):
+            torch.testing.assert_close(fast(example), dense(example), atol=1e-4, rtol=1e-4)
     whole, per_layer = [], []
     for threads in threads_list:
         for batch in LATENCY_BATCHES:
             x = example[:batch]
             t_dense = measure_latency(dense, x, threads=threads, min_run_time=0.3)["median_ms"]
-            t_sparse = measure_latency(sparse, x, threads=threads, min_run_time=0.3)["median_ms"]
-            whole.append(
-                {
-                    "model": label,
-                    "threads": threads,
-                    "batch": batch,
-                    "dense_ms": t_dense,
-                    "sparse_ms": t_sparse,
-                    "speedup": t_dense / t_sparse,
-                }
-            )
-        # Per layer at batch 64, each on its real input.
+            for variant, fast in variants.items():
+                t_sparse = measure_latency(fast, x, threads=threads, min_run_time=0.3)["median_ms"]
+                whole.append(
+                    {
+                        "model": label,
+                        "sparse layers": variant,
+                        "threads": threads,
+                        "batch": batch,
+                        "dense_ms": t_dense,
+                        "sparse_ms": t_sparse,
+                        "speedup": t_dense / t_sparse,
+                    }
+                )
         for name, x in layer_inputs(dense, example[:64]).items():
             layer = dense.get_submodule(name)
-            fast = sparse.get_submodule(name)
+            fast = every.get_submodule(name)
             if not isinstance(fast, SparseLinear | SparseConv2d):
                 continue
             t_d = _median_ms(layer, x, min_run_time=0.15, threads=threads)
@@ -196,15 +212,18 @@ def latency_rows(
 
 def plot(rows: list[dict], base_rank: float, base_acc: float, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for method in METHODS:
+    for method in (*METHODS, ABLATION):
         mine = sorted(
             (r for r in rows if r["method"] == method), key=lambda r: r["sparsity_target"]
         )
         if not mine:
             continue
         xs = [100 * r["sparsity_target"] for r in mine]
-        axes[0].plot(xs, [r["avg_delta_rank"] for r in mine], marker="o", label=method.upper())
-        axes[1].plot(xs, [100 * r["accuracy"] for r in mine], marker="o", label=method.upper())
+        style = {"marker": "o", "label": method.upper().replace("Λ", "λ")}
+        if method == ABLATION:
+            style.update(ls=":", marker="x", color="gray")
+        axes[0].plot(xs, [r["avg_delta_rank"] for r in mine], **style)
+        axes[1].plot(xs, [100 * r["accuracy"] for r in mine], **style)
     axes[0].axhline(base_rank, color="gray", ls="--", lw=1, label="dense")
     axes[1].axhline(100 * base_acc, color="gray", ls="--", lw=1, label="dense")
     axes[0].set(
@@ -236,6 +255,19 @@ def claims(rows: list[dict], latency: list[dict]) -> list[dict]:
                     "holds": rpg["avg_delta_rank"] > gmp["avg_delta_rank"],
                     "evidence": (
                         f"RPG {rpg['avg_delta_rank']:.1f} vs GMP {gmp['avg_delta_rank']:.1f}"
+                    ),
+                }
+            )
+    for s in (0.95, 0.98):
+        rpg, plain = get("rpg", s), get(ABLATION, s)
+        if rpg and plain:
+            out.append(
+                {
+                    "claim": f"the rank loss, not the regrowth, raises the δ-rank at {s:.0%}",
+                    "holds": rpg["avg_delta_rank"] > plain["avg_delta_rank"],
+                    "evidence": (
+                        f"RPG {rpg['avg_delta_rank']:.1f} (acc {rpg['accuracy']:.4f}) vs RPG "
+                        f"λ=0 {plain['avg_delta_rank']:.1f} (acc {plain['accuracy']:.4f})"
                     ),
                 }
             )
@@ -283,6 +315,9 @@ def main() -> None:
     parser.add_argument("--sparsities", default=",".join(map(str, SPARSITIES)))
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--rpg", default="", help="extra RPG settings, e.g. rank_weight=2")
+    parser.add_argument(
+        "--ablation-sparsities", default="0.95,0.98", help="where to also run RPG with λ = 0"
+    )
     parser.add_argument("--resume", action="store_true", help="reuse finished runs")
     parser.add_argument(
         "--report-only", action="store_true", help="rewrite pruning.md/png from pruning.json"
@@ -339,17 +374,22 @@ def main() -> None:
     rows: list[dict] = []
     finals: dict[tuple[str, float], nn.Module] = {}
     sparsities = [float(s) for s in args.sparsities.split(",")]
+    ablation = [float(x) for x in args.ablation_sparsities.split(",") if x]
     for sparsity in sparsities:
-        for method in args.methods.split(","):
-            settings = dict(rpg_extra) if method == "rpg" else {}
+        plan_runs = [(m, m, dict(rpg_extra) if m == "rpg" else {}) for m in args.methods.split(",")]
+        if sparsity in ablation:
+            # RPG without the rank loss: GMP schedule + RigL regrowth, to separate the effect
+            # of the rank loss from that of the regrowth.
+            plan_runs.append((ABLATION, "rpg", {**rpg_extra, "rank_weight": 0.0}))
+        for label, method, settings in plan_runs:
             old = next(
-                (r for r in done if r["method"] == method and r["sparsity_target"] == sparsity),
+                (r for r in done if r["method"] == label and r["sparsity_target"] == sparsity),
                 None,
             )
-            if old is not None and method != "rpg":
+            if old is not None and label != "rpg":  # RPG reruns: its models give the latency
                 rows.append(old)
                 continue
-            print(f"== {method} at {sparsity:.0%}", flush=True)
+            print(f"== {label} at {sparsity:.0%}", flush=True)
             model, row = prune_run(
                 base,
                 method,
@@ -368,8 +408,9 @@ def main() -> None:
                 f"{100 * row['rank_loss_share']:.2f} % ({row['train_seconds']:.0f} s)",
                 flush=True,
             )
+            row["method"] = label
             rows.append(row)
-            finals[(method, sparsity)] = model
+            finals[(label, sparsity)] = model
             PARTIAL.write_text(json.dumps({"runs": rows}, indent=2, default=str))
 
     # Latency and storage of the finalized RPG models (dense kernels vs the sparse path).
@@ -483,8 +524,14 @@ def report(payload: dict[str, Any]) -> None:
         "Methods: GMP = cubic schedule, global magnitude ranking; RigL = one-shot global "
         "magnitude pruning to the target, then drop/regrow by dense gradient (α = 0.3, cosine "
         "decay); RPG = cubic schedule + RigL regrowth scored by the gradient of task + λ·"
-        "adversarial rank loss (λ = 10, partial_k = 0.1, at mask-update steps). Pruning ends at "
-        "75 % of the steps; ΔT gives about 25 mask updates.",
+        "adversarial rank loss (λ = 10, partial_k = 0.1, at mask-update steps); RPG λ=0 = the "
+        "same without the rank loss (an ablation). Pruning ends at 75 % of the steps (RigL: "
+        "drop/regrow ends there; its sparsity is final from step 0); ΔT gives about 25 mask "
+        "updates.",
+        "Latency: the finalized RPG models, dense kernels vs the sparse path with every pruned "
+        "layer of sparsity ≥ 0.5 on it ('all') or only the Linear layers ('linear'); per layer, "
+        "every Linear/Conv2d on its real input (the first conv is dense: its row shows the cost "
+        "of the sparse path on a dense weight).",
         "δ-rank: number of singular values of W/‖W‖_F (W viewed C_out × rest) above δ; averaged "
         "over the pruned layers.",
         PILOT_LAMBDA,
@@ -504,7 +551,7 @@ def report(payload: dict[str, Any]) -> None:
         ("Per-layer sparsity / δ-rank (δ = 0.05)", ["method", "target", *layer_names], layer_table),
         (
             "Whole-model latency (ms): dense kernels vs sparse path",
-            ["model", "threads", "batch", "dense_ms", "sparse_ms", "speedup"],
+            ["model", "sparse layers", "threads", "batch", "dense_ms", "sparse_ms", "speedup"],
             _fmt(payload["latency"]),
         ),
         (

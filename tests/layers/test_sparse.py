@@ -287,6 +287,11 @@ def test_to_sparse_inference_converts_sparse_layers_only() -> None:
     assert mask_of(model[0]) is not None  # the original model is untouched
     with torch.inference_mode():
         torch.testing.assert_close(fast(x), model(x), atol=1e-5, rtol=1e-5)
+    linear_only = to_sparse_inference(model, min_sparsity=0.5, convs=False)
+    assert isinstance(linear_only[0], nn.Conv2d) and isinstance(linear_only[4], SparseLinear)
+    assert not isinstance(to_sparse_inference(model, min_sparsity=0.95)[4], SparseLinear)
+    with pytest.raises(TensorslimError, match="min_sparsity"):
+        to_sparse_inference(model, min_sparsity=1.5)
 
 
 def test_finalizing_a_deep_copy_leaves_the_original_intact() -> None:
