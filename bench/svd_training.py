@@ -60,7 +60,9 @@ from tensorslim.train.svd_pipeline import (
 from tensorslim.train.svd_regularizers import SVDRegularizerHook
 
 NAME = "svd_training"
-CURVE_TARGETS = (0.8, 0.65, 0.5, 0.35, 0.2)
+CURVE_TARGETS = (0.8, 0.65, 0.5, 0.35)
+# the classifier stays dense in every arm, as in the authors' ResNets (only convs decomposed)
+EXCLUDE = ["fc"]
 HEADLINE_TARGET = 0.5
 
 
@@ -88,7 +90,7 @@ def pick_threads(model_factory, batch: torch.Tensor) -> tuple[int, dict[str, flo
 def svd_model_from_checkpoint(base: torch.nn.Module, scheme: str, path: Path, x: torch.Tensor):
     """The stage-1 (full-rank SVD) model a pipeline run left in its checkpoint."""
     model = copy.deepcopy(base)
-    to_svd_model(model, x, scheme=scheme)
+    to_svd_model(model, x, scheme=scheme, exclude=EXCLUDE)
     state = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     return model
@@ -121,7 +123,8 @@ def curve_posthoc(dense, x, train, test, scheme: str, recal: int) -> list[dict[s
     points = []
     original = count_flops(dense, x)
     for target in CURVE_TARGETS:
-        small = ts.apply(dense, ts.plan(dense, "svd", ts.Budget(flops=target), x, scheme=scheme))
+        budget = ts.Budget(flops=target)
+        small = ts.apply(dense, ts.plan(dense, "svd", budget, x, scheme=scheme, exclude=EXCLUDE))
         recalibrate_batchnorm(small, train, recal)
         points.append(
             {
@@ -257,6 +260,7 @@ def main() -> None:
             example_input=x,
             progress=False,
             bn_recalibration_batches=args.recal_batches,
+            exclude=EXCLUDE,
         )
         final_acc = evaluate(model, test_final)["accuracy"]
         stage1 = svd_model_from_checkpoint(
@@ -290,7 +294,7 @@ def main() -> None:
             sweep_models[label] = stage1_models[shared]
             continue
         model = copy.deepcopy(pre)
-        to_svd_model(model, x, scheme="channel")
+        to_svd_model(model, x, scheme="channel", exclude=EXCLUDE)
         fit(
             model,
             train,
@@ -303,7 +307,7 @@ def main() -> None:
         mark(f"stage 1 {label}")
     # λs = 0: SVD training with the orthogonality loss only (no sparsity)
     zero = copy.deepcopy(pre)
-    to_svd_model(zero, x, scheme="channel")
+    to_svd_model(zero, x, scheme="channel", exclude=EXCLUDE)
     fit(
         zero,
         train,
@@ -328,50 +332,70 @@ def main() -> None:
     mark("curves")
 
     # ----- Table 2: post-hoc SVD + fine-tune, low-rank from scratch, same FLOPs and epochs -----
-    head = final_models["hoyer-channel"]
-    head_flops = count_flops(head, x)
-    posthoc = ts.apply(
-        dense_s1, ts.plan(dense_s1, "svd", ts.Budget(flops=head_flops / reference[0]), x)
-    )
-    posthoc_before = evaluate(posthoc, test_final)["accuracy"]
-    train_dense(posthoc, args.ft_epochs, args.lr_ft, "post-hoc fine-tune")
-    posthoc_acc = evaluate(posthoc, test_final)["accuracy"]
-    posthoc_flops = count_flops(posthoc, x)
-    mark(f"post-hoc SVD + fine-tune: {posthoc_acc:.4f} at {posthoc_flops / reference[0]:.3f}")
-    torch.manual_seed(1)
-    scratch = ts.apply(new_model(), plans_of(head)[-1])  # same ranks, random (Kaiming) init
-    scratch_flops = count_flops(scratch, x)
-    train_dense(scratch, total_epochs, args.lr_pre, "low-rank from scratch")
-    scratch_acc = evaluate(scratch, test_final)["accuracy"]
-    mark(f"low-rank from scratch: {scratch_acc:.4f} at {scratch_flops / reference[0]:.3f}")
-
     table2 = [
         {
             "arm": f"dense resnet20 ({total_epochs} epochs)",
+            "scheme": "–",
             "accuracy": dense_acc,
             "flops_fraction": 1.0,
             "epochs": total_epochs,
-        },
-        {
-            "arm": "SVD training pipeline (Hoyer, channel)",
-            "accuracy": pipeline_results["hoyer-channel"]["accuracy"],
-            "flops_fraction": head_flops / reference[0],
-            "epochs": total_epochs,
-        },
-        {
-            "arm": "post-hoc SVD (global allocator) + fine-tune",
-            "accuracy": posthoc_acc,
-            "flops_fraction": posthoc_flops / reference[0],
-            "epochs": total_epochs,
-            "accuracy_before_finetune": posthoc_before,
-        },
-        {
-            "arm": "fixed low-rank from scratch (same ranks)",
-            "accuracy": scratch_acc,
-            "flops_fraction": scratch_flops / reference[0],
-            "epochs": total_epochs,
-        },
+        }
     ]
+    arms: dict[str, dict[str, float]] = {}
+    for scheme in ("channel", "spatial"):
+        head = final_models[f"hoyer-{scheme}"]
+        head_flops = count_flops(head, x)
+        posthoc = ts.apply(
+            dense_s1,
+            ts.plan(
+                dense_s1,
+                "svd",
+                ts.Budget(flops=head_flops / reference[0]),
+                x,
+                scheme=scheme,
+                exclude=EXCLUDE,
+            ),
+        )
+        posthoc_before = evaluate(posthoc, test_final)["accuracy"]
+        train_dense(posthoc, args.ft_epochs, args.lr_ft, "post-hoc fine-tune")
+        posthoc_acc = evaluate(posthoc, test_final)["accuracy"]
+        posthoc_flops = count_flops(posthoc, x)
+        mark(f"post-hoc SVD {scheme} + fine-tune: {posthoc_acc:.4f}")
+        torch.manual_seed(1)
+        scratch = ts.apply(new_model(), plans_of(head)[-1])  # same ranks, random init
+        scratch_flops = count_flops(scratch, x)
+        train_dense(scratch, total_epochs, args.lr_pre, "low-rank from scratch")
+        scratch_acc = evaluate(scratch, test_final)["accuracy"]
+        mark(f"low-rank {scheme} from scratch: {scratch_acc:.4f}")
+        arms[scheme] = {
+            "pipeline": pipeline_results[f"hoyer-{scheme}"]["accuracy"],
+            "posthoc": posthoc_acc,
+            "scratch": scratch_acc,
+        }
+        table2 += [
+            {
+                "arm": "SVD training pipeline (Hoyer)",
+                "scheme": scheme,
+                "accuracy": arms[scheme]["pipeline"],
+                "flops_fraction": head_flops / reference[0],
+                "epochs": total_epochs,
+            },
+            {
+                "arm": "post-hoc SVD (global allocator) + fine-tune",
+                "scheme": scheme,
+                "accuracy": posthoc_acc,
+                "flops_fraction": posthoc_flops / reference[0],
+                "epochs": total_epochs,
+                "accuracy_before_finetune": posthoc_before,
+            },
+            {
+                "arm": "fixed low-rank from scratch (same ranks)",
+                "scheme": scheme,
+                "accuracy": scratch_acc,
+                "flops_fraction": scratch_flops / reference[0],
+                "epochs": total_epochs,
+            },
+        ]
 
     # ----- claims ------------------------------------------------------------------------------
     def mean_curve(label: str) -> float:
@@ -440,23 +464,29 @@ def main() -> None:
         {
             "claim": "Table 2: the full pipeline beats post-hoc SVD + fine-tune and a fixed "
             "low-rank model from scratch at the same FLOPs and epochs",
-            "evidence": (
-                f"pipeline {p_head['accuracy']:.4f}, post-hoc {posthoc_acc:.4f}, from "
-                f"scratch {scratch_acc:.4f}"
+            "evidence": "; ".join(
+                f"{scheme}-wise: pipeline {a['pipeline']:.4f}, post-hoc {a['posthoc']:.4f}, "
+                f"from scratch {a['scratch']:.4f}"
+                for scheme, a in arms.items()
             ),
-            "holds": p_head["accuracy"] > posthoc_acc and p_head["accuracy"] > scratch_acc,
+            "holds": all(
+                a["pipeline"] > a["posthoc"] and a["pipeline"] > a["scratch"] for a in arms.values()
+            ),
         }
     )
+    best = max(arms, key=lambda k: arms[k]["pipeline"])
+    best_acc = arms[best]["pipeline"]
+    best_flops = pipeline_results[f"hoyer-{best}"]["flops_fraction"]
     claims.append(
         {
             "claim": f"Target: at ≤ {HEADLINE_TARGET} FLOPs the pipeline loses ≤ 0.5 accuracy "
             f"points against the dense model trained {total_epochs} epochs, and beats post-hoc",
             "evidence": (
-                f"dense {dense_acc:.4f}, pipeline {p_head['accuracy']:.4f} "
-                f"({100 * (p_head['accuracy'] - dense_acc):+.2f} points) at "
-                f"{p_head['flops_fraction']:.3f} FLOPs; post-hoc {posthoc_acc:.4f}"
+                f"best scheme {best}-wise: dense {dense_acc:.4f}, pipeline {best_acc:.4f} "
+                f"({100 * (best_acc - dense_acc):+.2f} points) at {best_flops:.3f} FLOPs; "
+                f"post-hoc ({best}-wise) {arms[best]['posthoc']:.4f}"
             ),
-            "holds": dense_acc - p_head["accuracy"] <= 0.005 and p_head["accuracy"] > posthoc_acc,
+            "holds": dense_acc - best_acc <= 0.005 and best_acc > arms[best]["posthoc"],
         }
     )
     mark("done")
@@ -511,11 +541,12 @@ def plot(curves, pipelines, table2, dense_acc: float, out: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
     ax = axes[3]
-    names = [row["arm"].split(" (")[0] for row in table2]
+    colours = {"dense": "gray", "SVD": "tab:blue", "post": "tab:orange", "fixed": "tab:green"}
+    names = [f"{row['arm'].split(' (')[0]} {row['scheme']}".strip(" –") for row in table2]
     ax.bar(
         range(len(table2)),
         [100 * row["accuracy"] for row in table2],
-        color=["gray", "tab:blue", "tab:orange", "tab:green"],
+        color=[colours[row["arm"].split()[0].split("-")[0]] for row in table2],
     )
     for i, row in enumerate(table2):
         ax.text(
@@ -524,11 +555,11 @@ def plot(curves, pipelines, table2, dense_acc: float, out: Path) -> None:
             f"{100 * row['accuracy']:.1f}\n@{row['flops_fraction']:.2f}",
             ha="center",
             va="bottom",
-            fontsize=7,
+            fontsize=6,
         )
     low = min(100 * row["accuracy"] for row in table2)
     ax.set_ylim(max(0.0, low - 10), 100)
-    ax.set_xticks(range(len(table2)), names, rotation=20, fontsize=7, ha="right")
+    ax.set_xticks(range(len(table2)), names, rotation=30, fontsize=6, ha="right")
     ax.set_title("same FLOPs, same epochs (fine-tuned)", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / f"{NAME}.png")
@@ -567,7 +598,7 @@ def write_markdown(payload: dict[str, Any], out: Path) -> None:
         "## Same FLOPs, same epochs (Table 2)",
         "",
         markdown_table(
-            ["arm", "accuracy", "flops_fraction", "epochs", "accuracy_before_finetune"],
+            ["arm", "scheme", "accuracy", "flops_fraction", "epochs", "accuracy_before_finetune"],
             payload["table2"],
         ),
         "",
