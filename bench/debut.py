@@ -350,56 +350,64 @@ def lenet_part(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def plot(speed: list[dict[str, Any]], lenet: dict[str, Any] | None, path: Path) -> None:
-    panels = (1 if speed else 0) * 2 + (1 if lenet else 0)
-    fig, axes = plt.subplots(1, panels, figsize=(7 * panels, 4.8), squeeze=False)
-    col = 0
-    names = ["dense", "debut", "debut_per_factor", "debut_compiled", "masked_dense"]
+    """Forward and forward+backward times per case and configuration (log scale), and the
+    LeNet accuracies; one panel per row so the labels stay readable."""
+    panels = (2 if speed else 0) + (1 if lenet else 0)
+    fig, axes = plt.subplots(panels, 1, figsize=(13, 4.2 * panels), squeeze=False)
+    row = 0
     for kind in ("forward", "train") if speed else ():
-        ax = axes[0][col]
-        col += 1
-        width = 0.16
-        for i, name in enumerate(
-            names if kind == "forward" else ["dense", "debut", "masked_dense"]
-        ):
+        ax = axes[row][0]
+        row += 1
+        names = (
+            ["dense", "debut", "debut_per_factor", "debut_compiled", "masked_dense"]
+            if kind == "forward"
+            else ["dense", "debut", "masked_dense"]
+        )
+        width = 0.8 / len(names)
+        for i, name in enumerate(names):
             vals = [r[f"{kind}_ms"].get(name, math.nan) for r in speed]
             ax.bar([j + i * width for j in range(len(speed))], vals, width, label=name)
         ax.set_yscale("log")
-        ax.set_xticks([j + 2 * width for j in range(len(speed))])
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(speed))])
         ax.set_xticklabels(
             [
-                f"{r['shape'][0]}×{r['shape'][1]}\n{r['flops_reduction']:.0f}×, {r['config']}"
+                f"{r['shape'][0]}×{r['shape'][1]} {r['flops_reduction']:.0f}×\n{r['config']}"
                 for r in speed
             ],
-            fontsize=8,
+            fontsize=7,
+            rotation=45,
+            ha="right",
         )
         ax.set_ylabel("ms (log)")
-        ax.set_title(f"{'forward' if kind == 'forward' else 'forward + backward'}, {ROWS} rows")
-        ax.legend(fontsize=7)
+        title = "forward (no grad)" if kind == "forward" else "forward + backward"
+        ax.set_title(f"{title}, {ROWS} rows, fp32")
+        ax.legend(fontsize=7, ncol=len(names))
     if lenet:
-        ax = axes[0][col]
+        ax = axes[row][0]
         runs = lenet["runs"]
-        labels = [f"{r['init']}\n{r['model_compression']:.2f}× model" for r in runs]
+        labels = [f"{r['init']} init, {r['model_compression']:.2f}× smaller model" for r in runs]
         ax.bar(
             range(len(runs)),
             [r["accuracy_after_finetune"] for r in runs],
             color="tab:blue",
-            label="after fine-tune",
+            label="after fine-tuning",
         )
         ax.bar(
             range(len(runs)),
             [r["accuracy_after_init"] for r in runs],
             color="tab:orange",
             width=0.4,
-            label="right after init",
+            label="right after initialisation",
         )
         ax.axhline(lenet["base"]["accuracy"], color="k", linestyle="--", label="dense LeNet-5")
         ax.set_xticks(range(len(runs)))
         ax.set_xticklabels(labels, fontsize=8)
         ax.set_ylim(0, 1)
-        ax.set_title("LeNet-5 on Fashion-MNIST: conv2, fc1, fc2 as DeBut")
-        ax.legend(fontsize=7)
+        ax.set_ylabel("test accuracy")
+        ax.set_title("LeNet-5 on Fashion-MNIST: conv2, fc1, fc2 as DeBut chains")
+        ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

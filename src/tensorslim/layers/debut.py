@@ -489,7 +489,9 @@ class DeButLinear(StructuredLayer):
 class DeButConv2d(StructuredLayer):
     """A Conv2d whose kernel, viewed C_out × (C_in·kh·kw) in unfold order, is a DeBut chain.
 
-    y = fold-free: unfold x → (N, C_in·kh·kw, L) → chain on every column → (N, C_out, Ho, Wo) + b.
+    unfold x → (N, C_in·kh·kw, L) → the chain on every column (one feature-major matrix) →
+    (N, C_out, Ho, Wo) + b; stride, padding (ints, pairs, "same", "valid") and dilation as in
+    nn.Conv2d.
     FLOPs 2·N·Ho·Wo·Σ_k p_k s_k; parameters Σ_k p_k s_k (+ C_out).
     """
 
