@@ -508,6 +508,26 @@ def notes_for(payload: dict[str, Any]) -> list[str]:
             "Linear layers, so it runs at params budgets on small_cnn (resnet20's one Linear "
             "has 650 parameters)."
         )
+        for r in acc["runs"]:
+            if r["notes"]:
+                notes.append(
+                    f"{r['model']} {r['method']} at {r['budget']}: {r['notes']}; the allocator "
+                    "then takes the cheapest option of every layer"
+                    + (
+                        " (TT rank 1 everywhere: the hidden layer dies and fine-tuning cannot "
+                        "revive it, hence chance accuracy)."
+                        if r["accuracy_after_ft"] < 0.2
+                        else "."
+                    )
+                )
+        seconds = payload.get("seconds", {}).get("accuracy")
+        if seconds:
+            notes.append(
+                f"The accuracy part took {seconds / 60:.0f} min on this loaded machine, of which "
+                "about 11 min trained resnet20 (now cached); compressed models before "
+                "fine-tuning are near chance on resnet20 for every method (BatchNorm statistics "
+                "no longer match the decomposed convolutions), so 'after' is what matters there."
+            )
     return notes
 
 
@@ -531,7 +551,8 @@ def main() -> None:
         payload["layers"] = layers_part()
     if "accuracy" in parts:
         payload["accuracy"] = accuracy_part(args)
-    payload["machine"] = facts()
+    if any(parts) or "machine" not in payload:
+        payload["machine"] = facts()  # a notes-only rerun keeps the measuring run's facts
     if any(parts):
         payload.setdefault("seconds", {}).update({args.parts: time.perf_counter() - started})
     notes = notes_for(payload)
@@ -578,6 +599,7 @@ def main() -> None:
                 f"Per-layer latency at matched FLOPs (batch {LAYER_BATCH})",
                 [
                     "layer",
+                    "layout",
                     "target",
                     "method",
                     "config",
