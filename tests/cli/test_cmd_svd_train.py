@@ -31,7 +31,18 @@ def _one_thread():
 def test_run_writes_the_compress_artefacts_and_ranks(tmp_path: Path) -> None:
     out = tmp_path / "run"
     result = runner.invoke(
-        app, ["svd-train", *TINY, "--target-flops", "0.5", "--exclude", "fc3", "--out", str(out)]
+        app,
+        [
+            "svd-train",
+            *TINY,
+            "--target-flops",
+            "0.5",
+            "--linear",
+            "--exclude",
+            "fc3",
+            "--out",
+            str(out),
+        ],
     )
     assert result.exit_code == 0, result.output
     for name in ("args.json", "plan.json", "results.json", "report.md", "model"):

@@ -73,7 +73,7 @@ def test_registered_as_a_training_method() -> None:
 def test_plan_offers_the_full_rank_form_and_apply_is_exact() -> None:
     torch.manual_seed(0)
     model = Net().eval()
-    the_plan = ts.plan(model, "svd_train", example_input=X, scheme="spatial")
+    the_plan = ts.plan(model, "svd_train", example_input=X, scheme="spatial", linear=True)
     by_fqn = {lp.fqn: lp for lp in the_plan.layers}
     assert by_fqn["grouped"].method is None and "grouped" in by_fqn["grouped"].reason
     assert by_fqn["conv2"].config == {"rank": 24, "scheme": "spatial"}  # min(16·3, 8·3)
@@ -81,6 +81,10 @@ def test_plan_offers_the_full_rank_form_and_apply_is_exact() -> None:
     assert by_fqn["fc"].config == {"rank": 4, "scheme": "channel"}
     small = ts.apply(model, the_plan)
     assert isinstance(small.conv2, SVDConv2d) and isinstance(small.fc, SVDLinear)
+    # by default, as in the paper, only convolutions are trained in SVD form
+    default = ts.plan(model, "svd_train", example_input=X)
+    fc = next(lp for lp in default.layers if lp.fqn == "fc")
+    assert fc.method is None and "linear=True" in fc.reason
     x = torch.randn(4, 1, 10, 10)
     torch.testing.assert_close(small(x), model(x), rtol=1e-4, atol=1e-5)
     # the option's stated cost is the measured cost of the built layer
@@ -114,7 +118,8 @@ def test_finalize_meets_the_budget_and_saves(tmp_path: Path) -> None:
     assert not svd_layers(small)
     assert count_flops(small, X) <= 0.5 * the_plan.model_flops
     summary = method.summary(small)
-    assert {row["layer"] for row in summary["layers"]} == {"conv1", "conv2", "fc"}
+    assert {row["layer"] for row in summary["layers"]} == {"conv1", "conv2"}
+    assert type(small.fc) is nn.Linear
     ts.save(small, tmp_path / "m")
     again = ts.load(tmp_path / "m", base_model=Net())
     x = torch.randn(2, 1, 10, 10)

@@ -139,7 +139,7 @@ def test_merge_back_where_the_rank_does_not_pay() -> None:
     assert all(row["form"] == "dense" for row in report["layers"])
     assert type(model.conv1) is nn.Conv2d and type(model.fc) is nn.Linear
     other = Net()
-    to_svd_model(other, x)
+    to_svd_model(other, x, linear=True)
     report = finalize_svd_model(other, x, energy=0.0, merge_dense=False)
     assert all(row["form"] == "lowrank" for row in report["layers"])
     assert isinstance(other.conv1, LowRankConv2d) and isinstance(other.fc, LowRankLinear)
@@ -319,8 +319,10 @@ def test_pipeline_with_bn_recalibration() -> None:
 
 def test_exclude_keeps_layers_dense() -> None:
     torch.manual_seed(0)
-    model, report = run(Net(), target_flops=0.6, exclude=["fc", "conv1"])
+    model, report = run(Net(), target_flops=0.6, exclude=["fc", "conv1"], linear=True)
     assert type(model.fc) is nn.Linear and type(model.conv1) is nn.Conv2d
     assert {row["layer"] for row in report["layers"]} == {"conv2", "conv3"}
+    _, report = run(Net(), target_flops=0.6)  # convolutions only by default
+    assert {row["layer"] for row in report["layers"]} == {"conv1", "conv2", "conv3"}
     with pytest.raises(TensorslimError, match="cannot exclude 'head'"):
         run(Net(), energy=0.1, exclude=["head"])

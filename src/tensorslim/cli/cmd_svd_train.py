@@ -111,6 +111,9 @@ def register(app: typer.Typer) -> None:
         target_flops: float = typer.Option(
             None, help="Instead of --energy: FLOPs fraction of the model to land on."
         ),
+        linear: bool = typer.Option(
+            False, help="Also train Linear layers in SVD form (the paper: convolutions only)."
+        ),
         exclude: list[str] = typer.Option(
             None, "--exclude", help="Keep this layer dense (fqn, repeat), e.g. --exclude fc."
         ),
@@ -201,6 +204,7 @@ def register(app: typer.Typer) -> None:
             weight_decay=weight_decay,
             example_input=s.example_batch[:1],
             exclude=exclude or None,
+            linear=linear,
             progress=progress,
             log=say,
         )
@@ -226,6 +230,7 @@ def register(app: typer.Typer) -> None:
                 "epochs": epochs,
                 "finetune_epochs": finetune_epochs,
                 "exclude": list(exclude or []),
+                "linear": linear,
             },
             "budget": {"flops": target_flops} if target_flops is not None else None,
             "original": original,

@@ -32,7 +32,9 @@ class SVDTrainMethod(Method):
     """Settings: ``scheme`` ("channel" | "spatial" for convs), ``reg`` ("l1" | "hoyer" |
     "hoyer_square"), ``lambda_o`` and ``lambda_s`` (≥ 0), ``energy`` (fraction of Σs² pruning may
     remove per layer, in [0, 1); used when the plan has no budget), ``from_scratch`` (ignore the
-    dense weights, Kaiming-style init), ``merge_dense`` (merge layers whose rank does not pay)."""
+    dense weights, Kaiming-style init), ``merge_dense`` (merge layers whose rank does not pay),
+    ``linear`` (also train Linear layers in SVD form; off by default, as in the paper, which
+    decomposes convolutions only — exclude the classifier if you turn it on)."""
 
     name: ClassVar[str] = "svd_train"
     description: ClassVar[str] = (
@@ -53,6 +55,7 @@ class SVDTrainMethod(Method):
     energy: float | None = None
     from_scratch: bool = False
     merge_dense: bool = True
+    linear: bool = False
 
     def __post_init__(self) -> None:
         from tensorslim.rank.energy_prune import check_energy
@@ -69,7 +72,11 @@ class SVDTrainMethod(Method):
 
     def supports(self, module: nn.Module, fqn: str) -> str | None:
         if isinstance(module, nn.Linear):
-            return None
+            if self.linear:
+                return None
+            # the authors decompose convolutions only; energy pruning of a small classifier can
+            # leave it at rank 1, which no fine-tuning repairs
+            return "Linear layers stay dense unless linear=True (the paper decomposes convs only)"
         if isinstance(module, nn.Conv2d):
             return unsupported_conv_reason(module)
         return f"{type(module).__name__} is not a Linear or Conv2d"

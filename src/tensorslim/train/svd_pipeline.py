@@ -54,9 +54,11 @@ def to_svd_model(
     from_scratch: bool = False,
     filter_fn: FilterFn | None = None,
     exclude: Sequence[str] | None = None,
+    linear: bool = False,
 ) -> nn.Module:
     """Turn every supported Linear/Conv2d of ``model`` (in place) into its full-rank SVD form.
 
+    Convolutions only unless ``linear=True`` (the paper decomposes convolutions only).
     ``from_scratch=True`` ignores the dense weights and draws a Kaiming-style init per layer.
     ``filter_fn(module, fqn)`` and ``exclude`` (fqns) keep layers dense — e.g. the classifier:
     the authors' ResNets decompose only convolutions, and energy pruning of a 10-way classifier
@@ -76,9 +78,12 @@ def to_svd_model(
         exclude=list(exclude) if exclude is not None else None,
         scheme=scheme,
         from_scratch=from_scratch,
+        linear=linear,
     )
     if not the_plan.compressed_layers:
-        raise TensorslimError("no Linear or Conv2d layer of this model can be trained in SVD form")
+        raise TensorslimError(
+            "no layer of this model can be trained in SVD form (Linear layers need linear=True)"
+        )
     return apply(model, the_plan, inplace=True)
 
 
@@ -382,6 +387,7 @@ def svd_train_pipeline(
     example_input: torch.Tensor | None = None,
     filter_fn: FilterFn | None = None,
     exclude: Sequence[str] | None = None,
+    linear: bool = False,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     max_steps_per_epoch: int | None = None,
@@ -397,7 +403,8 @@ def svd_train_pipeline(
     ``torch.distributed`` process group ``fit`` wraps each training stage in
     DistributedDataParallel; structure changes happen on the unwrapped model between stages,
     identically on every rank (they depend only on the synchronised weights).
-    ``filter_fn``/``exclude`` (fqns) keep layers dense (e.g. ``exclude=["fc"]``).
+    ``filter_fn``/``exclude`` (fqns) keep layers dense; Linear layers are trained in SVD form
+    only with ``linear=True`` (then exclude the classifier, e.g. ``exclude=["fc"]``).
     ``bn_recalibration_batches`` > 0 re-estimates BatchNorm statistics on that many training
     batches right after pruning (see :func:`recalibrate_batchnorm`); 0 follows the paper.
 
@@ -459,7 +466,13 @@ def svd_train_pipeline(
 
     # stage 1: full-rank SVD training
     to_svd_model(
-        model, x, scheme=scheme, from_scratch=from_scratch, filter_fn=filter_fn, exclude=exclude
+        model,
+        x,
+        scheme=scheme,
+        from_scratch=from_scratch,
+        filter_fn=filter_fn,
+        exclude=exclude,
+        linear=linear,
     )
     full_rank = {"params": count_params(model), "flops": count_flops(model, x)}
     hook = SVDRegularizerHook(lambda_o, lambda_s, reg)
