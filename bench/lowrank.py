@@ -12,6 +12,7 @@ Also times the whole-model decomposition of resnet56.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from pathlib import Path
@@ -33,11 +34,25 @@ SCHEMES = ("channel", "spatial")
 LATENCY_BATCH = 64
 
 
-def layer_speed(dense: torch.nn.Module, small: torch.nn.Module, lp) -> dict:
+def latency_both_layouts(model: torch.nn.Module, x: torch.Tensor, threads: int) -> dict:
+    """Median latency (ms) in the default NCHW layout and in channels_last, on a copy of the model.
+
+    oneDNN's dense 3x3 convolutions are several times faster in channels_last on this CPU, so the
+    speedup of a factorized model depends on the layout the user runs; both are recorded.
+    """
+    nchw = measure_latency(model, x, threads=threads, min_run_time=0.5)["median_ms"]
+    twin = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    cl = measure_latency(twin, x_cl, threads=threads, min_run_time=0.5)["median_ms"]
+    return {"nchw": nchw, "channels_last": cl}
+
+
+def layer_speed(dense: torch.nn.Module, small: torch.nn.Module, lp, threads: int) -> dict:
     """Per-layer latency of the dense layer vs its low-rank replacement on the layer's input."""
     x = torch.randn((LATENCY_BATCH, *lp.input_shape[1:]))
-    t_dense = measure_latency(dense.get_submodule(lp.fqn), x, min_run_time=0.2)["median_ms"]
-    t_small = measure_latency(small.get_submodule(lp.fqn), x, min_run_time=0.2)["median_ms"]
+    timing = {"threads": threads, "min_run_time": 0.2}
+    t_dense = measure_latency(dense.get_submodule(lp.fqn), x, **timing)["median_ms"]
+    t_small = measure_latency(small.get_submodule(lp.fqn), x, **timing)["median_ms"]
     flops_reduction = lp.flops_before / lp.flops_after
     speedup = t_dense / t_small
     return {
@@ -56,6 +71,7 @@ def main() -> None:
     parser.add_argument("--limit-train", type=int, default=20000)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--models", default="small_cnn,resnet20")
+    parser.add_argument("--threads", type=int, default=1, help="threads for latency timing")
     args = parser.parse_args()
     torch.manual_seed(0)
     _, train, test = fashion_loaders(args.limit_train)
@@ -66,7 +82,7 @@ def main() -> None:
             name, train, test, epochs=args.epochs, tag=f"fmnist-{args.limit_train}-e{args.epochs}"
         )
         base_acc = evaluate(model, test)["accuracy"]
-        t_base = measure_latency(model, example, min_run_time=0.5)["median_ms"]
+        t_base = latency_both_layouts(model, example, args.threads)
         base_flops = ts.analysis.count_flops(model, example[:1])
         base_rows.append(
             {
@@ -74,7 +90,8 @@ def main() -> None:
                 "accuracy": base_acc,
                 "flops": base_flops,
                 "params": ts.analysis.count_params(model),
-                "latency_ms": t_base,
+                "latency_ms": t_base["nchw"],
+                "latency_cl_ms": t_base["channels_last"],
                 "train_epochs": meta["epochs"],
             }
         )
@@ -88,8 +105,9 @@ def main() -> None:
                 fit(small, train, epochs=1, lr=0.01, progress=False)
                 after = evaluate(small, test)["accuracy"]
                 flops = ts.analysis.count_flops(small, example[:1])
-                t_small = measure_latency(small, example, min_run_time=0.5)["median_ms"]
-                speedup = t_base / t_small
+                t_small = latency_both_layouts(small, example, args.threads)
+                speedup = t_base["nchw"] / t_small["nchw"]
+                speedup_cl = t_base["channels_last"] / t_small["channels_last"]
                 reduction = base_flops / flops
                 runs.append(
                     {
@@ -101,15 +119,18 @@ def main() -> None:
                         "accuracy_after_ft": after,
                         "flops_fraction": flops / base_flops,
                         "params": ts.analysis.count_params(small),
-                        "latency_ms": t_small,
+                        "latency_ms": t_small["nchw"],
                         "speedup": speedup,
                         "speedup_per_flops_reduction": speedup / reduction,
+                        "latency_cl_ms": t_small["channels_last"],
+                        "speedup_cl": speedup_cl,
+                        "speedup_cl_per_flops_reduction": speedup_cl / reduction,
                         "decompose_s": decompose_s,
                     }
                 )
                 print(runs[-1], flush=True)
                 for lp in plan.compressed_layers:
-                    row = layer_speed(model, small, lp)
+                    row = layer_speed(model, small, lp, args.threads)
                     layer_rows.append({"model": name, "scheme": scheme, "budget": fraction, **row})
     # resnet56 decomposition time (random weights: the time does not depend on training)
     torch.manual_seed(0)
@@ -148,13 +169,17 @@ def main() -> None:
 
     half = [r for r in runs if r["model"] == "small_cnn" and r["budget"] == 0.5]
     best_half = max((r["speedup_per_flops_reduction"] for r in half), default=float("nan"))
+    best_half_cl = max((r["speedup_cl_per_flops_reduction"] for r in half), default=float("nan"))
     not_paying = [r for r in layer_rows if r["speedup"] < 1.0]
     notes = [
         f"Fashion-MNIST, training subset of {args.limit_train} images, base trained "
         f"{args.epochs} epochs, 1 fine-tune epoch per compressed model; latency is the median "
-        f"forward time of a batch of {LATENCY_BATCH} (torch.utils.benchmark).",
+        f"forward time of a batch of {LATENCY_BATCH} (torch.utils.benchmark, "
+        f"{args.threads} thread(s)), in NCHW and in channels_last.",
         f"Target: small_cnn at 0.5 FLOPs, speedup / FLOPs reduction ≥ 0.7 → measured "
-        f"{best_half:.3f} (best scheme) — {'met' if best_half >= 0.7 else 'NOT met'}.",
+        f"{best_half:.3f} in NCHW and {best_half_cl:.3f} in channels_last (best scheme) — "
+        f"{'met' if max(best_half, best_half_cl) >= 0.7 else 'NOT met'}. Both models are "
+        "timed in the same layout; channels_last makes the dense baseline itself much faster.",
         f"Target: whole-model decomposition of resnet56 under 2 s → {r56_seconds:.2f} s — "
         f"{'met' if r56_seconds < 2 else 'NOT met'}.",
         f"{len(not_paying)} of {len(layer_rows)} factorized layers run slower than dense "
@@ -187,6 +212,9 @@ def main() -> None:
                     "latency_ms",
                     "speedup",
                     "speedup_per_flops_reduction",
+                    "latency_cl_ms",
+                    "speedup_cl",
+                    "speedup_cl_per_flops_reduction",
                 ],
                 runs,
             ),

@@ -11,7 +11,22 @@ __version__ = "0.1.0"
 
 from tensorslim.errors import TensorslimError
 from tensorslim.io import load, save
-from tensorslim.layers import LowRankConv2d, LowRankLinear, StructuredLayer
+from tensorslim.layers import (
+    CPConv2d,
+    DeButChain,
+    DeButConv2d,
+    DeButFactor,
+    DeButLinear,
+    LowRankConv2d,
+    LowRankLinear,
+    SparseConv2d,
+    SparseLinear,
+    StructuredLayer,
+    SVDConv2d,
+    SVDLinear,
+    TTLinear,
+    TuckerConv2d,
+)
 from tensorslim.methods import get_method, list_methods
 from tensorslim.plan import CompressionPlan, LayerPlan, apply, plan
 from tensorslim.rank.budget import Budget
@@ -34,12 +49,23 @@ def list_models() -> list[str]:
 
 __all__ = [
     "Budget",
+    "CPConv2d",
     "CompressionPlan",
+    "DeButChain",
+    "DeButConv2d",
+    "DeButFactor",
+    "DeButLinear",
     "LayerPlan",
     "LowRankConv2d",
     "LowRankLinear",
+    "SVDConv2d",
+    "SVDLinear",
+    "SparseConv2d",
+    "SparseLinear",
     "StructuredLayer",
+    "TTLinear",
     "TensorslimError",
+    "TuckerConv2d",
     "__version__",
     "apply",
     "create_model",

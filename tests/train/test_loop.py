@@ -294,3 +294,27 @@ def test_an_empty_or_unsized_loader_is_a_clear_error() -> None:
         fit(mlp(), [], epochs=1, progress=False)
     with pytest.raises(TensorslimError, match="max_steps_per_epoch"):
         fit(mlp(), (batch for batch in loader()), epochs=1, progress=False)
+
+
+def test_fit_trains_a_model_the_caller_already_wrapped_in_ddp(tmp_path) -> None:
+    """A DDP-wrapped model is trained through that wrapper, not wrapped a second time."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        model = mlp()
+        wrapped = DistributedDataParallel(model)
+        seen: list[nn.Module] = []
+
+        class Record(TrainHook):
+            def on_train_begin(self, net, optimizer, total_steps) -> None:  # type: ignore[override]
+                seen.append(net)
+
+        before = model[1].weight.detach().clone()
+        fit(wrapped, loader(), epochs=1, lr=0.1, hooks=[Record()], progress=False)
+        assert seen == [wrapped]  # the caller's wrapper, not a DDP around a DDP
+        assert not torch.equal(model[1].weight, before)  # the inner module learned
+    finally:
+        dist.destroy_process_group()

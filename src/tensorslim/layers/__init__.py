@@ -1,6 +1,29 @@
 """Structured layers: each replaces one dense Linear or Conv2d."""
 
 from tensorslim.layers.base import StructuredLayer
+from tensorslim.layers.cp import CPConv2d
+from tensorslim.layers.debut import DeButConv2d, DeButLinear
+from tensorslim.layers.debut_chain import DeButChain, DeButFactor
 from tensorslim.layers.lowrank import LowRankConv2d, LowRankLinear
+from tensorslim.layers.sparse import SparseConv2d, SparseLinear, WeightMask
+from tensorslim.layers.svd import SVDConv2d, SVDLinear
+from tensorslim.layers.tt import TTLinear
+from tensorslim.layers.tucker import TuckerConv2d
 
-__all__ = ["LowRankConv2d", "LowRankLinear", "StructuredLayer"]
+__all__ = [
+    "CPConv2d",
+    "DeButChain",
+    "DeButConv2d",
+    "DeButFactor",
+    "DeButLinear",
+    "LowRankConv2d",
+    "LowRankLinear",
+    "SVDConv2d",
+    "SVDLinear",
+    "SparseConv2d",
+    "SparseLinear",
+    "StructuredLayer",
+    "TTLinear",
+    "TuckerConv2d",
+    "WeightMask",
+]

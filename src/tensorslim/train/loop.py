@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from tensorslim.errors import TensorslimError
@@ -134,6 +135,11 @@ def fit(
         raise TensorslimError(f"learning rate must be > 0, got {lr}")
     if schedule not in {"cosine", "constant"}:
         raise TensorslimError(f"unknown schedule '{schedule}': use 'cosine' or 'constant'")
+    wrapped = None
+    if isinstance(model, DistributedDataParallel):
+        # the caller wrapped it already: train through their wrapper (never a second one) and
+        # keep checkpoints, hooks' bookkeeping and the returned weights on the plain module
+        wrapped, model = model, model.module
     device = _model_device(model)
     steps_per_epoch = _steps_per_epoch(train_loader, max_steps_per_epoch)
     total_steps = max(1, epochs * steps_per_epoch)
@@ -170,11 +176,11 @@ def fit(
             generator.set_state(rng)
         _say(log, f"resumed from {ckpt_path} after epoch {start_epoch}")
     use_ddp = is_distributed() if ddp is None else ddp
-    if use_ddp:
-        from torch.nn.parallel import DistributedDataParallel
-
+    if wrapped is not None:
+        net: nn.Module = wrapped
+    elif use_ddp:
         # every rank starts from rank 0's weights, so all hold the same model
-        net: nn.Module = DistributedDataParallel(model)
+        net = DistributedDataParallel(model)
     else:
         net = model
     for hook in hooks:
