@@ -103,6 +103,7 @@ def merge_slow_layers(model: nn.Module, example: torch.Tensor) -> list[dict[str,
     inputs: dict[str, torch.Tensor] = {}
     handles = []
     layers = {n: m for n, m in model.named_modules() if isinstance(m, StructuredLayer)}
+
     def recorder(name: str):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             # a forward hook that returns a value would replace the output: return None

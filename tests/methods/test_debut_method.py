@@ -144,3 +144,12 @@ def test_plan_under_a_budget_apply_save_load(tmp_path) -> None:  # type: ignore[
     for name, module in again.named_modules():
         if isinstance(module, DeButLinear | DeButConv2d):
             assert module.config() == small.get_submodule(name).config()
+
+
+def test_chain_kind_setting_does_not_shadow_the_method_family() -> None:
+    """``chain_kind`` picks the chain shape; the class-level ``kind`` still says decomposition."""
+    method = get_method("debut", chain_kind="monotonic")
+    assert method.chain_kind == "monotonic"
+    assert type(method).kind == "decomposition" and method.kind == "decomposition"
+    with pytest.raises(TensorslimError, match="chain_kind"):
+        get_method("debut", chain_kind="zigzag")

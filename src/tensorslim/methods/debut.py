@@ -56,7 +56,7 @@ class DeButMethod(Method):
       dict ``{fqn: chain}`` for named layers (other layers get generated chains);
     - ``ratio``: one compression ratio per layer (a per-layer rule: no budget needed);
     - ``ratios``: the ladder of ratios offered to the allocator (default 2 … 24);
-    - ``num_factors``: factor count(s) for generated chains (default 2–6), ``kind``: "any",
+    - ``num_factors``: factor count(s) for generated chains (default 2–6), ``chain_kind``: "any",
       "monotonic" or "bulging";
     - ``init``: "als" (default), "grad" (Adam on the factors) or "random" (train from scratch);
       ``als_sweeps`` for ``build``, ``candidate_sweeps`` for the error of each candidate (cached
@@ -76,7 +76,7 @@ class DeButMethod(Method):
     ratio: float | None = None
     ratios: list[float] = field(default_factory=lambda: list(DEFAULT_RATIOS))
     num_factors: int | list[int] | None = None
-    kind: str = "any"
+    chain_kind: str = "any"
     init: str = "als"
     als_sweeps: int = 6
     candidate_sweeps: int = 2
@@ -86,8 +86,10 @@ class DeButMethod(Method):
     def __post_init__(self) -> None:
         if self.init not in INITS:
             raise TensorslimError(f"unknown DeBut init '{self.init}': use {', '.join(INITS)}")
-        if self.kind not in ("any", "monotonic", "bulging"):
-            raise TensorslimError(f"unknown chain kind '{self.kind}': use any, monotonic, bulging")
+        if self.chain_kind not in ("any", "monotonic", "bulging"):
+            raise TensorslimError(
+                f"unknown chain_kind '{self.chain_kind}': use any, monotonic or bulging"
+            )
         if isinstance(self.ratios, int | float):
             self.ratios = [float(self.ratios)]
         self.ratios = [float(r) for r in self.ratios]
@@ -148,7 +150,7 @@ class DeButMethod(Method):
                     in_f,
                     ratio=ratio,
                     num_factors=self.num_factors,
-                    kind=self.kind,
+                    kind=self.chain_kind,
                     cols=max(64, cols),
                     limit=1,
                 )
