@@ -223,6 +223,9 @@ def plan(
     elif isinstance(budget, dict):
         budget = Budget(**budget)
     chosen_method = get_method(method, **settings)
+    if budget is not None and chosen_method.kind == "training":
+        # training methods reach the budget during training; let the plan say where they aim
+        chosen_method = chosen_method.with_budget(budget)
     x = example_input[:1]
     infos, never_called = collect_layer_info(model, x, types=COMPRESSIBLE)
     named = dict(model.named_modules())
@@ -331,7 +334,12 @@ def plan(
         entry.method = option.method
         entry.config = dict(option.config)
         entry.label = option.label
-        entry.reason = "chosen by the allocator" if budget is not None else "per-layer rule"
+        if budget is None:
+            entry.reason = "per-layer rule"
+        elif training_method:
+            entry.reason = f"reached during training under the budget {budget}"
+        else:
+            entry.reason = "chosen by the allocator"
         entry.params_after = option.params
         entry.flops_after = option.flops
         entry.error = float(option.error)

@@ -208,3 +208,16 @@ def test_compress_pipeline_reports_the_pruning_summary() -> None:
     assert "avg_delta_rank" in summary
     assert results["history"][-1]["sparsity"] == pytest.approx(0.9, abs=2e-3)
     assert list(masked_modules(small)) == []
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.3])
+def test_plan_labels_show_the_budget_target_not_the_default_sparsity(fraction: float) -> None:
+    """With ``params=f`` the plan aims every pruned layer at 1 − f, and says why."""
+    model = small_net()
+    plan = ts.plan(model, "rpg", ts.Budget(params=fraction), torch.randn(1, 1, 6, 6))
+    assert math.isclose(plan.settings["sparsity"], 1 - fraction)
+    chosen = [lp for lp in plan.layers if lp.method == "rpg"]
+    assert chosen
+    for lp in chosen:
+        assert math.isclose(lp.config["sparsity"], 1 - fraction)
+        assert "during training" in lp.reason

@@ -29,6 +29,7 @@ from tensorslim.errors import TensorslimError
 
 if TYPE_CHECKING:
     from tensorslim.plan import CompressionPlan
+    from tensorslim.rank.budget import Budget
     from tensorslim.train.hooks import TrainHook
 
 
@@ -109,6 +110,15 @@ class Method(abc.ABC):
         init: bool = True,
     ) -> nn.Module:
         """The structured replacement of ``module`` described by ``config``."""
+
+    def with_budget(self, budget: Budget) -> Method:
+        """This method aimed at ``budget`` (training methods only; the default ignores it).
+
+        A training method reaches its structure during training, so the planner does not
+        allocate options; instead it asks the method for the settings that aim at the budget
+        (e.g. pruning's sparsity 1 − f for ``params=f``) so the plan's labels tell the truth.
+        """
+        return self
 
     def choose_without_budget(self, options: list[Option], info: LayerInfo) -> Option | None:
         """Pick an option when the plan has no global budget (a per-layer rule decides).

@@ -16,6 +16,7 @@ one-shot magnitude pruning P_s of that layer alone.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from tensorslim.train.pruning import (
 
 if TYPE_CHECKING:
     from tensorslim.plan import CompressionPlan
+    from tensorslim.rank.budget import Budget
 
 CANDIDATE_SPARSITIES = (0.5, 0.75, 0.8, 0.9, 0.95, 0.98, 0.99)
 
@@ -64,7 +66,11 @@ def target_from_plan(plan: CompressionPlan | Any, default: float) -> float:
     budget ``flops=f`` is read the same way, with a warning: masks do not remove dense FLOPs
     (the kernels compute every zero); only the nonzero FLOPs fall, roughly in proportion.
     """
-    budget = getattr(plan, "budget", None)
+    return target_from_budget(getattr(plan, "budget", None), default)
+
+
+def target_from_budget(budget: Budget | dict | None, default: float) -> float:
+    """Target sparsity for ``budget`` (``params=f`` → 1 − f); ``None`` → ``default``."""
     if budget is None:
         return default
     if not isinstance(budget, dict):
@@ -186,6 +192,10 @@ class _PruningMethod(Method):
                 )
             )
         return options
+
+    def with_budget(self, budget: Budget) -> _PruningMethod:
+        """The same method with ``sparsity`` = the budget's target (``params=f`` → 1 − f)."""
+        return dataclasses.replace(self, sparsity=target_from_budget(budget, self.sparsity))
 
     def choose_without_budget(self, options: list[Option], info: LayerInfo) -> Option | None:
         """The option at the ``sparsity`` setting (the hook's global ranking decides in the end)."""
