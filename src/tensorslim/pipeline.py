@@ -107,18 +107,28 @@ def compress_model(
     latency: bool = True,
     max_steps_per_epoch: int | None = None,
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    post_finalize_epochs: int = 0,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Compress ``model`` (left untouched) and return (compressed model, results dict).
 
+    ``finetune_epochs`` train the applied model (with the method's hooks: regularizers or the
+    pruning schedule); ``post_finalize_epochs`` then fine-tune the finalized model without hooks
+    — the third stage of SVD training, where truncation left the model to recover.
+
     The results dict holds ``original`` and ``compressed`` (each: accuracy, params, flops,
-    latency_ms), ``accuracy_before_finetune``, the per-layer ``layers`` rows, the fine-tune
-    ``history`` and whatever the method's ``summary(model)`` adds.
+    latency_ms), ``accuracy_before_finetune``, ``accuracy_after_finalize`` (before the
+    post-finalize epochs), the per-layer ``layers`` rows, the ``history`` of every epoch and
+    whatever the method's ``summary(model)`` adds.
     """
+    if post_finalize_epochs < 0:
+        raise TensorslimError(f"post_finalize_epochs must be ≥ 0, got {post_finalize_epochs}")
     settings = dict(settings or {})
     started = time.perf_counter()
     original = measure_original or measure(model, example_batch, test_loader, latency=latency)
     the_plan = plan(model, method, budget, example_batch, filter_fn=filter_fn, **settings)
     method_obj = get_method(method, **settings)
+    if budget is not None and method_obj.kind == "training":
+        method_obj = method_obj.with_budget(budget)
     if not the_plan.compressed_layers:
         reasons = sorted({lp.reason for lp in the_plan.layers if lp.reason})
         raise TensorslimError(f"method '{method}' compressed no layer ({'; '.join(reasons)[:300]})")
@@ -153,6 +163,26 @@ def compress_model(
         )
     small = method_obj.finalize(small, the_plan)
     set_plans(small, [refresh_plan(small, p) for p in plans_of(small)])
+    after_finalize = evaluate(small, test_loader) if test_loader is not None else {}
+    if post_finalize_epochs > 0:
+        if train_loader is None:
+            raise TensorslimError("fine-tuning needs training data")
+        history += fit(
+            small,
+            train_loader,
+            epochs=post_finalize_epochs,
+            lr=lr,
+            optimizer=optimizer,
+            test_loader=test_loader,
+            teacher=copy.deepcopy(model).eval() if distill else None,
+            # its own directory: the first phase's last.pt belongs to another model shape
+            checkpoint_dir=Path(checkpoint_dir) / "post-finalize" if checkpoint_dir else None,
+            resume=resume,
+            progress=progress,
+            log=log,
+            max_steps_per_epoch=max_steps_per_epoch,
+            description=f"{method} fine-tune after finalize",
+        ).epochs
     compressed = measure(small, example_batch, test_loader, latency=latency)
     results: dict[str, Any] = {
         "method": method,
@@ -161,6 +191,7 @@ def compress_model(
         "original": original,
         "compressed": compressed,
         "accuracy_before_finetune": before.get("accuracy"),
+        "accuracy_after_finalize": after_finalize.get("accuracy"),
         "flops_fraction": compressed["flops"] / original["flops"],
         "params_fraction": compressed["params"] / original["params"],
         "latency_speedup": (

@@ -190,3 +190,36 @@ def test_compress_model_refuses_a_plan_that_compresses_nothing(run_result) -> No
             finetune_epochs=0,
             latency=False,
         )
+
+
+def test_post_finalize_epochs_fine_tune_the_truncated_svd_training_model(tmp_path) -> None:
+    """SVD training's third stage: the finalized (truncated) model trains one more epoch."""
+    from conftest import TinyCNN
+
+    from tensorslim.layers import LowRankConv2d, SVDConv2d
+
+    torch.manual_seed(0)
+    model = TinyCNN().eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 1, 14, 14, generator=g)
+    y = torch.randint(0, 10, (64,), generator=g)
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    small, result = compress_model(
+        model,
+        method="svd_train",
+        budget=Budget(flops=0.5),
+        train_loader=loader,
+        test_loader=loader,
+        example_batch=x[:8],
+        finetune_epochs=1,
+        post_finalize_epochs=2,
+        checkpoint_dir=tmp_path,
+        progress=False,
+        latency=False,
+    )
+    assert len(result["history"]) == 3  # 1 regularized epoch + 2 after finalize
+    assert 0 <= result["accuracy_after_finalize"] <= 1
+    assert (tmp_path / "post-finalize").is_dir()  # its own checkpoint, not the first phase's
+    kinds = {type(m) for m in small.modules()}
+    assert SVDConv2d not in kinds and LowRankConv2d in kinds  # trained after finalize
+    assert result["flops_fraction"] <= 0.5 + 1e-6
