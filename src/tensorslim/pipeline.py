@@ -63,6 +63,30 @@ def measure(
     return row
 
 
+def nonzero_counts(
+    model: nn.Module, compression_plan: CompressionPlan, measured: dict[str, Any]
+) -> dict[str, int]:
+    """Parameters and FLOPs that remain once exact zeros in planned dense layers are skipped.
+
+    Pruning leaves ``nn.Linear`` / ``nn.Conv2d`` at their dense shapes with zeros in the
+    weight: ``params`` and ``flops`` count those zeros, a sparse kernel would not. A layer whose
+    weight is a fraction z zero saves z of its weights and (with every weight used once per
+    output position) z of its multiply-add FLOPs. Bias and every other parameter stay counted.
+    """
+    flops_of = {lp.fqn: lp.flops_before for lp in compression_plan.layers}
+    zero_params, zero_flops = 0, 0.0
+    for fqn, module in model.named_modules():
+        if fqn in flops_of and isinstance(module, nn.Linear | nn.Conv2d):
+            weight = module.weight.detach()
+            zeros = int((weight == 0).sum())
+            zero_params += zeros
+            zero_flops += flops_of[fqn] * zeros / max(1, weight.numel())
+    return {
+        "params_nonzero": measured["params"] - zero_params,
+        "flops_nonzero": measured["flops"] - round(zero_flops),
+    }
+
+
 def layer_rows(compression_plan: CompressionPlan) -> list[dict[str, Any]]:
     """One row per planned layer, for tables and report.md."""
     rows = []
@@ -184,6 +208,7 @@ def compress_model(
             description=f"{method} fine-tune after finalize",
         ).epochs
     compressed = measure(small, example_batch, test_loader, latency=latency)
+    compressed.update(nonzero_counts(small, the_plan, compressed))
     results: dict[str, Any] = {
         "method": method,
         "settings": method_obj.settings(),
@@ -194,6 +219,9 @@ def compress_model(
         "accuracy_after_finalize": after_finalize.get("accuracy"),
         "flops_fraction": compressed["flops"] / original["flops"],
         "params_fraction": compressed["params"] / original["params"],
+        # what a sparse format keeps: equal to the fractions above unless weights were pruned
+        "params_nonzero_fraction": compressed["params_nonzero"] / original["params"],
+        "flops_nonzero_fraction": compressed["flops_nonzero"] / original["flops"],
         "latency_speedup": (
             original["latency_ms"] / compressed["latency_ms"]
             if latency and compressed.get("latency_ms")

@@ -223,3 +223,32 @@ def test_post_finalize_epochs_fine_tune_the_truncated_svd_training_model(tmp_pat
     kinds = {type(m) for m in small.modules()}
     assert SVDConv2d not in kinds and LowRankConv2d in kinds  # trained after finalize
     assert result["flops_fraction"] <= 0.5 + 1e-6
+
+
+def test_nonzero_counts_skip_pruned_zeros_only() -> None:
+    """Zeroing half of a planned conv's weight removes half its weights and half its FLOPs."""
+    from conftest import TinyCNN
+
+    from tensorslim.pipeline import nonzero_counts
+    from tensorslim.plan import plan
+
+    torch.manual_seed(0)
+    model = TinyCNN().eval()
+    x = torch.randn(1, 1, 14, 14)
+    the_plan = plan(model, "svd", None, x, rank=1)
+    measured = {"params": count_params(model), "flops": count_flops(model, x)}
+    assert nonzero_counts(model, the_plan, measured) == {
+        "params_nonzero": measured["params"],
+        "flops_nonzero": measured["flops"],
+    }
+    fqn, conv = next(
+        (lp.fqn, model.get_submodule(lp.fqn))
+        for lp in the_plan.layers
+        if isinstance(model.get_submodule(lp.fqn), torch.nn.Conv2d)
+    )
+    layer_flops = next(lp.flops_before for lp in the_plan.layers if lp.fqn == fqn)
+    with torch.no_grad():
+        conv.weight.view(-1)[: conv.weight.numel() // 2] = 0
+    got = nonzero_counts(model, the_plan, measured)
+    assert got["params_nonzero"] == measured["params"] - conv.weight.numel() // 2
+    assert got["flops_nonzero"] == measured["flops"] - round(layer_flops * 0.5)
