@@ -231,3 +231,30 @@ def test_train_interrupted_then_resumed(tmp_path: Path, monkeypatch) -> None:
     assert "resumed from" in resumed.stderr and "after epoch 1" in resumed.stderr
     history = json.loads((out / "results.json").read_text())["history"]
     assert [h["epoch"] for h in history] == [1, 2]
+
+
+def test_compress_svd_train_fine_tunes_after_truncation(tmp_path: Path) -> None:
+    """--method svd_train runs its third stage by default: one epoch after finalize."""
+    out = tmp_path / "run"
+    args = ["compress", *TINY, "--method", "svd_train", "--budget", "flops=0.5", "--out", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["history"]) == 2  # 1 regularized epoch + 1 after truncation
+    assert results["accuracy_after_finalize"] is not None
+    assert results["flops_fraction"] <= 0.5 + 1e-6
+
+
+def test_compress_with_pruning_reports_nonzero_counts(tmp_path: Path) -> None:
+    """A params budget prunes the weights; results say how many nonzeros are left."""
+    out = tmp_path / "run"
+    args = ["compress", *TINY, "--method", "gmp", "--budget", "params=0.2", "--out", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    comp = results["compressed"]
+    assert comp["params_nonzero"] < 0.3 * comp["params"]
+    assert (
+        results["params_nonzero_fraction"] == comp["params_nonzero"] / results["original"]["params"]
+    )
+    assert comp["flops_nonzero"] < comp["flops"]

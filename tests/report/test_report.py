@@ -195,7 +195,6 @@ def test_compress_model_refuses_a_plan_that_compresses_nothing(run_result) -> No
 def test_post_finalize_epochs_fine_tune_the_truncated_svd_training_model(tmp_path) -> None:
     """SVD training's third stage: the finalized (truncated) model trains one more epoch."""
     from conftest import TinyCNN
-
     from tensorslim.layers import LowRankConv2d, SVDConv2d
 
     torch.manual_seed(0)
@@ -228,7 +227,6 @@ def test_post_finalize_epochs_fine_tune_the_truncated_svd_training_model(tmp_pat
 def test_nonzero_counts_skip_pruned_zeros_only() -> None:
     """Zeroing half of a planned conv's weight removes half its weights and half its FLOPs."""
     from conftest import TinyCNN
-
     from tensorslim.pipeline import nonzero_counts
     from tensorslim.plan import plan
 

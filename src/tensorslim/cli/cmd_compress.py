@@ -42,6 +42,12 @@ def register(app: typer.Typer) -> None:
             3, help="Epochs to train the base when --weights is absent."
         ),
         finetune_epochs: int = typer.Option(1, min=0),
+        post_finalize_epochs: int = typer.Option(
+            None,
+            min=0,
+            help="Fine-tune epochs after the method finalizes (default: the method's own; "
+            "1 for svd_train, whose truncation needs a low-rank fine-tune, else 0).",
+        ),
         lr: float = typer.Option(0.01, help="Fine-tune learning rate."),
         train_lr: float = typer.Option(0.05, help="Base training learning rate."),
         distill: bool = typer.Option(
@@ -61,7 +67,9 @@ def register(app: typer.Typer) -> None:
         settings = parse_settings(setting)
         from tensorslim.methods import get_method
 
-        get_method(method, **settings)  # fail on a bad method or setting before any work
+        method_obj = get_method(method, **settings)  # fail on bad input before any work
+        if post_finalize_epochs is None:
+            post_finalize_epochs = method_obj.post_finalize_epochs
         prepare_run_dir(out, resume=resume, overwrite=overwrite)
         save_args(out, "compress", dict(locals()))
         s = setup(
@@ -99,6 +107,7 @@ def register(app: typer.Typer) -> None:
             test_loader=s.test_loader,
             example_batch=s.example_batch,
             finetune_epochs=finetune_epochs,
+            post_finalize_epochs=post_finalize_epochs,
             lr=lr,
             distill=distill,
             checkpoint_dir=out / "checkpoints",

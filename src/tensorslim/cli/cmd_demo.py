@@ -2,7 +2,8 @@
 
 Trains a small CNN on scikit-learn's digits (8×8 upsampled to 28×28), compresses it with SVD
 (channel-wise and spatial-wise) and every other method that offers ``demo_settings`` at several
-FLOPs budgets, fine-tunes each briefly, and writes a table, results.json, report.md and plots.
+budgets (FLOPs; parameters for the sparse methods), fine-tunes each briefly (SVD training also
+after its truncation), and writes a table, results.json, report.md and plots.
 """
 
 from __future__ import annotations
@@ -59,24 +60,27 @@ def run_demo(out: Path, *, quick: bool, progress: bool, seed: int = 0) -> list[d
         methods = methods[:1] + [m for m in methods[2:] if m[1] == "svd_train"][:1]
     results = []
     for label, method, settings in methods:
+        method_type = method_class(method)
         for fraction in budgets:
-            say(f"{label}: budget flops={fraction}")
+            budget = Budget(**{method_type.budget_metric: fraction})
+            say(f"{label}: budget {budget}")
             try:
                 _, result = compress_model(
                     s.model,
                     method=method,
-                    budget=Budget(flops=fraction),
+                    budget=budget,
                     settings=settings,
                     train_loader=s.train_loader,
                     test_loader=s.test_loader,
                     example_batch=s.example_batch,
                     finetune_epochs=1 if quick else 2,
+                    post_finalize_epochs=method_type.post_finalize_epochs,
                     lr=0.01,
                     progress=progress,
                     measure_original=original,
                 )
             except TensorslimError as exc:
-                say(f"  skipped {label} at flops={fraction}: {exc}")
+                say(f"  skipped {label} at {budget}: {exc}")
                 continue
             result["method"] = label
             results.append(result)

@@ -78,6 +78,11 @@ class Method(abc.ABC):
     # "decomposition": weights replaced once from a trained layer (SVD, CP, ...);
     # "training": the structure is reached during training (SVD training, pruning).
     kind: ClassVar[str] = "decomposition"
+    # the budget metric this method is naturally matched on: structured methods remove FLOPs;
+    # masks do not (dense kernels compute the zeros), so sparse methods are budgeted in params
+    budget_metric: ClassVar[str] = "flops"
+    # epochs a pipeline should fine-tune after finalize() (SVD training's low-rank stage)
+    post_finalize_epochs: ClassVar[int] = 0
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -105,6 +105,7 @@ class _PruningMethod(Method):
     """
 
     kind: ClassVar[str] = "training"
+    budget_metric: ClassVar[str] = "params"
     sparsity: float = 0.9
     schedule: str = "cubic"
     start: float = 0.0

@@ -41,6 +41,7 @@ class SVDTrainMethod(Method):
         "SVD training: orthogonality + singular value sparsity, then energy pruning (Yang 2020)"
     )
     kind: ClassVar[str] = "training"
+    post_finalize_epochs: ClassVar[int] = 1
     demo_settings: ClassVar[dict[str, Any] | None] = {
         "scheme": "channel",
         "reg": "hoyer",
