@@ -248,6 +248,7 @@ def test_refresh_plan_follows_conversions_back_to_dense(tiny_cnn, tiny_input) ->
     small.conv2 = LowRankConv2d.from_dense(small.conv2.to_dense(), 1, "channel")
     conv2 = refresh_plan(small, planned).layer("conv2")
     assert conv2.method == "svd" and conv2.config == {"rank": 1, "scheme": "channel"}
+    assert conv2.label == "svd: channel-wise, 8 → 1 → 16"  # short enough for a table
     # …and so are its costs: the refreshed plan predicts what the model measures
     assert conv2.params_after == count_params(small.conv2)
     assert conv2.flops_after == small.conv2.analytic_flops(tuple(conv2.input_shape))

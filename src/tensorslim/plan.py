@@ -418,6 +418,12 @@ def set_plans(model: nn.Module, plans: list[CompressionPlan]) -> None:
     object.__setattr__(model, PLANS_ATTRIBUTE, list(plans))
 
 
+def _short_label(method: str, module: nn.Module, limit: int = 60) -> str:
+    """A table-sized label for a layer's structure: the method and the layer's own summary."""
+    text = f"{method}: {module.extra_repr()}" if module.extra_repr() else method
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def refresh_plan(model: nn.Module, plan: CompressionPlan) -> CompressionPlan:
     """The plan updated to the structure ``model`` has now (after training-time conversions).
 
@@ -439,7 +445,7 @@ def refresh_plan(model: nn.Module, plan: CompressionPlan) -> CompressionPlan:
             changed = any(lp.config.get(k) != v for k, v in module.config().items())
             if method is not None and (method != lp.method or changed):
                 lp.method, lp.config = method, module.config()
-                lp.label = f"{method} {module.config()}"
+                lp.label = _short_label(method, module)
                 fresh.methods.setdefault(method, {})
                 # the planned cost no longer describes this structure: state the new one
                 lp.params_after = module.analytic_params()
