@@ -150,7 +150,7 @@ def test_greedy_is_optimal_for_the_cost_it_reaches(cases, target_fraction: float
     combos = brute_force(layers)
     max_saving = max(s for s, _ in combos)
     target = round(target_fraction * max_saving)
-    picked, saved = allocate(layers, "flops", target)
+    picked, saved = allocate(layers, "flops", target, refund=False)
     error = sum((o.error**2 if o is not None else 0.0) for o in picked.values())
     assert saved == sum(
         lc.dense_cost - (picked[lc.fqn].flops if picked[lc.fqn] else lc.dense_cost) for lc in layers
@@ -166,6 +166,24 @@ def test_greedy_is_optimal_for_the_cost_it_reaches(cases, target_fraction: float
         assert saved - target < max(steps, default=0) or saved == free
     best_for_saving = min(e for s, e in combos if s >= saved)
     assert error <= best_for_saving + 1e-12
+    # the refund pass keeps the target and never adds error
+    refunded, saved_refunded = allocate(layers, "flops", target)
+    assert min(target, max_saving) <= saved_refunded <= saved
+    refunded_error = sum((o.error**2 if o is not None else 0.0) for o in refunded.values())
+    assert refunded_error <= error + 1e-12
+
+
+def test_refund_spends_the_overshoot_of_a_flat_spectrum() -> None:
+    """Collinear (flat-spectrum) options: the hull skips the middle points, so the greedy jumps
+    to the cheapest; the refund moves back to the most accurate option that still meets the target."""
+    ranks = range(1, 9)
+    # rank r costs 10·r of a dense 100 and leaves error² 1 − r/10: a straight line
+    layer = LayerChoices("a", 100, [opt(10 * r, math.sqrt(1 - r / 10), f"r{r}") for r in ranks])
+    assert "r7" not in [o.label for _, _, o in _hull(layer, "flops") if o]
+    greedy, _ = allocate([layer], "flops", 25, refund=False)
+    assert greedy["a"].label == "r1"
+    picked, saved = allocate([layer], "flops", 25)
+    assert picked["a"].label == "r7" and saved == 30  # the least saving ≥ 25
 
 
 # ----- budgets on real models ---------------------------------------------------------------------

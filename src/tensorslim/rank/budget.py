@@ -87,11 +87,10 @@ def _cost(option: Option, metric: str) -> int:
     return option.flops if metric == "flops" else option.params
 
 
-def _hull(choices: LayerChoices, metric: str) -> list[tuple[int, float, Option | None]]:
-    """Lower convex hull of (cost, error²), ordered from the most accurate point to the cheapest.
+def _pareto(choices: LayerChoices, metric: str) -> list[tuple[int, float, Option | None]]:
+    """Undominated (cost, error², option) points incl. dense (dense cost, 0), costliest first.
 
-    The implicit dense option is (dense cost, 0). Dominated points (another is no costlier and
-    no less accurate) are dropped, then points above the hull, so slopes increase along it.
+    A point is dropped when another is no costlier and no less accurate.
     """
     points: list[tuple[int, float, Option | None]] = [(choices.dense_cost, 0.0, None)]
     points += [
@@ -105,6 +104,16 @@ def _hull(choices: LayerChoices, metric: str) -> list[tuple[int, float, Option |
         if not pareto or point[1] < pareto[-1][1]:
             pareto.append(point)
     pareto.reverse()  # most accurate (costliest) first
+    return pareto
+
+
+def _hull(choices: LayerChoices, metric: str) -> list[tuple[int, float, Option | None]]:
+    """Lower convex hull of (cost, error²), ordered from the most accurate point to the cheapest.
+
+    Starts from the Pareto points (see :func:`_pareto`) and drops those above the hull, so the
+    error added per unit of cost saved grows along it.
+    """
+    pareto = _pareto(choices, metric)
     hull: list[tuple[int, float, Option | None]] = []
     for point in pareto:
         # the error added per unit of cost saved must grow along the hull
@@ -119,9 +128,14 @@ def _hull(choices: LayerChoices, metric: str) -> list[tuple[int, float, Option |
 
 
 def allocate(
-    layers: list[LayerChoices], metric: str, target_saving: int
+    layers: list[LayerChoices], metric: str, target_saving: int, *, refund: bool = True
 ) -> tuple[dict[str, Option | None], int]:
     """Pick one option per layer (None = dense) saving at least ``target_saving`` cost.
+
+    A greedy walk along each layer's convex hull of (cost, error²) — the step with the least
+    error added per cost saved first — stops at a Lagrangian optimum: no combination saves as
+    much for less total error. With ``refund`` the surplus of its last step is then spent on
+    moving layers back to more accurate points (see :func:`_refund_overshoot`).
 
     Returns the choice per fqn and the saving reached. If even the cheapest options cannot save
     that much, every layer takes its cheapest option and the saving reached is smaller.
@@ -149,4 +163,40 @@ def allocate(
         saved_total += hull[i][0] - hull[i + 1][0]
         position[fqn] = i + 1
         push(fqn)
-    return {fqn: hulls[fqn][position[fqn]][2] for fqn in hulls}, saved_total
+    chosen = {fqn: hulls[fqn][position[fqn]] for fqn in hulls}
+    if not refund:
+        return {fqn: point[2] for fqn, point in chosen.items()}, saved_total
+    fronts = {layer.fqn: _pareto(layer, metric) for layer in layers}
+    saved_total = _refund_overshoot(fronts, chosen, saved_total, target_saving)
+    return {fqn: point[2] for fqn, point in chosen.items()}, saved_total
+
+
+def _refund_overshoot(
+    fronts: dict[str, list[tuple[int, float, Option | None]]],
+    chosen: dict[str, tuple[int, float, Option | None]],
+    saved: int,
+    target: int,
+) -> int:
+    """Move layers to more accurate Pareto points while the saving stays ≥ ``target``.
+
+    The greedy walk goes along convex hulls in whole steps, so its last step can save far more
+    than was still needed: on a flat spectrum the hull is a straight line and one step jumps a
+    layer from dense to rank 1. Each pass here takes the move (to any Pareto point, hull or not)
+    with the largest error decrease that the surplus pays for, until none fits. ``chosen`` is
+    updated in place; the saving reached is returned.
+    """
+    while saved > target:
+        surplus = saved - target
+        best: tuple[float, str, tuple[int, float, Option | None]] | None = None
+        for fqn, front in fronts.items():
+            cost, error, _ = chosen[fqn]
+            for point in front:
+                gain = error - point[1]
+                if 0 < point[0] - cost <= surplus and gain > 0 and (best is None or gain > best[0]):
+                    best = (gain, fqn, point)
+        if best is None:
+            break
+        _, fqn, point = best
+        saved -= point[0] - chosen[fqn][0]
+        chosen[fqn] = point
+    return saved
