@@ -53,6 +53,9 @@ def measure(
         "params": count_params(model),
         "flops": count_flops(model, example_batch[:1]),
     }
+    plans = plans_of(model)
+    if plans:
+        row.update(nonzero_counts(model, plans, row))
     if test_loader is not None:
         row.update(evaluate(model, test_loader))
     if latency:
@@ -64,7 +67,9 @@ def measure(
 
 
 def nonzero_counts(
-    model: nn.Module, compression_plan: CompressionPlan, measured: dict[str, Any]
+    model: nn.Module,
+    compression_plans: CompressionPlan | list[CompressionPlan],
+    measured: dict[str, Any],
 ) -> dict[str, int]:
     """Parameters and FLOPs that remain once exact zeros in planned dense layers are skipped.
 
@@ -73,7 +78,10 @@ def nonzero_counts(
     weight is a fraction z zero saves z of its weights and (with every weight used once per
     output position) z of its multiply-add FLOPs. Bias and every other parameter stay counted.
     """
-    flops_of = {lp.fqn: lp.flops_before for lp in compression_plan.layers}
+    if isinstance(compression_plans, CompressionPlan):
+        compression_plans = [compression_plans]
+    # every stage's planned layers (a model pruned in one stage may be decomposed in the next)
+    flops_of = {lp.fqn: lp.flops_before for p in compression_plans for lp in p.layers}
     zero_params, zero_flops = 0, 0.0
     for fqn, module in model.named_modules():
         if fqn in flops_of and isinstance(module, nn.Linear | nn.Conv2d):
@@ -208,7 +216,6 @@ def compress_model(
             description=f"{method} fine-tune after finalize",
         ).epochs
     compressed = measure(small, example_batch, test_loader, latency=latency)
-    compressed.update(nonzero_counts(small, the_plan, compressed))
     results: dict[str, Any] = {
         "method": method,
         "settings": method_obj.settings(),
@@ -220,8 +227,10 @@ def compress_model(
         "flops_fraction": compressed["flops"] / original["flops"],
         "params_fraction": compressed["params"] / original["params"],
         # what a sparse format keeps: equal to the fractions above unless weights were pruned
-        "params_nonzero_fraction": compressed["params_nonzero"] / original["params"],
-        "flops_nonzero_fraction": compressed["flops_nonzero"] / original["flops"],
+        "params_nonzero_fraction": compressed.get("params_nonzero", compressed["params"])
+        / original["params"],
+        "flops_nonzero_fraction": compressed.get("flops_nonzero", compressed["flops"])
+        / original["flops"],
         "latency_speedup": (
             original["latency_ms"] / compressed["latency_ms"]
             if latency and compressed.get("latency_ms")

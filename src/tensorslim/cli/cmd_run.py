@@ -35,9 +35,12 @@ def register(app: typer.Typer) -> None:
             shutdown()
         if is_main_process() and summary:
             comp, orig = summary["compressed"], summary["original"]
+            params = f"{comp['params']}"
+            if comp.get("params_nonzero", comp["params"]) != comp["params"]:
+                params = f"{comp['params_nonzero']} nonzero of {comp['params']}"
             typer.echo(
                 f"{parsed.name}: accuracy {orig['accuracy']:.4f} → {comp['accuracy']:.4f}, "
-                f"FLOPs ×{summary['flops_fraction']:.3f}, params {orig['params']} → "
-                f"{comp['params']}, latency {orig['latency_ms']:.2f} → {comp['latency_ms']:.2f} ms"
+                f"FLOPs ×{summary['flops_fraction']:.3f}, params {orig['params']} → {params}, "
+                f"latency {orig['latency_ms']:.2f} → {comp['latency_ms']:.2f} ms"
             )
             typer.echo(f"wrote {target}/results.json, report.md, report.html")

@@ -36,6 +36,7 @@ from tensorslim.decompose.cp import CPResult, cp_als
 from tensorslim.errors import TensorslimError
 from tensorslim.layers.base import StructuredLayer
 from tensorslim.layers.conv_geometry import conv_output_hw, pair
+from tensorslim.layers.pointwise import PointwiseConv2d
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
@@ -101,7 +102,7 @@ class CPConv2d(StructuredLayer):
         self.padding_mode = padding_mode
         pad_h, pad_w = split_padding(pad)
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
-        self.first = nn.Conv2d(in_channels, rank, 1, bias=False, **factory)
+        self.first = PointwiseConv2d(in_channels, rank, bias=False, **factory)
         self.vertical = nn.Conv2d(
             rank,
             rank,
@@ -126,7 +127,7 @@ class CPConv2d(StructuredLayer):
             padding_mode=padding_mode,
             **factory,
         )
-        self.last = nn.Conv2d(rank, out_channels, 1, bias=bias, **factory)
+        self.last = PointwiseConv2d(rank, out_channels, bias=bias, **factory)
 
     @classmethod
     def from_dense(

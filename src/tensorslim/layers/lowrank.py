@@ -35,6 +35,7 @@ from tensorslim.decompose.svd import (
 from tensorslim.errors import TensorslimError
 from tensorslim.layers.base import StructuredLayer
 from tensorslim.layers.conv_geometry import conv_output_hw, pair, unsupported_conv_reason
+from tensorslim.layers.pointwise import PointwiseConv2d
 
 
 def _check_rank(rank: int, full_rank: int, what: str) -> None:
@@ -158,7 +159,7 @@ class LowRankConv2d(StructuredLayer):
             self.down = nn.Conv2d(
                 in_channels, rank, (kh, kw), (sh, sw), pad, (dh, dw), bias=False, **factory
             )
-            self.up = nn.Conv2d(rank, out_channels, 1, bias=bias, **factory)
+            self.up = PointwiseConv2d(rank, out_channels, bias=bias, **factory)
         else:
             pad_h: tuple[int, int] | str = pad if isinstance(pad, str) else (pad[0], 0)
             pad_w: tuple[int, int] | str = pad if isinstance(pad, str) else (0, pad[1])

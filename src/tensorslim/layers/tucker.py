@@ -33,6 +33,7 @@ from tensorslim.errors import TensorslimError
 from tensorslim.layers.base import StructuredLayer
 from tensorslim.layers.conv_geometry import conv_output_hw, pair
 from tensorslim.layers.cp import PADDING_MODES, conv_structure_reason
+from tensorslim.layers.pointwise import PointwiseConv2d
 
 
 class TuckerConv2d(StructuredLayer):
@@ -72,7 +73,7 @@ class TuckerConv2d(StructuredLayer):
         self.padding: tuple[int, int] | str = padding if isinstance(padding, str) else pair(padding)
         self.padding_mode = padding_mode
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
-        self.first = nn.Conv2d(in_channels, rank_in, 1, bias=False, **factory)
+        self.first = PointwiseConv2d(in_channels, rank_in, bias=False, **factory)
         self.core = nn.Conv2d(
             rank_in,
             rank_out,
@@ -84,7 +85,7 @@ class TuckerConv2d(StructuredLayer):
             padding_mode=padding_mode,
             **factory,
         )
-        self.last = nn.Conv2d(rank_out, out_channels, 1, bias=bias, **factory)
+        self.last = PointwiseConv2d(rank_out, out_channels, bias=bias, **factory)
 
     @classmethod
     def from_dense(
