@@ -273,7 +273,9 @@ def main() -> None:
         "nonzero-only (dense kernels run them at full cost: see their latency). SVD training "
         f"alone gets {POST_FINALIZE_EPOCHS['SVD training']} more epoch(s): the low-rank fine-tune "
         "after its energy pruning (its third "
-        "stage); accuracy_after_finalize is its accuracy before that epoch.",
+        "stage); accuracy_after_finalize is its accuracy before that epoch. TT factorizes Linear "
+        "layers only, so it gets the fraction as a parameter budget (params=f); where even that "
+        "is out of reach, the note says so and every Linear takes its cheapest TT.",
         (
             f"Whole run: {previous['seconds'] / 60:.1f} min; then {', '.join(wanted)} rerun "
             f"alone in {seconds / 60:.1f} min (--merge), the other rows kept."
