@@ -81,8 +81,8 @@ def test_a_subclass_registers_itself(isolated_registry) -> None:
     assert method_class("test-fresh") is Fresh
     assert get_method("test-fresh", factor=0.25).settings() == {"factor": 0.25}
 
-    class Abstract(Method):  # no name, abstract methods missing: not registered
-        pass
+    class Abstract(Method):
+        """No name and abstract methods missing: not registered."""
 
     assert "" not in isolated_registry and Abstract not in isolated_registry.values()
     with pytest.raises(RuntimeError, match="registered twice"):
