@@ -168,53 +168,42 @@ def compress_model(
     applied_at = time.perf_counter()
     before = evaluate(small, test_loader) if test_loader is not None else {}
     hooks = method_obj.train_hooks(small, the_plan)
-    history: list[dict[str, float]] = []
-    if finetune_epochs > 0:
-        if train_loader is None:
-            raise TensorslimError("fine-tuning needs training data")
-        teacher = copy.deepcopy(model).eval() if distill else None
-        history = fit(
-            small,
-            train_loader,
-            epochs=finetune_epochs,
-            lr=lr,
-            optimizer=optimizer,
-            hooks=hooks,
-            test_loader=test_loader,
-            teacher=teacher,
-            checkpoint_dir=checkpoint_dir,
-            resume=resume,
-            progress=progress,
-            log=log,
-            max_steps_per_epoch=max_steps_per_epoch,
-            description=f"{method} fine-tune",
-        ).epochs
-    elif hooks:
+    if hooks and finetune_epochs == 0:
         raise TensorslimError(
             f"method '{method}' works during training: give --finetune-epochs ≥ 1"
         )
-    small = method_obj.finalize(small, the_plan)
-    set_plans(small, [refresh_plan(small, p) for p in plans_of(small)])
-    after_finalize = evaluate(small, test_loader) if test_loader is not None else {}
-    if post_finalize_epochs > 0:
+
+    def train(epochs: int, train_hooks: list, directory: Path | None, what: str) -> list[dict]:
+        if epochs == 0:
+            return []
         if train_loader is None:
             raise TensorslimError("fine-tuning needs training data")
-        history += fit(
+        return fit(
             small,
             train_loader,
-            epochs=post_finalize_epochs,
+            epochs=epochs,
             lr=lr,
             optimizer=optimizer,
+            hooks=train_hooks,
             test_loader=test_loader,
             teacher=copy.deepcopy(model).eval() if distill else None,
-            # its own directory: the first phase's last.pt belongs to another model shape
-            checkpoint_dir=Path(checkpoint_dir) / "post-finalize" if checkpoint_dir else None,
+            checkpoint_dir=directory,
             resume=resume,
             progress=progress,
             log=log,
             max_steps_per_epoch=max_steps_per_epoch,
-            description=f"{method} fine-tune after finalize",
+            description=f"{method} {what}",
         ).epochs
+
+    history = train(finetune_epochs, hooks, checkpoint_dir, "fine-tune")
+    small = method_obj.finalize(small, the_plan)
+    set_plans(small, [refresh_plan(small, p) for p in plans_of(small)])
+    after_finalize: dict[str, Any] = {}
+    if post_finalize_epochs > 0:
+        after_finalize = evaluate(small, test_loader) if test_loader is not None else {}
+        # its own directory: the first phase's last.pt belongs to another model shape
+        post_dir = Path(checkpoint_dir) / "post-finalize" if checkpoint_dir else None
+        history += train(post_finalize_epochs, [], post_dir, "fine-tune after finalize")
     compressed = measure(small, example_batch, test_loader, latency=latency)
     results: dict[str, Any] = {
         "method": method,
@@ -223,7 +212,7 @@ def compress_model(
         "original": original,
         "compressed": compressed,
         "accuracy_before_finetune": before.get("accuracy"),
-        "accuracy_after_finalize": after_finalize.get("accuracy"),
+        "accuracy_after_finalize": after_finalize.get("accuracy", compressed.get("accuracy")),
         "flops_fraction": compressed["flops"] / original["flops"],
         "params_fraction": compressed["params"] / original["params"],
         # what a sparse format keeps: equal to the fractions above unless weights were pruned
