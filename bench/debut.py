@@ -441,7 +441,10 @@ def main() -> None:
     # a skipped part keeps the previous run's numbers, so one part can be re-measured alone
     previous_path = RESULTS / "debut.json"
     previous = json.loads(previous_path.read_text()) if previous_path.is_file() else {}
-    speed = previous.get("speed", []) if args.skip_speed else speed_configs(args.configs, args.rounds)
+    if args.skip_speed:
+        speed = previous.get("speed", [])
+    else:
+        speed = speed_configs(args.configs, args.rounds)
     lenet = previous.get("lenet") if args.skip_lenet else lenet_part(args)
     payload = {
         "machine": machine,
