@@ -108,6 +108,38 @@ def run_one(model, label, method, settings, budget, loaders, example, original, 
     }
 
 
+def pareto_plot(rows: list[dict], models: list[str]) -> None:
+    """Accuracy vs FLOPs fraction per model, one line per method, to compare.png.
+
+    Rows whose budget was out of reach are left out: every layer then took its cheapest option,
+    which says nothing about the method at that budget (the table keeps them, with the note).
+    """
+    fig, axes = plt.subplots(1, len(models), figsize=(12, 4.5), dpi=120)
+    axes = [axes] if not hasattr(axes, "__len__") else axes
+    for ax, name in zip(axes, models, strict=True):
+        mine = [r for r in rows if r.get("model") == name and "accuracy" in r]
+        mine = [r for r in mine if "not reachable" not in r.get("note", "")]
+        for label in sorted({r["method"] for r in mine}):
+            pts = sorted(
+                (r for r in mine if r["method"] == label), key=lambda r: r["flops_fraction"]
+            )
+            ax.plot(
+                [r["flops_fraction"] for r in pts],
+                [100 * r["accuracy"] for r in pts],
+                "o-" if label != "original" else "k*",
+                label=label,
+                markersize=9 if label == "original" else 5,
+            )
+        ax.set_title(f"{name} on Fashion-MNIST")
+        ax.set_xlabel("FLOPs fraction (nonzero-only for sparse methods)")
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "compare.png")
+    plt.close(fig)
+
+
 def update_readme(rows: list[dict]) -> None:
     text = README.read_text()
     if START not in text or END not in text:
@@ -134,7 +166,9 @@ def main() -> None:
     parser.add_argument("--budgets", default="0.5,0.25")
     parser.add_argument("--methods", default=",".join([*STRUCTURED, *SPARSE]))
     parser.add_argument("--update-readme", action="store_true")
-    parser.add_argument("--readme-only", action="store_true", help="only regenerate the README")
+    parser.add_argument(
+        "--readme-only", action="store_true", help="only redraw the plot and the README table"
+    )
     parser.add_argument(
         "--merge",
         action="store_true",
@@ -142,7 +176,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.readme_only:
-        update_readme(json.loads((RESULTS / "compare.json").read_text())["rows"])
+        rows = json.loads((RESULTS / "compare.json").read_text())["rows"]
+        pareto_plot(rows, args.models.split(","))
+        update_readme(rows)
         return
     torch.manual_seed(0)
     _, train, test = fashion_loaders(args.limit_train)
@@ -242,29 +278,7 @@ def main() -> None:
             )
 
         rows = sorted(kept + rows, key=place)
-    fig, axes = plt.subplots(1, len(args.models.split(",")), figsize=(12, 4.5), dpi=120)
-    axes = [axes] if not hasattr(axes, "__len__") else axes
-    for ax, name in zip(axes, args.models.split(","), strict=True):
-        mine = [r for r in rows if r.get("model") == name and "accuracy" in r]
-        for label in sorted({r["method"] for r in mine}):
-            pts = sorted(
-                (r for r in mine if r["method"] == label), key=lambda r: r["flops_fraction"]
-            )
-            ax.plot(
-                [r["flops_fraction"] for r in pts],
-                [100 * r["accuracy"] for r in pts],
-                "o-" if label != "original" else "k*",
-                color=None if label != "original" else "k",
-                label=label,
-                markersize=9 if label == "original" else 5,
-            )
-        ax.set_title(f"{name} on Fashion-MNIST")
-        ax.set_xlabel("FLOPs fraction (nonzero-only for sparse methods)")
-        ax.set_ylabel("accuracy (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "compare.png")
+    pareto_plot(rows, args.models.split(","))
     notes = [
         f"Fashion-MNIST, base models trained {args.epochs} epochs on a {args.limit_train}-image "
         f"training subset; every method then gets {args.finetune_epochs} epoch(s) (fine-tune, or "
