@@ -115,6 +115,10 @@ def pareto_plot(rows: list[dict], models: list[str]) -> None:
     which says nothing about the method at that budget (the table keeps them, with the note).
     """
     fig, axes = plt.subplots(1, len(models), figsize=(12, 4.5), dpi=120)
+    # one colour per method in every panel
+    palette = plt.get_cmap("tab10").colors
+    colour = {label: palette[i % len(palette)] for i, label in enumerate([*STRUCTURED, *SPARSE])}
+    colour["original"] = "k"
     axes = [axes] if not hasattr(axes, "__len__") else axes
     for ax, name in zip(axes, models, strict=True):
         mine = [r for r in rows if r.get("model") == name and "accuracy" in r]
@@ -126,7 +130,8 @@ def pareto_plot(rows: list[dict], models: list[str]) -> None:
             ax.plot(
                 [r["flops_fraction"] for r in pts],
                 [100 * r["accuracy"] for r in pts],
-                "o-" if label != "original" else "k*",
+                "o-" if label != "original" else "*",
+                color=colour.get(label),
                 label=label,
                 markersize=9 if label == "original" else 5,
             )
