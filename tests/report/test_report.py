@@ -152,6 +152,9 @@ def test_summary_rows(run_result) -> None:
     assert row["budget"] == "flops=0.5" and row["method"] == "svd"
     assert row["flops"] == result["compressed"]["flops"]
     assert summary_row(dict(result, budget=None))["budget"] == "rule"
+    # a pruned model's row counts the weights a sparse format keeps
+    pruned = dict(result, compressed=dict(result["compressed"], params_nonzero=123))
+    assert summary_row(pruned)["params"] == 123
     assert original_row(original)["flops_fraction"] == 1.0
 
 

@@ -73,7 +73,8 @@ def summary_row(result: Mapping[str, Any]) -> dict[str, Any]:
         "budget": ", ".join(f"{k}={v:g}" for k, v in budget.items()) or "rule",
         "accuracy_before_ft": result.get("accuracy_before_finetune"),
         "accuracy": comp.get("accuracy"),
-        "params": comp["params"],
+        # pruned weights are stored compactly (values + indices): count what is kept
+        "params": comp.get("params_nonzero", comp["params"]),
         "flops": comp["flops"],
         "flops_fraction": result.get("flops_fraction"),
         "latency_ms": comp.get("latency_ms"),
