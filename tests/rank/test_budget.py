@@ -174,8 +174,9 @@ def test_greedy_is_optimal_for_the_cost_it_reaches(cases, target_fraction: float
 
 
 def test_refund_spends_the_overshoot_of_a_flat_spectrum() -> None:
-    """Collinear (flat-spectrum) options: the hull skips the middle points, so the greedy jumps
-    to the cheapest; the refund moves back to the most accurate option that still meets the target."""
+    """Collinear (flat-spectrum) options: the hull skips the middle points, so the greedy
+    jumps to the cheapest; the refund moves back to the most accurate option that still meets
+    the target."""
     ranks = range(1, 9)
     # rank r costs 10·r of a dense 100 and leaves error² 1 − r/10: a straight line
     layer = LayerChoices("a", 100, [opt(10 * r, math.sqrt(1 - r / 10), f"r{r}") for r in ranks])
