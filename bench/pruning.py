@@ -67,13 +67,18 @@ def prune_run(
     steps: int | None,
     lr: float,
     settings: dict[str, Any],
+    seed: int = 0,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Plan → apply → fit with the method's hook → finalize; accuracy, δ-rank, timings."""
-    torch.manual_seed(0)
+    """Plan → apply → fit with the method's hook → finalize; accuracy, δ-rank, timings.
+
+    ``seed`` fixes the global RNG and the loader's shuffle, so runs of one seed see the same
+    batches in the same order whatever the method.
+    """
+    torch.manual_seed(seed)
     # Every run sees the same batches in the same order (the loader's shuffling generator
     # would otherwise carry on from the previous run).
     if getattr(train, "generator", None) is not None:
-        train.generator.manual_seed(0)
+        train.generator.manual_seed(seed)
     plan = ts.plan(base, method, ts.Budget(params=round(1 - sparsity, 6)), example)
     model = ts.apply(base, plan)
     meth = get_method(method, **settings)
