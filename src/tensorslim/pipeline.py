@@ -23,6 +23,7 @@ from tensorslim.errors import TensorslimError
 from tensorslim.methods.registry import get_method
 from tensorslim.plan import CompressionPlan, apply, plan, plans_of, refresh_plan, set_plans
 from tensorslim.rank.budget import Budget
+from tensorslim.train.batchnorm import recalibrate_batchnorm
 from tensorslim.train.loop import evaluate, fit
 
 
@@ -140,12 +141,16 @@ def compress_model(
     max_steps_per_epoch: int | None = None,
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
     post_finalize_epochs: int = 0,
+    bn_recalibration_batches: int = 0,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Compress ``model`` (left untouched) and return (compressed model, results dict).
 
     ``finetune_epochs`` train the applied model (with the method's hooks: regularizers or the
     pruning schedule); ``post_finalize_epochs`` then fine-tune the finalized model without hooks
     — the third stage of SVD training, where truncation left the model to recover.
+    ``bn_recalibration_batches`` > 0 re-estimates BatchNorm statistics on that many training
+    batches right after the layers are replaced (see :func:`recalibrate_batchnorm`), so the
+    accuracy before fine-tuning measures the approximation, not stale statistics.
 
     The results dict holds ``original`` and ``compressed`` (each: accuracy, params, flops,
     latency_ms), ``accuracy_before_finetune``, ``accuracy_after_finalize`` (before the
@@ -165,6 +170,10 @@ def compress_model(
         reasons = sorted({lp.reason for lp in the_plan.layers if lp.reason})
         raise TensorslimError(f"method '{method}' compressed no layer ({'; '.join(reasons)[:300]})")
     small = apply(model, the_plan)
+    if bn_recalibration_batches > 0:
+        if train_loader is None:
+            raise TensorslimError("BatchNorm recalibration needs training data")
+        recalibrate_batchnorm(small, train_loader, bn_recalibration_batches)
     applied_at = time.perf_counter()
     before = evaluate(small, test_loader) if test_loader is not None else {}
     hooks = method_obj.train_hooks(small, the_plan)
@@ -212,6 +221,7 @@ def compress_model(
         "original": original,
         "compressed": compressed,
         "accuracy_before_finetune": before.get("accuracy"),
+        "bn_recalibration_batches": bn_recalibration_batches,
         "accuracy_after_finalize": after_finalize.get("accuracy", compressed.get("accuracy")),
         "flops_fraction": compressed["flops"] / original["flops"],
         "params_fraction": compressed["params"] / original["params"],

@@ -253,3 +253,41 @@ def test_nonzero_counts_skip_pruned_zeros_only() -> None:
     got = nonzero_counts(model, the_plan, measured)
     assert got["params_nonzero"] == measured["params"] - conv.weight.numel() // 2
     assert got["flops_nonzero"] == measured["flops"] - round(layer_flops * 0.5)
+
+
+def test_bn_recalibration_reestimates_statistics_after_apply() -> None:
+    """The compressed model's BatchNorm statistics are those of its own (approximate) convs."""
+    from tensorslim.plan import apply, plans_of
+    from tensorslim.train.batchnorm import recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, padding=1),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8 * 14 * 14, 10),
+    ).eval()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(64, 1, 14, 14, generator=g)
+    y = torch.randint(0, 10, (64,), generator=g)
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    small, result = compress_model(
+        model,
+        method="svd",
+        budget=None,
+        settings={"rank": 1},
+        train_loader=loader,
+        test_loader=loader,
+        example_batch=x[:8],
+        finetune_epochs=0,
+        bn_recalibration_batches=2,
+        progress=False,
+        latency=False,
+    )
+    assert result["bn_recalibration_batches"] == 2
+    twin = apply(model, plans_of(small)[-1])
+    recalibrate_batchnorm(twin, loader, 2)
+    torch.testing.assert_close(small[1].running_mean, twin[1].running_mean)
+    torch.testing.assert_close(small[1].running_var, twin[1].running_var)
+    assert not torch.allclose(small[1].running_mean, model[1].running_mean)  # not the stale ones

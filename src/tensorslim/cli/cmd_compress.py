@@ -48,6 +48,12 @@ def register(app: typer.Typer) -> None:
             help="Fine-tune epochs after the method finalizes (default: the method's own; "
             "1 for svd_train, whose truncation needs a low-rank fine-tune, else 0).",
         ),
+        recalibrate_bn: int = typer.Option(
+            10,
+            min=0,
+            help="Re-estimate BatchNorm statistics on this many training batches after the "
+            "layers are replaced (before fine-tuning).",
+        ),
         lr: float = typer.Option(0.01, help="Fine-tune learning rate."),
         train_lr: float = typer.Option(0.05, help="Base training learning rate."),
         distill: bool = typer.Option(
@@ -108,6 +114,7 @@ def register(app: typer.Typer) -> None:
             example_batch=s.example_batch,
             finetune_epochs=finetune_epochs,
             post_finalize_epochs=post_finalize_epochs,
+            bn_recalibration_batches=recalibrate_bn,
             lr=lr,
             distill=distill,
             checkpoint_dir=out / "checkpoints",

@@ -75,6 +75,7 @@ def run_demo(out: Path, *, quick: bool, progress: bool, seed: int = 0) -> list[d
                     example_batch=s.example_batch,
                     finetune_epochs=1 if quick else 2,
                     post_finalize_epochs=method_type.post_finalize_epochs,
+                    bn_recalibration_batches=10,
                     lr=0.01,
                     progress=progress,
                     measure_original=original,

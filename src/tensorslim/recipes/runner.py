@@ -151,6 +151,7 @@ def _structure_stage(run: RecipeRun, stage: Any, sdir: Path) -> dict[str, Any]:
         test_loader=run.test_loader,
         example_batch=run.example,
         finetune_epochs=epochs,
+        bn_recalibration_batches=getattr(stage, "recalibrate_bn", 0),
         lr=getattr(stage, "lr", 0.01),
         optimizer=getattr(stage, "optimizer", "sgd"),
         checkpoint_dir=sdir / "checkpoints",

@@ -89,6 +89,8 @@ class CompressStage(_Strict):
     settings: dict[str, Any] = Field(default_factory=dict)
     layers: list[str] | None = None
     exclude: list[str] | None = None
+    # BatchNorm statistics re-estimated on this many training batches after the layers change
+    recalibrate_bn: int = Field(default=10, ge=0)
     _budget = field_validator("budget")(_check_budget)
 
 

@@ -33,6 +33,7 @@ from tensorslim.layers.svd import SVDLayer, svd_layers
 from tensorslim.plan import apply, plan, plans_of, refresh_plan, set_plans
 from tensorslim.rank.energy_prune import check_energy, energy_keep_mask, search_energy
 from tensorslim.surgery import FilterFn, replace_module
+from tensorslim.train.batchnorm import recalibrate_batchnorm
 from tensorslim.train.hooks import TrainHook
 from tensorslim.train.loop import CHECKPOINT_NAME, evaluate, fit
 from tensorslim.train.svd_regularizers import (
@@ -288,38 +289,6 @@ def _refresh_plans(model: nn.Module) -> None:
     plans = plans_of(model)
     if plans:
         set_plans(model, [refresh_plan(model, p) for p in plans])
-
-
-@torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, loader: Iterable, batches: int = 10) -> int:
-    """Re-estimate every BatchNorm's running mean/variance on ``batches`` training batches.
-
-    Pruning singular values changes the statistics of each layer's output, so the running
-    statistics collected before pruning no longer match; a few forward passes (no gradient, no
-    labels) fix that before the pruned model is evaluated. Returns the number of batches used.
-    """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not norms or batches <= 0:
-        return 0
-    saved = [(m.momentum, m.training) for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the batches seen
-    was_training = model.training
-    model.train()
-    device = next(iter(model.parameters())).device
-    used = 0
-    try:
-        for inputs, _ in loader:
-            if used >= batches:
-                break
-            model(inputs.to(device))
-            used += 1
-    finally:
-        model.train(was_training)
-        for m, (momentum, _) in zip(norms, saved, strict=True):
-            m.momentum = momentum
-    return used
 
 
 # ----- the pipeline --------------------------------------------------------------------------

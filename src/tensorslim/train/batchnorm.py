@@ -1,0 +1,45 @@
+"""Re-estimating BatchNorm statistics after the layers before them changed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+__all__ = ["recalibrate_batchnorm"]
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, loader: Iterable, batches: int = 10) -> int:
+    """Re-estimate every BatchNorm's running mean/variance on ``batches`` training batches.
+
+    Replacing a layer by an approximation (a truncated SVD, a decomposition, pruned singular
+    values) changes the statistics of its output, so the running statistics collected on the
+    dense model no longer match the BatchNorm that follows; a few forward passes (no gradient,
+    no labels) fix that before the model is evaluated or fine-tuned. The running averages are
+    cumulative (momentum None) over the batches, then each BatchNorm's momentum is restored.
+    Returns the number of batches used (0 when the model has no BatchNorm).
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or batches <= 0:
+        return 0
+    saved = [(m.momentum, m.training) for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches seen
+    was_training = model.training
+    model.train()
+    device = next(iter(model.parameters())).device
+    used = 0
+    try:
+        for inputs, _ in loader:
+            if used >= batches:
+                break
+            model(inputs.to(device))
+            used += 1
+    finally:
+        model.train(was_training)
+        for m, (momentum, _) in zip(norms, saved, strict=True):
+            m.momentum = momentum
+    return used
