@@ -31,6 +31,7 @@ from tensorslim.methods import get_method, list_methods
 from tensorslim.plan import CompressionPlan, LayerPlan, apply, plan
 from tensorslim.rank.budget import Budget
 from tensorslim.train import evaluate, fit
+from tensorslim.train.batchnorm import recalibrate_batchnorm
 
 
 def create_model(name: str, **kwargs):  # type: ignore[no-untyped-def]
@@ -76,5 +77,6 @@ __all__ = [
     "list_models",
     "load",
     "plan",
+    "recalibrate_batchnorm",
     "save",
 ]
