@@ -163,9 +163,8 @@ def compress_model(
     started = time.perf_counter()
     original = measure_original or measure(model, example_batch, test_loader, latency=latency)
     the_plan = plan(model, method, budget, example_batch, filter_fn=filter_fn, **settings)
-    method_obj = get_method(method, **settings)
-    if budget is not None and method_obj.kind == "training":
-        method_obj = method_obj.with_budget(budget)
+    # the plan's settings, not the caller's: the planner already aimed them at the budget
+    method_obj = get_method(the_plan.method, **the_plan.settings)
     if not the_plan.compressed_layers:
         reasons = sorted({lp.reason for lp in the_plan.layers if lp.reason})
         raise TensorslimError(f"method '{method}' compressed no layer ({'; '.join(reasons)[:300]})")
