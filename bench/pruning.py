@@ -475,13 +475,20 @@ def main() -> None:
 # Pilot runs (bench/pruning.py's prune_run with only λ changed, before the final run) that chose
 # RPG's default λ; quoted in the report because the final run uses just one λ.
 PILOT_LAMBDA = (
-    "Pilot runs that set RPG's default λ (same base model and schedule, 98 % sparsity): GMP "
+    "Pilot runs that set RPG's default λ (same base model, 98 % sparsity, pruning then ending "
+    "at 75 % of the steps): GMP "
     "reached average δ-rank 57.2 at accuracy 0.8712; RPG with λ = 1 / 10 / 30 reached 58.5 / "
     "61.0 / 65.0 at 0.8713 / 0.8717 / 0.8638, and λ = 1 applied at every step (not only at mask "
     "updates) 60.3 at 0.8684 with a 6.6 % rank-loss time share (vs about 1 % at update steps "
     "only). λ = 10 is the default: more rank at no accuracy cost; larger λ buys rank with "
     "accuracy."
 )
+
+
+def _end_share(rows: list[dict], method: str) -> str:
+    """The schedule end of ``method``'s runs as a percentage of the steps (from their settings)."""
+    ends = {r["settings"]["end"] for r in rows if r["method"] == method and "settings" in r}
+    return " / ".join(f"{100 * e:.0f} %" for e in sorted(ends)) or "?"
 
 
 def reading(payload: dict[str, Any]) -> str:
@@ -498,10 +505,10 @@ def reading(payload: dict[str, Any]) -> str:
         parts.append(
             "Most accurate at "
             + ", ".join(f"{s:.0%}: {NAMES[best[s]]}" for s in high)
-            + ". RigL reaches its final sparsity at step 0 and keeps all the steps to recover; "
-            "GMP and RPG reach it only at 75 % of the steps, which matters in runs this short "
-            "(one seed per run: differences of a few tenths of a percent may be noise; the "
-            "spread across seeds was not measured)."
+            + f". RigL reaches its final sparsity at step 0; GMP and RPG reach it at "
+            f"{_end_share(rows, 'rpg')} of the steps and recover for the rest (one seed per run: "
+            "differences of a few tenths of a point may be noise; bench/pruning_seeds.py "
+            "repeats the 95 % and 98 % runs over several seeds)."
         )
     ablation = [s for s in (0.95, 0.98) if get(ABLATION, s) and get("gmp", s) and get("rpg", s)]
     if ablation:
@@ -584,9 +591,10 @@ def report(payload: dict[str, Any]) -> None:
         "magnitude pruning to the target, then drop/regrow by dense gradient (α = 0.3, cosine "
         "decay); RPG = cubic schedule + RigL regrowth scored by the gradient of task + λ·"
         "adversarial rank loss (λ = 10, partial_k = 0.1, at mask-update steps); RPG λ=0 = the "
-        "same without the rank loss (an ablation). Pruning ends at 75 % of the steps (RigL: "
-        "drop/regrow ends there; its sparsity is final from step 0); ΔT gives about 25 mask "
-        "updates.",
+        "same without the rank loss (an ablation). GMP and RPG reach the target at "
+        f"{_end_share(rows, 'gmp')} / {_end_share(rows, 'rpg')} of the steps; RigL's sparsity "
+        f"is final from step 0 and its drop/regrow ends at {_end_share(rows, 'rigl')}; ΔT "
+        "gives about 25 mask updates.",
         "Latency: the finalized RPG models, dense kernels vs the sparse path with every pruned "
         "layer of sparsity ≥ 0.5 on it ('all') or only the Linear layers ('linear'); per layer, "
         "every Linear/Conv2d on its real input (the first conv is dense: its row shows the cost "

@@ -6,7 +6,8 @@ This script repeats the same runs (same base model, schedule, steps and settings
 bench/pruning.py's defaults) for several seeds — each seed fixes the initial RNG and the batch
 order, shared by the three methods — and reports mean ± standard deviation of accuracy and of
 the average δ-rank, plus how often RPG wins within a seed. "RPG one-shot" runs RPG on RigL's
-schedule, to tell the rank loss's effect from the gradual schedule's. Writes
+schedule, to tell the rank loss's effect from the gradual schedule's; "RigL, regrowth ends at
+25 %" stops RigL's mask changes where GMP's and RPG's pruning ends (their default). Writes
 bench/results/pruning_seeds.{json,md}.
 
     python bench/pruning_seeds.py [--seeds 0,1,2,3] [--sparsities 0.95,0.98] [--workers 2]
@@ -34,8 +35,11 @@ from pruning import METHODS, NAMES, prune_run
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     **{m: (m, {}) for m in METHODS},
     "rpg-oneshot": ("rpg", {"schedule": "constant"}),
+    # RigL with its drop/regrow ending where GMP's and RPG's pruning ends, so that all three
+    # stop changing the mask at the same step
+    "rigl-end": ("rigl", {"end": 0.25}),
 }
-LABELS = {**NAMES, "rpg-oneshot": "RPG one-shot"}
+LABELS = {**NAMES, "rpg-oneshot": "RPG one-shot", "rigl-end": "RigL, regrowth ends at 25 %"}
 _STATE: dict[str, Any] = {}
 
 
@@ -95,7 +99,13 @@ def summarize(runs: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
         by_seed: dict[int, dict[str, float]] = {}
         for r in at:
             by_seed.setdefault(r["seed"], {})[r["method"]] = r["accuracy"]
-        for mine, other in (("rpg", "gmp"), ("rpg", "rigl"), ("rpg-oneshot", "rigl")):
+        comparisons = (
+            ("rpg", "gmp"),
+            ("rpg", "rigl"),
+            ("rpg", "rigl-end"),
+            ("rpg-oneshot", "rigl"),
+        )
+        for mine, other in comparisons:
             pairs = [a for a in by_seed.values() if mine in a and other in a]
             if not pairs:
                 continue
@@ -110,6 +120,13 @@ def summarize(runs: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
                 }
             )
     return table, wins
+
+
+def _end(method: str) -> float:
+    """The default schedule end of ``method`` (fraction of the steps)."""
+    from tensorslim.methods.registry import get_method
+
+    return float(get_method(method).end)
 
 
 def main() -> None:
@@ -143,7 +160,9 @@ def main() -> None:
     seconds = time.perf_counter() - started
     notes = [
         "small_cnn on Fashion-MNIST, the settings of bench/pruning.py (base 3 epochs on 20000 "
-        f"images; {args.epochs} × {args.steps_per_epoch} pruning steps, SGD lr {args.lr}); "
+        f"images; {args.epochs} × {args.steps_per_epoch} pruning steps, SGD lr {args.lr}; GMP "
+        f"and RPG prune until {_end('gmp'):.0%} / {_end('rpg'):.0%} of the steps, RigL "
+        f"drops/regrows until {_end('rigl'):.0%}); "
         f"seeds {args.seeds} (each fixes the initial RNG and the batch order, shared by the "
         "methods); full 10 000-image test set, whose standard error at 90 % accuracy is "
         "about 0.3 points.",

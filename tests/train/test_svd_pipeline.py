@@ -307,3 +307,33 @@ def test_exclude_keeps_layers_dense() -> None:
     assert {row["layer"] for row in report["layers"]} == {"conv1", "conv2", "conv3"}
     with pytest.raises(TensorslimError, match="cannot exclude 'head'"):
         run(Net(), energy=0.1, exclude=["head"])
+
+
+def test_budget_gate_matches_pruning_at_its_energy() -> None:
+    """The gate's FLOPs fraction is the one prune_svd_model reaches at the same energy."""
+    from tensorslim.train.svd_pipeline import FlopsBudgetGate
+
+    torch.manual_seed(2)
+    model = Net()
+    x = torch.randn(1, 1, 10, 10)
+    reference = count_flops(model, x)
+    to_svd_model(model, x)
+    with torch.no_grad():  # a concentrated spectrum in one layer, so the energy matters
+        layer = dict(svd_layers(model))["conv2"]
+        layer.s.mul_(torch.logspace(0, -4, layer.s.numel()))
+    for energy in (0.0, 0.01, 0.3):
+        gate = FlopsBudgetGate(model, x, 0.5, reference, energy=energy)
+        pruned = prune_svd_model(copy.deepcopy(model), x, energy=energy, reference=(reference, 1))
+        assert gate.fraction() == pytest.approx(pruned["flops_fraction"])
+        assert gate() == (pruned["flops_fraction"] <= 0.5)
+    assert FlopsBudgetGate(model, x, 1.0, reference, energy=0.0)()
+    assert not FlopsBudgetGate(model, x, 0.01, reference, energy=0.0)()
+
+
+def test_pipeline_with_budget_gate_logs_the_sparsity_share() -> None:
+    torch.manual_seed(0)
+    _, report = run(Net(), target_flops=0.5, lambda_s=0.5, budget_gate_energy=0.01)
+    share = report["history"]["svd_train"][0]["sparsity_on_share"]
+    assert 0.0 <= share <= 1.0
+    assert report["budget_gate_energy"] == 0.01
+    assert report["flops_fraction"] <= 0.5

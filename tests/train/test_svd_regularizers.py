@@ -217,3 +217,31 @@ def test_ddp_two_processes_end_identical(tmp_path: Path) -> None:
     torch.manual_seed(1234)
     initial = TinySVDNet().state_dict()
     assert not torch.allclose(states[0]["fc.s"], initial["fc.s"])  # it did train
+
+
+def test_gate_leaves_the_sparsity_term_out_while_it_says_enough() -> None:
+    torch.manual_seed(0)
+    model = TinySVDNet()
+    answers = iter([True, True, False, False])
+    asked = []
+
+    def gate() -> bool:
+        asked.append(True)
+        return next(answers)
+
+    hook = SVDRegularizerHook(1.0, 0.5, "hoyer", sparsity_gate=gate, gate_every=2)
+    ortho_only, _ = svd_regularization(model, 1.0, 0.0, "hoyer")
+    both, _ = svd_regularization(model, 1.0, 0.5, "hoyer")
+    assert not torch.isclose(ortho_only, both)
+    # asked at steps 0, 2, 4; the answer holds for the steps in between
+    expected = [ortho_only, ortho_only, ortho_only, ortho_only, both, both]
+    for step, value in enumerate(expected):
+        assert torch.allclose(hook.extra_loss(model, step), value)
+    assert len(asked) == 3  # steps 0, 2 and 4
+    record = hook.on_epoch_end(model, 0)
+    assert record["sparsity_on_share"] == pytest.approx(2 / 6)
+    # the share is per epoch
+    hook.extra_loss(model, 6)
+    assert hook.on_epoch_end(model, 1)["sparsity_on_share"] == 1.0
+    with pytest.raises(TensorslimError, match="gate_every"):
+        SVDRegularizerHook(1.0, 0.5, sparsity_gate=gate, gate_every=0)

@@ -31,7 +31,12 @@ from tensorslim.analysis.profile import collect_layer_info, count_params
 from tensorslim.errors import TensorslimError
 from tensorslim.layers.svd import SVDLayer, svd_layers
 from tensorslim.plan import apply, plan, plans_of, refresh_plan, set_plans
-from tensorslim.rank.energy_prune import check_energy, energy_keep_mask, search_energy
+from tensorslim.rank.energy_prune import (
+    check_energy,
+    energy_keep_count,
+    energy_keep_mask,
+    search_energy,
+)
 from tensorslim.surgery import FilterFn, replace_module
 from tensorslim.train.batchnorm import recalibrate_batchnorm
 from tensorslim.train.hooks import TrainHook
@@ -232,6 +237,45 @@ def prune_svd_model(
     }
 
 
+class FlopsBudgetGate:
+    """Answers "would pruning ``energy`` of each layer's Σs² already meet the FLOPs budget?".
+
+    Built once on the full-rank SVD model (the layer costs and everything outside the SVD
+    layers do not change during training); each call reads the current singular values only,
+    so it is cheap enough to ask every few steps. ``reference_flops`` is the original model's
+    count, ``target`` the fraction of it to reach.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_input: torch.Tensor,
+        target: float,
+        reference_flops: int,
+        *,
+        energy: float = 0.01,
+        merge_dense: bool = True,
+    ) -> None:
+        self.energy = check_energy(energy)
+        self.target = float(target)
+        self.reference_flops = reference_flops
+        self.merge_dense = merge_dense
+        self.costs = svd_layer_costs(model, example_input)
+        self.fixed_flops, _ = _model_totals(model, example_input, self.costs)
+
+    def fraction(self) -> float:
+        """FLOPs fraction of the model pruned at ``energy`` (singular values as they are now)."""
+        total = self.fixed_flops
+        for c in self.costs:
+            with torch.no_grad():
+                keep = energy_keep_count(c.layer.singular_values(), self.energy, c.fqn)
+            total += c.final_cost(keep, "flops", self.merge_dense)
+        return total / self.reference_flops
+
+    def __call__(self) -> bool:
+        return self.fraction() <= self.target
+
+
 def merge_unprofitable(model: nn.Module, report: dict[str, Any]) -> list[str]:
     """Replace the SVD layers the pruning report marked "dense" by their dense equivalent."""
     merged = []
@@ -353,6 +397,7 @@ def svd_train_pipeline(
     finetune_orthogonality: bool = True,
     merge_dense: bool = True,
     bn_recalibration_batches: int = 0,
+    budget_gate_energy: float | None = None,
     example_input: torch.Tensor | None = None,
     filter_fn: FilterFn | None = None,
     exclude: Sequence[str] | None = None,
@@ -376,6 +421,10 @@ def svd_train_pipeline(
     only with ``linear=True`` (then exclude the classifier, e.g. ``exclude=["fc"]``).
     ``bn_recalibration_batches`` > 0 re-estimates BatchNorm statistics on that many training
     batches right after pruning (see :func:`recalibrate_batchnorm`); 0 follows the paper.
+    ``budget_gate_energy`` (with ``target_flops``): during stage 1, every 10 steps, check whether
+    pruning that fraction of each layer's Σs² would already meet the target, and leave the
+    sparsity term out while it would (see :class:`FlopsBudgetGate`); None keeps λs on
+    throughout, as in the paper.
 
     Returns (model with LowRank*/dense layers, report dict): per-layer rank before/after,
     FLOPs/params of the original, full-rank SVD, pruned and final model, accuracies at each
@@ -444,7 +493,17 @@ def svd_train_pipeline(
         linear=linear,
     )
     full_rank = {"params": count_params(model), "flops": count_flops(model, x)}
-    hook = SVDRegularizerHook(lambda_o, lambda_s, reg)
+    gate = None
+    if budget_gate_energy is not None and target_flops is not None:
+        gate = FlopsBudgetGate(
+            model,
+            x,
+            float(target_flops),
+            reference[0],
+            energy=budget_gate_energy,
+            merge_dense=merge_dense,
+        )
+    hook = SVDRegularizerHook(lambda_o, lambda_s, reg, sparsity_gate=gate)
     history_train = train("svd_train", epochs_train, [hook], lr)
     if test_loader is not None:
         full_rank["accuracy"] = evaluate(model, test_loader)["accuracy"]
@@ -490,6 +549,7 @@ def svd_train_pipeline(
         "from_scratch": from_scratch,
         "energy": prune_report["energy"],
         "target_flops": target_flops,
+        "budget_gate_energy": budget_gate_energy if gate is not None else None,
         "original": original,
         "svd_full_rank": full_rank,
         "pruned": pruned,

@@ -154,16 +154,44 @@ class SVDRegularizerHook(TrainHook):
 
     ``where`` is appended to the error message when a singular value turns NaN/Inf (the
     pipeline puts the path of the last good checkpoint there).
+
+    ``sparsity_gate`` (optional) is asked every ``gate_every`` steps whether the spectra are
+    already sparse enough (e.g. the model would meet its FLOPs budget after pruning a small
+    energy); while it answers True the sparsity term is left out (λs acts as 0) and only the
+    orthogonality term is added. The gate must depend only on the weights, so that every
+    DistributedDataParallel rank takes the same decision.
     """
 
     def __init__(
-        self, lambda_o: float = 1.0, lambda_s: float = 0.0, reg: str = "hoyer", where: str = ""
+        self,
+        lambda_o: float = 1.0,
+        lambda_s: float = 0.0,
+        reg: str = "hoyer",
+        where: str = "",
+        *,
+        sparsity_gate: Callable[[], bool] | None = None,
+        gate_every: int = 10,
     ) -> None:
         self.lambda_o = check_lambda(lambda_o, "lambda_o")
         self.lambda_s = check_lambda(lambda_s, "lambda_s")
         sparsity_function(reg)
+        if not isinstance(gate_every, int) or gate_every < 1:
+            raise TensorslimError(f"gate_every must be an integer ≥ 1, got {gate_every!r}")
         self.reg = reg
         self.where = where
+        self.sparsity_gate = sparsity_gate
+        self.gate_every = gate_every
+        self._sparsity_on = True
+        self._steps = 0
+        self._steps_on = 0
+
+    def _lambda_s_now(self, step: int) -> float:
+        """λs at ``step``: 0 while the gate says the spectra are sparse enough."""
+        if self.sparsity_gate is not None and self.lambda_s > 0 and step % self.gate_every == 0:
+            self._sparsity_on = not bool(self.sparsity_gate())
+        self._steps += 1
+        self._steps_on += int(self._sparsity_on)
+        return self.lambda_s if self._sparsity_on else 0.0
 
     def __call__(self, model: nn.Module) -> torch.Tensor:
         """The weighted regularization of ``model`` (same as :func:`svd_regularization`)."""
@@ -177,11 +205,10 @@ class SVDRegularizerHook(TrainHook):
                 "(tensorslim.train.svd_pipeline.to_svd_model)"
             )
         check_finite_layers(layers, self.where)
-        if self.lambda_o == 0 and self.lambda_s == 0:
+        lambda_s = self._lambda_s_now(step)
+        if self.lambda_o == 0 and lambda_s == 0:
             return None
-        return svd_regularization(
-            model, self.lambda_o, self.lambda_s, self.reg, check_finite=False
-        )[0]
+        return svd_regularization(model, self.lambda_o, lambda_s, self.reg, check_finite=False)[0]
 
     def on_epoch_end(self, model: nn.Module, epoch: int) -> dict[str, float]:
         # measured once on the end-of-epoch weights (both terms, whatever their weights), so
@@ -189,10 +216,15 @@ class SVDRegularizerHook(TrainHook):
         with torch.no_grad():
             _, parts = svd_regularization(model, 1.0, 1.0, self.reg, check_finite=False)
         key = self.reg.strip().lower().replace("-", "_")
-        return {
+        row = {
             "reg_orthogonality": float(parts["orthogonality"]),
             f"reg_{key}": float(parts["sparsity"]),
         }
+        if self.sparsity_gate is not None and self._steps > 0:
+            # share of this epoch's steps that carried the sparsity term
+            row["sparsity_on_share"] = self._steps_on / self._steps
+            self._steps = self._steps_on = 0
+        return row
 
     def state_dict(self) -> dict[str, Any]:
         return {"lambda_o": self.lambda_o, "lambda_s": self.lambda_s, "reg": self.reg}
