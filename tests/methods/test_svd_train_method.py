@@ -162,3 +162,29 @@ def test_through_the_compress_pipeline() -> None:
     assert any(isinstance(m, LowRankConv2d) for m in small.modules())
     methods = {row["method"] for row in results["layers"]}
     assert "svd_train" not in methods  # the plan was refreshed to the final structure
+
+
+def test_budget_gate_reads_the_plans_budget() -> None:
+    """With budget_gate_energy the hook asks whether pruning that energy meets the budget."""
+    torch.manual_seed(0)
+    model = Net()
+    for metric in ("flops", "params"):
+        for fraction, expected in ((1.0, True), (0.05, False)):
+            the_plan = ts.plan(
+                model,
+                "svd_train",
+                ts.Budget(**{metric: fraction}),
+                example_input=X,
+                budget_gate_energy=0.0,
+            )
+            small = ts.apply(model, the_plan)
+            method = the_plan.method_for(the_plan.compressed_layers[0])
+            (hook,) = method.train_hooks(small, the_plan)
+            assert hook.sparsity_gate is not None
+            # full rank, nothing pruned: the dense model itself (merged back) meets fraction 1
+            assert hook.sparsity_gate() is expected, (metric, fraction)
+    plain = ts.plan(model, "svd_train", ts.Budget(flops=0.5), example_input=X)
+    method = plain.method_for(plain.compressed_layers[0])
+    assert method.train_hooks(ts.apply(model, plain), plain)[0].sparsity_gate is None
+    with pytest.raises(TensorslimError, match="outside \\[0, 1\\)"):
+        get_method("svd_train", budget_gate_energy=1.5)

@@ -244,6 +244,8 @@ def test_from_scratch() -> None:
         ({"energy": 0.1, "reg": "l0"}, "unknown sparsity"),
         ({"energy": 0.1, "scheme": "tucker"}, "unknown SVD scheme"),
         ({"energy": 0.1, "epochs_train": -1}, "epochs_train"),
+        ({"energy": 0.1, "budget_gate_energy": 0.01}, "needs target_flops"),
+        ({"target_flops": 0.5, "budget_gate_energy": 1.0}, "outside \\[0, 1\\)"),
     ],
 )
 def test_bad_input_fails_before_any_work(kwargs: dict, message: str) -> None:
@@ -311,7 +313,7 @@ def test_exclude_keeps_layers_dense() -> None:
 
 def test_budget_gate_matches_pruning_at_its_energy() -> None:
     """The gate's FLOPs fraction is the one prune_svd_model reaches at the same energy."""
-    from tensorslim.train.svd_pipeline import FlopsBudgetGate
+    from tensorslim.train.svd_pipeline import BudgetGate
 
     torch.manual_seed(2)
     model = Net()
@@ -322,12 +324,12 @@ def test_budget_gate_matches_pruning_at_its_energy() -> None:
         layer = dict(svd_layers(model))["conv2"]
         layer.s.mul_(torch.logspace(0, -4, layer.s.numel()))
     for energy in (0.0, 0.01, 0.3):
-        gate = FlopsBudgetGate(model, x, 0.5, reference, energy=energy)
+        gate = BudgetGate(model, x, "flops", 0.5, reference, energy=energy)
         pruned = prune_svd_model(copy.deepcopy(model), x, energy=energy, reference=(reference, 1))
         assert gate.fraction() == pytest.approx(pruned["flops_fraction"])
         assert gate() == (pruned["flops_fraction"] <= 0.5)
-    assert FlopsBudgetGate(model, x, 1.0, reference, energy=0.0)()
-    assert not FlopsBudgetGate(model, x, 0.01, reference, energy=0.0)()
+    assert BudgetGate(model, x, "flops", 1.0, reference, energy=0.0)()
+    assert not BudgetGate(model, x, "flops", 0.01, reference, energy=0.0)()
 
 
 def test_pipeline_with_budget_gate_logs_the_sparsity_share() -> None:

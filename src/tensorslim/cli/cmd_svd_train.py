@@ -111,6 +111,14 @@ def register(app: typer.Typer) -> None:
         target_flops: float = typer.Option(
             None, help="Instead of --energy: FLOPs fraction of the model to land on."
         ),
+        budget_gate_energy: float = typer.Option(
+            None,
+            help="With --target-flops: drop the sparsity term while pruning this energy "
+            "(e.g. 0.01) would already meet the target.",
+        ),
+        recalibrate_bn: int = typer.Option(
+            10, min=0, help="Re-estimate BatchNorm statistics on N batches after pruning."
+        ),
         linear: bool = typer.Option(
             False, help="Also train Linear layers in SVD form (the paper: convolutions only)."
         ),
@@ -144,6 +152,7 @@ def register(app: typer.Typer) -> None:
             target_flops=target_flops,
             epochs_train=epochs,
             epochs_finetune=finetune_epochs,
+            budget_gate_energy=budget_gate_energy,
         )
         if weights is not None and from_scratch:
             raise TensorslimError("give --weights or --from-scratch, not both")
@@ -205,6 +214,8 @@ def register(app: typer.Typer) -> None:
             example_input=s.example_batch[:1],
             exclude=exclude or None,
             linear=linear,
+            budget_gate_energy=budget_gate_energy,
+            bn_recalibration_batches=recalibrate_bn,
             progress=progress,
             log=say,
         )
@@ -231,6 +242,8 @@ def register(app: typer.Typer) -> None:
                 "finetune_epochs": finetune_epochs,
                 "exclude": list(exclude or []),
                 "linear": linear,
+                "budget_gate_energy": budget_gate_energy,
+                "recalibrate_bn": recalibrate_bn,
             },
             "budget": {"flops": target_flops} if target_flops is not None else None,
             "original": original,

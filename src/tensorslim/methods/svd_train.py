@@ -34,7 +34,9 @@ class SVDTrainMethod(Method):
     remove per layer, in [0, 1); used when the plan has no budget), ``from_scratch`` (ignore the
     dense weights, Kaiming-style init), ``merge_dense`` (merge layers whose rank does not pay),
     ``linear`` (also train Linear layers in SVD form; off by default, as in the paper, which
-    decomposes convolutions only — exclude the classifier if you turn it on)."""
+    decomposes convolutions only — exclude the classifier if you turn it on),
+    ``budget_gate_energy`` (with a budget: leave the sparsity term out of the loss while pruning
+    that energy would already meet the budget; None = always on, as in the paper)."""
 
     name: ClassVar[str] = "svd_train"
     description: ClassVar[str] = (
@@ -57,6 +59,7 @@ class SVDTrainMethod(Method):
     from_scratch: bool = False
     merge_dense: bool = True
     linear: bool = False
+    budget_gate_energy: float | None = None
 
     def __post_init__(self) -> None:
         from tensorslim.rank.energy_prune import check_energy
@@ -69,6 +72,8 @@ class SVDTrainMethod(Method):
         self.lambda_s = check_lambda(self.lambda_s, "lambda_s")
         if self.energy is not None:
             self.energy = check_energy(self.energy)
+        if self.budget_gate_energy is not None:
+            self.budget_gate_energy = check_energy(self.budget_gate_energy)
         self._last_report: dict[str, Any] | None = None
 
     def supports(self, module: nn.Module, fqn: str) -> str | None:
@@ -178,7 +183,27 @@ class SVDTrainMethod(Method):
                 "svd_train needs a budget (e.g. --budget flops=0.5) or an energy threshold "
                 "(e.g. --set energy=0.05) to prune singular values after training"
             )
-        return [SVDRegularizerHook(self.lambda_o, self.lambda_s, self.reg)]
+        gate = None
+        target = self._target(plan)
+        if self.budget_gate_energy is not None and target is not None:
+            from tensorslim.train.hooks import unwrap
+            from tensorslim.train.svd_pipeline import BudgetGate
+
+            net = unwrap(model)
+            first = next(iter(net.parameters()))
+            example = torch.zeros(plan.input_shape, device=first.device, dtype=first.dtype)
+            metric, fraction = target
+            reference = plan.model_flops if metric == "flops" else plan.model_params
+            gate = BudgetGate(
+                net,
+                example,
+                metric,
+                fraction,
+                reference,
+                energy=self.budget_gate_energy,
+                merge_dense=self.merge_dense,
+            )
+        return [SVDRegularizerHook(self.lambda_o, self.lambda_s, self.reg, sparsity_gate=gate)]
 
     def finalize(self, model: nn.Module, plan: CompressionPlan) -> nn.Module:
         """Energy pruning (budget search when the plan has one) and conversion to low rank."""

@@ -237,40 +237,45 @@ def prune_svd_model(
     }
 
 
-class FlopsBudgetGate:
-    """Answers "would pruning ``energy`` of each layer's Σs² already meet the FLOPs budget?".
+class BudgetGate:
+    """Answers "would pruning ``energy`` of each layer's Σs² already meet the budget?".
 
-    Built once on the full-rank SVD model (the layer costs and everything outside the SVD
-    layers do not change during training); each call reads the current singular values only,
-    so it is cheap enough to ask every few steps. ``reference_flops`` is the original model's
-    count, ``target`` the fraction of it to reach.
+    ``metric`` is "flops" or "params", ``target`` the fraction of ``reference`` (the original
+    model's count) to reach. Built once on the full-rank SVD model (the layer costs and
+    everything outside the SVD layers do not change during training); each call reads the
+    current singular values only, so it is cheap enough to ask every few steps.
     """
 
     def __init__(
         self,
         model: nn.Module,
         example_input: torch.Tensor,
+        metric: str,
         target: float,
-        reference_flops: int,
+        reference: int,
         *,
         energy: float = 0.01,
         merge_dense: bool = True,
     ) -> None:
+        if metric not in ("flops", "params"):
+            raise TensorslimError(f"unknown budget metric '{metric}': use flops or params")
         self.energy = check_energy(energy)
+        self.metric = metric
         self.target = float(target)
-        self.reference_flops = reference_flops
+        self.reference = reference
         self.merge_dense = merge_dense
         self.costs = svd_layer_costs(model, example_input)
-        self.fixed_flops, _ = _model_totals(model, example_input, self.costs)
+        fixed_flops, fixed_params = _model_totals(model, example_input, self.costs)
+        self.fixed = fixed_flops if metric == "flops" else fixed_params
 
     def fraction(self) -> float:
-        """FLOPs fraction of the model pruned at ``energy`` (singular values as they are now)."""
-        total = self.fixed_flops
+        """Fraction of the reference left after pruning ``energy`` (spectra as they are now)."""
+        total = self.fixed
         for c in self.costs:
             with torch.no_grad():
                 keep = energy_keep_count(c.layer.singular_values(), self.energy, c.fqn)
-            total += c.final_cost(keep, "flops", self.merge_dense)
-        return total / self.reference_flops
+            total += c.final_cost(keep, self.metric, self.merge_dense)
+        return total / self.reference
 
     def __call__(self) -> bool:
         return self.fraction() <= self.target
@@ -354,6 +359,7 @@ def check_pipeline_settings(
     target_flops: float | None,
     epochs_train: int,
     epochs_finetune: int,
+    budget_gate_energy: float | None = None,
 ) -> None:
     """Every setting of :func:`svd_train_pipeline` checked, so bad input fails before any work."""
     if scheme not in SCHEMES:
@@ -369,6 +375,12 @@ def check_pipeline_settings(
         check_energy(energy)
     if target_flops is not None and not 0 < target_flops <= 1:
         raise TensorslimError(f"target_flops must be a fraction in (0, 1], got {target_flops}")
+    if budget_gate_energy is not None:
+        if target_flops is None:
+            raise TensorslimError(
+                "budget_gate_energy needs target_flops=… (the gate compares with the budget)"
+            )
+        check_energy(budget_gate_energy)
     for name, value in (("epochs_train", epochs_train), ("epochs_finetune", epochs_finetune)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise TensorslimError(f"{name} must be an integer ≥ 0, got {value!r}")
@@ -423,7 +435,7 @@ def svd_train_pipeline(
     batches right after pruning (see :func:`recalibrate_batchnorm`); 0 follows the paper.
     ``budget_gate_energy`` (with ``target_flops``): during stage 1, every 10 steps, check whether
     pruning that fraction of each layer's Σs² would already meet the target, and leave the
-    sparsity term out while it would (see :class:`FlopsBudgetGate`); None keeps λs on
+    sparsity term out while it would (see :class:`BudgetGate`); None keeps λs on
     throughout, as in the paper.
 
     Returns (model with LowRank*/dense layers, report dict): per-layer rank before/after,
@@ -439,6 +451,7 @@ def svd_train_pipeline(
         target_flops=target_flops,
         epochs_train=epochs_train,
         epochs_finetune=epochs_finetune,
+        budget_gate_energy=budget_gate_energy,
     )
     started = time.perf_counter()
     x = example_input[:1] if example_input is not None else _first_input(test_loader, train_loader)
@@ -494,10 +507,11 @@ def svd_train_pipeline(
     )
     full_rank = {"params": count_params(model), "flops": count_flops(model, x)}
     gate = None
-    if budget_gate_energy is not None and target_flops is not None:
-        gate = FlopsBudgetGate(
+    if budget_gate_energy is not None:
+        gate = BudgetGate(
             model,
             x,
+            "flops",
             float(target_flops),
             reference[0],
             energy=budget_gate_energy,
