@@ -40,6 +40,8 @@ def test_run_writes_the_compress_artefacts_and_ranks(tmp_path: Path) -> None:
             "--linear",
             "--exclude",
             "fc3",
+            "--budget-gate-energy",
+            "0.01",
             "--out",
             str(out),
         ],
@@ -57,6 +59,8 @@ def test_run_writes_the_compress_artefacts_and_ranks(tmp_path: Path) -> None:
     assert set(ranks) == {"conv1", "conv2", "fc1", "fc2"}  # fc3 excluded: stays dense
     assert all(1 <= r["rank_after"] <= r["rank_before"] == r["full_rank"] for r in ranks.values())
     assert [h["stage"] for h in results["history"]] == ["svd_train", "finetune"]
+    assert results["settings"]["budget_gate_energy"] == 0.01
+    assert 0.0 <= results["history"][0]["sparsity_on_share"] <= 1.0
     assert "rank_after" in result.output and "reduction" in result.output
     # the saved model is rebuilt from its plan by `tensorslim eval`
     evaluated = runner.invoke(app, ["eval", str(out)])
@@ -77,6 +81,7 @@ def test_run_writes_the_compress_artefacts_and_ranks(tmp_path: Path) -> None:
         (["--energy", "0.1", "--from-scratch", "--weights", "w.safetensors"], "not both"),
         (["--energy", "0.1", "--model", "resnet7"], "unknown model"),
         (["--energy", "0.1", "--exclude", "fc9"], "no layer of that name"),
+        (["--energy", "0.1", "--budget-gate-energy", "0.01"], "needs target_flops"),
     ],
 )
 def test_bad_input_is_one_line_before_any_work(tmp_path: Path, extra: list[str], message) -> None:
