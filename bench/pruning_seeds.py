@@ -5,9 +5,10 @@ and RPG accuracies lie within 0.1 point of each other, less than the spread one 
 This script repeats the same runs (same base model, schedule, steps and settings as
 bench/pruning.py's defaults) for several seeds — each seed fixes the initial RNG and the batch
 order, shared by the three methods — and reports mean ± standard deviation of accuracy and of
-the average δ-rank, plus how often RPG wins within a seed. "RPG one-shot" runs RPG on RigL's
-schedule, to tell the rank loss's effect from the gradual schedule's; "RigL, regrowth ends at
-25 %" stops RigL's mask changes where GMP's and RPG's pruning ends (their default). Writes
+the average δ-rank, plus how often RPG wins within a seed. "RPG one-shot" prunes to the
+target at step 0 as RigL does (then regrows with the rank loss until RPG's schedule end), to
+tell the rank loss's effect from the gradual schedule's; "RigL, regrowth ends at 25 %" stops
+RigL's mask changes where GMP's and RPG's pruning ends (their default). Writes
 bench/results/pruning_seeds.{json,md}.
 
     python bench/pruning_seeds.py [--seeds 0,1,2,3] [--sparsities 0.95,0.98] [--workers 2]
@@ -29,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import facts, fashion_loaders, trained_model, write_results
 from pruning import METHODS, NAMES, prune_run
 
-# label → (method, settings). "RPG one-shot" is RPG on RigL's schedule (prune to the target at
-# once, then prune-and-regrow at constant sparsity): it separates what the rank loss does from
-# what the gradual schedule does.
+# label → (method, settings). "RPG one-shot" is RPG with RigL's constant schedule (prune to the
+# target at once, then prune-and-regrow at constant sparsity until RPG's ``end``): it separates
+# what the rank loss does from what the gradual schedule does.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     **{m: (m, {}) for m in METHODS},
     "rpg-oneshot": ("rpg", {"schedule": "constant"}),
