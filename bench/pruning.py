@@ -247,6 +247,16 @@ def plot(rows: list[dict], base_rank: float, base_acc: float, path: Path) -> Non
     plt.close(fig)
 
 
+def seed_means() -> dict[tuple[str, str], float]:
+    """(sparsity label, method label) → mean accuracy over seeds, from bench/pruning_seeds.py's
+    committed results (empty when that benchmark has not been run)."""
+    path = RESULTS / "pruning_seeds.json"
+    if not path.is_file():
+        return {}
+    table = json.loads(path.read_text()).get("table", [])
+    return {(r["sparsity"], r["method"]): r["accuracy_mean"] for r in table}
+
+
 def claims(rows: list[dict], latency: list[dict]) -> list[dict]:
     def get(method: str, s: float) -> dict | None:
         return next((r for r in rows if r["method"] == method and r["sparsity_target"] == s), None)
@@ -281,10 +291,23 @@ def claims(rows: list[dict], latency: list[dict]) -> list[dict]:
     if rpg and gmp and rigl:
         out.append(
             {
-                "claim": "RPG accuracy at 95 % at or above GMP's and RigL's",
+                "claim": "RPG accuracy at 95 % at or above GMP's and RigL's (this run, seed 0)",
                 "holds": rpg["accuracy"] >= max(gmp["accuracy"], rigl["accuracy"]),
                 "evidence": f"RPG {rpg['accuracy']:.4f}, GMP {gmp['accuracy']:.4f}, "
                 f"RigL {rigl['accuracy']:.4f}",
+            }
+        )
+    means = seed_means()
+    trio = [means.get(("95%", NAMES[m])) for m in ("rpg", "gmp", "rigl")]
+    if all(v is not None for v in trio):
+        seeds_rpg, seeds_gmp, seeds_rigl = trio
+        out.append(
+            {
+                "claim": "RPG accuracy at 95 % at or above GMP's and RigL's (mean over the seeds "
+                "of bench/pruning_seeds.py)",
+                "holds": seeds_rpg >= max(seeds_gmp, seeds_rigl),
+                "evidence": f"RPG {seeds_rpg:.4f}, GMP {seeds_gmp:.4f}, RigL {seeds_rigl:.4f} "
+                "(see pruning_seeds.md for the spread and the wins seed by seed)",
             }
         )
     rpgs = [r for r in rows if r["method"] == "rpg"]
