@@ -775,7 +775,7 @@ def write_markdown(payload: dict[str, Any], out: Path) -> None:
         "after stage 1 (lower = the sparsity worked). `accuracy_pruned_curve_subset`: after "
         "pruning, before fine-tuning.",
         "",
-        "## Per-layer ranks of the headline run (Hoyer, channel-wise)",
+        "## Per-layer ranks of the spatial-wise pipeline (Hoyer)",
         "",
         markdown_table(
             [
@@ -787,7 +787,7 @@ def write_markdown(payload: dict[str, Any], out: Path) -> None:
                 "flops_dense",
                 "flops_after",
             ],
-            payload["pipelines"]["hoyer-channel"]["layers"],
+            payload["pipelines"]["hoyer-spatial"]["layers"],
         ),
         "",
         "## Accuracy vs FLOPs after pruning, no fine-tuning",
