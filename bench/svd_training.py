@@ -696,6 +696,19 @@ def notes(payload: dict[str, Any]) -> list[str]:
             f"training sparsify the spectrum within {s['svd_epochs']} epochs. Hoyer is "
             "scale-invariant and concentrates the spectrum instead."
         )
+    seeds_path = RESULTS / "svd_training_seeds.json"
+    if seeds_path.is_file():
+        gaps = json.loads(seeds_path.read_text())["gaps"]
+        out.append(
+            "- One run per arm, and a different batch order moves an arm by several tenths of a "
+            "point. bench/svd_training_seeds.py repeats the spatial-wise headline over "
+            f"{gaps[0]['seeds']} seeds (gap to the dense arm of the same seed, mean ± sd): "
+            + "; ".join(
+                f"{g['arm']} {g['mean_gap_points']:+.2f} ± {g['sd_gap_points']:.2f} points"
+                for g in gaps
+            )
+            + " — see svd_training_seeds.md."
+        )
     out.append(
         f"- Wall time {wall / 60:.1f} min on 2 CPU cores (load average "
         f"{payload['machine'].get('loadavg')} at the start; 1 vs 2 threads timed "
