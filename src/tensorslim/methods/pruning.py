@@ -111,7 +111,7 @@ class _PruningMethod(Method):
     start: float = 0.0
     # Gradual pruning reaches the target at 25 % of the steps and keeps the other 75 % to
     # recover. Fine-tuning a trained small_cnn on Fashion-MNIST for 200 steps (4 seeds, 95 / 98 %
-    # sparsity), ending at 75 % of the steps cost GMP 0.56 / 1.10 accuracy points and RPG 0.43 /
+    # sparsity), ending at 75 % of the steps cost GMP 0.55 / 1.10 accuracy points and RPG 0.43 /
     # 1.15 against ending at 25 % (bench/results/pruning_seeds.md).
     end: float = 0.25
     interval: int | None = None
