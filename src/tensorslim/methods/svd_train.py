@@ -27,6 +27,13 @@ if TYPE_CHECKING:
     from tensorslim.train.hooks import TrainHook
 
 
+def _zeros_input(model: nn.Module, plan: CompressionPlan) -> torch.Tensor:
+    """A zero batch of the plan's input shape on the model's device and dtype (for shapes and
+    costs only)."""
+    first = next(iter(model.parameters()))
+    return torch.zeros(plan.input_shape, device=first.device, dtype=first.dtype)
+
+
 @dataclass
 class SVDTrainMethod(Method):
     """Settings: ``scheme`` ("channel" | "spatial" for convs), ``reg`` ("l1" | "hoyer" |
@@ -190,13 +197,11 @@ class SVDTrainMethod(Method):
             from tensorslim.train.svd_pipeline import BudgetGate
 
             net = unwrap(model)
-            first = next(iter(net.parameters()))
-            example = torch.zeros(plan.input_shape, device=first.device, dtype=first.dtype)
             metric, fraction = target
             reference = plan.model_flops if metric == "flops" else plan.model_params
             gate = BudgetGate(
                 net,
-                example,
+                _zeros_input(net, plan),
                 metric,
                 fraction,
                 reference,
@@ -214,11 +219,9 @@ class SVDTrainMethod(Method):
             raise TensorslimError(
                 "svd_train needs a budget or energy=… to prune singular values (see train_hooks)"
             )
-        reference = next(iter(model.parameters()))
-        example = torch.zeros(plan.input_shape, device=reference.device, dtype=reference.dtype)
         self._last_report = finalize_svd_model(
             model,
-            example,
+            _zeros_input(model, plan),
             energy=None if target is not None else self.energy,
             target=target,
             reference=(plan.model_flops, plan.model_params),
