@@ -42,6 +42,7 @@ def test_run_writes_the_compress_artefacts_and_ranks(tmp_path: Path) -> None:
             "fc3",
             "--budget-gate-energy",
             "0.01",
+            "--no-finetune-orthogonality",
             "--out",
             str(out),
         ],
@@ -60,6 +61,7 @@ def test_run_writes_the_compress_artefacts_and_ranks(tmp_path: Path) -> None:
     assert all(1 <= r["rank_after"] <= r["rank_before"] == r["full_rank"] for r in ranks.values())
     assert [h["stage"] for h in results["history"]] == ["svd_train", "finetune"]
     assert results["settings"]["budget_gate_energy"] == 0.01
+    assert results["settings"]["finetune_orthogonality"] is False
     assert 0.0 <= results["history"][0]["sparsity_on_share"] <= 1.0
     assert "rank_after" in result.output and "reduction" in result.output
     # the saved model is rebuilt from its plan by `tensorslim eval`

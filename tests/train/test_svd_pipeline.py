@@ -339,3 +339,15 @@ def test_pipeline_with_budget_gate_logs_the_sparsity_share() -> None:
     assert 0.0 <= share <= 1.0
     assert report["budget_gate_energy"] == 0.01
     assert report["flops_fraction"] <= 0.5
+
+
+def test_finetune_orthogonality_switch() -> None:
+    """Without λo in stage 3, U and V drift further from orthonormal than with it."""
+    drift = {}
+    for keep in (True, False):
+        torch.manual_seed(0)
+        _, report = run(
+            Net(), target_flops=0.5, lambda_o=5.0, epochs_finetune=3, finetune_orthogonality=keep
+        )
+        drift[keep] = report["history"]["finetune"][-1]["reg_orthogonality"]
+    assert drift[True] < drift[False]

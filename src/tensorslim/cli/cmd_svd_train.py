@@ -119,6 +119,9 @@ def register(app: typer.Typer) -> None:
         recalibrate_bn: int = typer.Option(
             10, min=0, help="Re-estimate BatchNorm statistics on N batches after pruning."
         ),
+        finetune_orthogonality: bool = typer.Option(
+            True, help="Keep the orthogonality loss (λo) while fine-tuning the low-rank model."
+        ),
         linear: bool = typer.Option(
             False, help="Also train Linear layers in SVD form (the paper: convolutions only)."
         ),
@@ -216,6 +219,7 @@ def register(app: typer.Typer) -> None:
             linear=linear,
             budget_gate_energy=budget_gate_energy,
             bn_recalibration_batches=recalibrate_bn,
+            finetune_orthogonality=finetune_orthogonality,
             progress=progress,
             log=say,
         )
@@ -244,6 +248,7 @@ def register(app: typer.Typer) -> None:
                 "linear": linear,
                 "budget_gate_energy": budget_gate_energy,
                 "recalibrate_bn": recalibrate_bn,
+                "finetune_orthogonality": finetune_orthogonality,
             },
             "budget": {"flops": target_flops} if target_flops is not None else None,
             "original": original,
