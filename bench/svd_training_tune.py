@@ -4,9 +4,9 @@ bench/svd_training.py and bench/svd_training_seeds.py chose λs and λo by pilot
 test set. This script scores candidate settings on 5 000 held-out *training* images instead
 (disjoint from the 20 000 the models train on; the test set is not loaded), for seeds other than
 the ones the headline reports. Each variant changes a few settings against the base setting.
-Every gap is to a dense arm trained for the same epochs with the same split and the base learning
-rates (a pipeline-only change, like its fine-tune rate, leaves the dense arm as it is: lowering
-the baseline is not a gain).
+Every gap is to the better of two dense arms trained for the same epochs with the same split: one
+at the base learning rates, one at the variant's (a rate that suits the pipeline but hurts the
+dense model must not lower the bar).
 
     python bench/svd_training_tune.py [--seeds 10,11] [--workers 2] [--variants A,B] [--merge]
 
@@ -60,6 +60,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "gate": 0.01,
     },
     "no λo in fine-tune + fine-tune lr 0.02": {"ft_orthogonality": False, "lr_ft": 0.02},
+    "no λo in fine-tune + λs 0.5": {"ft_orthogonality": False, "lambda_s": 0.5},
+    "no λo in fine-tune + stage-1 lr 0.02": {"ft_orthogonality": False, "lr": 0.02},
+    "no λo in fine-tune + λs 1 + gate 0.01": {
+        "ft_orthogonality": False,
+        "lambda_s": 1.0,
+        "gate": 0.01,
+    },
 }
 BASE: dict[str, Any] = {
     "svd_epochs": 2,
@@ -72,7 +79,6 @@ BASE: dict[str, Any] = {
     "recal_batches": 5,
     "gate": None,
 }
-DENSE_KEYS = ("svd_epochs", "ft_epochs")  # the dense arm follows the split, not the rates
 
 
 def split_train_validation(train_size: int, seed: int = 0) -> DataBundle:
@@ -115,12 +121,21 @@ def run_seed(task: tuple[int, dict[str, Any]]) -> list[dict[str, Any]]:
     dense_done: dict[tuple, float] = {}
     for variant in cfg["variants"]:
         s = settings(variant)
-        key = tuple(s[k] for k in DENSE_KEYS)
-        if key not in dense_done:
+        # dense with the variant's split at the base rates and at the variant's rates: the gap
+        # is to the better of the two, so a rate that suits the pipeline cannot lower the bar
+        schedules = {
+            (s["svd_epochs"], s["ft_epochs"], BASE["lr"], BASE["lr_ft"]),
+            (s["svd_epochs"], s["ft_epochs"], s["lr"], s["lr_ft"]),
+        }
+        for key in sorted(schedules - set(dense_done)):
             dense = copy.deepcopy(pre)
-            fit(dense, train, epochs=s["svd_epochs"], lr=BASE["lr"], progress=False)
-            fit(dense, train, epochs=s["ft_epochs"], lr=BASE["lr_ft"], progress=False)
+            fit(dense, train, epochs=key[0], lr=key[2], progress=False)
+            fit(dense, train, epochs=key[1], lr=key[3], progress=False)
             dense_done[key] = evaluate(dense, val)["accuracy"]
+            rows.append(
+                {"seed": seed, "variant": "dense", "schedule": key, "val_accuracy": dense_done[key]}
+            )
+        best_dense = max(dense_done[key] for key in schedules)
         started = time.perf_counter()
         model, report = svd_train_pipeline(
             copy.deepcopy(pre),
@@ -148,14 +163,14 @@ def run_seed(task: tuple[int, dict[str, Any]]) -> list[dict[str, Any]]:
                 "seed": seed,
                 "variant": variant,
                 "val_accuracy": accuracy,
-                "dense_val_accuracy": dense_done[key],
-                "gap_points": 100 * (accuracy - dense_done[key]),
+                "dense_val_accuracy": best_dense,
+                "gap_points": 100 * (accuracy - best_dense),
                 "flops_fraction": count_flops(model, x) / reference,
                 "energy": report["energy"],
                 "seconds": time.perf_counter() - started,
             }
         )
-        print(f"seed {seed} {variant}: {accuracy:.4f} (dense {dense_done[key]:.4f})", flush=True)
+        print(f"seed {seed} {variant}: {accuracy:.4f} (dense {best_dense:.4f})", flush=True)
     return rows
 
 
@@ -164,6 +179,8 @@ def summarize(runs: list[dict[str, Any]], variants: list[str]) -> list[dict[str,
     base = {r["seed"]: r["gap_points"] for r in runs if r["variant"] == "base"}
     table = []
     for variant in variants:
+        if variant == "dense":
+            continue
         mine = [r for r in runs if r["variant"] == variant]
         gaps = [r["gap_points"] for r in mine]
         versus = [r["gap_points"] - base[r["seed"]] for r in mine if r["seed"] in base]
@@ -209,9 +226,13 @@ def main() -> None:
         for rows in pool.map(run_seed, [(s, cfg) for s in seeds]):
             runs.extend(rows)
     if args.merge and RESULT.is_file():
-        done = {(r["seed"], r["variant"]) for r in runs}
+
+        def ident(r: dict[str, Any]) -> tuple:
+            return r["seed"], r["variant"], tuple(r.get("schedule", ()))
+
+        done = {ident(r) for r in runs}
         earlier = json.loads(RESULT.read_text())["runs"]
-        runs = [r for r in earlier if (r["seed"], r["variant"]) not in done] + runs
+        runs = [r for r in earlier if ident(r) not in done] + runs
         cfg["variants"] = [v for v in VARIANTS if any(r["variant"] == v for r in runs)]
         seeds = sorted({r["seed"] for r in runs})
     table = summarize(runs, cfg["variants"])
@@ -245,7 +266,19 @@ def main() -> None:
                 list(table[0]),
                 table,
             ),
-            ("Runs", list(runs[0]), runs),
+            (
+                "Runs",
+                [
+                    "seed",
+                    "variant",
+                    "val_accuracy",
+                    "dense_val_accuracy",
+                    "gap_points",
+                    "energy",
+                    "schedule",
+                ],
+                runs,
+            ),
         ],
         notes,
     )
