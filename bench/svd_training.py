@@ -709,6 +709,18 @@ def notes(payload: dict[str, Any]) -> list[str]:
             )
             + " — see svd_training_seeds.md."
         )
+    tune_path = RESULTS / "svd_training_tune.json"
+    if tune_path.is_file():
+        tune = json.loads(tune_path.read_text())
+        table, seeds = tune["table"], sorted({r["seed"] for r in tune["runs"]})
+        best = max(table, key=lambda r: r["mean_gap_points"])
+        out.append(
+            "- The pilots above were scored on the test set. bench/svd_training_tune.py scores "
+            f"{len(table)} settings on 5 000 held-out training images instead (seeds "
+            f"{', '.join(map(str, seeds))}); "
+            f"best: {best['variant']} ({best['mean_gap_points']:+.2f} points against dense, "
+            f"base {table[0]['mean_gap_points']:+.2f}) — see svd_training_tune.md."
+        )
     out.append(
         f"- Wall time {wall / 60:.1f} min on 2 CPU cores (load average "
         f"{payload['machine'].get('loadavg')} at the start; 1 vs 2 threads timed "
