@@ -44,8 +44,8 @@ from tensorslim.train.svd_pipeline import svd_train_pipeline
 TARGET = 0.5
 EXCLUDE = ["fc"]
 ARMS = ("dense", "pipeline (paper settings)", "pipeline (tuned)", "post-hoc SVD + fine-tune")
-# chosen by bench/svd_training_tune.py (validation split, seeds 10 and 11); overrides of the
-# paper-settings arm
+# overrides of the paper-settings arm; bench/svd_training_tune.py (validation split, seeds 10 and
+# 11, paired) ranked "no λo in fine-tune + split 2 + 2" first (run this with --ft-epochs 2)
 TUNED: dict[str, Any] = {"finetune_orthogonality": False}
 
 
