@@ -698,11 +698,14 @@ def notes(payload: dict[str, Any]) -> list[str]:
         )
     seeds_path = RESULTS / "svd_training_seeds.json"
     if seeds_path.is_file():
-        gaps = json.loads(seeds_path.read_text())["gaps"]
+        seeds_payload = json.loads(seeds_path.read_text())
+        gaps, c = seeds_payload["gaps"], seeds_payload["config"]
         out.append(
             "- One run per arm, and a different batch order moves an arm by several tenths of a "
             "point. bench/svd_training_seeds.py repeats the spatial-wise headline over "
-            f"{gaps[0]['seeds']} seeds (gap to the dense arm of the same seed, mean ± sd): "
+            f"{gaps[0]['seeds']} seeds, paired (every arm of a seed sees the same batches), "
+            f"with {c['pre_epochs']} + {c['svd_epochs']} + {c['ft_epochs']} epochs (gap to the "
+            "dense arm of the same seed, mean ± sd): "
             + "; ".join(
                 f"{g['arm']} {g['mean_gap_points']:+.2f} ± {g['sd_gap_points']:.2f} points"
                 for g in gaps
