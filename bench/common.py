@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,30 @@ def fashion_loaders(limit_train: int | None, batch_size: int = 128, seed: int = 
     bundle = load_dataset("fashion-mnist", seed=seed, limit_train=limit_train)
     train, test = make_loaders(bundle, batch_size, seed=seed)
     return bundle, train, test
+
+
+def paired_loader(bundle, seed: int, batch_size: int = 128):
+    """A fresh training loader for one arm of a seed's comparison.
+
+    Every call with the same ``seed`` yields the same batches in the same order, so arms that
+    start from a shared model differ by their settings, not by where they joined one shuffling
+    stream (a reused loader's generator advances with every epoch).
+    """
+    return make_loaders(bundle, batch_size, seed=seed + 1000)[0]
+
+
+def map_seeds(
+    run_seed: Callable[[tuple[int, dict[str, Any]]], list[dict[str, Any]]],
+    seeds: list[int],
+    cfg: dict[str, Any],
+    workers: int,
+) -> list[dict[str, Any]]:
+    """``run_seed((seed, cfg))`` for every seed in ``workers`` processes; their rows, in order."""
+    runs: list[dict[str, Any]] = []
+    with ProcessPoolExecutor(workers) as pool:
+        for rows in pool.map(run_seed, [(s, cfg) for s in seeds]):
+            runs.extend(rows)
+    return runs
 
 
 def trained_model(

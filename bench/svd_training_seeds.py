@@ -26,16 +26,14 @@ import copy
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tensorslim as ts
-from common import facts, write_results
+from common import facts, map_seeds, paired_loader, write_results
 from tensorslim.analysis.flops import count_flops
 from tensorslim.data import load_dataset, make_loaders
 from tensorslim.train.loop import evaluate, fit
@@ -62,11 +60,7 @@ def run_seed(task: tuple[int, dict[str, Any]]) -> list[dict[str, Any]]:
     fit(pre, pretrain, epochs=cfg["pre_epochs"], lr=cfg["lr"], progress=False)
     reference = count_flops(pre, x)
 
-    def stream() -> DataLoader:
-        """A fresh training loader: every arm after pretraining sees the same batch order."""
-        return make_loaders(bundle, 128, seed=seed + 1000)[0]
-
-    train = stream()
+    train = paired_loader(bundle, seed)
     dense_s1 = copy.deepcopy(pre)
     fit(dense_s1, train, epochs=cfg["svd_epochs"], lr=cfg["lr"], progress=False)
     after_stage1 = train.generator.get_state()  # post-hoc fine-tunes from here on
@@ -86,7 +80,7 @@ def run_seed(task: tuple[int, dict[str, Any]]) -> list[dict[str, Any]]:
     for arm, settings in ((ARMS[1], paper), (ARMS[2], {**paper, **TUNED})):
         model, report = svd_train_pipeline(
             copy.deepcopy(pre),
-            stream(),
+            paired_loader(bundle, seed),
             None,
             scheme="spatial",
             reg="hoyer",
@@ -117,7 +111,7 @@ def run_seed(task: tuple[int, dict[str, Any]]) -> list[dict[str, Any]]:
         dense_s1, "svd", ts.Budget(flops=paper_flops), x, scheme="spatial", exclude=EXCLUDE
     )
     posthoc = ts.apply(dense_s1, plan)
-    train = stream()
+    train = paired_loader(bundle, seed)
     train.generator.set_state(after_stage1)
     ts.recalibrate_batchnorm(posthoc, train, cfg["recal_batches"])
     fit(posthoc, train, epochs=cfg["ft_epochs"], lr=cfg["lr_ft"], progress=False)
@@ -191,10 +185,7 @@ def main() -> None:
         seeds = seeds[:2]
     machine = facts()
     started = time.perf_counter()
-    runs: list[dict[str, Any]] = []
-    with ProcessPoolExecutor(args.workers) as pool:
-        for rows in pool.map(run_seed, [(s, cfg) for s in seeds]):
-            runs.extend(rows)
+    runs = map_seeds(run_seed, seeds, cfg, args.workers)
     table, gaps = summarize(runs)
     seconds = time.perf_counter() - started
     total = cfg["pre_epochs"] + cfg["svd_epochs"] + cfg["ft_epochs"]

@@ -24,16 +24,15 @@ import json
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tensorslim as ts
-from common import facts, write_results
+from common import facts, map_seeds, paired_loader, write_results
 from tensorslim.analysis.flops import count_flops
 from tensorslim.data import DataBundle, load_dataset, make_loaders
 from tensorslim.train.loop import evaluate, fit
@@ -119,10 +118,6 @@ def run_seed(task: tuple[int, dict[str, Any]]) -> list[dict[str, Any]]:
     pre = ts.create_model("resnet20", in_channels=1, num_classes=10)
     fit(pre, pretrain, epochs=cfg["pre_epochs"], lr=BASE["lr"], progress=False)
 
-    def stream() -> DataLoader:
-        """A fresh training loader: every arm after pretraining sees the same batch order."""
-        return make_loaders(bundle, 128, seed=seed + 1000)[0]
-
     reference = count_flops(pre, x)
 
     rows: list[dict[str, Any]] = []
@@ -136,7 +131,7 @@ def run_seed(task: tuple[int, dict[str, Any]]) -> list[dict[str, Any]]:
             (s["svd_epochs"], s["ft_epochs"], s["lr"], s["lr_ft"]),
         }
         for key in sorted(schedules - set(dense_done)):
-            dense, train = copy.deepcopy(pre), stream()
+            dense, train = copy.deepcopy(pre), paired_loader(bundle, seed)
             fit(dense, train, epochs=key[0], lr=key[2], progress=False)
             fit(dense, train, epochs=key[1], lr=key[3], progress=False)
             dense_done[key] = evaluate(dense, val)["accuracy"]
@@ -147,7 +142,7 @@ def run_seed(task: tuple[int, dict[str, Any]]) -> list[dict[str, Any]]:
         started = time.perf_counter()
         model, report = svd_train_pipeline(
             copy.deepcopy(pre),
-            stream(),
+            paired_loader(bundle, seed),
             None,
             scheme="spatial",
             reg="hoyer",
@@ -229,10 +224,7 @@ def main() -> None:
         seeds = seeds[:1]
     machine = facts()
     started = time.perf_counter()
-    runs: list[dict[str, Any]] = []
-    with ProcessPoolExecutor(args.workers) as pool:
-        for rows in pool.map(run_seed, [(s, cfg) for s in seeds]):
-            runs.extend(rows)
+    runs = map_seeds(run_seed, seeds, cfg, args.workers)
     if args.merge and RESULT.is_file():
 
         def ident(r: dict[str, Any]) -> tuple:
