@@ -48,6 +48,16 @@ def paired_loader(bundle, seed: int, batch_size: int = 128):
     return make_loaders(bundle, batch_size, seed=seed + 1000)[0]
 
 
+def pretrained_resnet20(bundle, seed: int, epochs: int, lr: float):
+    """resnet20 (1 input channel) initialised and trained ``epochs`` with ``seed``'s init and batch
+    order: the shared start of a seed's arms. Returns (model, evaluation loader of ``bundle``)."""
+    pretrain, evaluation = make_loaders(bundle, 128, seed=seed)
+    torch.manual_seed(seed)
+    model = create_model("resnet20", in_channels=1, num_classes=10)
+    fit(model, pretrain, epochs=epochs, lr=lr, progress=False)
+    return model, evaluation
+
+
 def map_seeds(
     run_seed: Callable[[tuple[int, dict[str, Any]]], list[dict[str, Any]]],
     seeds: list[int],

@@ -33,9 +33,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tensorslim as ts
-from common import facts, map_seeds, paired_loader, write_results
+from common import facts, map_seeds, paired_loader, pretrained_resnet20, write_results
 from tensorslim.analysis.flops import count_flops
-from tensorslim.data import load_dataset, make_loaders
+from tensorslim.data import load_dataset
 from tensorslim.train.loop import evaluate, fit
 from tensorslim.train.svd_pipeline import svd_train_pipeline
 
@@ -53,11 +53,8 @@ def run_seed(task: tuple[int, dict[str, Any]]) -> list[dict[str, Any]]:
     torch.set_num_threads(cfg["threads"])
     started = time.perf_counter()
     bundle = load_dataset("fashion-mnist", seed=0, limit_train=cfg["train_size"])
-    pretrain, test = make_loaders(bundle, 128, seed=seed)
+    pre, test = pretrained_resnet20(bundle, seed, cfg["pre_epochs"], cfg["lr"])
     x = bundle.test[0][0].unsqueeze(0)
-    torch.manual_seed(seed)
-    pre = ts.create_model("resnet20", in_channels=1, num_classes=10)
-    fit(pre, pretrain, epochs=cfg["pre_epochs"], lr=cfg["lr"], progress=False)
     reference = count_flops(pre, x)
 
     train = paired_loader(bundle, seed)

@@ -31,10 +31,9 @@ import torch
 from torch.utils.data import Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import tensorslim as ts
-from common import facts, map_seeds, paired_loader, write_results
+from common import facts, map_seeds, paired_loader, pretrained_resnet20, write_results
 from tensorslim.analysis.flops import count_flops
-from tensorslim.data import DataBundle, load_dataset, make_loaders
+from tensorslim.data import DataBundle, load_dataset
 from tensorslim.train.loop import evaluate, fit
 from tensorslim.train.svd_pipeline import svd_train_pipeline
 
@@ -112,12 +111,8 @@ def run_seed(task: tuple[int, dict[str, Any]]) -> list[dict[str, Any]]:
     seed, cfg = task
     torch.set_num_threads(cfg["threads"])
     bundle = split_train_validation(cfg["train_size"])
-    pretrain, val = make_loaders(bundle, 128, seed=seed)
+    pre, val = pretrained_resnet20(bundle, seed, cfg["pre_epochs"], BASE["lr"])
     x = bundle.train[0][0].unsqueeze(0)
-    torch.manual_seed(seed)
-    pre = ts.create_model("resnet20", in_channels=1, num_classes=10)
-    fit(pre, pretrain, epochs=cfg["pre_epochs"], lr=BASE["lr"], progress=False)
-
     reference = count_flops(pre, x)
 
     rows: list[dict[str, Any]] = []
