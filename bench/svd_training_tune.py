@@ -11,9 +11,10 @@ same batches in the same order, so two variants differ by their settings, not by
 
     python bench/svd_training_tune.py [--seeds 10,11] [--workers 2] [--variants A,B] [--merge]
 
-``--merge`` keeps the runs of variants (and seeds) this run does not repeat.
+``--merge`` keeps the runs of variants (and seeds) this run does not repeat. ``--name`` picks
+the result files (another training-set size is another experiment, not a merge).
 
-Writes bench/results/svd_training_tune.{json,md}.
+Writes bench/results/NAME.{json,md} (default svd_training_tune).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from tensorslim.train.svd_pipeline import svd_train_pipeline
 TARGET = 0.5
 EXCLUDE = ["fc"]
 VALIDATION_SIZE = 5000
-RESULT = Path(__file__).resolve().parent / "results" / "svd_training_tune.json"
+RESULTS = Path(__file__).resolve().parent / "results"
 
 # One change each against "base"; keys of BASE they override.
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -50,6 +51,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no λo in fine-tune": {"ft_orthogonality": False},
     "fine-tune lr 0.03": {"lr_ft": 0.03},
     "split 1 + 2": {"svd_epochs": 1, "ft_epochs": 2},
+    "split 2 + 2": {"ft_epochs": 2},
+    "split 2 + 2 + λs 0.1": {"ft_epochs": 2, "lambda_s": 0.1},
+    "split 2 + 2 + gate 0.01": {"ft_epochs": 2, "gate": 0.01},
     "no λo in fine-tune + λs 0.1": {"ft_orthogonality": False, "lambda_s": 0.1},
     "no λo in fine-tune + λs 0.03": {"ft_orthogonality": False, "lambda_s": 0.03},
     "λo 0 + λs 0.1": {"lambda_o": 0.0, "lambda_s": 0.1},
@@ -205,6 +209,7 @@ def main() -> None:
     parser.add_argument("--pre-epochs", type=int, default=3)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--merge", action="store_true", help="keep earlier runs not repeated")
+    parser.add_argument("--name", default="svd_training_tune", help="result file stem")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: check the script runs")
     args = parser.parse_args()
     variants = [v.strip() for v in args.variants.split(",")]
@@ -220,13 +225,14 @@ def main() -> None:
     machine = facts()
     started = time.perf_counter()
     runs = map_seeds(run_seed, seeds, cfg, args.workers)
-    if args.merge and RESULT.is_file():
+    result = RESULTS / f"{args.name}.json"
+    if args.merge and result.is_file():
 
         def ident(r: dict[str, Any]) -> tuple:
             return r["seed"], r["variant"], tuple(r.get("schedule", ()))
 
         done = {ident(r) for r in runs}
-        earlier = json.loads(RESULT.read_text())["runs"]
+        earlier = json.loads(result.read_text())["runs"]
         runs = [r for r in earlier if ident(r) not in done] + runs
         cfg["variants"] = [v for v in VARIANTS if any(r["variant"] == v for r in runs)]
         seeds = sorted({r["seed"] for r in runs})
@@ -243,13 +249,14 @@ def main() -> None:
         f"epochs. Base setting: {BASE}. Seeds {','.join(map(str, seeds))}; "
         f"last run {minutes:.1f} min.",
         f"Best mean gap to the equal-epoch dense arm: {best['variant']} "
-        f"({best['mean_gap_points']:+.2f} points; base {table[0]['mean_gap_points']:+.2f}).",
+        f"({best['mean_gap_points']:+.2f} points; {table[0]['variant']} "
+        f"{table[0]['mean_gap_points']:+.2f}).",
     ]
     if args.smoke:
         print("\n".join(notes))
         return
     write_results(
-        "svd_training_tune",
+        args.name,
         {
             "runs": runs,
             "table": table,
