@@ -617,7 +617,7 @@ def seeds_claims() -> list[dict[str, str]]:
         gaps = {g["arm"]: g for g in payload["gaps"]}
         flops = {r["arm"]: r["flops_fraction_mean"] for r in payload["table"]}
         posthoc = gaps.pop("post-hoc SVD + fine-tune")  # at the paper-settings arm's FLOPs
-        # runs from 2026-12 on also give post-hoc at the tuned arm's FLOPs
+        # newer runs also give post-hoc at the tuned arm's FLOPs (older: fall back)
         posthoc_tuned = gaps.pop("post-hoc at the tuned FLOPs", posthoc)
         tuned = c["tuned"]
         for arm, g in gaps.items():

@@ -12,7 +12,7 @@ deviation and the per-seed gaps:
 - pipeline (tuned): the setting bench/svd_training_tune.py chose on a validation split of the
   training set (TUNED below; the test set played no part in choosing it);
 - post-hoc: SVD of the dense model after stage 1 + fine-tune, once at each pipeline's FLOPs
-  (runs before 2026-12 had only the first, at the paper-settings pipeline's FLOPs).
+  (the committed svd_training_seeds.json and _60k.json predate the second).
 
 Writes bench/results/NAME.{json,md} (default svd_training_seeds).
 
