@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tensorslim as ts
-from common import facts, map_seeds, paired_loader, pretrained_resnet20, write_results
+from common import RESULTS, facts, map_seeds, paired_loader, pretrained_resnet20, write_results
 from tensorslim.analysis.flops import count_flops
 from tensorslim.data import load_dataset
 from tensorslim.train.loop import evaluate, fit
@@ -115,26 +115,45 @@ def run_seed(task: tuple[int, dict[str, Any]]) -> list[dict[str, Any]]:
 
     # post-hoc at each pipeline's FLOPs: equal budgets for both comparisons
     for arm, flops in ((ARMS[3], pipeline_flops[ARMS[1]]), (ARMS[4], pipeline_flops[ARMS[2]])):
-        plan = ts.plan(
-            dense_s1, "svd", ts.Budget(flops=flops), x, scheme="spatial", exclude=EXCLUDE
-        )
-        posthoc = ts.apply(copy.deepcopy(dense_s1), plan)
-        train = paired_loader(bundle, seed)
-        train.generator.set_state(after_stage1)
-        ts.recalibrate_batchnorm(posthoc, train, cfg["recal_batches"])
-        fit(posthoc, train, epochs=cfg["ft_epochs"], lr=cfg["lr_ft"], progress=False)
-        rows.append(
-            {
-                "arm": arm,
-                "accuracy": evaluate(posthoc, test)["accuracy"],
-                "flops_fraction": count_flops(posthoc, x) / reference,
-            }
-        )
+        rows.append(posthoc_row(arm, flops, dense_s1, after_stage1, bundle, seed, cfg, test))
     seconds = time.perf_counter() - started
     for row in rows:
         row.update(seed=seed, seed_seconds=seconds)
     print(f"seed {seed}: " + ", ".join(f"{r['arm']} {r['accuracy']:.4f}" for r in rows), flush=True)
     return rows
+
+
+def posthoc_row(arm, flops, dense_s1, after_stage1, bundle, seed, cfg, test) -> dict[str, Any]:
+    """SVD of the dense model after stage 1 at ``flops`` of its FLOPs, BatchNorm re-estimated,
+    fine-tuned on the batches the pipelines' fine-tuning would see."""
+    x = bundle.test[0][0].unsqueeze(0)
+    plan = ts.plan(dense_s1, "svd", ts.Budget(flops=flops), x, scheme="spatial", exclude=EXCLUDE)
+    posthoc = ts.apply(copy.deepcopy(dense_s1), plan)
+    train = paired_loader(bundle, seed)
+    train.generator.set_state(after_stage1)
+    ts.recalibrate_batchnorm(posthoc, train, cfg["recal_batches"])
+    fit(posthoc, train, epochs=cfg["ft_epochs"], lr=cfg["lr_ft"], progress=False)
+    return {
+        "arm": arm,
+        "accuracy": evaluate(posthoc, test)["accuracy"],
+        "flops_fraction": count_flops(posthoc, x) / count_flops(dense_s1, x),
+    }
+
+
+def run_posthoc_at_tuned(task: tuple[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Only the post-hoc arm at the tuned pipeline's FLOPs, for a result that predates it: the
+    seed's pretraining and stage-1 dense epochs are replayed (same seed → same weights)."""
+    seed, cfg = task
+    torch.set_num_threads(cfg["threads"])
+    bundle = load_dataset("fashion-mnist", seed=0, limit_train=cfg["train_size"])
+    pre, test = pretrained_resnet20(bundle, seed, cfg["pre_epochs"], cfg["lr"])
+    train = paired_loader(bundle, seed)
+    fit(pre, train, epochs=cfg["svd_epochs"], lr=cfg["lr"], progress=False)
+    flops = cfg["tuned_flops"][str(seed)]
+    row = posthoc_row(ARMS[4], flops, pre, train.generator.get_state(), bundle, seed, cfg, test)
+    row.update(seed=seed)
+    print(f"seed {seed}: {row['arm']} {row['accuracy']:.4f}", flush=True)
+    return [row]
 
 
 def summarize(runs: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
@@ -190,9 +209,14 @@ def main() -> None:
         help="JSON dict of svd_train_pipeline keywords for the tuned arm",
     )
     parser.add_argument("--name", default="svd_training_seeds", help="result file stem")
+    parser.add_argument(
+        "--add-posthoc-at-tuned",
+        action="store_true",
+        help="only add the post-hoc arm at the tuned FLOPs to an existing NAME.json",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: check the script runs")
     args = parser.parse_args()
-    skip = ("seeds", "workers", "smoke", "name")
+    skip = ("seeds", "workers", "smoke", "name", "add_posthoc_at_tuned")
     cfg = {k: v for k, v in vars(args).items() if k not in skip}
     cfg["threads"] = max(1, torch.get_num_threads() // max(1, args.workers))
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -201,7 +225,18 @@ def main() -> None:
         seeds = seeds[:2]
     machine = facts()
     started = time.perf_counter()
-    runs = map_seeds(run_seed, seeds, cfg, args.workers)
+    if args.add_posthoc_at_tuned:
+        earlier = json.loads((RESULTS / f"{args.name}.json").read_text())
+        cfg = {**earlier["config"], "threads": cfg["threads"]}
+        runs = [r for r in earlier["runs"] if r["arm"] != ARMS[4]]
+        cfg["tuned_flops"] = {
+            str(r["seed"]): r["flops_fraction"] for r in runs if r["arm"] == ARMS[2]
+        }
+        seeds = sorted({r["seed"] for r in runs})
+        runs += map_seeds(run_posthoc_at_tuned, seeds, cfg, args.workers)
+        cfg.pop("tuned_flops")
+    else:
+        runs = map_seeds(run_seed, seeds, cfg, args.workers)
     table, gaps = summarize(runs)
     seconds = time.perf_counter() - started
     total = cfg["pre_epochs"] + cfg["svd_epochs"] + cfg["ft_epochs"]
@@ -222,6 +257,12 @@ def main() -> None:
             f"{g['arm']}: {g['mean_gap_points']:+.2f} ± {g['sd_gap_points']:.2f} points against "
             f"dense (worst {g['worst_gap_points']:+.2f}, best {g['best_gap_points']:+.2f}); "
             f"within 0.5 points in {g['seeds_within_0.5']} of {g['seeds']} seeds."
+        )
+    if args.add_posthoc_at_tuned:
+        notes.append(
+            f"{ARMS[4]}: added afterwards by --add-posthoc-at-tuned, which replays each seed's "
+            "pretraining and stage-1 dense epochs (same seed, same weights); the time above is "
+            "that addition's."
         )
     if args.smoke:  # checks the script runs; writes nothing
         print("\n".join(notes))
