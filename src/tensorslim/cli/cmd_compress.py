@@ -6,20 +6,22 @@ from pathlib import Path
 
 import typer
 
-from tensorslim.cli.cmd_train import train_base
 from tensorslim.cli.common import (
     handle_errors,
-    load_weights,
+    measure_base,
+    open_run,
+    option,
     parse_settings,
-    prepare_run_dir,
-    save_args,
+    prepare_base,
+    print_result_table,
+    save_run_model,
     say,
     setup,
 )
-from tensorslim.io import save
-from tensorslim.pipeline import compress_model, measure
+from tensorslim.methods import get_method
+from tensorslim.pipeline import compress_model
 from tensorslim.rank.budget import Budget
-from tensorslim.report.run import LAYER_COLUMNS, model_spectra, summary_row, write_report
+from tensorslim.report.run import LAYER_COLUMNS, model_spectra, write_report
 from tensorslim.report.tables import print_table
 
 
@@ -27,21 +29,28 @@ def register(app: typer.Typer) -> None:
     @app.command("compress")
     @handle_errors
     def compress(
-        model: str = typer.Option(
-            "small_cnn", help="Zoo model name, torchvision:NAME or module:function."
-        ),
-        data: str = typer.Option(
-            "digits", help="digits | fashion-mnist | synthetic | module:function"
-        ),
-        data_dir: Path = typer.Option(None, help="Where the dataset files are."),
+        ctx: typer.Context,
+        model: str = option("model"),
+        data: str = option("data"),
+        data_dir: Path = option("data_dir"),
         method: str = typer.Option("svd", help="A registered method (see `tensorslim methods`)."),
-        budget: str = typer.Option(None, help="flops=FRACTION or params=FRACTION of the model."),
-        setting: list[str] = typer.Option(None, "--set", help="Method setting KEY=VALUE (repeat)."),
-        weights: Path = typer.Option(None, help="Trained base weights (.safetensors or run dir)."),
-        train_epochs: int = typer.Option(
-            3, help="Epochs to train the base when --weights is absent."
+        budget: str = typer.Option(
+            None,
+            help="flops=FRACTION or params=FRACTION of the model (default: the method's own "
+            "per-layer rule).",
         ),
-        finetune_epochs: int = typer.Option(1, min=0),
+        setting: list[str] = typer.Option(
+            None, "--set", help="Method setting KEY=VALUE (repeat), e.g. --set scheme=spatial."
+        ),
+        weights: Path = option("weights"),
+        train_epochs: int = option("train_epochs"),
+        train_lr: float = option("train_lr"),
+        finetune_epochs: int = typer.Option(
+            1,
+            min=0,
+            help="Epochs of training after the layers are replaced (with the method's own "
+            "regularizers or pruning schedule, if it has any).",
+        ),
         post_finalize_epochs: int = typer.Option(
             None,
             min=0,
@@ -54,100 +63,74 @@ def register(app: typer.Typer) -> None:
             help="Re-estimate BatchNorm statistics on this many training batches after the "
             "layers are replaced (before fine-tuning).",
         ),
-        lr: float = typer.Option(0.01, help="Fine-tune learning rate."),
-        train_lr: float = typer.Option(0.05, help="Base training learning rate."),
+        lr: float = typer.Option(0.01, min=0.0, help="Fine-tune learning rate."),
         distill: bool = typer.Option(
             False, help="Distil from the uncompressed model while fine-tuning."
         ),
-        batch_size: int = typer.Option(128, min=1),
-        seed: int = typer.Option(0),
-        limit_train: int = typer.Option(None, help="Use a seeded subset of the training set."),
-        limit_test: int = typer.Option(None, help="Use a seeded subset of the test set."),
-        out: Path = typer.Option(Path("runs/compress"), help="Run directory."),
-        resume: bool = typer.Option(False, help="Continue an interrupted run in --out."),
-        overwrite: bool = typer.Option(False, help="Replace a non-empty --out."),
-        progress: bool = typer.Option(True, help="Show progress bars."),
+        batch_size: int = option("batch_size"),
+        seed: int = option("seed"),
+        limit_train: int = option("limit_train"),
+        limit_test: int = option("limit_test"),
+        out: Path = option("out", Path("runs/compress")),
+        resume: bool = option("resume"),
+        overwrite: bool = option("overwrite"),
+        progress: bool = option("progress"),
     ) -> None:
         """Compress a trained model with one method and budget, fine-tune it, and report."""
         parsed_budget = Budget.parse(budget) if budget else None
         settings = parse_settings(setting)
-        from tensorslim.methods import get_method
-
         method_obj = get_method(method, **settings)  # fail on bad input before any work
         if post_finalize_epochs is None:
             post_finalize_epochs = method_obj.post_finalize_epochs
-        prepare_run_dir(out, resume=resume, overwrite=overwrite)
-        save_args(out, "compress", dict(locals()))
-        s = setup(
-            model_name=model,
-            data=data,
-            data_dir=data_dir,
-            seed=seed,
-            batch_size=batch_size,
-            limit_train=limit_train,
-            limit_test=limit_test,
-        )
-        base_history: list[dict] = []
-        if weights is not None:
-            load_weights(s.model, weights)
-        elif (out / "base" / "model").is_dir() and resume:
-            load_weights(s.model, out / "base" / "model")
-        else:
-            say(f"no --weights: training {model} on {data} for {train_epochs} epochs first")
-            base_history = train_base(
+        with open_run(ctx, out, dict(locals()), resume=resume, overwrite=overwrite):
+            s = setup(
+                model_name=model,
+                data=data,
+                data_dir=data_dir,
+                seed=seed,
+                batch_size=batch_size,
+                limit_train=limit_train,
+                limit_test=limit_test,
+            )
+            base_history = prepare_base(
                 s,
+                weights=weights,
+                out=out,
+                resume=resume,
                 epochs=train_epochs,
                 lr=train_lr,
-                out=out / "base",
+                progress=progress,
+                what=f"{model} on {data}",
+            )
+            original = measure_base(s)
+            small, results = compress_model(
+                s.model,
+                method=method,
+                budget=parsed_budget,
+                settings=settings,
+                train_loader=s.train_loader,
+                test_loader=s.test_loader,
+                example_batch=s.example_batch,
+                finetune_epochs=finetune_epochs,
+                post_finalize_epochs=post_finalize_epochs,
+                bn_recalibration_batches=recalibrate_bn,
+                lr=lr,
+                distill=distill,
+                checkpoint_dir=out / "checkpoints",
                 resume=resume,
                 progress=progress,
+                log=say,
+                measure_original=original,
             )
-        original = measure(s.model, s.example_batch, s.test_loader)
-        say(f"original: accuracy {original['accuracy']:.4f}, FLOPs {original['flops']}")
-        small, results = compress_model(
-            s.model,
-            method=method,
-            budget=parsed_budget,
-            settings=settings,
-            train_loader=s.train_loader,
-            test_loader=s.test_loader,
-            example_batch=s.example_batch,
-            finetune_epochs=finetune_epochs,
-            post_finalize_epochs=post_finalize_epochs,
-            bn_recalibration_batches=recalibrate_bn,
-            lr=lr,
-            distill=distill,
-            checkpoint_dir=out / "checkpoints",
-            resume=resume,
-            progress=progress,
-            log=say,
-            measure_original=original,
-        )
-        save(small, out / "model")
-        (out / "plan.json").write_text((out / "model" / "plan.json").read_text())
-        write_report(
-            out,
-            [results],
-            title=f"{model} on {data}: {method}",
-            original=original,
-            spectra=model_spectra(s.model),
-            base_history=base_history,
-        )
+            save_run_model(small, out)
+            write_report(
+                out,
+                [results],
+                title=f"{model} on {data}: {method}",
+                original=original,
+                spectra=model_spectra(s.model),
+                base_history=base_history,
+            )
         print_table("layers", LAYER_COLUMNS, results["layers"])
-        row = summary_row(results)
-        print_table(
-            "result",
-            list(row),
-            [
-                {
-                    "method": "original",
-                    "accuracy": original["accuracy"],
-                    "params": original["params"],
-                    "flops": original["flops"],
-                    "flops_fraction": 1.0,
-                    "latency_ms": original["latency_ms"],
-                },
-                row,
-            ],
-        )
+        print_result_table(original, results)
         typer.echo(f"wrote {out}/results.json, report.md, plan.json, model/")

@@ -6,77 +6,65 @@ from pathlib import Path
 
 import typer
 
-from tensorslim.cli.common import handle_errors, prepare_run_dir, save_args, say, setup
-from tensorslim.io import save
+from tensorslim.cli.common import handle_errors, open_run, option, setup, train_base
 from tensorslim.pipeline import machine_facts, measure
 from tensorslim.report.run import write_json
-from tensorslim.train.loop import fit
 
-
-def train_base(
-    s, *, epochs: int, lr: float, out: Path, resume: bool, progress: bool, optimizer: str = "sgd"
-) -> list[dict]:
-    """Train ``s.model`` with checkpoints under ``out/checkpoints`` and save it to ``out/model``."""
-    history = fit(
-        s.model,
-        s.train_loader,
-        epochs=epochs,
-        lr=lr,
-        optimizer=optimizer,
-        test_loader=s.test_loader,
-        checkpoint_dir=out / "checkpoints",
-        resume=resume,
-        progress=progress,
-        log=say,
-        description="train",
-    ).epochs
-    save(s.model, out / "model")
-    return history
+__all__ = ["register", "train_base"]  # train_base stays importable from here
 
 
 def register(app: typer.Typer) -> None:
     @app.command("train")
     @handle_errors
     def train(
-        model: str = typer.Option(
-            "small_cnn", help="Zoo model name, torchvision:NAME or module:function."
+        ctx: typer.Context,
+        model: str = option("model"),
+        data: str = option("data"),
+        data_dir: Path = option("data_dir"),
+        epochs: int = typer.Option(5, min=1, help="Training epochs."),
+        lr: float = typer.Option(
+            0.05, min=0.0, help="Peak learning rate (cosine decay to 0 over the epochs)."
         ),
-        data: str = typer.Option(
-            "digits", help="digits | fashion-mnist | synthetic | module:function"
-        ),
-        data_dir: Path = typer.Option(None, help="Where the dataset files are."),
-        epochs: int = typer.Option(5, min=1),
-        lr: float = typer.Option(0.05),
-        optimizer: str = typer.Option("sgd", help="sgd | adam"),
-        batch_size: int = typer.Option(128, min=1),
-        seed: int = typer.Option(0),
-        limit_train: int = typer.Option(None, help="Use a seeded subset of the training set."),
-        limit_test: int = typer.Option(None, help="Use a seeded subset of the test set."),
-        out: Path = typer.Option(Path("runs/train"), help="Run directory."),
-        resume: bool = typer.Option(False, help="Continue an interrupted run in --out."),
-        overwrite: bool = typer.Option(False, help="Replace a non-empty --out."),
-        progress: bool = typer.Option(True, help="Show progress bars."),
+        optimizer: str = typer.Option("sgd", help="sgd (momentum 0.9) | adam"),
+        batch_size: int = option("batch_size"),
+        seed: int = option("seed"),
+        limit_train: int = option("limit_train"),
+        limit_test: int = option("limit_test"),
+        out: Path = option("out", Path("runs/train")),
+        resume: bool = option("resume"),
+        overwrite: bool = option("overwrite"),
+        progress: bool = option("progress"),
     ) -> None:
         """Train a model from scratch and save it (weights in safetensors)."""
-        prepare_run_dir(out, resume=resume, overwrite=overwrite)
-        save_args(out, "train", dict(locals()))
-        s = setup(
-            model_name=model,
-            data=data,
-            data_dir=data_dir,
-            seed=seed,
-            batch_size=batch_size,
-            limit_train=limit_train,
-            limit_test=limit_test,
-        )
-        history = train_base(
-            s, epochs=epochs, lr=lr, out=out, resume=resume, progress=progress, optimizer=optimizer
-        )
-        row = measure(s.model, s.example_batch, s.test_loader)
-        write_json(
-            out / "results.json",
-            {"original": row, "compressed": row, "history": history, "machine": machine_facts()},
-        )
+        with open_run(ctx, out, dict(locals()), resume=resume, overwrite=overwrite):
+            s = setup(
+                model_name=model,
+                data=data,
+                data_dir=data_dir,
+                seed=seed,
+                batch_size=batch_size,
+                limit_train=limit_train,
+                limit_test=limit_test,
+            )
+            history = train_base(
+                s,
+                epochs=epochs,
+                lr=lr,
+                out=out,
+                resume=resume,
+                progress=progress,
+                optimizer=optimizer,
+            )
+            row = measure(s.model, s.example_batch, s.test_loader)
+            write_json(
+                out / "results.json",
+                {
+                    "original": row,
+                    "compressed": row,
+                    "history": history,
+                    "machine": machine_facts(),
+                },
+            )
         typer.echo(
             f"trained {model} on {data}: accuracy {row['accuracy']:.4f}, "
             f"params {row['params']}, FLOPs {row['flops']}, "

@@ -1,12 +1,47 @@
-"""Pieces shared by the CLI commands: error handling, run directories, model and data set-up."""
+"""The scaffold every CLI command stands on: errors, shared options, run directories, set-up.
+
+A run command (``train``, ``compress``, ``multistage``, ...) is written as::
+
+    @app.command("mine")
+    @handle_errors
+    def mine(
+        ctx: typer.Context,
+        model: str = option("model"),
+        data: str = option("data"),
+        data_dir: Path = option("data_dir"),
+        seed: int = option("seed"),
+        batch_size: int = option("batch_size"),
+        out: Path = option("out", Path("runs/mine")),
+        resume: bool = option("resume"),
+        overwrite: bool = option("overwrite"),
+        progress: bool = option("progress"),
+    ) -> None:
+        check_my_arguments(...)                     # bad input fails before any directory exists
+        with open_run(ctx, out, dict(locals()), resume=resume, overwrite=overwrite):
+            s = setup(model_name=model, data=data, data_dir=data_dir, seed=seed,
+                      batch_size=batch_size)
+            history = prepare_base(s, weights=None, out=out, resume=resume, epochs=3, ...)
+            ...                                     # the command's own work
+            save_run_model(small, out)
+
+:func:`option` gives the shared options their names, defaults and help text; :func:`open_run`
+creates the directory, writes ``args.json``, refuses to resume with other arguments, removes
+the directory again when the command fails before doing any work, and otherwise makes the
+error (or Ctrl-C) say the exact command that continues the run; :func:`handle_errors` turns
+every failure into one line on stderr.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import pickle
+import shlex
 import shutil
 import sys
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,6 +55,9 @@ from tensorslim.errors import TensorslimError
 from tensorslim.train.checkpoint import atomic_write_text
 
 F = TypeVar("F", bound=Callable[..., Any])
+ARGS_FILE = "args.json"
+# the attribute open_run sets on an exception to tell handle_errors how to continue
+HINT_ATTRIBUTE = "tensorslim_hint"
 
 
 @dataclass
@@ -30,39 +68,77 @@ class _State:
 state = _State()
 
 
+# ---------------------------------------------------------------------------------------------
+# errors: one line on stderr, full traceback only with --debug
+
+
 def fail(message: str, code: int = 2) -> typer.Exit:
     """Print a one-line error and return the Exit to raise."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     return typer.Exit(code)
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _with_hint(message: str, exc: BaseException) -> str:
+    hint = getattr(exc, HINT_ATTRIBUTE, None)
+    return f"{message}; {hint}" if hint else message
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:  # type: ignore[no-untyped-def]
+    """Library warnings as ``warning: …`` lines (no source line, no file name)."""
+    typer.secho(f"warning: {message}", fg=typer.colors.YELLOW, err=True)
+
+
+def _describe(exc: BaseException) -> str:
+    """The one line that stands for ``exc`` on the command line."""
+    from tensorslim.train.distributed import is_peer_failure, rank
+
+    if isinstance(exc, TensorslimError):
+        return str(exc)
+    if isinstance(exc, pickle.UnpicklingError):
+        from tensorslim.train.checkpoint import refusal_reason
+
+        return (
+            f"refused to unpickle a file ({refusal_reason(exc)}): tensorslim loads only "
+            "plain tensors; delete the file or start the run again with --overwrite"
+        )
+    if is_peer_failure(exc):
+        return f"rank {rank()} stops: another process of this run failed (its error is above)"
+    return f"{type(exc).__name__}: {_first_line(exc)} (rerun with --debug for the traceback)"
+
+
 def handle_errors(fn: F) -> F:
-    """Turn user errors into one line on stderr (full traceback with --debug)."""
+    """Turn every failure into one line on stderr (full traceback with --debug).
+
+    User errors (:class:`TensorslimError`) print their message; other exceptions their type and
+    first line; Ctrl-C exits 130. A hint that :func:`open_run` attached (how to continue the
+    run) is appended. Library warnings are printed as one ``warning:`` line each.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except TensorslimError as exc:
-            if state.debug:
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            try:
+                return fn(*args, **kwargs)
+            except KeyboardInterrupt as exc:
+                if state.debug:
+                    raise
+                hint = getattr(exc, HINT_ATTRIBUTE, None)
+                typer.secho(
+                    f"interrupted{': ' + hint if hint else ''}", fg=typer.colors.YELLOW, err=True
+                )
+                raise typer.Exit(130) from None
+            except (typer.Exit, typer.Abort):
                 raise
-            raise fail(str(exc)) from None
-        except KeyboardInterrupt:
-            if state.debug:
-                raise
-            typer.secho(
-                "interrupted: finished epochs are checkpointed; rerun with --resume to continue",
-                fg=typer.colors.YELLOW,
-                err=True,
-            )
-            raise typer.Exit(130) from None
-        except (OSError, RuntimeError, ValueError) as exc:
-            if state.debug:
-                raise
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise fail(
-                f"{type(exc).__name__}: {first} (rerun with --debug for the traceback)"
-            ) from None
+            except Exception as exc:
+                if state.debug:
+                    raise
+                raise fail(_with_hint(_describe(exc), exc)) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -70,6 +146,80 @@ def handle_errors(fn: F) -> F:
 def say(message: str) -> None:
     """Progress messages go to stderr so stdout stays machine-readable."""
     typer.echo(message, err=True)
+
+
+def console_flush() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+
+
+# ---------------------------------------------------------------------------------------------
+# shared options
+
+_MODEL_HELP = (
+    "Zoo model name (see `tensorslim models`), torchvision:NAME, or module:function to build "
+    "your own (path/to/file.py:build works too)."
+)
+_DATA_HELP = "digits | fashion-mnist | synthetic | module:function (your own loader)."
+SHARED_OPTIONS: dict[str, dict[str, Any]] = {
+    "model": {"default": "small_cnn", "help": _MODEL_HELP},
+    "data": {"default": "digits", "help": _DATA_HELP},
+    "data_dir": {
+        "default": None,
+        "help": "Directory holding the dataset files (it must exist; digits and synthetic "
+        "need none).",
+    },
+    "weights": {
+        "default": None,
+        "help": "Trained base weights: a .safetensors file or a run directory.",
+    },
+    "train_epochs": {
+        "default": 3,
+        "min": 0,
+        "help": "Epochs to train the base model first when --weights is not given.",
+    },
+    "train_lr": {"default": 0.05, "min": 0.0, "help": "Learning rate of that base training."},
+    "batch_size": {"default": 128, "min": 1, "help": "Training and evaluation batch size."},
+    "seed": {"default": 0, "help": "Seed of the model's initialisation, splits and shuffling."},
+    "limit_train": {
+        "default": None,
+        "min": 1,
+        "help": "Use a seeded random subset of this many training samples.",
+    },
+    "limit_test": {
+        "default": None,
+        "min": 1,
+        "help": "Use a seeded random subset of this many test samples.",
+    },
+    "out": {"default": Path("runs/run"), "help": "Run directory (created; must be empty)."},
+    "resume": {
+        "default": False,
+        "help": "Continue an interrupted run in --out (same arguments).",
+    },
+    "overwrite": {"default": False, "help": "Delete a non-empty --out and start again."},
+    "progress": {"default": True, "help": "Show progress bars."},
+    "trust_code": {
+        "default": False,
+        "help": "Allow importing the Python code (module:function) that a run directory or "
+        "recipe names. Only for files you trust.",
+    },
+}
+
+
+def option(name: str, default: Any = ..., **override: Any) -> Any:
+    """A ``typer.Option`` for the shared option ``name`` (a key of :data:`SHARED_OPTIONS`).
+
+    ``default`` (and any other ``typer.Option`` keyword) replaces the shared one, e.g.
+    ``option("out", Path("runs/train"))`` or ``option("model", "resnet20")``.
+    """
+    spec = {**SHARED_OPTIONS[name], **override}
+    if default is not ...:
+        spec["default"] = default
+    return typer.Option(spec.pop("default"), **spec)
+
+
+# ---------------------------------------------------------------------------------------------
+# run directories
 
 
 def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> Path:
@@ -93,18 +243,168 @@ def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> Path:
     return out
 
 
-def save_args(out: Path, command: str, args: dict[str, Any]) -> None:
+def _clean_args(args: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON form of a command's arguments (what args.json holds)."""
+    clean = {
+        k: v for k, v in args.items() if not callable(v) and not k.startswith("_") and k != "ctx"
+    }
+    return json.loads(json.dumps(clean, default=str))
+
+
+def save_args(out: Path, command: str, args: Mapping[str, Any]) -> None:
     """The resolved arguments of a run (JSON), so `eval` and `export` can rebuild its model."""
-    clean = {k: v for k, v in args.items() if not callable(v) and not k.startswith("_")}
-    text = json.dumps({"command": command, **clean}, indent=2, default=str)
-    atomic_write_text(out / "args.json", text)
+    text = json.dumps({"command": command, **_clean_args(args)}, indent=2)
+    atomic_write_text(out / ARGS_FILE, text)
 
 
 def read_args(run: Path) -> dict[str, Any]:
-    path = run / "args.json"
+    """The arguments a run directory was made with (its args.json)."""
+    path = run / ARGS_FILE
     if not path.is_file():
-        raise TensorslimError(f"{run} has no args.json: is it a tensorslim run directory?")
-    return json.loads(path.read_text())
+        raise TensorslimError(f"{run} has no {ARGS_FILE}: is it a tensorslim run directory?")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise TensorslimError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise TensorslimError(f"{path} does not hold a JSON object: it is not a run's arguments")
+    return data
+
+
+# arguments that may differ between a run and its --resume (how to run, not what to compute)
+_RESUME_FREE = {"resume", "overwrite", "progress", "trust_code", "out"}
+
+
+def check_resume_args(out: Path, command: str, args: Mapping[str, Any]) -> None:
+    """Refuse to resume ``out`` with other arguments than it was started with."""
+    if not (out / ARGS_FILE).is_file():
+        return
+    saved = read_args(out)
+    if saved.get("command") != command:
+        raise TensorslimError(
+            f"{out} is a '{saved.get('command')}' run, not '{command}': resume it with "
+            f"`tensorslim {saved.get('command')} ... --resume`"
+        )
+    now = _clean_args(args)
+    for key, value in now.items():
+        if key in _RESUME_FREE or key not in saved or saved[key] == value:
+            continue
+        raise TensorslimError(
+            f"{out} was started with {key}={saved[key]!r} (now {value!r}): resume with the "
+            "same arguments, or start a new run with --overwrite"
+        )
+
+
+def continue_command(
+    ctx: typer.Context, *, add: Iterable[str] = ("--resume",), drop: Iterable[str] = ()
+) -> str:
+    """The command line that continues this run: the options the user gave, plus ``add``.
+
+    Built from the command's context (only the parameters given on the command line), so it is
+    the user's own command, whatever launched it. ``drop`` names parameters to leave out.
+    """
+    dropped = {"resume", "overwrite", *drop}
+    parts = ["tensorslim", ctx.info_name or ""]
+    for param in ctx.command.params:
+        name = param.name or ""
+        source = ctx.get_parameter_source(name)
+        if name in dropped or getattr(source, "name", "") != "COMMANDLINE":
+            continue
+        parts += _render_param(param, ctx.params[name])
+    return shlex.join([*parts, *add])
+
+
+def _render_param(param: Any, value: Any) -> list[str]:
+    """The command-line words that give ``param`` (a click parameter) the value ``value``."""
+    if getattr(param, "param_type_name", "") == "argument":
+        values = value if isinstance(value, list | tuple) else [value]
+        return [str(v) for v in values]
+    if getattr(param, "is_flag", False):
+        if value:
+            return [param.opts[0]]
+        return [param.secondary_opts[0]] if param.secondary_opts else []
+    values = value if getattr(param, "multiple", False) else [value]
+    words: list[str] = []
+    for v in values:
+        words += [param.opts[0], str(v)]
+    return words
+
+
+def _did_work(out: Path, ignore: Iterable[str] = ()) -> bool:
+    """True when ``out`` holds anything besides args.json (checkpoints, results, models)."""
+    skip = {ARGS_FILE, *ignore}
+    return any(p.name not in skip for p in out.iterdir()) if out.is_dir() else False
+
+
+@contextlib.contextmanager
+def discarded_on_failure(out: Path, *, keep: bool, ignore: Iterable[str] = ()) -> Iterator[None]:
+    """Remove ``out`` if the body fails before it wrote anything (unless ``keep``).
+
+    What counts as nothing: args.json and the names in ``ignore``. Only the main process of a
+    distributed run deletes. Used for the set-up of a run, before any work is saved.
+    """
+    from tensorslim.train.distributed import is_main_process
+
+    try:
+        yield
+    except BaseException:
+        if not keep and is_main_process() and not _did_work(out, ignore):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def open_run(
+    ctx: typer.Context,
+    out: Path,
+    args: Mapping[str, Any],
+    *,
+    resume: bool,
+    overwrite: bool,
+    resumable: bool = True,
+    hint: Callable[[], str] | None = None,
+) -> Iterator[Path]:
+    """Prepare the run directory ``out`` for the command of ``ctx``; clean up if the body fails.
+
+    ``args`` are the command's arguments (``dict(locals())`` at the top of the command; the
+    context ``ctx`` is left out), saved as args.json.
+
+    Creates ``out`` (refusing a non-empty one unless ``resume`` or ``overwrite``), refuses a
+    resume with other arguments than the run was started with, and writes ``args.json``. If the
+    body raises (or the user presses Ctrl-C) before it wrote anything else, the directory is
+    removed again, so the corrected command is not refused as "not empty". Otherwise the
+    directory stays and the exception carries a hint that :func:`handle_errors` prints: the
+    command that continues the run (``resumable``), ``hint()`` when given, or how to restart.
+    """
+    command = ctx.info_name or "run"
+    existed = out.is_dir() and any(out.iterdir())
+    if resume and existed:
+        check_resume_args(out, command, args)
+    prepare_run_dir(out, resume=resume, overwrite=overwrite)
+    save_args(out, command, args)
+    try:
+        yield out
+    except BaseException as exc:
+        if not _did_work(out) and not (resume and existed):
+            shutil.rmtree(out, ignore_errors=True)
+        elif hint is not None:
+            attach_hint(exc, hint())
+        elif resumable:
+            attach_hint(exc, f"continue with: {continue_command(ctx)}")
+        else:
+            attach_hint(exc, f"{out} holds a partial run; start again with --overwrite")
+        raise
+
+
+def attach_hint(exc: BaseException, text: str) -> None:
+    """Tell :func:`handle_errors` what to add to ``exc``'s line (how to continue); first wins."""
+    if not getattr(exc, HINT_ATTRIBUTE, None):
+        with contextlib.suppress(AttributeError):  # a few builtins refuse attributes
+            setattr(exc, HINT_ATTRIBUTE, text)
+
+
+# ---------------------------------------------------------------------------------------------
+# settings, models, data
 
 
 def parse_settings(items: list[str] | None) -> dict[str, Any]:
@@ -133,11 +433,11 @@ def load_weights(model: nn.Module, path: Path) -> nn.Module:
     """Dense weights from a safetensors file or a tensorslim save/run directory."""
     import safetensors.torch
 
-    from tensorslim.io import WEIGHTS_FILE, load
+    from tensorslim.io import is_saved, load
 
     candidates = [path, path / "model", path / "base" / "model"] if path.is_dir() else [path]
     for candidate in candidates:
-        if candidate.is_dir() and (candidate / WEIGHTS_FILE).is_file():
+        if candidate.is_dir() and is_saved(candidate):
             return load(candidate, model)
         if candidate.is_file():
             try:
@@ -155,9 +455,23 @@ def load_weights(model: nn.Module, path: Path) -> nn.Module:
     raise TensorslimError(f"no weights at {path}: give a .safetensors file or a run directory")
 
 
-def console_flush() -> None:
-    sys.stdout.flush()
-    sys.stderr.flush()
+def require_trust(
+    name: str, *, where: str, key: str, trusted: bool, instead: str | None = None
+) -> None:
+    """Refuse to import the user code ``name`` read from a file unless the user trusts it.
+
+    ``where`` names the file, ``key`` what ``name`` is (model, data); ``instead`` is the other
+    way out offered in the error (default: giving ``--KEY`` on the command line).
+    """
+    from tensorslim.models.external import is_user_code
+
+    if is_user_code(name) and not trusted:
+        other = instead if instead is not None else f"give --{key.replace('_', '-')} yourself"
+        raise TensorslimError(
+            f"{where} names Python code as its {key} ({name!r}) and tensorslim does not run "
+            f"code named by a file: pass --trust-code if you trust it"
+            + (f", or {other}" if other else "")
+        )
 
 
 @dataclass
@@ -191,3 +505,88 @@ def setup(
     count = min(latency_batch, len(bundle.test))
     example = torch.stack([bundle.test[i][0] for i in range(count)])
     return Setup(model, bundle, train_loader, test_loader, example)
+
+
+def train_base(
+    s: Setup,
+    *,
+    epochs: int,
+    lr: float,
+    out: Path,
+    resume: bool,
+    progress: bool,
+    optimizer: str = "sgd",
+) -> list[dict]:
+    """Train ``s.model`` with checkpoints under ``out/checkpoints`` and save it to ``out/model``."""
+    from tensorslim.io import save
+    from tensorslim.train.loop import fit
+
+    history = fit(
+        s.model,
+        s.train_loader,
+        epochs=epochs,
+        lr=lr,
+        optimizer=optimizer,
+        test_loader=s.test_loader,
+        checkpoint_dir=out / "checkpoints",
+        resume=resume,
+        progress=progress,
+        log=say,
+        description="train",
+    ).epochs
+    save(s.model, out / "model")
+    return history
+
+
+def prepare_base(
+    s: Setup,
+    *,
+    weights: Path | None,
+    out: Path,
+    resume: bool,
+    epochs: int,
+    lr: float,
+    progress: bool,
+    what: str = "the model",
+) -> list[dict]:
+    """Give ``s.model`` its trained weights: ``weights``, a resumed ``out/base``, or training.
+
+    Returns the base training history (empty when the weights came from a file).
+    """
+    from tensorslim.io import is_saved
+
+    if weights is not None:
+        load_weights(s.model, weights)
+        return []
+    if resume and is_saved(out / "base" / "model"):
+        load_weights(s.model, out / "base" / "model")
+        return []
+    say(f"no --weights: training {what} for {epochs} epochs first")
+    return train_base(s, epochs=epochs, lr=lr, out=out / "base", resume=resume, progress=progress)
+
+
+def measure_base(s: Setup, **kwargs: Any) -> dict[str, Any]:
+    """Accuracy, params, FLOPs and latency of the base model, announced on stderr."""
+    from tensorslim.pipeline import measure
+
+    original = measure(s.model, s.example_batch, s.test_loader, **kwargs)
+    say(f"original: accuracy {original['accuracy']:.4f}, FLOPs {original['flops']}")
+    return original
+
+
+def save_run_model(model: nn.Module, out: Path) -> None:
+    """The run's final model in ``out/model`` (safetensors + plan + manifest) and its plan.json."""
+    from tensorslim.io import PLAN_FILE, save
+
+    save(model, out / "model")
+    atomic_write_text(out / PLAN_FILE, (out / "model" / PLAN_FILE).read_text())
+
+
+def print_result_table(original: Mapping[str, Any], results: Mapping[str, Any]) -> None:
+    """The two-row table (original, compressed) every compressing command ends with."""
+    from tensorslim.report.run import original_row, summary_row
+    from tensorslim.report.tables import print_table
+
+    row = summary_row(results)
+    first = {k: v for k, v in original_row(original).items() if k in row}
+    print_table("result", list(row), [first, row])
