@@ -1,4 +1,4 @@
-"""The command-line tool through typer's test runner: demo, inspect, compress → eval → export,
+"""The command-line tool through typer's test runner: inspect, compress → eval → export,
 and the error paths (one line on stderr, exit code 2, no traceback unless --debug)."""
 
 from __future__ import annotations
@@ -33,24 +33,6 @@ def assert_one_line_error(result, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
     return lines[0]
-
-
-@pytest.mark.slow
-def test_demo_quick_writes_the_report(tmp_path: Path) -> None:
-    out = tmp_path / "demo"
-    result = runner.invoke(app, ["demo", "--quick", "--out", str(out), "--no-progress"])
-    assert result.exit_code == 0, result.output
-    for name in ("results.json", "report.md", "pareto.png", "spectra.png", "args.json"):
-        assert (out / name).is_file(), name
-    results = json.loads((out / "results.json").read_text())
-    for entry in ("original", "compressed"):
-        for key in ("accuracy", "params", "flops", "latency_ms"):
-            assert isinstance(results[entry][key], int | float), (entry, key)
-    assert results["original"]["accuracy"] > 0.5, "the base CNN must have learnt the digits"
-    assert results["compressed"]["flops"] < results["original"]["flops"]
-    svd_runs = [r for r in results.get("runs", [results]) if r["method"] == "svd"]
-    assert svd_runs and svd_runs[0]["flops_fraction"] <= 0.5
-    assert "tensorslim demo" in result.stdout and "original" in result.stdout
 
 
 def test_inspect_prints_every_layer(tmp_path: Path) -> None:

@@ -1,120 +1,293 @@
-"""``tensorslim demo``: the whole job on embedded data in a few minutes.
+"""``tensorslim demo``: the whole job on embedded data, every method, in a few minutes.
 
-Trains a small CNN on scikit-learn's digits (8×8 upsampled to 28×28), compresses it with SVD
-(channel-wise and spatial-wise) and every other method that offers ``demo_settings`` at several
-budgets (FLOPs; parameters for the sparse methods), fine-tunes each briefly (SVD training also
-after its truncation), and writes a table, results.json, report.md and plots.
+Trains a small CNN on scikit-learn's digits (8×8 upsampled to 28×28), then runs one
+*configuration* after another — a method, its demo settings and a budget (FLOPs; parameters for
+the sparse methods) — each compressing the trained model and fine-tuning it briefly. Every
+registered method appears (SVD both channel- and spatial-wise). After each configuration the
+report (results.json, report.md, plots) is rewritten, so an interrupted demo keeps what it
+finished, and ``--resume`` continues after the last finished configuration.
+
+Each configuration seeds torch and the data order from the demo seed and its own name
+(:func:`~tensorslim.train.seeding.derive_seed`), so its result does not depend on which
+configurations ran before it in the process — a resumed demo gives the same numbers.
 """
 
 from __future__ import annotations
 
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import typer
 
-from tensorslim.cli.cmd_train import train_base
-from tensorslim.cli.common import handle_errors, prepare_run_dir, save_args, say, setup
+from tensorslim.cli.common import (
+    Setup,
+    continue_command,
+    handle_errors,
+    open_run,
+    option,
+    say,
+    setup,
+    train_base,
+)
 from tensorslim.errors import TensorslimError
 from tensorslim.methods import list_methods, method_class
 from tensorslim.pipeline import compress_model, measure
 from tensorslim.rank.budget import Budget
 from tensorslim.report.run import (
     SUMMARY_COLUMNS,
+    chosen_ranks,
     model_spectra,
     original_row,
     summary_row,
+    write_json,
     write_report,
 )
 from tensorslim.report.tables import print_table
+from tensorslim.train.seeding import derive_seed
+
+CONFIG_DIR = "configs"
+TITLE = "tensorslim demo: small_cnn on digits"
+# tensor train replaces Linear layers only, and small_cnn's FLOPs sit in its convolutions: a
+# FLOPs budget cannot be met by tt there, so the demo gives it a parameter budget
+BUDGET_METRIC = {"tt": "params"}
+
+
+@dataclass(frozen=True)
+class Mode:
+    """How much the demo does: base epochs, budgets per method, fine-tune epochs."""
+
+    name: str
+    base_epochs: int
+    budgets: tuple[float, ...]
+    finetune_epochs: int
+    min_run_time: float
+    labels: tuple[str, ...] | None = None  # None: every method
+
+
+MODES = {
+    "quick": Mode("quick", 4, (0.5,), 1, 0.1, labels=("svd", "svd_train")),
+    "default": Mode("default", 6, (0.5, 0.25), 1, 0.1),
+    "full": Mode("full", 10, (0.75, 0.5, 0.25), 2, 0.3),
+}
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """One compress + fine-tune of the trained base model."""
+
+    label: str
+    method: str
+    settings: dict[str, Any]
+    budget: Budget
+
+    @property
+    def name(self) -> str:
+        return f"{self.label} {self.budget}"
+
+    def slug(self, index: int) -> str:
+        return f"{index:02d}-" + re.sub(r"[^A-Za-z0-9._-]+", "-", self.name)
 
 
 def demo_methods() -> list[tuple[str, str, dict[str, Any]]]:
-    """(label, method, settings): SVD both ways, then each method's own demo settings."""
+    """(label, method, settings): SVD both ways, then every other method (its demo settings)."""
     runs: list[tuple[str, str, dict[str, Any]]] = [
         ("svd", "svd", {"scheme": "channel"}),
         ("svd-spatial", "svd", {"scheme": "spatial"}),
     ]
     for name in list_methods():
-        settings = getattr(method_class(name), "demo_settings", None)
-        if name != "svd" and settings is not None:
+        if name != "svd":
+            settings = getattr(method_class(name), "demo_settings", None) or {}
             runs.append((name, name, dict(settings)))
     return runs
 
 
-def run_demo(out: Path, *, quick: bool, progress: bool, seed: int = 0) -> list[dict[str, Any]]:
-    """Train, compress at several budgets with every demo method, and write the report."""
+def demo_configs(mode: Mode) -> list[DemoConfig]:
+    """The configurations of ``mode``, budget by budget so every method shows up early."""
+    methods = [m for m in demo_methods() if mode.labels is None or m[0] in mode.labels]
+    configs = []
+    for fraction in mode.budgets:
+        for label, method, settings in methods:
+            metric = BUDGET_METRIC.get(method, method_class(method).budget_metric)
+            configs.append(DemoConfig(label, method, settings, Budget(**{metric: fraction})))
+    return configs
+
+
+def seed_config(s: Setup, seed: int, config: DemoConfig) -> None:
+    """Seed torch and the training order from the demo seed and the configuration's name."""
+    config_seed = derive_seed(seed, "demo", config.name)
+    torch.manual_seed(config_seed)
+    generator = getattr(s.train_loader, "generator", None)
+    if generator is not None:
+        generator.manual_seed(config_seed)
+
+
+def run_config(s: Setup, config: DemoConfig, mode: Mode, original: dict, progress: bool) -> dict:
+    """Compress and fine-tune one configuration; the results dict (or the reason it was skipped)."""
+    method_type = method_class(config.method)
+    try:
+        small, result = compress_model(
+            s.model,
+            method=config.method,
+            budget=config.budget,
+            settings=config.settings,
+            train_loader=s.train_loader,
+            test_loader=s.test_loader,
+            example_batch=s.example_batch,
+            finetune_epochs=mode.finetune_epochs,
+            post_finalize_epochs=method_type.post_finalize_epochs,
+            bn_recalibration_batches=10,
+            lr=0.01,
+            progress=progress,
+            measure_original=original,
+        )
+    except TensorslimError as exc:
+        return {"config": config.name, "skipped": str(exc)}
+    result["method"] = config.label
+    result["config"] = config.name
+    result["chosen_ranks"] = chosen_ranks(small)
+    return result
+
+
+class DemoRun:
+    """One demo's state: the finished configurations on disk, the report rewritten as they come."""
+
+    def __init__(self, out: Path, mode: Mode) -> None:
+        self.out, self.mode = out, mode
+        self.configs = demo_configs(mode)
+        self.finished: dict[str, dict[str, Any]] = {}
+        for path in sorted((out / CONFIG_DIR).glob("*.json")):
+            record = json.loads(path.read_text())
+            self.finished[record["config"]] = record
+        self.original: dict[str, Any] = {}
+        self.spectra: dict[str, Any] = {}
+        self.base_history: list[dict[str, Any]] = []
+
+    def progress_line(self) -> str:
+        return f"{len(self.finished)} of {len(self.configs)} configurations finished"
+
+    def _in_order(self) -> list[dict[str, Any]]:
+        return [self.finished[c.name] for c in self.configs if c.name in self.finished]
+
+    def results(self) -> list[dict[str, Any]]:
+        return [r for r in self._in_order() if "skipped" not in r]
+
+    def record(self, index: int, config: DemoConfig, result: dict[str, Any]) -> None:
+        """Keep a finished configuration (its own JSON file) and rewrite the report with it."""
+        path = self.out / CONFIG_DIR / f"{config.slug(index)}.json"
+        write_json(path, result)
+        self.finished[config.name] = json.loads(path.read_text())
+        self.write()
+
+    def write(self) -> None:
+        """results.json, report.md, report.html and plots of everything finished so far."""
+        skipped = [
+            f"{r['config']} skipped: {r['skipped']}" for r in self._in_order() if "skipped" in r
+        ]
+        write_report(
+            self.out,
+            self.results(),
+            title=TITLE,
+            original=self.original,
+            spectra=self.spectra,
+            base_history=self.base_history,
+            extra_json={
+                "demo": {
+                    "mode": self.mode.name,
+                    "budgets": list(self.mode.budgets),
+                    "finished": len(self.finished),
+                    "configurations": [c.name for c in self.configs],
+                    "skipped": skipped,
+                    "base_history": self.base_history,
+                }
+            },
+            notes=skipped,
+            multi=True,
+        )
+
+
+def run_demo(
+    out: Path,
+    *,
+    mode: Mode,
+    progress: bool,
+    seed: int = 0,
+    resume: bool = False,
+    on_start: Callable[[DemoRun], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Train (or reload) the base, run every configuration not finished yet, report each."""
     torch.manual_seed(seed)
     s = setup(model_name="small_cnn", data="digits", data_dir=None, seed=seed, batch_size=64)
-    base_epochs = 4 if quick else 10
-    say(f"training small_cnn on digits for {base_epochs} epochs")
-    base_history = train_base(
-        s, epochs=base_epochs, lr=0.05, out=out / "base", resume=False, progress=progress
+    demo = DemoRun(out, mode)
+    if on_start is not None:
+        on_start(demo)
+    say(f"training small_cnn on digits for {mode.base_epochs} epochs")
+    demo.base_history = train_base(
+        s, epochs=mode.base_epochs, lr=0.05, out=out / "base", resume=resume, progress=progress
     )
-    original = measure(s.model, s.example_batch, s.test_loader, min_run_time=0.1 if quick else 0.3)
-    say(f"original accuracy {original['accuracy']:.4f}")
-    budgets = [0.5] if quick else [0.75, 0.5, 0.25]
-    methods = demo_methods()
-    if quick:
-        methods = methods[:1] + [m for m in methods[2:] if m[1] == "svd_train"][:1]
-    results = []
-    for label, method, settings in methods:
-        method_type = method_class(method)
-        for fraction in budgets:
-            budget = Budget(**{method_type.budget_metric: fraction})
-            say(f"{label}: budget {budget}")
-            try:
-                _, result = compress_model(
-                    s.model,
-                    method=method,
-                    budget=budget,
-                    settings=settings,
-                    train_loader=s.train_loader,
-                    test_loader=s.test_loader,
-                    example_batch=s.example_batch,
-                    finetune_epochs=1 if quick else 2,
-                    post_finalize_epochs=method_type.post_finalize_epochs,
-                    bn_recalibration_batches=10,
-                    lr=0.01,
-                    progress=progress,
-                    measure_original=original,
-                )
-            except TensorslimError as exc:
-                say(f"  skipped {label} at {budget}: {exc}")
-                continue
-            result["method"] = label
-            results.append(result)
-    write_report(
-        out,
-        results,
-        title="tensorslim demo: small_cnn on digits",
-        original=original,
-        spectra=model_spectra(s.model),
-        base_history=base_history,
-        extra_json={"demo": {"quick": quick, "budgets": budgets}},
-    )
-    return [original_row(original)] + [summary_row(r) for r in results]
+    demo.original = measure(s.model, s.example_batch, s.test_loader, min_run_time=mode.min_run_time)
+    say(f"original accuracy {demo.original['accuracy']:.4f}")
+    demo.spectra = model_spectra(s.model)
+    demo.write()
+    for index, config in enumerate(demo.configs):
+        where = f"[{index + 1}/{len(demo.configs)}] {config.name}"
+        if config.name in demo.finished:
+            say(f"{where}: already done")
+            continue
+        say(where)
+        seed_config(s, seed, config)
+        result = run_config(s, config, mode, demo.original, progress)
+        if "skipped" in result:
+            say(f"  skipped {config.name}: {result['skipped']}")
+        demo.record(index, config, result)
+    return [original_row(demo.original)] + [summary_row(r) for r in demo.results()]
 
 
 def register(app: typer.Typer) -> None:
     @app.command("demo")
     @handle_errors
     def demo(
-        quick: bool = typer.Option(False, help="One budget, fewer epochs: under a minute."),
+        ctx: typer.Context,
+        quick: bool = typer.Option(
+            False, help="Two methods at one budget, fewer epochs: about a minute."
+        ),
+        full: bool = typer.Option(
+            False, help="Every method at three budgets, longer fine-tuning (the full sweep)."
+        ),
         out: Path = typer.Option(Path("runs/demo"), help="Where to write the report."),
-        overwrite: bool = typer.Option(True, help="Replace an existing demo directory."),
-        progress: bool = typer.Option(True, help="Show progress bars."),
+        resume: bool = typer.Option(
+            False, help="Continue an interrupted demo after its last finished configuration."
+        ),
+        overwrite: bool = typer.Option(
+            True, help="Replace an existing demo directory (unless --resume)."
+        ),
+        seed: int = option("seed"),
+        progress: bool = option("progress"),
     ) -> None:
-        """Train a small CNN on embedded digits, compress it every way, and report."""
-        prepare_run_dir(out, resume=False, overwrite=overwrite)
-        save_args(
-            out,
-            "demo",
-            {"model": "small_cnn", "data": "digits", "quick": quick, "seed": 0, "batch_size": 64},
-        )
-        rows = run_demo(out, quick=quick, progress=progress)
-        print_table(
-            "tensorslim demo: small_cnn on digits (FLOPs per sample)", SUMMARY_COLUMNS, rows
-        )
+        """Train a small CNN on embedded digits, compress it with every method, and report."""
+        if quick and full:
+            raise TensorslimError("give --quick or --full, not both")
+        mode = MODES["quick" if quick else "full" if full else "default"]
+        state: dict[str, DemoRun] = {}
+
+        def hint() -> str:
+            done = state["demo"].progress_line() if "demo" in state else "nothing finished"
+            return f"{done} (in {out}/report.md); continue with: {continue_command(ctx)}"
+
+        args = {"model": "small_cnn", "data": "digits", "mode": mode.name, "seed": seed}
+        args["batch_size"] = 64
+        with open_run(ctx, out, args, resume=resume, overwrite=overwrite, hint=hint):
+            rows = run_demo(
+                out,
+                mode=mode,
+                progress=progress,
+                seed=seed,
+                resume=resume,
+                on_start=lambda d: state.update(demo=d),
+            )
+        print_table(f"{TITLE} (FLOPs per sample)", SUMMARY_COLUMNS, rows)
         typer.echo(f"wrote {out}/report.md, results.json, pareto.png, spectra.png")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -106,8 +107,15 @@ def write_report(
     spectra: Mapping[str, torch.Tensor] | None = None,
     base_history: Sequence[Mapping[str, float]] | None = None,
     extra_json: Mapping[str, Any] | None = None,
+    notes: Sequence[str] = (),
+    multi: bool = False,
 ) -> dict[str, Path]:
-    """Write results.json, report.md, pareto.png (+ spectra.png, layers.png, curves.png)."""
+    """Write results.json, report.md, pareto.png (+ spectra.png, layers.png, curves.png).
+
+    ``results`` are ``compress_model``-style dicts. With one result (and ``multi`` False)
+    results.json holds it at the top level; otherwise under ``runs``. ``notes`` are lines for
+    report.md (e.g. configurations that were skipped, and why).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
@@ -136,7 +144,7 @@ def write_report(
         files["curves"] = training_curves_plot(histories, out / "curves.png")
 
     payload: dict[str, Any] = {"original": dict(original)}
-    if len(results) == 1:
+    if len(results) == 1 and not multi:
         payload.update(dict(results[0]))
         payload["original"] = dict(original)
     else:
@@ -158,6 +166,7 @@ def write_report(
     )
     lines = [f"# {title}", "", "## Summary", "", markdown_table(SUMMARY_COLUMNS, rows), ""]
     lines += [conventions, ""]
+    lines += [line for note in notes for line in (f"> note: {note}", "")]
     for name, label in PLOTS:
         if name in files:
             lines += [f"## {label}", "", f"![{label}]({files[name].name})", ""]
@@ -169,8 +178,12 @@ def write_report(
     atomic_write_text(out / "report.md", "\n".join(lines))
     files["report"] = out / "report.md"
 
+    note_html = "".join(f'<p class="note">note: {html.escape(n)}</p>' for n in notes)
     sections = [
-        ("Summary", html_table(SUMMARY_COLUMNS, rows) + f'<p class="note">{conventions}</p>')
+        (
+            "Summary",
+            html_table(SUMMARY_COLUMNS, rows) + f'<p class="note">{conventions}</p>' + note_html,
+        )
     ]
     for name, label in PLOTS:
         if name in files:
@@ -201,3 +214,23 @@ def model_spectra(model: nn.Module, limit: int = 12) -> dict[str, torch.Tensor]:
         if len(spectra) >= limit:
             break
     return spectra
+
+
+def chosen_ranks(model: nn.Module) -> dict[str, int]:
+    """Rank kept per layer where the last plan chose a channel-wise matrix rank (SVD forms).
+
+    These are ranks of the same matrices :func:`model_spectra` shows (a conv kernel viewed
+    C_out × C_in·kh·kw, a Linear weight as it is), so they can be marked on the spectra.
+    """
+    from tensorslim.plan import plans_of
+
+    plans = plans_of(model)
+    if not plans:
+        return {}
+    return {
+        lp.fqn: int(lp.config["rank"])
+        for lp in plans[-1].layers
+        if lp.method is not None
+        and isinstance(lp.config.get("rank"), int)
+        and lp.config.get("scheme") == "channel"
+    }
