@@ -2,35 +2,58 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
 
-from tensorslim.cli.common import handle_errors, say
+from tensorslim.cli.common import (
+    attach_hint,
+    continue_command,
+    handle_errors,
+    option,
+    require_trust,
+    say,
+)
 from tensorslim.recipes.schema import load_recipe
 from tensorslim.train.ddp import shutdown
 from tensorslim.train.distributed import is_main_process
+
+
+def _launcher() -> str:
+    """What to put before the tensorslim command: torchrun's own options are not known here."""
+    return "torchrun [your options] -m " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
 
 
 def register(app: typer.Typer) -> None:
     @app.command("run")
     @handle_errors
     def run(
+        ctx: typer.Context,
         recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/)."),
         out: Path = typer.Option(None, help="Run directory (default runs/<recipe name>)."),
         resume: bool = typer.Option(False, help="Continue after the last finished stage."),
         overwrite: bool = typer.Option(False, help="Replace a non-empty run directory."),
-        progress: bool = typer.Option(True, help="Show progress bars."),
+        progress: bool = option("progress"),
+        trust_code: bool = option("trust_code"),
     ) -> None:
         """Run a recipe: train / compress / svd_train / prune / finetune / evaluate / export."""
         from tensorslim.recipes.runner import run_recipe
 
         parsed = load_recipe(recipe)  # validate before anything else
+        for key, name in (("model", parsed.model.name), ("data", parsed.data.name)):
+            require_trust(
+                name, where=str(recipe), key=f"{key}.name", trusted=trust_code, instead=""
+            )
         target = out or Path("runs") / parsed.name
         try:
             summary = run_recipe(
                 recipe, target, resume=resume, overwrite=overwrite, progress=progress, log=say
             )
+        except BaseException as exc:
+            if (target / "stages").is_dir():  # finished stages and epochs are kept
+                attach_hint(exc, f"continue with: {_launcher()}{continue_command(ctx)}")
+            raise
         finally:
             shutdown()
         if is_main_process() and summary:

@@ -29,6 +29,7 @@ __all__ = [
     "call_with_accepted_kwargs",
     "import_callable",
     "is_external_spec",
+    "is_user_code",
 ]
 
 
@@ -36,6 +37,16 @@ def is_external_spec(name: str) -> bool:
     """Return True when ``name`` looks like ``module:function`` (or ``torchvision:NAME``)."""
     module, sep, attr = name.rpartition(":")
     return bool(sep and module.strip() and attr.strip())
+
+
+def is_user_code(name: str) -> bool:
+    """True when building ``name`` would import the user's Python code (``module:function``).
+
+    Zoo names and ``torchvision:NAME`` run only installed library code; anything else of the
+    form ``module:function`` (a dotted module or a ``.py`` file) executes that module.
+    """
+    name = name.strip()
+    return is_external_spec(name) and not name.startswith("torchvision:")
 
 
 def _import_module_from_spec(module_name: str) -> ModuleType:

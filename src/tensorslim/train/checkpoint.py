@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from tensorslim.errors import TensorslimError
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -48,6 +51,30 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
         raise
 
 
+class RefusedCheckpointError(TensorslimError, pickle.UnpicklingError):
+    """A checkpoint ``weights_only`` loading refused (it would have run pickled code)."""
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint` (``weights_only=True``)."""
-    return torch.load(Path(path), map_location="cpu", weights_only=True)
+    """Load a checkpoint written by :func:`save_checkpoint` (``weights_only=True``).
+
+    Raises:
+        RefusedCheckpointError: (a TensorslimError and an UnpicklingError) the file holds
+            pickled objects other than plain containers and tensors — never ours to load.
+    """
+    try:
+        return torch.load(Path(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise RefusedCheckpointError(
+            f"checkpoint {path} was refused: it holds pickled objects, not only tensors "
+            f"({refusal_reason(exc)}); delete it, or start the run again with --overwrite"
+        ) from None
+
+
+def refusal_reason(exc: BaseException) -> str:
+    """The line of a ``weights_only`` refusal that names what was refused (the GLOBAL)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        if "GLOBAL" in line or "Unsupported" in line:
+            return line[:160]
+    return lines[0][:160] if lines else type(exc).__name__
