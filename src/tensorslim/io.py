@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,11 @@ def save(
     return directory
 
 
+def is_saved(directory: str | Path) -> bool:
+    """True when ``directory`` holds a model written by :func:`save`."""
+    return (Path(directory) / WEIGHTS_FILE).is_file()
+
+
 def read_plans(directory: str | Path) -> list[CompressionPlan]:
     """The plan stages saved in ``directory`` (a bare single plan file is accepted too)."""
     path = Path(directory)
@@ -92,6 +98,12 @@ def load(directory: str | Path, base_model: nn.Module, *, verify: bool = True) -
     if not weights.is_file():
         raise TensorslimError(f"no {WEIGHTS_FILE} in {directory}: the save is incomplete")
     manifest_path = directory / MANIFEST_FILE
+    if verify and not manifest_path.is_file():
+        warnings.warn(
+            f"{directory} has no {MANIFEST_FILE}: its weights cannot be checked against a "
+            "checksum (save it again with tensorslim.save to add one)",
+            stacklevel=2,
+        )
     if verify and manifest_path.is_file():
         try:
             manifest = json.loads(manifest_path.read_text())

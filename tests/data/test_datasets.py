@@ -225,12 +225,36 @@ def test_fashion_mnist_missing_lists_places(
 ) -> None:
     monkeypatch.setenv("TENSORSLIM_DATA", str(tmp_path / "envdir"))
     with pytest.raises(TensorslimError) as err:
-        load_dataset("fashion-mnist", tmp_path / "mine")
+        load_dataset("fashion-mnist")
     msg = str(err.value)
-    for place in (tmp_path / "mine", tmp_path / "envdir", no_system_data):
+    for place in (tmp_path / "envdir", no_system_data):
         assert str(place) in msg
     assert "apt-get install dataset-fashion-mnist" in msg and "--data-dir" in msg
     assert "\n" not in msg
+
+
+def test_fashion_mnist_given_dir_is_the_only_place(
+    tmp_path: Path, no_system_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A --data-dir without the files is an error even when another copy exists elsewhere."""
+    make_fake_fashion(tmp_path / "env" / "fashion-mnist", n_train=6)
+    monkeypatch.setenv("TENSORSLIM_DATA", str(tmp_path / "env"))
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(TensorslimError, match="not found") as err:
+        load_dataset("fashion-mnist", tmp_path / "mine")
+    assert str(tmp_path / "mine") in str(err.value) and str(tmp_path / "env") not in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["fashion-mnist", "digits", "synthetic"])
+def test_a_data_dir_that_does_not_exist_is_an_error(tmp_path: Path, name: str) -> None:
+    with pytest.raises(TensorslimError, match="does not exist") as err:
+        load_dataset(name, tmp_path / "nonexistent")
+    assert str(tmp_path / "nonexistent") in str(err.value)
+
+
+def test_a_data_dir_an_embedded_dataset_ignores_is_a_warning(tmp_path: Path) -> None:
+    with pytest.warns(UserWarning, match="reads no files"):
+        load_dataset("synthetic", tmp_path)
 
 
 def test_fashion_mnist_incomplete_dir_is_missing(tmp_path: Path, no_system_data: Path) -> None:

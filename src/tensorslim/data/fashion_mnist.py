@@ -121,14 +121,18 @@ def read_idx(path: str | Path, expected_ndim: int | None = None) -> np.ndarray:
 def candidate_dirs(data_dir: str | Path | None = None) -> list[Path]:
     """Directories searched for the IDX files, in order (duplicates removed).
 
-    ``data_dir`` and its ``fashion-mnist`` subdir; ``$TENSORSLIM_DATA`` and its
-    ``fashion-mnist`` subdir; then ``/usr/share/datasets/fashion-mnist``.
+    A given ``data_dir`` is searched alone (with its ``fashion-mnist`` subdir): the files the
+    user pointed at, or an error — never another copy. Without it: ``$TENSORSLIM_DATA`` and its
+    ``fashion-mnist`` subdir, then ``/usr/share/datasets/fashion-mnist``.
     """
+    if data_dir is not None:
+        root = Path(data_dir).expanduser()
+        return [root, root / "fashion-mnist"]
     dirs: list[Path] = []
-    for base in (data_dir, os.environ.get(ENV_VAR) or None):
-        if base is not None:
-            root = Path(base).expanduser()
-            dirs += [root, root / "fashion-mnist"]
+    env = os.environ.get(ENV_VAR) or None
+    if env is not None:
+        root = Path(env).expanduser()
+        dirs += [root, root / "fashion-mnist"]
     dirs.append(SYSTEM_DIR)
     unique: list[Path] = []
     for d in dirs:

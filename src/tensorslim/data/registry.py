@@ -7,6 +7,7 @@ scikit-learn); any ``module:function`` name calls the user's own loader.
 from __future__ import annotations
 
 import importlib
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,8 @@ _BUILTIN: dict[str, str] = {
     "synthetic": "tensorslim.data.synthetic:load_synthetic",
 }
 _ALIASES: dict[str, str] = {"fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist"}
+# built-in datasets that read files (the others are embedded or generated)
+_READS_FILES = {"fashion-mnist"}
 
 
 def list_datasets() -> list[str]:
@@ -167,6 +170,24 @@ def _load_user(spec: str, data_dir: Path | None, seed: int) -> DataBundle:
     )
 
 
+def _as_path(data_dir: str | Path | None) -> Path | None:
+    return Path(data_dir).expanduser() if data_dir is not None else None
+
+
+def _checked_data_dir(data_dir: str | Path | None) -> Path | None:
+    """``data_dir`` as a Path; a directory that does not exist is an error, not a fallback."""
+    path = _as_path(data_dir)
+    if path is None:
+        return None
+    if not path.is_dir():
+        what = "is not a directory" if path.exists() else "does not exist"
+        raise TensorslimError(
+            f"data directory {path} {what}: fix --data-dir (or data.data_dir), or leave it out "
+            "to use the default locations"
+        )
+    return path
+
+
 def load_dataset(
     name: str,
     data_dir: str | Path | None = None,
@@ -181,7 +202,9 @@ def load_dataset(
         name: ``digits``, ``fashion-mnist`` (alias ``fashion_mnist``), ``synthetic``, or
             ``module:function`` for the user's own loader (called with ``data_dir=`` and
             ``seed=`` if it accepts them; returns a :class:`DataBundle` or ``(train, test)``).
-        data_dir: where to look for files first (only datasets that read files use it).
+        data_dir: where the dataset's files are (only datasets that read files use it; for a
+            built-in dataset it must exist, and one that reads no files warns that it is
+            unused). A user's loader receives it as given.
         seed: seed for splits, synthetic data and the ``limit_*`` subsets.
         limit_train: keep a seeded random subset of at most this many training items.
         limit_test: same for the test set.
@@ -190,11 +213,18 @@ def load_dataset(
         A :class:`DataBundle`; images are ``(C, H, W)`` float32, labels int64.
 
     Raises:
-        TensorslimError: unknown name, missing/corrupt files, or a failing user loader.
+        TensorslimError: unknown name, a ``data_dir`` that does not exist, missing/corrupt
+            files, or a failing user loader.
     """
-    path = Path(data_dir).expanduser() if data_dir is not None else None
     key = name.strip().lower()
     key = _ALIASES.get(key, key)
+    # a user's loader decides what its data_dir means (it may create it); ours read it
+    path = _checked_data_dir(data_dir) if key in _BUILTIN else _as_path(data_dir)
+    if key in _BUILTIN and path is not None and key not in _READS_FILES:
+        warnings.warn(
+            f"dataset '{key}' reads no files: the data directory {path} is not used",
+            stacklevel=2,
+        )
     if key in _BUILTIN:
         bundle = _builtin_loader(key)(data_dir=path, seed=seed)
     elif is_external_spec(name.strip()):
