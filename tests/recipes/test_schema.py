@@ -62,6 +62,34 @@ def test_good_recipe_parses_with_defaults() -> None:
             GOOD.replace("  - stage: train\n    epochs: 1\n", ""),
             ["r.yaml:5:", "stages[0]", "needs a trained model"],
         ),
+        (
+            GOOD.replace("method: svd", "method: svdd"),
+            ["r.yaml:8:", "stages[1].method", "unknown method 'svdd'", "did you mean 'svd'"],
+        ),
+        (
+            GOOD.replace(
+                "    budget: flops=0.5", "    budget: flops=0.5\n    settings: {schem: x}"
+            ),
+            ["r.yaml:10:", "stages[1].settings", "method 'svd'", "schem"],
+        ),
+        (
+            GOOD.replace(
+                "    budget: flops=0.5", "    budget: flops=0.5\n    settings: {scheme: x}"
+            ),
+            ["r.yaml:10:", "stages[1].settings", "scheme"],
+        ),
+        (
+            GOOD.replace("method: svd", "method: rpg"),
+            ["r.yaml:8:", "stages[1].method", "during training", "'prune' stage"],
+        ),
+        (
+            GOOD + "  - {stage: prune, epochs: 1, settings: {sparsty: 0.5}}\n",
+            ["r.yaml:12:", "stages[3].settings", "method 'rpg'", "sparsty"],
+        ),
+        (
+            GOOD + "  - {stage: svd_train, epochs: 1, settings: {reg: l3}}\n",
+            ["r.yaml:12:", "stages[3].settings", "l3"],
+        ),
         ("model: [unclosed", ["r.yaml", "not valid YAML"]),
         ("- just a list", ["r.yaml", "mapping"]),
     ],

@@ -27,6 +27,7 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     ValidationError,
+    ValidationInfo,
     field_validator,
 )
 
@@ -64,6 +65,35 @@ class _Optim(_Strict):
     weight_decay: NonNegativeFloat = 5e-4
 
 
+def _check_method_name(method: str, kind: str | None = None) -> str:
+    """The method exists (and, with ``kind``, is of that kind); its message names the known ones."""
+    from tensorslim.methods.registry import method_class
+
+    try:
+        cls = method_class(method)
+    except TensorslimError as exc:
+        raise ValueError(str(exc)) from None
+    if kind is not None and cls.kind != kind:
+        stage = "svd_train" if cls.name == "svd_train" else "prune"
+        raise ValueError(
+            f"method '{cls.name}' reaches its structure during training: use a '{stage}' stage"
+        )
+    return method
+
+
+def _check_settings(method: str | None, settings: dict[str, Any]) -> dict[str, Any]:
+    """The method accepts these settings: built exactly as the stage will build it, so a typo
+    fails when the recipe is read — before the first stage trains."""
+    from tensorslim.methods.registry import get_method
+
+    if method is not None:  # an unknown method has its own error already
+        try:
+            get_method(method, **settings)
+        except TensorslimError as exc:
+            raise ValueError(str(exc)) from None
+    return settings
+
+
 def _check_budget(value: str | None) -> str | None:
     if value is not None:
         try:
@@ -93,6 +123,16 @@ class CompressStage(_Strict):
     recalibrate_bn: int = Field(default=10, ge=0)
     _budget = field_validator("budget")(_check_budget)
 
+    @field_validator("method")
+    @classmethod
+    def _method(cls, value: str) -> str:
+        return _check_method_name(value, kind="decomposition")
+
+    @field_validator("settings")
+    @classmethod
+    def _settings(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        return _check_settings(info.data.get("method"), value)
+
 
 class SvdTrainStage(_Optim):
     """SVD training (Yang et al. 2020): full-rank SVD training with regularizers for ``epochs``,
@@ -104,6 +144,11 @@ class SvdTrainStage(_Optim):
     settings: dict[str, Any] = Field(default_factory=dict)
     _budget = field_validator("budget")(_check_budget)
 
+    @field_validator("settings")
+    @classmethod
+    def _settings(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return _check_settings("svd_train", value)
+
 
 class PruneStage(_Optim):
     """Gradual sparse pruning during ``epochs`` of training (rpg, gmp, rigl), then bake masks."""
@@ -113,6 +158,11 @@ class PruneStage(_Optim):
     budget: str = "params=0.1"
     settings: dict[str, Any] = Field(default_factory=dict)
     _budget = field_validator("budget")(_check_budget)
+
+    @field_validator("settings")
+    @classmethod
+    def _settings(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        return _check_settings(info.data.get("method"), value)
 
 
 class FinetuneStage(_Optim):
@@ -233,7 +283,7 @@ def parse_recipe(text: str, source: str = "recipe") -> Recipe:
         errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
         error = errors[0]
         line, path = _node_line(root, tuple(error["loc"]))
-        message = error["msg"]
+        message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             message = f"unknown key '{error['loc'][-1]}'"
         elif error["type"] == "missing":
