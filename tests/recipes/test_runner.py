@@ -61,7 +61,18 @@ def test_missing_dataset_fails_before_work(tmp_path: Path) -> None:
     out = tmp_path / "run"
     with pytest.raises(TensorslimError, match="unknown dataset"):
         run_recipe(recipe, out, progress=False)
-    assert not (out / "stages").exists()
+    assert not out.exists(), "a run that failed before any work must leave no directory"
+
+
+def test_an_unknown_method_fails_before_training(tmp_path: Path) -> None:
+    recipe = _write(tmp_path, TINY.read_text().replace("method: svd", "method: svdd"))
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["run", str(recipe), "--out", str(out), "--no-progress"])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "unknown method 'svdd'" in lines[0], result.stderr
+    assert "stages[1].method" in lines[0]
+    assert not out.exists(), "nothing may run (or be written) before the recipe is valid"
 
 
 def test_unwritable_output_dir(tmp_path: Path) -> None:
@@ -189,3 +200,49 @@ def test_two_process_ddp_matches_single_process(tmp_path: Path) -> None:
     assert a.keys() == b.keys()
     for key in a:
         assert (a[key] - b[key]).abs().max() < 1e-4, key
+
+
+BN_RECIPE = """\
+name: bn
+model: {name: small_cnn, kwargs: {width: 0.25}}
+data: {name: digits, batch_size: 32, limit_train: 256, limit_test: 64}
+stages:
+  - {stage: train, epochs: 1, lr: 0.05}
+  - {stage: compress, method: svd, budget: flops=0.5, recalibrate_bn: 4}
+  - {stage: finetune, epochs: 1, lr: 0.01}
+  - {stage: evaluate, latency: false}
+"""
+
+
+def _torchrun(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node=2", "-m", "tensorslim", *args]  # fmt: skip
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_two_processes_end_with_the_same_batchnorm_statistics(tmp_path: Path) -> None:
+    """BatchNorm statistics (recalibrated on each rank's shard, updated by each rank's last
+    training step) are the same on both ranks at the end, as the saved model's are."""
+    out = tmp_path / "ddp"
+    result = _torchrun("run", str(_write(tmp_path, BN_RECIPE)), "--out", str(out), "--no-progress")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0 = json.loads((out / "ranks" / "rank0.json").read_text())
+    rank1 = json.loads((out / "ranks" / "rank1.json").read_text())
+    statistics = [name for name in rank0 if name.endswith(("running_mean", "running_var"))]
+    assert len(statistics) >= 10, sorted(rank0)
+    assert rank0 == rank1, [name for name in rank0 if rank0[name] != rank1.get(name)]
+
+
+def test_an_error_on_rank_0_ends_the_other_rank_with_one_line(tmp_path: Path) -> None:
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "something").write_text("x")  # rank 0 refuses the non-empty directory
+    result = _torchrun("run", str(TINY), "--out", str(out), "--no-progress")
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2, result.stderr
+    assert any("is not empty" in line and not line.startswith("error: rank") for line in errors)
+    assert any(line.startswith("error: rank 1 stops: rank 0 failed") for line in errors), errors
+    for noise in ("Connection closed by peer", "Connection reset by peer", "pair.cc"):
+        assert noise not in result.stderr, noise

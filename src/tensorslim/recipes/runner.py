@@ -23,7 +23,7 @@ import yaml
 from torch import nn
 from torch.utils.data import DistributedSampler
 
-from tensorslim.cli.common import load_weights, prepare_run_dir
+from tensorslim.cli.common import discarded_on_failure, load_weights, prepare_run_dir
 from tensorslim.data import load_dataset, make_loaders
 from tensorslim.errors import TensorslimError
 from tensorslim.export import export_onnx, export_torchscript, merge_slow_layers
@@ -35,8 +35,14 @@ from tensorslim.rank.budget import Budget
 from tensorslim.recipes.schema import STRUCTURE_STAGES, Recipe, load_recipe
 from tensorslim.report.run import model_spectra, write_json, write_report
 from tensorslim.train.checkpoint import atomic_write_text
-from tensorslim.train.ddp import broadcast_model, init_from_env, state_digest
-from tensorslim.train.distributed import barrier, is_main_process, rank, world_size
+from tensorslim.train.ddp import broadcast_model, check_same_state, init_from_env, state_digest
+from tensorslim.train.distributed import (
+    barrier,
+    is_main_process,
+    on_main_process,
+    rank,
+    world_size,
+)
 from tensorslim.train.loop import fit
 
 
@@ -227,10 +233,11 @@ def run_recipe(
     distributed = init_from_env()
     if not is_main_process():
         log = _silent
-    if is_main_process():
-        prepare_run_dir(out, resume=resume, overwrite=overwrite)
-    barrier()
-    run = RecipeRun(recipe, out, resume=resume, progress=progress, log=log)
+    existed = out.is_dir() and any(out.iterdir())
+    on_main_process(lambda: prepare_run_dir(out, resume=resume, overwrite=overwrite))
+    # nothing done yet: a failure here (no dataset, a bad model) takes the directory with it
+    with discarded_on_failure(out, keep=resume and existed, ignore=("recipe.yaml",)):
+        run = RecipeRun(recipe, out, resume=resume, progress=progress, log=log)
     if is_main_process():
         atomic_write_text(out / "recipe.yaml", yaml.safe_dump(recipe.model_dump(), sort_keys=False))
     stage_results: list[dict[str, Any]] = []
@@ -246,6 +253,9 @@ def run_recipe(
             continue
         log(f"stage {index}: {stage.stage}")
         result = {"stage": stage.stage, "index": index, **_run_stage(run, index, stage, sdir)}
+        # DDP's last training step updates BatchNorm statistics on each rank's own batch:
+        # every rank continues with rank 0's model, the one that is saved
+        broadcast_model(run.model)
         if is_main_process():
             save(run.model, sdir / "model")
             write_json(done, result)
@@ -259,7 +269,7 @@ def _finish(run: RecipeRun, recipe: Recipe, stages: list[dict[str, Any]], distri
     if distributed:
         (out / "ranks").mkdir(exist_ok=True)
         write_json(out / "ranks" / f"rank{rank()}.json", state_digest(run.model))
-        barrier()
+        check_same_state(run.model)  # fail loudly rather than report one model of several
     if not is_main_process():
         return {}
     reference = run.reference or run.model

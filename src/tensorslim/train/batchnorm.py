@@ -5,7 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+import torch.distributed as dist
 from torch import nn
+
+from tensorslim.train.distributed import is_distributed
 
 __all__ = ["recalibrate_batchnorm"]
 
@@ -19,7 +22,9 @@ def recalibrate_batchnorm(model: nn.Module, loader: Iterable, batches: int = 10)
     dense model no longer match the BatchNorm that follows; a few forward passes (no gradient,
     no labels) fix that before the model is evaluated or fine-tuned. The running averages are
     cumulative (momentum None) over the batches, then each BatchNorm's momentum is restored.
-    Returns the number of batches used (0 when the model has no BatchNorm).
+    Inside a ``torch.distributed`` group each rank sees its own shard, so the statistics are then
+    averaged over the ranks (weighted by the batches each used): every rank ends with the same
+    running mean and variance. Returns the number of batches used here (0 without BatchNorm).
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms or batches <= 0:
@@ -42,4 +47,23 @@ def recalibrate_batchnorm(model: nn.Module, loader: Iterable, batches: int = 10)
         model.train(was_training)
         for m, (momentum, _) in zip(norms, saved, strict=True):
             m.momentum = momentum
+    _average_over_ranks(norms, used)
     return used
+
+
+def _average_over_ranks(norms: list[nn.Module], used: int) -> None:
+    """Replace each rank's running statistics by their batch-weighted mean over the ranks."""
+    if not is_distributed():
+        return
+    weight = torch.tensor(float(used))
+    dist.all_reduce(weight)
+    for m in norms:
+        for name in ("running_mean", "running_var"):
+            stat = getattr(m, name)
+            if stat is None:
+                continue
+            total = stat.double() * used
+            dist.all_reduce(total)
+            stat.copy_((total / weight.clamp_min(1.0)).to(stat.dtype))
+        if m.num_batches_tracked is not None:
+            dist.broadcast(m.num_batches_tracked, src=0)

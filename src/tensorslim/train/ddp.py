@@ -40,6 +40,30 @@ def broadcast_model(model: nn.Module) -> None:
                 dist.broadcast(tensor, src=0)
 
 
+def check_same_state(model: nn.Module) -> dict[str, str]:
+    """This rank's :func:`state_digest`, after checking every rank holds the same one.
+
+    Raises:
+        TensorslimError: (on every rank) some tensors differ between the processes — the
+            run would report one model while the ranks hold others.
+    """
+    mine = state_digest(model)
+    if not (dist.is_available() and dist.is_initialized()):
+        return mine
+    everyone: list[dict[str, str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    differ = sorted(
+        {name for other in everyone for name in set(mine) | set(other or {})
+         if (other or {}).get(name) != mine.get(name)}
+    )  # fmt: skip
+    if differ:
+        raise TensorslimError(
+            f"the {len(everyone)} processes ended with different weights in {len(differ)} of "
+            f"{len(mine)} tensors (first: {differ[0]}): the run is not consistent"
+        )
+    return mine
+
+
 def state_digest(model: nn.Module) -> dict[str, str]:
     """SHA-256 of every tensor in the state dict: equal digests mean bitwise-equal models."""
     out = {}
