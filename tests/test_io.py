@@ -189,8 +189,10 @@ def test_missing_pieces_are_clear_errors(tmp_path) -> None:
         ts.load(tmp_path / "d", fresh("lenet5", 0))
     ts.save(trained_like("lenet5"), tmp_path / "c")
     (tmp_path / "c" / PLAN_FILE).write_text("{not json")
-    with pytest.raises(TensorslimError, match="not valid JSON"):
+    with pytest.raises(TensorslimError, match=r"plan\.json does not match its checksum"):
         ts.load(tmp_path / "c", fresh("lenet5", 0))
+    with pytest.raises(TensorslimError, match="not valid JSON"):
+        ts.load(tmp_path / "c", fresh("lenet5", 0), verify=False)
 
 
 def test_save_into_an_unwritable_place_is_a_clear_error(tmp_path) -> None:
@@ -198,3 +200,76 @@ def test_save_into_an_unwritable_place_is_a_clear_error(tmp_path) -> None:
     blocker.write_text("")
     with pytest.raises(TensorslimError, match="cannot create"):
         ts.save(fresh("lenet5", 0), blocker / "out")
+
+
+KILLED_SAVE = """\
+import os, sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import tensorslim.io as tio
+
+directory, seed, when = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+torch.manual_seed(seed)
+model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+moved = []
+
+def die():
+    os._exit(9)  # a kill: no finally, no cleanup
+
+if when == "before-commit":
+    tio._commit = lambda pending: die()
+elif when.startswith("after-move-"):
+    real_move = tio._move_into_place
+
+    def move(source, target):
+        real_move(source, target)
+        moved.append(target)
+        if len(moved) == int(when.rsplit("-", 1)[1]):
+            die()
+
+    tio._move_into_place = move
+tio.save(model, directory)
+"""
+
+
+def _model(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+
+
+@pytest.mark.parametrize(
+    ("when", "survivor"),
+    [("before-commit", 1), ("after-move-1", 2), ("after-move-2", 2), ("after-move-3", 2)],
+)
+def test_a_save_killed_between_files_leaves_the_old_set_or_the_new(
+    tmp_path, when: str, survivor: int
+) -> None:
+    """A real kill (os._exit in a child process) between the files of a save."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    directory = tmp_path / "model"
+    ts.save(_model(1), directory)
+    (directory / "notes.txt").write_text("the user's own file")
+    script = tmp_path / "killed_save.py"
+    script.write_text(KILLED_SAVE)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    killed = subprocess.run(
+        [sys.executable, str(script), str(directory), "2", when], env=env, timeout=120
+    )
+    assert killed.returncode == 9
+    loaded = ts.load(directory, _model(0))  # no checksum error, no mix of the two saves
+    expected = _model(survivor).state_dict()
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, expected[name]), (when, name)
+    # the next save completes (or drops) what the killed one left, and keeps other files
+    ts.save(_model(3), directory)
+    assert sorted(p.name for p in directory.iterdir()) == sorted(
+        [WEIGHTS_FILE, PLAN_FILE, MANIFEST_FILE, "notes.txt"]
+    )
+    assert torch.equal(ts.load(directory, _model(0))[0].weight, _model(3)[0].weight)
