@@ -27,7 +27,7 @@ from tensorslim.cli.common import discarded_on_failure, load_weights, prepare_ru
 from tensorslim.data import load_dataset, make_loaders
 from tensorslim.errors import TensorslimError
 from tensorslim.export import export_onnx, export_torchscript, merge_slow_layers
-from tensorslim.io import WEIGHTS_FILE, load, save
+from tensorslim.io import WEIGHTS_FILE, is_saved, load, save
 from tensorslim.models import create_model
 from tensorslim.pipeline import compress_model, machine_facts, measure
 from tensorslim.plan import plans_of, set_plans
@@ -127,7 +127,7 @@ class RecipeRun:
         if self.reference is not None:
             return
         original_dir = self.out / "original"
-        if self.resume and (original_dir / WEIGHTS_FILE).is_file():
+        if self.resume and is_saved(original_dir):
             self.reference = self.reload(original_dir)
             return
         self.reference = copy.deepcopy(self.model)
@@ -244,7 +244,7 @@ def run_recipe(
     for index, stage in enumerate(recipe.stages):
         sdir = out / "stages" / f"{index:02d}-{stage.stage}"
         done = sdir / "done.json"
-        if resume and done.is_file() and (sdir / "model" / WEIGHTS_FILE).is_file():
+        if resume and done.is_file() and is_saved(sdir / "model"):
             stage_results.append(json.loads(done.read_text()))
             if stage.stage in STRUCTURE_STAGES and run.reference is None:
                 run.capture_reference()
