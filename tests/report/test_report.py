@@ -13,12 +13,23 @@ from tensorslim.analysis.flops import count_flops
 from tensorslim.analysis.profile import count_params
 from tensorslim.pipeline import compress_model, layer_rows, measure
 from tensorslim.rank.budget import Budget
-from tensorslim.report.plots import pareto_plot, spectra_plot
+from tensorslim.report.plots import (
+    CONTEXT_POINTS,
+    accuracy_limits,
+    pareto_figure,
+    pareto_plot,
+    spectra_figure,
+    spectra_plot,
+    training_curves_figure,
+)
 from tensorslim.report.run import (
     LAYER_COLUMNS,
     SUMMARY_COLUMNS,
+    chosen_ranks,
+    epoch_axis,
     model_spectra,
     original_row,
+    pareto_points,
     summary_row,
     write_json,
     write_report,
@@ -291,3 +302,77 @@ def test_bn_recalibration_reestimates_statistics_after_apply() -> None:
     torch.testing.assert_close(small[1].running_mean, twin[1].running_mean)
     torch.testing.assert_close(small[1].running_var, twin[1].running_var)
     assert not torch.allclose(small[1].running_mean, model[1].running_mean)  # not the stale ones
+
+
+def test_the_accuracy_axis_keeps_the_loss_in_context() -> None:
+    bottom, top = accuracy_limits([98.1, 98.4], 98.6)
+    assert top - bottom >= CONTEXT_POINTS and bottom <= 98.1 and top >= 98.6
+    assert accuracy_limits([20.0, 97.0], 98.0)[0] <= 20.0  # a collapse stays visible
+    assert accuracy_limits([99.9], 99.95)[1] <= 100.0
+
+
+def _markers(ax) -> list[str]:
+    return [line.get_marker() for line in ax.get_lines() if line.get_marker() not in ("None", "")]
+
+
+def test_pareto_methods_have_their_own_hollow_markers_and_the_original_in_view() -> None:
+    points = [
+        {"method": m, "flops_fraction": 0.5, "accuracy": 0.97, "accuracy_before_finetune": 0.9}
+        for m in ("svd", "cp", "tucker")
+    ]  # three methods on the very same spot
+    fig = pareto_figure(points, original={"accuracy": 0.98})
+    ax = fig.axes[0]
+    main = [line for line in ax.get_lines() if line.get_label() in {"svd", "cp", "tucker"}]
+    assert len({line.get_marker() for line in main}) == 3
+    assert all(line.get_markerfacecolor() == "none" for line in main)
+    bottom, top = ax.get_ylim()
+    assert bottom <= 90 and top >= 98 and top - bottom >= CONTEXT_POINTS
+
+
+def test_sparse_runs_are_placed_at_their_nonzero_flops() -> None:
+    dense = {"method": "svd", "flops_fraction": 0.5, "flops_nonzero_fraction": 0.5,
+             "compressed": {"accuracy": 0.9}}  # fmt: skip
+    sparse = {"method": "gmp", "flops_fraction": 1.0, "flops_nonzero_fraction": 0.3,
+              "compressed": {"accuracy": 0.9}}  # fmt: skip
+    points = pareto_points([dense, sparse])
+    assert [(p["method"], p["flops_fraction"]) for p in points] == [
+        ("svd", 0.5),
+        ("gmp (nonzero)", 0.3),
+    ]
+
+
+def test_fine_tuning_continues_the_training_epoch_axis() -> None:
+    base = [{"epoch": 1, "test_accuracy": 0.5}, {"epoch": 2, "test_accuracy": 0.8}]
+    run = {
+        "method": "svd_train",
+        "budget": {"flops": 0.5},
+        "compressed": {"flops": 1, "params": 1},
+        "accuracy_before_finetune": 0.6,
+        # two fine-tuning phases, each counting its epochs from 1
+        "history": [{"epoch": 1, "test_accuracy": 0.7}, {"epoch": 1, "test_accuracy": 0.75}],
+    }
+    histories = epoch_axis([run], base)
+    curve = histories["svd_train flops=0.5"]
+    assert [h["epoch"] for h in curve] == [2.5, 3, 4]
+    assert [h["test_accuracy"] for h in curve] == [0.6, 0.7, 0.75]
+    fig = training_curves_figure(histories, compressed_at=2.5)
+    xs = [list(line.get_xdata()) for line in fig.axes[0].get_lines() if len(line.get_xdata()) > 1]
+    assert [1, 2] in xs and [2.5, 3, 4] in xs
+
+
+def test_chosen_ranks_are_marked_on_the_spectra(tiny_cnn, tiny_input) -> None:
+    import tensorslim as ts
+
+    the_plan = ts.plan(tiny_cnn, "svd", ts.Budget(flops=0.5), tiny_input, scheme="channel")
+    small = ts.apply(tiny_cnn, the_plan)
+    ranks = chosen_ranks(small)
+    assert ranks and all(isinstance(r, int) and r >= 1 for r in ranks.values())
+    spectra = model_spectra(tiny_cnn)
+    fig = spectra_figure(spectra, ranks={"svd flops=0.5": ranks})
+    marked = [line for line in fig.axes[0].get_lines() if line.get_marker() == "s"]
+    assert len(marked) == len(ranks)
+    for line in marked:
+        x, y = float(line.get_xdata()[0]), float(line.get_ydata()[0])
+        layer = next(n for n, r in ranks.items() if abs(r / spectra[n].numel() - x) < 1e-12)
+        values = spectra[layer].double()
+        assert y == pytest.approx(float(values[ranks[layer] - 1] / values[0]))

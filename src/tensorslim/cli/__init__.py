@@ -21,6 +21,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # click's plain help: wraps the text under long option names instead of cutting the names
+    # off in a table at 80 columns
+    rich_markup_mode=None,
 )
 
 

@@ -21,7 +21,7 @@ from tensorslim.cli.common import (
 from tensorslim.methods import get_method
 from tensorslim.pipeline import compress_model
 from tensorslim.rank.budget import Budget
-from tensorslim.report.run import LAYER_COLUMNS, model_spectra, write_report
+from tensorslim.report.run import LAYER_COLUMNS, chosen_ranks, model_spectra, write_report
 from tensorslim.report.tables import print_table
 
 
@@ -76,7 +76,10 @@ def register(app: typer.Typer) -> None:
         overwrite: bool = option("overwrite"),
         progress: bool = option("progress"),
     ) -> None:
-        """Compress a trained model with one method and budget, fine-tune it, and report."""
+        """Compress a model with one method at one budget.
+
+        Plans, replaces the layers, fine-tunes, measures and writes the report and the model.
+        """
         parsed_budget = Budget.parse(budget) if budget else None
         settings = parse_settings(setting)
         method_obj = get_method(method, **settings)  # fail on bad input before any work
@@ -122,6 +125,7 @@ def register(app: typer.Typer) -> None:
                 log=say,
                 measure_original=original,
             )
+            results["chosen_ranks"] = chosen_ranks(small)
             save_run_model(small, out)
             write_report(
                 out,

@@ -268,7 +268,10 @@ def register(app: typer.Typer) -> None:
         seed: int = option("seed"),
         progress: bool = option("progress"),
     ) -> None:
-        """Train a small CNN on embedded digits, compress it with every method, and report."""
+        """Compress a small CNN on digits with every method.
+
+        Trains it on scikit-learn's embedded digits first; writes the report as results come.
+        """
         if quick and full:
             raise TensorslimError("give --quick or --full, not both")
         mode = MODES["quick" if quick else "full" if full else "default"]

@@ -84,7 +84,10 @@ def register(app: typer.Typer) -> None:
         data_dir: Path = shared["data_dir"],
         trust_code: bool = shared["trust_code"],
     ) -> None:
-        """Accuracy, params, FLOPs and latency of a run's saved model (rebuilt from its plan)."""
+        """Measure a run's saved model (rebuilt from its plan).
+
+        Accuracy, params, FLOPs and latency; also written to RUN/eval.json.
+        """
         s, rebuilt = load_run_model(run, data_dir, model=model, data=data, trust_code=trust_code)
         row = measure(rebuilt, s.example_batch, s.test_loader)
         write_json(run / "eval.json", {**row, "machine": machine_facts()})

@@ -33,7 +33,10 @@ def register(app: typer.Typer) -> None:
         data_dir: Path = shared["data_dir"],
         trust_code: bool = shared["trust_code"],
     ) -> None:
-        """Export a run's model; ONNX is verified in onnxruntime against PyTorch."""
+        """Export a run's model (ONNX, TorchScript, safetensors).
+
+        ONNX is checked in onnxruntime against PyTorch.
+        """
         if format not in FORMATS:
             raise TensorslimError(f"unknown export format '{format}': use {', '.join(FORMATS)}")
         s, rebuilt = load_run_model(run, data_dir, model=model, data=data, trust_code=trust_code)

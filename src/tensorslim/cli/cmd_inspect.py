@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from tensorslim.analysis.inspect import inspect_model
-from tensorslim.cli.common import handle_errors, load_weights, setup
+from tensorslim.cli.common import DATA_NAMES, handle_errors, load_weights, option, setup
 from tensorslim.report.run import write_json
 from tensorslim.report.tables import print_table
 
@@ -16,17 +16,15 @@ def register(app: typer.Typer) -> None:
     @app.command("inspect")
     @handle_errors
     def inspect(
-        model: str = typer.Option(
-            "small_cnn", help="Zoo model name, torchvision:NAME or module:function."
-        ),
-        data: str = typer.Option("digits", help="Dataset that fixes the input shape."),
-        data_dir: Path = typer.Option(None),
-        weights: Path = typer.Option(None, help="Trained weights (.safetensors or run dir)."),
-        latency: bool = typer.Option(True, help="Measure per-layer latency."),
-        batch: int = typer.Option(32, min=1, help="Batch size for latency."),
+        model: str = option("model"),
+        data: str = option("data", help="Dataset that fixes the input shape: " + DATA_NAMES),
+        data_dir: Path = option("data_dir"),
+        weights: Path = option("weights"),
+        latency: bool = typer.Option(True, help="Measure per-layer latency (takes a while)."),
+        batch: int = typer.Option(32, min=1, help="Batch size of the latency measurement."),
         json_out: Path = typer.Option(None, "--json", help="Also write the table as JSON here."),
     ) -> None:
-        """Show every Linear/Conv2d layer: shapes, params, FLOPs, rank, latency."""
+        """Per-layer shapes, params, FLOPs, ranks and latency."""
         s = setup(
             model_name=model,
             data=data,

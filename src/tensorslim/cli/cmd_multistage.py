@@ -62,7 +62,7 @@ def register(app: typer.Typer) -> None:
         overwrite: bool = option("overwrite"),
         progress: bool = option("progress"),
     ) -> None:
-        """Compress in stages (a few layers at a time), fine-tuning after each stage."""
+        """Compress a few layers at a time, fine-tuning in between."""
         from tensorslim.train.multistage import multistage
 
         parsed_budget = Budget.parse(budget) if budget else None

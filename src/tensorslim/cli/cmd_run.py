@@ -37,7 +37,10 @@ def register(app: typer.Typer) -> None:
         progress: bool = option("progress"),
         trust_code: bool = option("trust_code"),
     ) -> None:
-        """Run a recipe: train / compress / svd_train / prune / finetune / evaluate / export."""
+        """Run a recipe: a whole pipeline from one YAML file.
+
+        Stages: train, compress, svd_train, prune, finetune, evaluate, export.
+        """
         from tensorslim.recipes.runner import run_recipe
 
         parsed = load_recipe(recipe)  # validate before anything else

@@ -35,7 +35,10 @@ def register(app: typer.Typer) -> None:
         overwrite: bool = option("overwrite"),
         progress: bool = option("progress"),
     ) -> None:
-        """Train a model from scratch and save it (weights in safetensors)."""
+        """Train a model from scratch and save it.
+
+        Weights in safetensors (RUN/model), the history and measurements in results.json.
+        """
         with open_run(ctx, out, dict(locals()), resume=resume, overwrite=overwrite):
             s = setup(
                 model_name=model,

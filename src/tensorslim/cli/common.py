@@ -160,10 +160,10 @@ _MODEL_HELP = (
     "Zoo model name (see `tensorslim models`), torchvision:NAME, or module:function to build "
     "your own (path/to/file.py:build works too)."
 )
-_DATA_HELP = "digits | fashion-mnist | synthetic | module:function (your own loader)."
+DATA_NAMES = "digits | fashion-mnist | synthetic | module:function (your own loader)."
 SHARED_OPTIONS: dict[str, dict[str, Any]] = {
     "model": {"default": "small_cnn", "help": _MODEL_HELP},
-    "data": {"default": "digits", "help": _DATA_HELP},
+    "data": {"default": "digits", "help": DATA_NAMES},
     "data_dir": {
         "default": None,
         "help": "Directory holding the dataset files (it must exist; digits and synthetic "

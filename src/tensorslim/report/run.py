@@ -98,6 +98,87 @@ def original_row(original: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def pareto_points(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One point per run: FLOPs fraction (nonzero FLOPs for sparse runs) and accuracies."""
+    points = []
+    for r in results:
+        accuracy = r["compressed"].get("accuracy")
+        if accuracy is None:
+            continue
+        flops = r["flops_fraction"]
+        nonzero = r.get("flops_nonzero_fraction")
+        sparse = nonzero is not None and nonzero < flops - 1e-9
+        points.append(
+            {
+                # pruned weights are still computed densely: at x = 1 every sparse run would
+                # sit on the original; their nonzero FLOPs (what a sparse kernel does) separate them
+                "method": f"{r['method']} (nonzero)" if sparse else r["method"],
+                "flops_fraction": nonzero if sparse else flops,
+                "accuracy": accuracy,
+                "accuracy_before_finetune": r.get("accuracy_before_finetune"),
+            }
+        )
+    return points
+
+
+def epoch_axis(
+    results: Sequence[Mapping[str, Any]], base_history: Sequence[Mapping[str, Any]] | None
+) -> dict[str, list[dict[str, Any]]]:
+    """Every run's history on the base training's epoch axis (fine-tuning continues it).
+
+    A run's records are numbered after the last base epoch in the order they happened (a
+    method's second fine-tuning phase restarts its own count at 1; here it continues), after a
+    first point half an epoch earlier: the accuracy right after compression, when known.
+    """
+    base = [dict(h) for h in base_history or []]
+    start = int(base[-1]["epoch"]) if base else 0
+    histories: dict[str, list[dict[str, Any]]] = {"base training": base} if base else {}
+    for r in results:
+        label = f"{r['method']} {summary_row(r)['budget']}"
+        records = [{**h, "epoch": start + i + 1} for i, h in enumerate(r.get("history", []))]
+        before = r.get("accuracy_before_finetune")
+        if records and before is not None and "test_accuracy" in records[0]:
+            # where the fine-tuning started from: the compressed model, at the compression
+            records.insert(0, {"epoch": start + 0.5, "test_accuracy": before})
+        histories[label] = records
+    return histories
+
+
+def _write_plots(
+    out: Path,
+    results: Sequence[Mapping[str, Any]],
+    title: str,
+    original: Mapping[str, Any],
+    spectra: Mapping[str, torch.Tensor] | None,
+    base_history: Sequence[Mapping[str, Any]] | None,
+) -> dict[str, Path]:
+    """pareto.png, spectra.png, layers.png and curves.png, where there is something to show."""
+    files: dict[str, Path] = {}
+    points = pareto_points(results)
+    if points:
+        files["pareto"] = pareto_plot(
+            points, out / "pareto.png", original=dict(original), title=title
+        )
+    if spectra:
+        ranks = {
+            f"{r['method']} {summary_row(r)['budget']}": r["chosen_ranks"]
+            for r in results
+            if r.get("chosen_ranks")
+        }
+        # a few runs at most: more markers would hide the curves
+        chosen = dict(list(ranks.items())[:4])
+        files["spectra"] = spectra_plot(spectra, out / "spectra.png", ranks=chosen)
+    if results:
+        files["layers"] = layer_bars_plot(results[-1]["layers"], out / "layers.png")
+    histories = epoch_axis(results, base_history)
+    if any(histories.values()):
+        boundary = histories["base training"][-1]["epoch"] + 0.5 if base_history else None
+        files["curves"] = training_curves_plot(
+            histories, out / "curves.png", compressed_at=boundary
+        )
+    return files
+
+
 def write_report(
     out_dir: str | Path,
     results: Sequence[Mapping[str, Any]],
@@ -118,31 +199,7 @@ def write_report(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    files: dict[str, Path] = {}
-    points = [
-        {
-            "method": r["method"],
-            "flops_fraction": r["flops_fraction"],
-            "accuracy": r["compressed"].get("accuracy", 0.0),
-            "accuracy_before_finetune": r.get("accuracy_before_finetune"),
-        }
-        for r in results
-        if r["compressed"].get("accuracy") is not None
-    ]
-    if points:
-        files["pareto"] = pareto_plot(
-            points, out / "pareto.png", original=dict(original), title=title
-        )
-    if spectra:
-        files["spectra"] = spectra_plot(spectra, out / "spectra.png")
-    if results:
-        files["layers"] = layer_bars_plot(results[-1]["layers"], out / "layers.png")
-    histories = {f"{r['method']} {summary_row(r)['budget']}": r.get("history", []) for r in results}
-    if base_history:
-        histories = {"base training": list(base_history), **histories}
-    if any(histories.values()):
-        files["curves"] = training_curves_plot(histories, out / "curves.png")
-
+    files = _write_plots(out, results, title, original, spectra, base_history)
     payload: dict[str, Any] = {"original": dict(original)}
     if len(results) == 1 and not multi:
         payload.update(dict(results[0]))
