@@ -69,8 +69,8 @@ def test_a_failure_after_work_keeps_the_run_and_says_how_to_continue(
     line = one_line_error(runner.invoke(app, args), after_work=True)
     # the user's options, in the command's own order, plus --resume
     expected = (
-        "tensorslim compress --model lenet5 --data synthetic --set scheme=channel --set rank=4 "
-        f"--train-epochs 1 --batch-size 32 --limit-train 64 --limit-test 32 --out {out} "
+        "tensorslim compress --model lenet5 --data synthetic --train-epochs 1 --set scheme=channel "
+        f"--set rank=4 --batch-size 32 --limit-train 64 --limit-test 32 --out {out} "
         "--no-progress --resume"
     )
     assert line.startswith("error: the planner broke; continue with: "), line

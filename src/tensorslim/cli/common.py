@@ -35,14 +35,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import json
 import pickle
 import shlex
 import shutil
 import sys
+import typing
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -198,6 +200,17 @@ SHARED_OPTIONS: dict[str, dict[str, Any]] = {
     },
     "overwrite": {"default": False, "help": "Delete a non-empty --out and start again."},
     "progress": {"default": True, "help": "Show progress bars."},
+    "method": {"default": "svd", "help": "A registered method (see `tensorslim methods`)."},
+    "budget": {
+        "default": None,
+        "help": "flops=FRACTION or params=FRACTION of the original model (default: the "
+        "method's own per-layer rule).",
+    },
+    "setting": {
+        "default": None,
+        "decls": ("--set",),
+        "help": "Method setting KEY=VALUE (repeat), e.g. --set scheme=spatial.",
+    },
     "trust_code": {
         "default": False,
         "help": "Allow importing the Python code (module:function) that a run directory or "
@@ -215,7 +228,142 @@ def option(name: str, default: Any = ..., **override: Any) -> Any:
     spec = {**SHARED_OPTIONS[name], **override}
     if default is not ...:
         spec["default"] = default
-    return typer.Option(spec.pop("default"), **spec)
+    return typer.Option(spec.pop("default"), *spec.pop("decls", ()), **spec)
+
+
+# the shared options of a run command, in the order they are listed: what and from where first,
+# then how (see run_command); each maps to its type
+HEAD_OPTIONS: dict[str, type] = {"model": str, "data": str, "data_dir": Path}
+BASE_OPTIONS: dict[str, type] = {"weights": Path, "train_epochs": int, "train_lr": float}
+TAIL_OPTIONS: dict[str, type] = {
+    "batch_size": int,
+    "seed": int,
+    "limit_train": int,
+    "limit_test": int,
+    "out": Path,
+    "resume": bool,
+    "overwrite": bool,
+    "progress": bool,
+}
+
+
+@dataclass
+class RunArgs:
+    """The shared options of a run command as one value (see :func:`run_command`).
+
+    ``own`` holds the command's own options, so :meth:`as_args` is everything the command was
+    given (what args.json records).
+    """
+
+    model: str
+    data: str
+    data_dir: Path | None
+    batch_size: int
+    seed: int
+    limit_train: int | None
+    limit_test: int | None
+    out: Path
+    overwrite: bool
+    progress: bool
+    resume: bool = False
+    weights: Path | None = None
+    train_epochs: int = 3
+    train_lr: float = 0.05
+    own: dict[str, Any] = field(default_factory=dict)
+
+    def as_args(self) -> dict[str, Any]:
+        shared = {k: v for k, v in vars(self).items() if k != "own"}
+        return {**shared, **self.own}
+
+    def open(self, ctx: typer.Context, **kwargs: Any) -> contextlib.AbstractContextManager[Path]:
+        """:func:`open_run` for this run's directory and arguments."""
+        return open_run(
+            ctx, self.out, self.as_args(), resume=self.resume, overwrite=self.overwrite, **kwargs
+        )
+
+    def setup(self, **kwargs: Any) -> Setup:
+        """Data, model and example batch of this run (:func:`setup`)."""
+        return setup(
+            model_name=self.model,
+            data=self.data,
+            data_dir=self.data_dir,
+            seed=self.seed,
+            batch_size=self.batch_size,
+            limit_train=self.limit_train,
+            limit_test=self.limit_test,
+            **kwargs,
+        )
+
+    def prepare_base(self, s: Setup) -> tuple[list[dict], dict[str, Any]]:
+        """The base model trained (:func:`prepare_base` with this run's options) and measured.
+
+        Returns (base training history, measurements of the base model).
+        """
+        history = prepare_base(
+            s,
+            weights=self.weights,
+            out=self.out,
+            resume=self.resume,
+            epochs=self.train_epochs,
+            lr=self.train_lr,
+            progress=self.progress,
+            what=f"{self.model} on {self.data}",
+        )
+        return history, measure_base(s)
+
+
+def run_command(
+    app: typer.Typer,
+    name: str,
+    *,
+    out: Path,
+    base: bool = False,
+    resumable: bool = True,
+    **defaults: Any,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register ``fn(ctx, run: RunArgs, **own_options)`` as the command ``name``.
+
+    The command gets the shared options (:data:`SHARED_OPTIONS`: model, data, data dir, batch
+    size, seed, subsets, ``--out`` defaulting to ``out``, ``--resume`` when ``resumable``,
+    ``--overwrite``, ``--progress``; with ``base`` also ``--weights``, ``--train-epochs`` and
+    ``--train-lr``) in front of and after its own, with their help texts, and errors become
+    one line (:func:`handle_errors`). ``defaults`` replace shared defaults, e.g.
+    ``model="resnet20"``. ``fn`` receives the shared values as one :class:`RunArgs`.
+    """
+    shared = {**HEAD_OPTIONS, **(BASE_OPTIONS if base else {}), **TAIL_OPTIONS}
+    if not resumable:
+        shared.pop("resume")
+    defaults = {**defaults, "out": out}
+
+    def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
+        own = [p for p in inspect.signature(fn).parameters.values() if p.name not in {"ctx", "run"}]
+        own_hints = typing.get_type_hints(fn)
+
+        def make(key: str) -> inspect.Parameter:
+            default = option(key, defaults[key]) if key in defaults else option(key)
+            return inspect.Parameter(key, KEYWORD, default=default, annotation=shared[key])
+
+        head = [make(k) for k in shared if k not in TAIL_OPTIONS]
+        tail = [make(k) for k in shared if k in TAIL_OPTIONS]
+        context = inspect.Parameter("ctx", KEYWORD, annotation=typer.Context)
+
+        @functools.wraps(fn)
+        def command(ctx: typer.Context, **kwargs: Any) -> Any:
+            values = {k: kwargs.pop(k) for k in shared}
+            return fn(ctx, RunArgs(**values, own=dict(kwargs)), **kwargs)
+
+        own = [p.replace(kind=KEYWORD, annotation=own_hints.get(p.name, p.annotation)) for p in own]
+        command.__signature__ = inspect.Signature([context, *head, *own, *tail])  # type: ignore[attr-defined]
+        command.__annotations__ = {"ctx": typer.Context, **{p.name: p.annotation for p in own}}
+        command.__annotations__.update(shared)
+        del command.__wrapped__  # typer must read the signature above, not fn's
+        app.command(name)(handle_errors(command))
+        return fn
+
+    return decorator
+
+
+KEYWORD = inspect.Parameter.KEYWORD_ONLY
 
 
 # ---------------------------------------------------------------------------------------------
@@ -407,6 +555,26 @@ def attach_hint(exc: BaseException, text: str) -> None:
 # settings, models, data
 
 
+@dataclass
+class MethodArgs:
+    """``--method``, ``--budget`` and ``--set`` parsed and checked (see :func:`parse_method`)."""
+
+    name: str
+    budget: Any  # Budget | None
+    settings: dict[str, Any]
+    method: Any  # the Method instance: its settings are valid
+
+
+def parse_method(method: str, budget: str | None, setting: list[str] | None) -> MethodArgs:
+    """Parse and check a command's method options — before any directory or data exists."""
+    from tensorslim.methods import get_method
+    from tensorslim.rank.budget import Budget
+
+    settings = parse_settings(setting)
+    parsed = Budget.parse(budget) if budget else None
+    return MethodArgs(method, parsed, settings, get_method(method, **settings))
+
+
 def parse_settings(items: list[str] | None) -> dict[str, Any]:
     """``["rank=8", "scheme=spatial"]`` → ``{"rank": 8, "scheme": "spatial"}`` (YAML values)."""
     settings: dict[str, Any] = {}
@@ -483,6 +651,15 @@ class Setup:
     train_loader: Any
     test_loader: Any
     example_batch: torch.Tensor
+
+    def data(self) -> dict[str, Any]:
+        """``train_loader``, ``test_loader`` and ``example_batch``: the keyword arguments the
+        pipeline functions (``compress_model``, ``multistage``, ...) take the data by."""
+        return {
+            "train_loader": self.train_loader,
+            "test_loader": self.test_loader,
+            "example_batch": self.example_batch,
+        }
 
 
 def setup(
