@@ -1,34 +1,34 @@
-"""The scaffold every CLI command stands on: errors, shared options, run directories, set-up.
+"""The scaffold the CLI's run commands stand on: shared options, run set-up, base models.
 
-A run command (``train``, ``compress``, ``multistage``, ...) is written as::
+A run command is written as::
 
-    @app.command("mine")
-    @handle_errors
-    def mine(
-        ctx: typer.Context,
-        model: str = option("model"),
-        data: str = option("data"),
-        data_dir: Path = option("data_dir"),
-        seed: int = option("seed"),
-        batch_size: int = option("batch_size"),
-        out: Path = option("out", Path("runs/mine")),
-        resume: bool = option("resume"),
-        overwrite: bool = option("overwrite"),
-        progress: bool = option("progress"),
-    ) -> None:
-        check_my_arguments(...)                     # bad input fails before any directory exists
-        with open_run(ctx, out, dict(locals()), resume=resume, overwrite=overwrite):
-            s = setup(model_name=model, data=data, data_dir=data_dir, seed=seed,
-                      batch_size=batch_size)
-            history = prepare_base(s, weights=None, out=out, resume=resume, epochs=3, ...)
-            ...                                     # the command's own work
-            save_run_model(small, out)
+    from tensorslim.cli.common import RunArgs, run_command, save_run_model
 
-:func:`option` gives the shared options their names, defaults and help text; :func:`open_run`
-creates the directory, writes ``args.json``, refuses to resume with other arguments, removes
-the directory again when the command fails before doing any work, and otherwise makes the
-error (or Ctrl-C) say the exact command that continues the run; :func:`handle_errors` turns
-every failure into one line on stderr.
+    def register(app: typer.Typer) -> None:
+        @run_command(app, "mine", out=Path("runs/mine"), base=True)
+        def mine(
+            ctx: typer.Context,
+            run: RunArgs,  # the shared options: model, data, --out, --resume, ...
+            epochs: int = typer.Option(3, min=0, help="What the command's own option means."),
+        ) -> None:
+            '''One line for the command list.
+
+            More help.
+            '''
+            check_my_arguments(...)             # bad input fails before any directory exists
+            with run.open(ctx):                  # run directory, args.json, cleanup, hints
+                s = run.setup()                  # data, model, example batch
+                history, original = run.prepare_base(s)   # --weights, resumed base, or training
+                ...                              # the command's own work, with **s.data()
+                save_run_model(small, run.out)
+
+:func:`run_command` adds the shared options (:data:`SHARED_OPTIONS`, with their help texts) to
+the command's own and turns every failure into one line (:mod:`tensorslim.cli.errors`);
+``run.open`` is :func:`~tensorslim.cli.rundir.open_run`: it creates the directory, writes
+``args.json``, refuses to resume with other arguments, removes the directory again when the
+command fails before doing any work, and otherwise makes the error (or Ctrl-C) name the exact
+command that continues. :func:`parse_method` checks ``--method``/``--budget``/``--set``.
+Commands that are not run commands use :func:`option` for single shared options.
 """
 
 from __future__ import annotations
@@ -36,124 +36,38 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import json
-import pickle
-import shlex
-import shutil
-import sys
 import typing
-import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 import typer
 import yaml
 from torch import nn
 
+from tensorslim.cli.errors import (  # noqa: F401  (re-exported: the commands import them here)
+    HINT_ATTRIBUTE,
+    attach_hint,
+    console_flush,
+    fail,
+    handle_errors,
+    say,
+    state,
+)
+from tensorslim.cli.rundir import (  # noqa: F401  (re-exported)
+    ARGS_FILE,
+    check_resume_args,
+    continue_command,
+    discarded_on_failure,
+    open_run,
+    prepare_run_dir,
+    read_args,
+    save_args,
+)
 from tensorslim.errors import TensorslimError
 from tensorslim.train.checkpoint import atomic_write_text
-
-F = TypeVar("F", bound=Callable[..., Any])
-ARGS_FILE = "args.json"
-# the attribute open_run sets on an exception to tell handle_errors how to continue
-HINT_ATTRIBUTE = "tensorslim_hint"
-
-
-@dataclass
-class _State:
-    debug: bool = False
-
-
-state = _State()
-
-
-# ---------------------------------------------------------------------------------------------
-# errors: one line on stderr, full traceback only with --debug
-
-
-def fail(message: str, code: int = 2) -> typer.Exit:
-    """Print a one-line error and return the Exit to raise."""
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    return typer.Exit(code)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _with_hint(message: str, exc: BaseException) -> str:
-    hint = getattr(exc, HINT_ATTRIBUTE, None)
-    return f"{message}; {hint}" if hint else message
-
-
-def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:  # type: ignore[no-untyped-def]
-    """Library warnings as ``warning: …`` lines (no source line, no file name)."""
-    typer.secho(f"warning: {message}", fg=typer.colors.YELLOW, err=True)
-
-
-def _describe(exc: BaseException) -> str:
-    """The one line that stands for ``exc`` on the command line."""
-    from tensorslim.train.distributed import is_peer_failure, rank
-
-    if isinstance(exc, TensorslimError):
-        return str(exc)
-    if isinstance(exc, pickle.UnpicklingError):
-        from tensorslim.train.checkpoint import refusal_reason
-
-        return (
-            f"refused to unpickle a file ({refusal_reason(exc)}): tensorslim loads only "
-            "plain tensors; delete the file or start the run again with --overwrite"
-        )
-    if is_peer_failure(exc):
-        return f"rank {rank()} stops: another process of this run failed (its error is above)"
-    return f"{type(exc).__name__}: {_first_line(exc)} (rerun with --debug for the traceback)"
-
-
-def handle_errors(fn: F) -> F:
-    """Turn every failure into one line on stderr (full traceback with --debug).
-
-    User errors (:class:`TensorslimError`) print their message; other exceptions their type and
-    first line; Ctrl-C exits 130. A hint that :func:`open_run` attached (how to continue the
-    run) is appended. Library warnings are printed as one ``warning:`` line each.
-    """
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with warnings.catch_warnings():
-            warnings.showwarning = _one_line_warning
-            try:
-                return fn(*args, **kwargs)
-            except KeyboardInterrupt as exc:
-                if state.debug:
-                    raise
-                hint = getattr(exc, HINT_ATTRIBUTE, None)
-                typer.secho(
-                    f"interrupted{': ' + hint if hint else ''}", fg=typer.colors.YELLOW, err=True
-                )
-                raise typer.Exit(130) from None
-            except (typer.Exit, typer.Abort):
-                raise
-            except Exception as exc:
-                if state.debug:
-                    raise
-                raise fail(_with_hint(_describe(exc), exc)) from None
-
-    return wrapper  # type: ignore[return-value]
-
-
-def say(message: str) -> None:
-    """Progress messages go to stderr so stdout stays machine-readable."""
-    typer.echo(message, err=True)
-
-
-def console_flush() -> None:
-    sys.stdout.flush()
-    sys.stderr.flush()
-
 
 # ---------------------------------------------------------------------------------------------
 # shared options
@@ -364,191 +278,6 @@ def run_command(
 
 
 KEYWORD = inspect.Parameter.KEYWORD_ONLY
-
-
-# ---------------------------------------------------------------------------------------------
-# run directories
-
-
-def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool) -> Path:
-    """Create ``out``; refuse a non-empty one unless resuming or overwriting."""
-    if out.exists() and not out.is_dir():
-        raise TensorslimError(f"output path {out} is a file: choose a directory with --out")
-    if out.exists() and any(out.iterdir()) and not resume:
-        if not overwrite:
-            raise TensorslimError(
-                f"run directory {out} is not empty: pass --resume to continue it or "
-                "--overwrite to start again"
-            )
-        shutil.rmtree(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise TensorslimError(f"cannot write to {out}: {exc.strerror}") from None
-    return out
-
-
-def _clean_args(args: Mapping[str, Any]) -> dict[str, Any]:
-    """The JSON form of a command's arguments (what args.json holds)."""
-    clean = {
-        k: v for k, v in args.items() if not callable(v) and not k.startswith("_") and k != "ctx"
-    }
-    return json.loads(json.dumps(clean, default=str))
-
-
-def save_args(out: Path, command: str, args: Mapping[str, Any]) -> None:
-    """The resolved arguments of a run (JSON), so `eval` and `export` can rebuild its model."""
-    text = json.dumps({"command": command, **_clean_args(args)}, indent=2)
-    atomic_write_text(out / ARGS_FILE, text)
-
-
-def read_args(run: Path) -> dict[str, Any]:
-    """The arguments a run directory was made with (its args.json)."""
-    path = run / ARGS_FILE
-    if not path.is_file():
-        raise TensorslimError(f"{run} has no {ARGS_FILE}: is it a tensorslim run directory?")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise TensorslimError(f"{path} is not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise TensorslimError(f"{path} does not hold a JSON object: it is not a run's arguments")
-    return data
-
-
-# arguments that may differ between a run and its --resume (how to run, not what to compute)
-_RESUME_FREE = {"resume", "overwrite", "progress", "trust_code", "out"}
-
-
-def check_resume_args(out: Path, command: str, args: Mapping[str, Any]) -> None:
-    """Refuse to resume ``out`` with other arguments than it was started with."""
-    if not (out / ARGS_FILE).is_file():
-        return
-    saved = read_args(out)
-    if saved.get("command") != command:
-        raise TensorslimError(
-            f"{out} is a '{saved.get('command')}' run, not '{command}': resume it with "
-            f"`tensorslim {saved.get('command')} ... --resume`"
-        )
-    now = _clean_args(args)
-    for key, value in now.items():
-        if key in _RESUME_FREE or key not in saved or saved[key] == value:
-            continue
-        raise TensorslimError(
-            f"{out} was started with {key}={saved[key]!r} (now {value!r}): resume with the "
-            "same arguments, or start a new run with --overwrite"
-        )
-
-
-def continue_command(
-    ctx: typer.Context, *, add: Iterable[str] = ("--resume",), drop: Iterable[str] = ()
-) -> str:
-    """The command line that continues this run: the options the user gave, plus ``add``.
-
-    Built from the command's context (only the parameters given on the command line), so it is
-    the user's own command, whatever launched it. ``drop`` names parameters to leave out.
-    """
-    dropped = {"resume", "overwrite", *drop}
-    parts = ["tensorslim", ctx.info_name or ""]
-    for param in ctx.command.params:
-        name = param.name or ""
-        source = ctx.get_parameter_source(name)
-        if name in dropped or getattr(source, "name", "") != "COMMANDLINE":
-            continue
-        parts += _render_param(param, ctx.params[name])
-    return shlex.join([*parts, *add])
-
-
-def _render_param(param: Any, value: Any) -> list[str]:
-    """The command-line words that give ``param`` (a click parameter) the value ``value``."""
-    if getattr(param, "param_type_name", "") == "argument":
-        values = value if isinstance(value, list | tuple) else [value]
-        return [str(v) for v in values]
-    if getattr(param, "is_flag", False):
-        if value:
-            return [param.opts[0]]
-        return [param.secondary_opts[0]] if param.secondary_opts else []
-    values = value if getattr(param, "multiple", False) else [value]
-    words: list[str] = []
-    for v in values:
-        words += [param.opts[0], str(v)]
-    return words
-
-
-def _did_work(out: Path, ignore: Iterable[str] = ()) -> bool:
-    """True when ``out`` holds anything besides args.json (checkpoints, results, models)."""
-    skip = {ARGS_FILE, *ignore}
-    return any(p.name not in skip for p in out.iterdir()) if out.is_dir() else False
-
-
-@contextlib.contextmanager
-def discarded_on_failure(out: Path, *, keep: bool, ignore: Iterable[str] = ()) -> Iterator[None]:
-    """Remove ``out`` if the body fails before it wrote anything (unless ``keep``).
-
-    What counts as nothing: args.json and the names in ``ignore``. Only the main process of a
-    distributed run deletes. Used for the set-up of a run, before any work is saved.
-    """
-    from tensorslim.train.distributed import is_main_process
-
-    try:
-        yield
-    except BaseException:
-        if not keep and is_main_process() and not _did_work(out, ignore):
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-
-
-@contextlib.contextmanager
-def open_run(
-    ctx: typer.Context,
-    out: Path,
-    args: Mapping[str, Any],
-    *,
-    resume: bool,
-    overwrite: bool,
-    resumable: bool = True,
-    hint: Callable[[], str] | None = None,
-) -> Iterator[Path]:
-    """Prepare the run directory ``out`` for the command of ``ctx``; clean up if the body fails.
-
-    ``args`` are the command's arguments (``dict(locals())`` at the top of the command; the
-    context ``ctx`` is left out), saved as args.json.
-
-    Creates ``out`` (refusing a non-empty one unless ``resume`` or ``overwrite``), refuses a
-    resume with other arguments than the run was started with, and writes ``args.json``. If the
-    body raises (or the user presses Ctrl-C) before it wrote anything else, the directory is
-    removed again, so the corrected command is not refused as "not empty". Otherwise the
-    directory stays and the exception carries a hint that :func:`handle_errors` prints: the
-    command that continues the run (``resumable``), ``hint()`` when given, or how to restart.
-    """
-    command = ctx.info_name or "run"
-    existed = out.is_dir() and any(out.iterdir())
-    if resume and existed:
-        check_resume_args(out, command, args)
-    prepare_run_dir(out, resume=resume, overwrite=overwrite)
-    save_args(out, command, args)
-    try:
-        yield out
-    except BaseException as exc:
-        if not _did_work(out) and not (resume and existed):
-            shutil.rmtree(out, ignore_errors=True)
-        elif hint is not None:
-            attach_hint(exc, hint())
-        elif resumable:
-            attach_hint(exc, f"continue with: {continue_command(ctx)}")
-        else:
-            attach_hint(exc, f"{out} holds a partial run; start again with --overwrite")
-        raise
-
-
-def attach_hint(exc: BaseException, text: str) -> None:
-    """Tell :func:`handle_errors` what to add to ``exc``'s line (how to continue); first wins."""
-    if not getattr(exc, HINT_ATTRIBUTE, None):
-        with contextlib.suppress(AttributeError):  # a few builtins refuse attributes
-            setattr(exc, HINT_ATTRIBUTE, text)
 
 
 # ---------------------------------------------------------------------------------------------

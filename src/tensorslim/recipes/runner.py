@@ -23,7 +23,8 @@ import yaml
 from torch import nn
 from torch.utils.data import DistributedSampler
 
-from tensorslim.cli.common import discarded_on_failure, load_weights, prepare_run_dir
+from tensorslim.cli.common import load_weights
+from tensorslim.cli.rundir import discarded_on_failure, prepare_run_dir
 from tensorslim.data import load_dataset, make_loaders
 from tensorslim.errors import TensorslimError
 from tensorslim.export import export_onnx, export_torchscript, merge_slow_layers
