@@ -12,6 +12,7 @@ from torch import nn
 
 from tensorslim.decompose.svd import conv_weight_to_matrix, singular_values
 from tensorslim.errors import TensorslimError
+from tensorslim.facts import LayerStats
 from tensorslim.layers.conv_geometry import unsupported_conv_reason
 from tensorslim.layers.lowrank import LowRankConv2d, LowRankLinear
 from tensorslim.methods.base import LayerInfo, Method, Option
@@ -38,6 +39,10 @@ class SVDMethod(Method):
 
     name: ClassVar[str] = "svd"
     description: ClassVar[str] = "low-rank SVD (channel-/spatial-wise for convs)"
+    builds: ClassVar[tuple[type[nn.Module], ...]] = (
+        LowRankLinear,
+        LowRankConv2d,
+    )
     scheme: str = "channel"
     rank: int | None = None
     ratio: float | None = None
@@ -73,7 +78,9 @@ class SVDMethod(Method):
             return ("channel",)
         return ("channel", "spatial") if self.scheme == "best" else (self.scheme,)
 
-    def candidates(self, module: nn.Module, info: LayerInfo) -> list[Option]:
+    def candidates(
+        self, module: nn.Module, info: LayerInfo, stats: LayerStats | None = None
+    ) -> list[Option]:
         options: list[Option] = []
         for scheme in self._schemes(module):
             spectrum = _spectrum(module, scheme)
