@@ -20,6 +20,7 @@ from tensorslim.analysis.flops import count_flops
 from tensorslim.analysis.latency import measure_latency
 from tensorslim.analysis.profile import count_params
 from tensorslim.errors import TensorslimError
+from tensorslim.inputs import take_samples
 from tensorslim.methods.registry import get_method
 from tensorslim.plan import CompressionPlan, apply, plan, plans_of, refresh_plan, set_plans
 from tensorslim.rank.budget import Budget
@@ -52,7 +53,7 @@ def measure(
     """accuracy / loss (if a loader is given), params, FLOPs (per sample) and latency (batch)."""
     row: dict[str, Any] = {
         "params": count_params(model),
-        "flops": count_flops(model, example_batch[:1]),
+        "flops": count_flops(model, take_samples(example_batch, 1)),
     }
     plans = plans_of(model)
     if plans:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from typing import TYPE_CHECKING, Any
 
@@ -63,7 +64,23 @@ def builder_of(layer: object, prefer: str | None = None) -> str | None:
 def get_method(name: str, **settings: Any) -> Method:
     """An instance of the method ``name`` with the given settings (validated by the method)."""
     cls = method_class(name)
+    valid = setting_names(cls)
+    unknown = sorted(set(settings) - set(valid)) if valid is not None else []
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], valid or [], n=1)
+        hint = f" — did you mean '{close[0]}'?" if close else ""
+        raise TensorslimError(
+            f"method '{cls.name}' has no setting '{unknown[0]}'{hint} (bad settings: its "
+            f"settings are {', '.join(valid) if valid else 'none'})"
+        )
     try:
         return cls(**settings)
     except TypeError as exc:
         raise TensorslimError(f"method '{name}': bad settings {settings}: {exc}") from None
+
+
+def setting_names(cls: type[Method]) -> list[str] | None:
+    """The settings a method class accepts (its dataclass fields), None if it cannot tell."""
+    if dataclasses.is_dataclass(cls):
+        return [f.name for f in dataclasses.fields(cls) if f.init]
+    return None

@@ -28,6 +28,7 @@ from torch import nn
 
 from tensorslim.analysis.profile import COMPRESSIBLE, collect_layer_info
 from tensorslim.errors import TensorslimError
+from tensorslim.inputs import take_samples
 from tensorslim.methods.registry import get_method
 from tensorslim.rank.budget import Budget
 
@@ -46,7 +47,7 @@ def stage_groups(
     if stages < 1:
         raise TensorslimError(f"multistage needs at least 1 stage, got {stages}")
     chosen = get_method(method, **(settings or {}))
-    infos, _ = collect_layer_info(model, example_input[:1], types=COMPRESSIBLE)
+    infos, _ = collect_layer_info(model, take_samples(example_input, 1), types=COMPRESSIBLE)
     named = dict(model.named_modules())
     layers = [
         (fqn, infos[fqn].flops)  # summed over calls
@@ -127,7 +128,7 @@ def multistage(
     original = measure(model, example_batch, test_loader, latency=latency)
     targets: list[float | None] = [None] * len(groups)
     if budget is not None:
-        infos, _ = collect_layer_info(model, example_batch[:1], types=COMPRESSIBLE)
+        infos, _ = collect_layer_info(model, take_samples(example_batch, 1), types=COMPRESSIBLE)
         metric = budget.metric
         costs = [
             sum((infos[f].flops if metric == "flops" else infos[f].params) for f in g if f in infos)
