@@ -66,8 +66,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Compress in stages (a few layers at a time), fine-tuning after each stage."""
         from tensorslim.methods import get_method
+        from tensorslim.multistage import multistage
         from tensorslim.pipeline import measure
-        from tensorslim.train.multistage import multistage
 
         parsed_budget = Budget.parse(budget) if budget else None
         settings = parse_settings(setting)

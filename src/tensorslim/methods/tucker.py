@@ -387,8 +387,8 @@ class TuckerMethod(Method):
 
 def multistage(*args: Any, **kwargs: Any) -> Any:
     """Compress in stages with fine-tuning between them (MUSCO style); see
-    :func:`tensorslim.train.multistage.multistage`."""
-    from tensorslim.train.multistage import multistage as run
+    :func:`tensorslim.multistage.multistage`."""
+    from tensorslim.multistage import multistage as run
 
     kwargs.setdefault("method", "tucker")
     return run(*args, **kwargs)

@@ -13,8 +13,8 @@ from conftest import TinyCNN, counted_flops
 from tensorslim.errors import TensorslimError
 from tensorslim.layers.lowrank import LowRankLinear
 from tensorslim.layers.tucker import TuckerConv2d
+from tensorslim.multistage import multistage, stage_groups, stage_targets
 from tensorslim.plan import plans_of
-from tensorslim.train.multistage import multistage, stage_groups, stage_targets
 
 
 @pytest.fixture
