@@ -15,6 +15,9 @@ from typing import Any
 
 import torch
 
+# an option's build description: JSON-ready, all ``Method.build`` needs (ranks, scheme, chain…)
+Config = dict[str, Any]
+
 WEIGHT_ERROR = "weight"  # ‖W − Ŵ‖_F / ‖W‖_F
 OUTPUT_ERROR = "output"  # ‖(W − Ŵ)X‖_F / ‖WX‖_F over the calibration inputs X
 
@@ -78,7 +81,7 @@ class Option:
     """
 
     method: str
-    config: dict[str, Any]
+    config: Config
     params: int
     flops: int
     error: float

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from torch import Tensor, nn
 
 from tensorslim.errors import TensorslimError
-from tensorslim.facts import OUTPUT_ERROR, LayerInfo, LayerStats, Option
+from tensorslim.facts import OUTPUT_ERROR, Config, LayerInfo, LayerStats, Option
 
 if TYPE_CHECKING:
     from tensorslim.planner.records import CompressionPlan
@@ -124,12 +124,7 @@ class Method(abc.ABC):
 
     @abc.abstractmethod
     def build(
-        self,
-        module: nn.Module,
-        config: dict[str, Any],
-        info: LayerInfo | None,
-        *,
-        init: bool = True,
+        self, module: nn.Module, config: Config, info: LayerInfo | None, *, init: bool = True
     ) -> nn.Module:
         """The structured replacement of ``module`` described by ``config``."""
 

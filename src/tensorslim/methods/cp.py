@@ -35,7 +35,7 @@ from torch import nn
 
 from tensorslim.decompose.cp import CPDegeneracyWarning, CPResult, cp_als
 from tensorslim.errors import TensorslimError
-from tensorslim.facts import LayerStats
+from tensorslim.facts import Config, LayerStats
 from tensorslim.layers.cp import CPConv2d, conv_structure_reason
 from tensorslim.methods.base import LayerInfo, Method, Option
 from tensorslim.methods.tucker import (
@@ -228,12 +228,7 @@ class CPMethod(Method):
         )
 
     def build(
-        self,
-        module: nn.Module,
-        config: dict[str, Any],
-        info: LayerInfo | None,
-        *,
-        init: bool = True,
+        self, module: nn.Module, config: Config, info: LayerInfo | None, *, init: bool = True
     ) -> nn.Module:
         if not isinstance(module, nn.Conv2d):
             raise TensorslimError(

@@ -19,7 +19,7 @@ from torch import nn
 
 from tensorslim.decompose.debut_als import als_fit
 from tensorslim.errors import TensorslimError
-from tensorslim.facts import LayerStats
+from tensorslim.facts import Config, LayerStats
 from tensorslim.layers.conv_geometry import unsupported_conv_reason
 from tensorslim.layers.debut import INITS, DeButConv2d, DeButLinear
 from tensorslim.layers.debut_chain import DeButChain, generate_chains
@@ -226,12 +226,7 @@ class DeButMethod(Method):
         )
 
     def build(
-        self,
-        module: nn.Module,
-        config: dict[str, Any],
-        info: LayerInfo | None,
-        *,
-        init: bool = True,
+        self, module: nn.Module, config: Config, info: LayerInfo | None, *, init: bool = True
     ) -> nn.Module:
         if "chain" not in config:
             raise TensorslimError(f"a DeBut plan entry needs a 'chain', got config {config}")

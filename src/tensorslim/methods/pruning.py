@@ -27,7 +27,7 @@ from torch import nn
 
 from tensorslim.analysis.delta_rank import DEFAULT_DELTA
 from tensorslim.errors import TensorslimError
-from tensorslim.facts import LayerStats
+from tensorslim.facts import Config, LayerStats
 from tensorslim.layers.sparse import PRUNABLE_TYPES, add_mask, finalize, mask_of, masked_modules
 from tensorslim.methods.base import LayerInfo, Method, Option
 from tensorslim.train.hooks import TrainHook, unwrap
@@ -213,12 +213,7 @@ class _PruningMethod(Method):
         raise TensorslimError(f"{info.fqn}: no option at sparsity {self.sparsity}")
 
     def build(
-        self,
-        module: nn.Module,
-        config: dict[str, Any],
-        info: LayerInfo | None,
-        *,
-        init: bool = True,
+        self, module: nn.Module, config: Config, info: LayerInfo | None, *, init: bool = True
     ) -> nn.Module:
         """A copy of ``module`` with an all-ones mask on its weight.
 

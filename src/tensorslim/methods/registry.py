@@ -70,8 +70,8 @@ def get_method(name: str, **settings: Any) -> Method:
         close = difflib.get_close_matches(unknown[0], valid or [], n=1)
         hint = f" — did you mean '{close[0]}'?" if close else ""
         raise TensorslimError(
-            f"method '{cls.name}' has no setting '{unknown[0]}'{hint} (bad settings: its "
-            f"settings are {', '.join(valid) if valid else 'none'})"
+            f"bad settings for method '{cls.name}': no setting '{unknown[0]}'{hint} (its "
+            f"settings: {', '.join(valid) if valid else 'none'})"
         )
     try:
         return cls(**settings)

@@ -6,7 +6,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -18,7 +18,7 @@ from tensorslim.analysis.output_error import (
 )
 from tensorslim.decompose.svd import conv_weight_to_matrix, matrix_to_conv_weight, singular_values
 from tensorslim.errors import TensorslimError
-from tensorslim.facts import OUTPUT_ERROR, LayerStats
+from tensorslim.facts import OUTPUT_ERROR, Config, LayerStats
 from tensorslim.layers.conv_geometry import unsupported_conv_reason
 from tensorslim.layers.lowrank import LowRankConv2d, LowRankLinear
 from tensorslim.methods.base import LayerInfo, Method, Option
@@ -141,12 +141,7 @@ class SVDMethod(Method):
         return rank_from_energy(spectrum, float(self.energy))  # type: ignore[arg-type]
 
     def build(
-        self,
-        module: nn.Module,
-        config: dict[str, Any],
-        info: LayerInfo | None,
-        *,
-        init: bool = True,
+        self, module: nn.Module, config: Config, info: LayerInfo | None, *, init: bool = True
     ) -> nn.Module:
         rank, scheme = config.get("rank"), str(config.get("scheme", "channel"))
         # an edited plan may hold anything here: int() would turn 2.5 into 2 without a word

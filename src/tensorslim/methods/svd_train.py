@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from tensorslim.errors import TensorslimError
-from tensorslim.facts import LayerStats
+from tensorslim.facts import Config, LayerStats
 from tensorslim.layers.conv_geometry import unsupported_conv_reason
 from tensorslim.layers.svd import SVDConv2d, SVDLayer, SVDLinear
 from tensorslim.methods.base import LayerInfo, Method, Option
@@ -163,12 +163,7 @@ class SVDTrainMethod(Method):
         ]
 
     def build(
-        self,
-        module: nn.Module,
-        config: dict[str, Any],
-        info: LayerInfo | None,
-        *,
-        init: bool = True,
+        self, module: nn.Module, config: Config, info: LayerInfo | None, *, init: bool = True
     ) -> nn.Module:
         rank = config.get("rank")
         scheme = str(config.get("scheme", self._scheme_for(module)))

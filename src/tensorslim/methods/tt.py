@@ -25,7 +25,7 @@ from torch import nn
 
 from tensorslim.decompose.tt import TTResult, full_tt_ranks, tt_svd
 from tensorslim.errors import TensorslimError
-from tensorslim.facts import LayerStats
+from tensorslim.facts import Config, LayerStats
 from tensorslim.layers.tt import TTLinear, padded_weight, tt_flops_per_row, tt_modes_for, tt_params
 from tensorslim.methods.base import LayerInfo, Method, Option
 from tensorslim.methods.tucker import LRUCache, fingerprint
@@ -165,12 +165,7 @@ class TTMethod(Method):
         )
 
     def build(
-        self,
-        module: nn.Module,
-        config: dict[str, Any],
-        info: LayerInfo | None,
-        *,
-        init: bool = True,
+        self, module: nn.Module, config: Config, info: LayerInfo | None, *, init: bool = True
     ) -> nn.Module:
         if not isinstance(module, nn.Linear):
             raise TensorslimError(f"tt builds Linear layers only, got {type(module).__name__}")

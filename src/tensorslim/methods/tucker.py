@@ -38,7 +38,7 @@ from torch import nn
 from tensorslim.decompose.tucker import tucker2_error_table
 from tensorslim.decompose.vbmf import evbmf, tucker2_vbmf_ranks, weaken_rank
 from tensorslim.errors import TensorslimError
-from tensorslim.facts import LayerStats
+from tensorslim.facts import Config, LayerStats
 from tensorslim.layers.cp import conv_structure_reason
 from tensorslim.layers.tucker import TuckerConv2d
 from tensorslim.methods.base import LayerInfo, Method, Option
@@ -348,12 +348,7 @@ class TuckerMethod(Method):
         )
 
     def build(
-        self,
-        module: nn.Module,
-        config: dict[str, Any],
-        info: LayerInfo | None,
-        *,
-        init: bool = True,
+        self, module: nn.Module, config: Config, info: LayerInfo | None, *, init: bool = True
     ) -> nn.Module:
         if not isinstance(module, nn.Conv2d):
             raise TensorslimError(
