@@ -71,3 +71,25 @@ def seed_phase(
         if loader is not None:
             reseed_loader(loader, derive_seed(seed, "loader", index))
     return seed
+
+
+class PhaseSeeds:
+    """The phases of one run (base training, compress, fine-tune, …), each seeded by its name.
+
+    ``start(name)`` is ``seed_phase(base_seed, name, loaders=loaders)`` and remembers the seed in
+    ``seeds`` (name → seed, for results.json). With ``base_seed=None`` it does nothing: a library
+    caller who did not ask for phase seeds keeps the random state it set up itself.
+    """
+
+    def __init__(
+        self, base_seed: int | None, loaders: tuple[object, ...] | list[object] = ()
+    ) -> None:
+        self.base_seed, self.loaders = base_seed, tuple(loaders)
+        self.seeds: dict[str, int] = {}
+
+    def start(self, phase: str) -> int | None:
+        """Seed everything for ``phase``; its seed (``None`` without a base seed)."""
+        if self.base_seed is None:
+            return None
+        self.seeds[phase] = seed_phase(self.base_seed, phase, loaders=self.loaders)
+        return self.seeds[phase]
