@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+from tensorslim.train import seeding
 from tensorslim.train.loop import fit
 from tensorslim.train.seeding import (
     PhaseSeeds,
@@ -52,10 +53,19 @@ def test_derive_seed_is_deterministic_distinct_and_63_bit() -> None:
 
 def test_derive_seed_is_the_same_in_another_process() -> None:
     """Not Python's salted hash(): another interpreter with another hash seed agrees."""
-    code = "from tensorslim.train.seeding import derive_seed; print(derive_seed(7, 'stage', 2))"
+    # the module file alone (no torch import): only hashlib decides the seed
+    code = (
+        "import importlib.util as u, sys; spec = u.spec_from_file_location('s', sys.argv[1]);"
+        " m = u.module_from_spec(spec); spec.loader.exec_module(m);"
+        " print(m.derive_seed(7, 'stage', 2))"
+    )
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        [sys.executable, "-c", code, seeding.__file__],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert int(out.stdout) == derive_seed(7, "stage", 2)
 
