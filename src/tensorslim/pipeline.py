@@ -251,7 +251,7 @@ def compress_model(
         "seconds": {"decompose": applied_at - started, "total": time.perf_counter() - started},
         "machine": machine_facts(),
     }
-    summary = getattr(method_obj, "summary", None)
-    if callable(summary):
-        results["method_summary"] = summary(small)
+    summary = method_obj.summary(small)
+    if summary:
+        results["method_summary"] = summary
     return small, results

@@ -103,9 +103,8 @@ def test_stage_whose_target_is_met_is_skipped(tiny_cnn, loaders, monkeypatch) ->
     train, _, example = loaders
     # Random weights and the bare greedy walk (no refund of its overshoot): stage 1 jumps to
     # rank 1 and overshoots stage 2's target.
-    # (the package exports the function plan(), which hides the module of that name)
-    plan_module = sys.modules["tensorslim.plan"]
-    monkeypatch.setattr(plan_module, "allocate", functools.partial(allocate, refund=False))
+    choose_module = sys.modules["tensorslim.planner.choose"]
+    monkeypatch.setattr(choose_module, "allocate", functools.partial(allocate, refund=False))
     small, results = multistage(
         tiny_cnn,
         method="tucker",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -10,8 +11,14 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from tensorslim.decompose.svd import conv_weight_to_matrix, singular_values
+from tensorslim.analysis.output_error import (
+    relative_output_error,
+    svd_output_errors,
+    weight_rows_matrix,
+)
+from tensorslim.decompose.svd import conv_weight_to_matrix, matrix_to_conv_weight, singular_values
 from tensorslim.errors import TensorslimError
+from tensorslim.facts import OUTPUT_ERROR, LayerStats
 from tensorslim.layers.conv_geometry import unsupported_conv_reason
 from tensorslim.layers.lowrank import LowRankConv2d, LowRankLinear
 from tensorslim.methods.base import LayerInfo, Method, Option
@@ -38,6 +45,10 @@ class SVDMethod(Method):
 
     name: ClassVar[str] = "svd"
     description: ClassVar[str] = "low-rank SVD (channel-/spatial-wise for convs)"
+    builds: ClassVar[tuple[type[nn.Module], ...]] = (
+        LowRankLinear,
+        LowRankConv2d,
+    )
     scheme: str = "channel"
     rank: int | None = None
     ratio: float | None = None
@@ -73,7 +84,9 @@ class SVDMethod(Method):
             return ("channel",)
         return ("channel", "spatial") if self.scheme == "best" else (self.scheme,)
 
-    def candidates(self, module: nn.Module, info: LayerInfo) -> list[Option]:
+    def candidates(
+        self, module: nn.Module, info: LayerInfo, stats: LayerStats | None = None
+    ) -> list[Option]:
         options: list[Option] = []
         for scheme in self._schemes(module):
             spectrum = _spectrum(module, scheme)
@@ -95,6 +108,29 @@ class SVDMethod(Method):
                     )
                 )
         return options
+
+    def output_errors(
+        self, module: nn.Module, info: LayerInfo, options: list[Option], stats: LayerStats
+    ) -> list[Option]:
+        """Output-space errors from one SVD per scheme (:mod:`tensorslim.analysis.output_error`).
+
+        Channel scheme (and Linear): the error of every rank from σ_i² v_iᵀ G v_i. Spatial
+        scheme: its rank-r kernel differs from the channel view's truncation, so each offered
+        rank is multiplied out once and measured against the Gram.
+        """
+        assert stats.gram is not None
+        errors: dict[tuple[str, int], float] = {}
+        for scheme in {o.config["scheme"] for o in options}:
+            ranks = sorted({o.config["rank"] for o in options if o.config["scheme"] == scheme})
+            errors.update(_scheme_output_errors(module, scheme, ranks, stats.gram))
+        return [
+            dataclasses.replace(
+                o,
+                error=errors[(o.config["scheme"], o.config["rank"])],
+                error_space=OUTPUT_ERROR,
+            )
+            for o in options
+        ]
 
     def _rule_rank(self, spectrum: torch.Tensor, fqn: str) -> int:
         full = spectrum.numel()
@@ -149,6 +185,23 @@ class SVDMethod(Method):
             device=device,
             dtype=dtype,
         )
+
+
+def _scheme_output_errors(
+    module: nn.Module, scheme: str, ranks: list[int], gram: torch.Tensor
+) -> dict[tuple[str, int], float]:
+    """(scheme, rank) → ‖(W − Ŵ_r)X‖ / ‖WX‖ for the truncated SVD of the scheme's matrix."""
+    matrix = weight_rows_matrix(module)
+    if isinstance(module, nn.Linear) or scheme == "channel":
+        table = svd_output_errors(matrix, gram)
+        return {(scheme, r): float(table[r]) for r in ranks}
+    kernel = module.weight.detach().double()
+    u, s, vh = torch.linalg.svd(conv_weight_to_matrix(kernel, "spatial"), full_matrices=False)
+    result = {}
+    for r in ranks:
+        approx = matrix_to_conv_weight((u[:, :r] * s[:r]) @ vh[:r], kernel.shape, "spatial")
+        result[(scheme, r)] = relative_output_error(matrix, approx, gram)
+    return result
 
 
 def _params(module: nn.Module, rank: int, scheme: str) -> int:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tensorslim.errors import TensorslimError
-from tensorslim.methods.base import Option
+from tensorslim.facts import Option
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,28 @@ class Budget:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> Budget | None:
-        return cls(**data) if data else None
+        if not data:
+            return None
+        if not isinstance(data, dict):
+            raise TensorslimError(f"a budget must be a mapping like {{'flops': 0.5}}, got {data!r}")
+        unknown = sorted(set(data) - {"flops", "params"})
+        if unknown:
+            raise TensorslimError(f"unknown budget key {unknown[0]!r}: use flops or params")
+        return cls(**data)
+
+    @classmethod
+    def coerce(cls, value: Budget | str | dict[str, Any] | None) -> Budget | None:
+        """The one place a budget is read: a ``Budget``, ``"flops=0.5"``, ``{"params": 0.1}``
+        or ``None``."""
+        if value is None or isinstance(value, Budget):
+            return value
+        if isinstance(value, str):
+            return cls.parse(value)
+        if isinstance(value, dict):
+            return cls.from_dict(value)
+        raise TensorslimError(
+            f"a budget is Budget(flops=…), 'flops=0.5' or {{'params': 0.1}}, not {value!r}"
+        )
 
     def __str__(self) -> str:
         return f"{self.metric}={self.fraction:g}"
