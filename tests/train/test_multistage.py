@@ -98,7 +98,7 @@ def test_stage_whose_target_is_met_is_skipped(tiny_cnn, loaders, monkeypatch) ->
     import functools
     import sys
 
-    from tensorslim.rank.budget import allocate
+    from tensorslim.rank.allocate import allocate
 
     train, _, example = loaders
     # Random weights and the bare greedy walk (no refund of its overshoot): stage 1 jumps to

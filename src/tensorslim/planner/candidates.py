@@ -13,7 +13,7 @@ from tensorslim.facts import OUTPUT_ERROR, WEIGHT_ERROR, LayerStats, Option
 from tensorslim.layers.base import StructuredLayer
 from tensorslim.methods.base import Method
 from tensorslim.planner.survey import ModelSurvey
-from tensorslim.rank.budget import LayerChoices
+from tensorslim.rank.allocate import LayerChoices
 
 
 @dataclass
@@ -58,8 +58,8 @@ def gather_candidates(
         if not options:
             found.dense_reasons[fqn] = f"{method.name} offers no option for this layer"
             continue
-        dense_cost = info.flops if cost_metric == "flops" else info.params
-        found.choices.append(LayerChoices(fqn, dense_cost, options))
+        dense = {"flops": info.flops, "params": info.params}
+        found.choices.append(LayerChoices(fqn, dense[cost_metric], options, dense))
     return found
 
 

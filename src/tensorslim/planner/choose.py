@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from tensorslim.facts import LayerInfo, Option
 from tensorslim.methods.base import Method
 from tensorslim.planner.candidates import Candidates, option_cost
-from tensorslim.rank.budget import Budget, allocate
+from tensorslim.rank.allocate import allocate
+from tensorslim.rank.budget import Budget
 
 CHOSEN_BY_ALLOCATOR = "chosen by the allocator"
 PER_LAYER_RULE = "per-layer rule"
@@ -37,18 +38,25 @@ def choose_options(
     return _by_rule(method, budget, candidates, infos)
 
 
-def _by_budget(budget: Budget, candidates: Candidates, totals: dict[str, int]) -> Choice:
-    metric, total = budget.metric, totals[budget.metric]
+def saving_needed(total: int, fraction: float) -> int:
+    """Cost to remove from ``total`` so at most ``fraction`` of it is left (≤ 0: none)."""
     # round up: saving floor(total − target) can leave the model just above the target;
     # round(…, 6) first so that float noise in fraction·total does not add a unit
-    need = max(0, math.ceil(round(total - budget.fraction * total, 6)))
-    picked, saved = allocate(candidates.choices, metric, need)
+    return math.ceil(round(total - fraction * total, 6))
+
+
+def _by_budget(budget: Budget, candidates: Candidates, totals: dict[str, int]) -> Choice:
+    metric, total = budget.metric, totals[budget.metric]
+    need = max(0, saving_needed(total, budget.fraction))
+    caps = {m: saving_needed(totals[m], cap) for m, cap in budget.caps.items()}
+    picked, saved = allocate(candidates.choices, metric, need, caps=caps)
     choice = Choice(picked=picked)
     if saved < need:
         choice.notes.append(
             f"budget {budget} is not reachable with this method: the cheapest options reach "
             f"{(total - saved) / total:.3f} of the model's {metric}"
         )
+    choice.notes += _cap_notes(candidates, picked, caps, totals)
     for layer in candidates.choices:
         option = picked[layer.fqn]
         if option is not None:
@@ -62,6 +70,28 @@ def _by_budget(budget: Budget, candidates: Candidates, totals: dict[str, int]) -
             else "kept dense: the budget was met with less error by compressing other layers"
         )
     return choice
+
+
+def _cap_notes(
+    candidates: Candidates,
+    picked: dict[str, Option | None],
+    caps: dict[str, int],
+    totals: dict[str, int],
+) -> list[str]:
+    """A note for every cap the choice misses (only possible for caps below 1.0)."""
+    notes = []
+    for m, need in caps.items():
+        saved = sum(
+            layer.dense(m)
+            - (option_cost(picked[layer.fqn], m) if picked[layer.fqn] else layer.dense(m))
+            for layer in candidates.choices
+        )
+        if need > 0 and saved < need:
+            notes.append(
+                f"the cap on {m} is not reachable together with the target: the plan keeps "
+                f"{(totals[m] - saved) / totals[m]:.3f} of the model's {m}"
+            )
+    return notes
 
 
 def _by_rule(
