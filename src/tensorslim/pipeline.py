@@ -28,6 +28,7 @@ from tensorslim.plan import CompressionPlan, apply, plan, plans_of, refresh_plan
 from tensorslim.rank.budget import Budget
 from tensorslim.train.batchnorm import recalibrate_batchnorm
 from tensorslim.train.loop import evaluate, fit
+from tensorslim.train.seeding import PhaseSeeds
 
 
 def machine_facts() -> dict[str, Any]:
@@ -184,6 +185,7 @@ def compress_model(
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
     post_finalize_epochs: int = 0,
     bn_recalibration_batches: int = 0,
+    seed: int | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Compress ``model`` (left untouched) and return (compressed model, results dict).
 
@@ -193,6 +195,9 @@ def compress_model(
     ``bn_recalibration_batches`` > 0 re-estimates BatchNorm statistics on that many training
     batches right after the layers are replaced (see :func:`recalibrate_batchnorm`), so the
     accuracy before fine-tuning measures the approximation, not stale statistics.
+    With a ``seed``, the phases ``compress`` (plan, apply, BatchNorm), ``fine-tune`` and
+    ``post-finalize`` each start from ``seed_phase(seed, phase)`` (results ``seeds``), so a
+    ``resume`` that re-enters a phase draws what an uninterrupted run drew.
 
     The results dict holds ``original`` and ``compressed`` (each: accuracy, params, flops,
     latency_ms), ``accuracy_before_finetune``, ``accuracy_after_finalize`` (before the
@@ -203,6 +208,8 @@ def compress_model(
         raise TensorslimError(f"post_finalize_epochs must be ≥ 0, got {post_finalize_epochs}")
     started = time.perf_counter()
     original = measure_original or measure(model, example_batch, test_loader, latency=latency)
+    phases = PhaseSeeds(seed, loaders=(train_loader, test_loader))
+    phases.start("compress")
     the_plan, method_obj, small = _plan_and_apply(
         model, method, budget, example_batch, filter_fn, dict(settings or {})
     )
@@ -222,6 +229,8 @@ def compress_model(
         copy.deepcopy(model).eval() if distill else None,
         resume, progress, log, max_steps_per_epoch, method,
     )  # fmt: skip
+    if finetune_epochs > 0:
+        phases.start("fine-tune")
     history = tuner.train(finetune_epochs, hooks, checkpoint_dir, "fine-tune")
     small = method_obj.finalize(small, the_plan)
     tuner.model = small
@@ -231,6 +240,7 @@ def compress_model(
         after_finalize = evaluate(small, test_loader) if test_loader is not None else {}
         # its own directory: the first phase's last.pt belongs to another model shape
         post_dir = Path(checkpoint_dir) / "post-finalize" if checkpoint_dir else None
+        phases.start("post-finalize")
         history += tuner.train(post_finalize_epochs, [], post_dir, "fine-tune after finalize")
     compressed = measure(small, example_batch, test_loader, latency=latency)
     results = _results(method, method_obj, budget, original, compressed, latency)
@@ -242,6 +252,7 @@ def compress_model(
             "plan_notes": the_plan.notes,
             "layers": layer_rows(plans_of(small)[-1]),
             "history": history,
+            "seeds": phases.seeds,
             "seconds": {"decompose": applied_at - started, "total": time.perf_counter() - started},
         }
     )

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from tensorslim.cli.cmd_train import train_base
+from tensorslim.cli.cmd_train import BASE_PHASE, train_base
 from tensorslim.cli.common import (
     handle_errors,
     load_weights,
@@ -21,6 +21,7 @@ from tensorslim.pipeline import compress_model, measure
 from tensorslim.rank.budget import Budget
 from tensorslim.report.run import LAYER_COLUMNS, model_spectra, summary_row, write_report
 from tensorslim.report.tables import print_table
+from tensorslim.train.seeding import derive_seed
 
 
 def register(app: typer.Typer) -> None:
@@ -101,6 +102,7 @@ def register(app: typer.Typer) -> None:
                 out=out / "base",
                 resume=resume,
                 progress=progress,
+                seed=seed,
             )
         original = measure(s.model, s.example_batch, s.test_loader)
         say(f"original: accuracy {original['accuracy']:.4f}, FLOPs {original['flops']}")
@@ -122,7 +124,10 @@ def register(app: typer.Typer) -> None:
             progress=progress,
             log=say,
             measure_original=original,
+            seed=seed,
         )
+        if weights is None:  # the base was trained by this run (now or before a resume)
+            results["seeds"] = {BASE_PHASE: derive_seed(seed, BASE_PHASE), **results["seeds"]}
         save(small, out / "model")
         (out / "plan.json").write_text((out / "model" / "plan.json").read_text())
         write_report(

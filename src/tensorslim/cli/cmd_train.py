@@ -11,12 +11,28 @@ from tensorslim.io import save
 from tensorslim.pipeline import machine_facts, measure
 from tensorslim.report.run import write_json
 from tensorslim.train.loop import fit
+from tensorslim.train.seeding import derive_seed, seed_phase
+
+BASE_PHASE = "train"  # the phase name base training is seeded by (train and compress alike)
 
 
 def train_base(
-    s, *, epochs: int, lr: float, out: Path, resume: bool, progress: bool, optimizer: str = "sgd"
+    s,
+    *,
+    epochs: int,
+    lr: float,
+    out: Path,
+    resume: bool,
+    progress: bool,
+    optimizer: str = "sgd",
+    seed: int | None = None,
 ) -> list[dict]:
-    """Train ``s.model`` with checkpoints under ``out/checkpoints`` and save it to ``out/model``."""
+    """Train ``s.model`` with checkpoints under ``out/checkpoints`` and save it to ``out/model``.
+
+    With a ``seed`` the training starts from ``seed_phase(seed, "train")``, whatever ran before.
+    """
+    if seed is not None:
+        seed_phase(seed, BASE_PHASE, loaders=(s.train_loader, s.test_loader))
     history = fit(
         s.model,
         s.train_loader,
@@ -70,12 +86,25 @@ def register(app: typer.Typer) -> None:
             limit_test=limit_test,
         )
         history = train_base(
-            s, epochs=epochs, lr=lr, out=out, resume=resume, progress=progress, optimizer=optimizer
+            s,
+            epochs=epochs,
+            lr=lr,
+            out=out,
+            resume=resume,
+            progress=progress,
+            optimizer=optimizer,
+            seed=seed,
         )
         row = measure(s.model, s.example_batch, s.test_loader)
         write_json(
             out / "results.json",
-            {"original": row, "compressed": row, "history": history, "machine": machine_facts()},
+            {
+                "original": row,
+                "compressed": row,
+                "history": history,
+                "machine": machine_facts(),
+                "seeds": {BASE_PHASE: derive_seed(seed, BASE_PHASE)},
+            },
         )
         typer.echo(
             f"trained {model} on {data}: accuracy {row['accuracy']:.4f}, "
