@@ -34,6 +34,7 @@ from tensorslim.train.losses import (
     kl_distillation,
     top1_accuracy,
 )
+from tensorslim.train.seeding import loader_generators
 
 CHECKPOINT_NAME = "last.pt"
 
@@ -331,7 +332,7 @@ def _restore(run: _Run, log: Callable[[str], None] | None) -> int:
     # the loader's own generator decides the shuffle order: without it a resumed run would see
     # other batches than an uninterrupted one
     for generator, rng in zip(
-        _loader_generators(run.loader), state.get("loader_rng", []), strict=False
+        loader_generators(run.loader), state.get("loader_rng", []), strict=False
     ):
         generator.set_state(rng)
     _say(log, f"resumed from {run.ckpt_path} after epoch {int(state['epoch'])}")
@@ -411,7 +412,7 @@ def _save(run: _Run, epoch: int) -> None:
                 "hooks": [hook.state_dict() for hook in run.hooks],
                 "history": run.history.epochs,
                 "rng": torch.get_rng_state(),
-                "loader_rng": [g.get_state() for g in _loader_generators(run.loader)],
+                "loader_rng": [g.get_state() for g in loader_generators(run.loader)],
             },
         )
     barrier()
@@ -444,18 +445,6 @@ def _steps_per_epoch(loader: Iterable, cap: int | None) -> int:
     if steps == 0:
         raise TensorslimError("the training loader is empty: check the dataset and batch size")
     return steps
-
-
-def _loader_generators(loader: Iterable) -> list[torch.Generator]:
-    """The random generators a DataLoader (or its sampler) shuffles with, each once."""
-    found: list[torch.Generator] = []
-    sampler = getattr(loader, "sampler", None)
-    batch_sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", None)
-    for owner in (loader, sampler, batch_sampler):
-        generator = getattr(owner, "generator", None)
-        if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
-            found.append(generator)
-    return found
 
 
 def _set_sampler_epoch(loader: Iterable, epoch: int) -> None:

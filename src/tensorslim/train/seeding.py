@@ -4,6 +4,7 @@ before it in the same process."""
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 
 def derive_seed(base_seed: int, *names: object) -> int:
@@ -43,9 +44,7 @@ def reseed_loader(loader: object, seed: int) -> None:
     batches of the next epochs then depend on ``seed`` alone, not on how many epochs an earlier
     stage drew from the same loader.
     """
-    from tensorslim.train.loop import _loader_generators
-
-    for generator in _loader_generators(loader):  # type: ignore[arg-type]
+    for generator in loader_generators(loader):  # type: ignore[arg-type]
         generator.manual_seed(seed)
     sampler = getattr(loader, "sampler", None)
     if hasattr(sampler, "set_epoch") and hasattr(sampler, "seed"):
@@ -93,3 +92,17 @@ class PhaseSeeds:
             return None
         self.seeds[phase] = seed_phase(self.base_seed, phase, loaders=self.loaders)
         return self.seeds[phase]
+
+
+def loader_generators(loader: object) -> list[Any]:
+    """The ``torch.Generator`` objects a DataLoader (or its sampler) shuffles with, each once."""
+    import torch
+
+    found: list[torch.Generator] = []
+    sampler = getattr(loader, "sampler", None)
+    batch_sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", None)
+    for owner in (loader, sampler, batch_sampler):
+        generator = getattr(owner, "generator", None)
+        if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
+            found.append(generator)
+    return found
