@@ -93,15 +93,18 @@ class SVDMethod(Method):
             full = spectrum.numel()
             kept = energy_kept(spectrum)
             ranks = [self._rule_rank(spectrum, info.fqn)] if self.has_rule else _ladder(full)
+            # a factorized layer's FLOPs are linear in its rank: one rank-1 skeleton prices all
+            unit_flops = self._skeleton(module, 1, scheme, meta=True).analytic_flops(
+                info.input_shape
+            )
             for rank in ranks:
-                layer = self._skeleton(module, rank, scheme, meta=True)
                 error = math.sqrt(max(0.0, 1.0 - float(kept[rank - 1])))
                 options.append(
                     Option(
                         method=self.name,
                         config={"rank": rank, "scheme": scheme},
                         params=_params(module, rank, scheme),
-                        flops=layer.analytic_flops(info.input_shape) * info.calls,
+                        flops=unit_flops * rank * info.calls,
                         error=error,
                         label=f"rank {rank}/{full}" + ("" if scheme == "channel" else " spatial"),
                         extra={"energy_kept": float(kept[rank - 1]), "full_rank": full},
