@@ -25,7 +25,8 @@ def planned(tiny_cnn, tiny_input) -> CompressionPlan:
 def test_plan_records_rank_flops_and_energy_per_layer(planned: CompressionPlan, tiny_cnn) -> None:
     assert [lp.fqn for lp in planned.layers] == ["conv1", "conv2", "fc1", "fc2"]
     assert planned.method == "svd" and planned.settings["scheme"] == "best"
-    assert planned.budget == {"flops": 0.5}
+    assert planned.budget == ts.Budget(flops=0.5)
+    assert planned.to_dict()["budget"] == {"flops": 0.5}
     assert planned.input_shape == [1, 1, 14, 14]
     assert planned.compressed_layers, "a 0.5 FLOPs budget must compress something"
     for lp in planned.compressed_layers:
@@ -126,7 +127,7 @@ def test_plan_input_errors(tiny_cnn, tiny_input) -> None:
     with pytest.raises(TensorslimError, match="budget"):
         ts.plan(tiny_cnn, "svd", "flops=1.5", tiny_input)
     plan = ts.plan(tiny_cnn, "svd", {"params": 0.5}, tiny_input)
-    assert plan.budget == {"params": 0.5}
+    assert plan.budget == ts.Budget(params=0.5)
 
 
 def test_grouped_conv_stays_dense_with_the_reason(tiny_input) -> None:

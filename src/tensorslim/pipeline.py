@@ -10,6 +10,7 @@ import copy
 import platform
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +21,14 @@ from tensorslim.analysis.flops import count_flops
 from tensorslim.analysis.latency import measure_latency
 from tensorslim.analysis.profile import count_params
 from tensorslim.errors import TensorslimError
+from tensorslim.inputs import take_samples
+from tensorslim.methods.base import Method
 from tensorslim.methods.registry import get_method
 from tensorslim.plan import CompressionPlan, apply, plan, plans_of, refresh_plan, set_plans
 from tensorslim.rank.budget import Budget
 from tensorslim.train.batchnorm import recalibrate_batchnorm
 from tensorslim.train.loop import evaluate, fit
+from tensorslim.train.seeding import PhaseSeeds
 
 
 def machine_facts() -> dict[str, Any]:
@@ -52,7 +56,7 @@ def measure(
     """accuracy / loss (if a loader is given), params, FLOPs (per sample) and latency (batch)."""
     row: dict[str, Any] = {
         "params": count_params(model),
-        "flops": count_flops(model, example_batch[:1]),
+        "flops": count_flops(model, take_samples(example_batch, 1)),
     }
     plans = plans_of(model)
     if plans:
@@ -119,6 +123,45 @@ def layer_rows(compression_plan: CompressionPlan) -> list[dict[str, Any]]:
     return rows
 
 
+@dataclass
+class _FineTuner:
+    """How the pipeline trains: one configuration shared by its fine-tuning phases."""
+
+    model: nn.Module
+    train_loader: Iterable | None
+    test_loader: Iterable | None
+    lr: float
+    optimizer: str
+    teacher: nn.Module | None
+    resume: bool
+    progress: bool
+    log: Callable[[str], None] | None
+    max_steps_per_epoch: int | None
+    method: str
+
+    def train(self, epochs: int, hooks: list, directory: Path | None, what: str) -> list[dict]:
+        if epochs == 0:
+            return []
+        if self.train_loader is None:
+            raise TensorslimError("fine-tuning needs training data")
+        return fit(
+            self.model,
+            self.train_loader,
+            epochs=epochs,
+            lr=self.lr,
+            optimizer=self.optimizer,
+            hooks=hooks,
+            test_loader=self.test_loader,
+            teacher=self.teacher,
+            checkpoint_dir=directory,
+            resume=self.resume,
+            progress=self.progress,
+            log=self.log,
+            max_steps_per_epoch=self.max_steps_per_epoch,
+            description=f"{self.method} {what}",
+        ).epochs
+
+
 def compress_model(
     model: nn.Module,
     *,
@@ -127,7 +170,7 @@ def compress_model(
     settings: dict[str, Any] | None = None,
     train_loader: Iterable | None,
     test_loader: Iterable | None,
-    example_batch: torch.Tensor,
+    example_batch: Any,
     finetune_epochs: int = 1,
     lr: float = 0.01,
     optimizer: str = "sgd",
@@ -142,6 +185,7 @@ def compress_model(
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
     post_finalize_epochs: int = 0,
     bn_recalibration_batches: int = 0,
+    seed: int | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Compress ``model`` (left untouched) and return (compressed model, results dict).
 
@@ -151,6 +195,9 @@ def compress_model(
     ``bn_recalibration_batches`` > 0 re-estimates BatchNorm statistics on that many training
     batches right after the layers are replaced (see :func:`recalibrate_batchnorm`), so the
     accuracy before fine-tuning measures the approximation, not stale statistics.
+    With a ``seed``, the phases ``compress`` (plan, apply, BatchNorm), ``fine-tune`` and
+    ``post-finalize`` each start from ``seed_phase(seed, phase)`` (results ``seeds``), so a
+    ``resume`` that re-enters a phase draws what an uninterrupted run drew.
 
     The results dict holds ``original`` and ``compressed`` (each: accuracy, params, flops,
     latency_ms), ``accuracy_before_finetune``, ``accuracy_after_finalize`` (before the
@@ -159,16 +206,13 @@ def compress_model(
     """
     if post_finalize_epochs < 0:
         raise TensorslimError(f"post_finalize_epochs must be ≥ 0, got {post_finalize_epochs}")
-    settings = dict(settings or {})
     started = time.perf_counter()
     original = measure_original or measure(model, example_batch, test_loader, latency=latency)
-    the_plan = plan(model, method, budget, example_batch, filter_fn=filter_fn, **settings)
-    # the plan's settings, not the caller's: the planner already aimed them at the budget
-    method_obj = get_method(the_plan.method, **the_plan.settings)
-    if not the_plan.compressed_layers:
-        reasons = sorted({lp.reason for lp in the_plan.layers if lp.reason})
-        raise TensorslimError(f"method '{method}' compressed no layer ({'; '.join(reasons)[:300]})")
-    small = apply(model, the_plan)
+    phases = PhaseSeeds(seed, loaders=(train_loader, test_loader))
+    phases.start("compress")
+    the_plan, method_obj, small = _plan_and_apply(
+        model, method, budget, example_batch, filter_fn, dict(settings or {})
+    )
     if bn_recalibration_batches > 0:
         if train_loader is None:
             raise TensorslimError("BatchNorm recalibration needs training data")
@@ -180,48 +224,77 @@ def compress_model(
         raise TensorslimError(
             f"method '{method}' works during training: give --finetune-epochs ≥ 1"
         )
-
-    def train(epochs: int, train_hooks: list, directory: Path | None, what: str) -> list[dict]:
-        if epochs == 0:
-            return []
-        if train_loader is None:
-            raise TensorslimError("fine-tuning needs training data")
-        return fit(
-            small,
-            train_loader,
-            epochs=epochs,
-            lr=lr,
-            optimizer=optimizer,
-            hooks=train_hooks,
-            test_loader=test_loader,
-            teacher=copy.deepcopy(model).eval() if distill else None,
-            checkpoint_dir=directory,
-            resume=resume,
-            progress=progress,
-            log=log,
-            max_steps_per_epoch=max_steps_per_epoch,
-            description=f"{method} {what}",
-        ).epochs
-
-    history = train(finetune_epochs, hooks, checkpoint_dir, "fine-tune")
+    tuner = _FineTuner(
+        small, train_loader, test_loader, lr, optimizer,
+        copy.deepcopy(model).eval() if distill else None,
+        resume, progress, log, max_steps_per_epoch, method,
+    )  # fmt: skip
+    if finetune_epochs > 0:
+        phases.start("fine-tune")
+    history = tuner.train(finetune_epochs, hooks, checkpoint_dir, "fine-tune")
     small = method_obj.finalize(small, the_plan)
+    tuner.model = small
     set_plans(small, [refresh_plan(small, p) for p in plans_of(small)])
     after_finalize: dict[str, Any] = {}
     if post_finalize_epochs > 0:
         after_finalize = evaluate(small, test_loader) if test_loader is not None else {}
         # its own directory: the first phase's last.pt belongs to another model shape
         post_dir = Path(checkpoint_dir) / "post-finalize" if checkpoint_dir else None
-        history += train(post_finalize_epochs, [], post_dir, "fine-tune after finalize")
+        phases.start("post-finalize")
+        history += tuner.train(post_finalize_epochs, [], post_dir, "fine-tune after finalize")
     compressed = measure(small, example_batch, test_loader, latency=latency)
-    results: dict[str, Any] = {
+    results = _results(method, method_obj, budget, original, compressed, latency)
+    results.update(
+        {
+            "accuracy_before_finetune": before.get("accuracy"),
+            "bn_recalibration_batches": bn_recalibration_batches,
+            "accuracy_after_finalize": after_finalize.get("accuracy", compressed.get("accuracy")),
+            "plan_notes": the_plan.notes,
+            "layers": layer_rows(plans_of(small)[-1]),
+            "history": history,
+            "seeds": phases.seeds,
+            "seconds": {"decompose": applied_at - started, "total": time.perf_counter() - started},
+        }
+    )
+    summary = method_obj.summary(small)
+    if summary:
+        results["method_summary"] = summary
+    return small, results
+
+
+def _plan_and_apply(
+    model: nn.Module,
+    method: str,
+    budget: Budget | None,
+    example_batch: Any,
+    filter_fn: Callable[[nn.Module, str], bool] | None,
+    settings: dict[str, Any],
+) -> tuple[CompressionPlan, Method, nn.Module]:
+    """Plan, refuse a plan that compresses nothing, apply; the method as the plan aimed it."""
+    the_plan = plan(model, method, budget, example_batch, filter_fn=filter_fn, **settings)
+    # the plan's settings, not the caller's: the planner already aimed them at the budget
+    method_obj = get_method(the_plan.method, **the_plan.settings)
+    if not the_plan.compressed_layers:
+        reasons = sorted({lp.reason for lp in the_plan.layers if lp.reason})
+        raise TensorslimError(f"method '{method}' compressed no layer ({'; '.join(reasons)[:300]})")
+    return the_plan, method_obj, apply(model, the_plan)
+
+
+def _results(
+    method: str,
+    method_obj: Method,
+    budget: Budget | None,
+    original: dict[str, Any],
+    compressed: dict[str, Any],
+    latency: bool,
+) -> dict[str, Any]:
+    """The comparison of the original and the compressed model (fractions, speedup)."""
+    return {
         "method": method,
         "settings": method_obj.settings(),
         "budget": budget.to_dict() if budget is not None else None,
         "original": original,
         "compressed": compressed,
-        "accuracy_before_finetune": before.get("accuracy"),
-        "bn_recalibration_batches": bn_recalibration_batches,
-        "accuracy_after_finalize": after_finalize.get("accuracy", compressed.get("accuracy")),
         "flops_fraction": compressed["flops"] / original["flops"],
         "params_fraction": compressed["params"] / original["params"],
         # what a sparse format keeps: equal to the fractions above unless weights were pruned
@@ -234,13 +307,5 @@ def compress_model(
             if latency and compressed.get("latency_ms")
             else None
         ),
-        "plan_notes": the_plan.notes,
-        "layers": layer_rows(plans_of(small)[-1]),
-        "history": history,
-        "seconds": {"decompose": applied_at - started, "total": time.perf_counter() - started},
         "machine": machine_facts(),
     }
-    summary = getattr(method_obj, "summary", None)
-    if callable(summary):
-        results["method_summary"] = summary(small)
-    return small, results

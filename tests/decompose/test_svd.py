@@ -110,3 +110,20 @@ def test_balanced_factors_split_the_singular_values_evenly() -> None:
     torch.testing.assert_close((a @ b.T).double(), (u * s) @ v.T, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(a.double().norm(dim=0), s.sqrt(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(b.double().norm(dim=0), s.sqrt(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(300, 260), (260, 300)])
+def test_gram_factorization_is_the_best_rank_r_approximation(shape) -> None:
+    from tensorslim.decompose.svd import gram_truncated_svd
+
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(*shape, generator=g, dtype=torch.float64) @ torch.diag(
+        torch.logspace(0, -3, shape[1], dtype=torch.float64)
+    )
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    for r in (1, 17, 260):
+        a, sr, b = gram_truncated_svd(m, r)
+        assert a.shape == (shape[0], r) and b.shape == (shape[1], r)
+        best = (u[:, :r] * s[:r]) @ vh[:r]
+        torch.testing.assert_close((a * sr) @ b.T, best, rtol=0, atol=1e-9 * float(s[0]))
+        torch.testing.assert_close(sr, s[:r], rtol=1e-8, atol=1e-9 * float(s[0]))

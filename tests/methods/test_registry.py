@@ -44,7 +44,9 @@ def test_unknown_method_suggests_the_closest_name() -> None:
 
 
 def test_bad_settings_name_the_method() -> None:
-    with pytest.raises(TensorslimError, match="method 'svd': bad settings"):
+    with pytest.raises(
+        TensorslimError, match=r"bad settings for method 'svd': no setting 'rnak'.*'rank'.*ratio"
+    ):
         get_method("svd", rnak=3)
 
 

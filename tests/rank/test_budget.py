@@ -20,7 +20,8 @@ from tensorslim.analysis.profile import count_params
 from tensorslim.errors import TensorslimError
 from tensorslim.methods.base import Method, Option
 from tensorslim.models import create_model
-from tensorslim.rank.budget import Budget, LayerChoices, _hull, allocate
+from tensorslim.rank.allocate import LayerChoices, _hull, allocate
+from tensorslim.rank.budget import Budget
 
 # ----- Budget -----------------------------------------------------------------------------------
 

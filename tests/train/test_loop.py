@@ -18,10 +18,10 @@ from tensorslim.train.hooks import TrainHook
 from tensorslim.train.loop import (
     CHECKPOINT_NAME,
     NonFiniteLossError,
-    distillation_loss,
     evaluate,
     fit,
 )
+from tensorslim.train.losses import distillation_loss
 
 
 def mlp(seed: int = 0) -> nn.Module:

@@ -7,22 +7,27 @@ conv, bmm and einsum). Bias additions, activations, pooling and normalisation ar
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from tensorslim.inputs import ForwardFn, call_model
 from tensorslim.layers.base import StructuredLayer
 from tensorslim.layers.conv_geometry import conv_output_hw
 
 
-def count_flops(model: nn.Module, example_input: torch.Tensor) -> int:
-    """Total FLOPs of one forward pass of ``model`` on ``example_input``, by FlopCounterMode."""
+def count_flops(model: nn.Module, example_input: Any, forward_fn: ForwardFn | None = None) -> int:
+    """Total FLOPs of one forward pass of ``model`` on ``example_input``, by FlopCounterMode.
+
+    The input takes any structure :mod:`tensorslim.inputs` accepts (or ``forward_fn``).
+    """
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(example_input)
+            call_model(model, example_input, forward_fn)
     finally:
         model.train(was_training)
     return int(counter.get_total_flops())

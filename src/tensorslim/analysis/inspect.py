@@ -11,6 +11,7 @@ from tensorslim.analysis.flops import count_flops
 from tensorslim.analysis.latency import measure_latency
 from tensorslim.analysis.profile import COMPRESSIBLE, collect_layer_info, count_params
 from tensorslim.decompose.svd import conv_weight_to_matrix, singular_values
+from tensorslim.inputs import batch_size, take_samples
 from tensorslim.rank.select import rank_from_energy
 
 
@@ -23,10 +24,10 @@ def inspect_model(
     weight matrix, the rank keeping ``energy`` of Σσ², and (optionally) the layer's own measured
     latency on an input of the example batch's size.
     """
-    x1 = example_batch[:1]
+    x1 = take_samples(example_batch, 1)
     infos, never_called = collect_layer_info(model, x1, types=COMPRESSIBLE)
     total_flops = count_flops(model, x1)
-    batch = example_batch.shape[0]
+    batch = batch_size(example_batch)
     rows = []
     for fqn, info in infos.items():
         module = model.get_submodule(fqn)

@@ -8,15 +8,20 @@ import torch
 from torch import nn
 from torch.utils import benchmark
 
+from tensorslim.inputs import ForwardFn, batch_size, call_model
+
 
 def measure_latency(
     model: nn.Module,
-    example_input: torch.Tensor,
+    example_input: Any,
     *,
     threads: int | None = None,
     min_run_time: float = 0.3,
+    forward_fn: ForwardFn | None = None,
 ) -> dict[str, Any]:
     """Median / IQR forward latency in milliseconds of ``model(example_input)`` in eval mode.
+
+    The input takes any structure :mod:`tensorslim.inputs` accepts (or ``forward_fn``).
 
     ``threads`` defaults to ``torch.get_num_threads()``; it is recorded with the result because
     latency depends on it more than on anything else on a CPU.
@@ -26,10 +31,15 @@ def measure_latency(
     model.eval()
     try:
         with torch.inference_mode():
-            model(example_input)  # warm-up: allocator, lazy init
+            call_model(model, example_input, forward_fn)  # warm-up: allocator, lazy init
             timer = benchmark.Timer(
-                stmt="model(x)",
-                globals={"model": model, "x": example_input},
+                stmt="call_model(model, x, forward_fn)",
+                globals={
+                    "model": model,
+                    "x": example_input,
+                    "forward_fn": forward_fn,
+                    "call_model": call_model,
+                },
                 num_threads=threads,
             )
             measurement = timer.blocked_autorange(min_run_time=min_run_time)
@@ -40,5 +50,5 @@ def measure_latency(
         "iqr_ms": measurement.iqr * 1e3,
         "runs": len(measurement.times),
         "threads": threads,
-        "batch": int(example_input.shape[0]),
+        "batch": batch_size(example_input),
     }

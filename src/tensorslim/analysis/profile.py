@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
 from tensorslim.analysis.flops import dense_layer_flops
+from tensorslim.facts import LayerInfo
+from tensorslim.inputs import ForwardFn, call_model
 from tensorslim.layers.base import StructuredLayer
-from tensorslim.methods.base import LayerInfo
 
 COMPRESSIBLE = (nn.Linear, nn.Conv2d)
 
@@ -21,11 +23,15 @@ def count_params(module: nn.Module) -> int:
 
 def collect_layer_info(
     model: nn.Module,
-    example_input: torch.Tensor,
+    example_input: Any,
     types: tuple[type[nn.Module], ...] = (*COMPRESSIBLE, StructuredLayer),
     names: Iterable[tuple[str, nn.Module]] | None = None,
+    forward_fn: ForwardFn | None = None,
 ) -> tuple[dict[str, LayerInfo], set[str]]:
     """Run ``example_input`` once and record every matching layer's shapes and cost.
+
+    ``example_input`` takes any structure :mod:`tensorslim.inputs` accepts (or goes to
+    ``forward_fn(model, example_input)``).
 
     Returns (info by fqn, fqns of matching layers whose forward never ran — e.g. the
     ``out_proj`` of ``nn.MultiheadAttention``, whose parent reads ``.weight`` directly).
@@ -49,7 +55,7 @@ def collect_layer_info(
     model.eval()
     try:
         with torch.no_grad():
-            model(example_input)
+            call_model(model, example_input, forward_fn)
     finally:
         model.train(was_training)
         for handle in handles:

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from tensorslim.cli.common import (
+    BASE_PHASE,
     RunArgs,
     option,
     parse_method,
@@ -18,6 +19,7 @@ from tensorslim.cli.common import (
 from tensorslim.pipeline import compress_model
 from tensorslim.report.run import LAYER_COLUMNS, chosen_ranks, model_spectra, write_report
 from tensorslim.report.tables import print_table
+from tensorslim.train.seeding import derive_seed
 
 
 def register(app: typer.Typer) -> None:
@@ -77,7 +79,11 @@ def register(app: typer.Typer) -> None:
                 progress=run.progress,
                 log=say,
                 measure_original=original,
+                seed=run.seed,
             )
+            if run.weights is None:  # the base was trained by this run (now or before a resume)
+                base_seed = derive_seed(run.seed, BASE_PHASE)
+                results["seeds"] = {BASE_PHASE: base_seed, **results["seeds"]}
             results["chosen_ranks"] = chosen_ranks(small)
             save_run_model(small, run.out)
             write_report(

@@ -8,8 +8,9 @@ report (results.json, report.md, plots) is rewritten, so an interrupted demo kee
 finished, and ``--resume`` continues after the last finished configuration.
 
 Each configuration seeds torch and the data order from the demo seed and its own name
-(:func:`~tensorslim.train.seeding.derive_seed`), so its result does not depend on which
-configurations ran before it in the process — a resumed demo gives the same numbers.
+(``derive_seed(seed, "demo", name)``, :func:`~tensorslim.train.seeding.seed_phase`), so its
+result does not depend on which configurations ran before it in the process — a resumed demo
+gives the same numbers.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from tensorslim.report.run import (
     write_report,
 )
 from tensorslim.report.tables import print_table
-from tensorslim.train.seeding import derive_seed
+from tensorslim.train.seeding import seed_phase
 
 CONFIG_DIR = "configs"
 TITLE = "tensorslim demo: small_cnn on digits"
@@ -103,7 +104,7 @@ def demo_methods() -> list[tuple[str, str, dict[str, Any]]]:
     ]
     for name in list_methods():
         if name != "svd":
-            settings = getattr(method_class(name), "demo_settings", None) or {}
+            settings = method_class(name).demo_settings or {}
             runs.append((name, name, dict(settings)))
     return runs
 
@@ -121,17 +122,22 @@ def demo_configs(mode: Mode) -> list[DemoConfig]:
     return configs
 
 
-def seed_config(s: Setup, seed: int, config: DemoConfig) -> None:
-    """Seed torch and the training order from the demo seed and the configuration's name."""
-    config_seed = derive_seed(seed, "demo", config.name)
-    torch.manual_seed(config_seed)
-    generator = getattr(s.train_loader, "generator", None)
-    if generator is not None:
-        generator.manual_seed(config_seed)
+def seed_config(s: Setup, seed: int, config: DemoConfig) -> int:
+    """Seed everything (torch, numpy, the data order) from the demo seed and the name alone.
+
+    ``torch.manual_seed(derive_seed(seed, "demo", name))`` and the loaders from it
+    (:func:`~tensorslim.train.seeding.seed_phase`); returns that seed.
+    """
+    return seed_phase(seed, "demo", config.name, loaders=(s.train_loader, s.test_loader))
 
 
-def run_config(s: Setup, config: DemoConfig, mode: Mode, original: dict, progress: bool) -> dict:
-    """Compress and fine-tune one configuration; the results dict (or the reason it was skipped)."""
+def run_config(
+    s: Setup, config: DemoConfig, mode: Mode, original: dict, progress: bool, seed: int
+) -> dict:
+    """Compress and fine-tune one configuration; the results dict (or the reason it was skipped).
+
+    ``seed`` is the configuration's own (:func:`seed_config`): its phases are seeded from it.
+    """
     method_type = method_class(config.method)
     try:
         small, result = compress_model(
@@ -146,6 +152,7 @@ def run_config(s: Setup, config: DemoConfig, mode: Mode, original: dict, progres
             lr=0.01,
             progress=progress,
             measure_original=original,
+            seed=seed,
         )
     except TensorslimError as exc:
         return {"config": config.name, "skipped": str(exc)}
@@ -229,7 +236,13 @@ def run_demo(
         on_start(demo)
     say(f"training small_cnn on digits for {mode.base_epochs} epochs")
     demo.base_history = train_base(
-        s, epochs=mode.base_epochs, lr=0.05, out=out / "base", resume=resume, progress=progress
+        s,
+        epochs=mode.base_epochs,
+        lr=0.05,
+        out=out / "base",
+        resume=resume,
+        progress=progress,
+        seed=seed,
     )
     demo.original = measure(s.model, s.example_batch, s.test_loader, min_run_time=mode.min_run_time)
     say(f"original accuracy {demo.original['accuracy']:.4f}")
@@ -241,8 +254,8 @@ def run_demo(
             say(f"{where}: already done")
             continue
         say(where)
-        seed_config(s, seed, config)
-        result = run_config(s, config, mode, demo.original, progress)
+        config_seed = seed_config(s, seed, config)
+        result = run_config(s, config, mode, demo.original, progress, config_seed)
         if "skipped" in result:
             say(f"  skipped {config.name}: {result['skipped']}")
         demo.record(index, config, result)

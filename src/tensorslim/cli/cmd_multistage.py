@@ -43,7 +43,7 @@ def register(app: typer.Typer) -> None:
         lr: float = typer.Option(0.01, min=0.0, help="Fine-tune learning rate."),
     ) -> None:
         """Compress a few layers at a time, fine-tuning in between."""
-        from tensorslim.train.multistage import multistage
+        from tensorslim.multistage import multistage
 
         chosen = parse_method(method, budget, setting)  # bad input fails before any work
         with run.open(ctx, resumable=False):

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import typer
 
-from tensorslim.cli.common import RunArgs, run_command, train_base
+from tensorslim.cli.common import BASE_PHASE, RunArgs, run_command, train_base
 from tensorslim.pipeline import machine_facts, measure
 from tensorslim.report.run import write_json
+from tensorslim.train.seeding import derive_seed
 
-__all__ = ["register", "train_base"]  # train_base stays importable from here
+__all__ = ["BASE_PHASE", "register", "train_base"]  # both stay importable from here
 
 
 def register(app: typer.Typer) -> None:
@@ -38,6 +39,7 @@ def register(app: typer.Typer) -> None:
                 resume=run.resume,
                 progress=run.progress,
                 optimizer=optimizer,
+                seed=run.seed,
             )
             row = measure(s.model, s.example_batch, s.test_loader)
             write_json(
@@ -47,6 +49,7 @@ def register(app: typer.Typer) -> None:
                     "compressed": row,
                     "history": history,
                     "machine": machine_facts(),
+                    "seeds": {BASE_PHASE: derive_seed(run.seed, BASE_PHASE)},
                 },
             )
         typer.echo(

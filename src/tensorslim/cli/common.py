@@ -222,6 +222,7 @@ class RunArgs:
             lr=self.train_lr,
             progress=self.progress,
             what=f"{self.model} on {self.data}",
+            seed=self.seed,
         )
         return history, measure_base(s)
 
@@ -413,6 +414,9 @@ def setup(
     return Setup(model, bundle, train_loader, test_loader, example)
 
 
+BASE_PHASE = "train"  # the phase name base training is seeded by (train and compress alike)
+
+
 def train_base(
     s: Setup,
     *,
@@ -422,11 +426,18 @@ def train_base(
     resume: bool,
     progress: bool,
     optimizer: str = "sgd",
+    seed: int | None = None,
 ) -> list[dict]:
-    """Train ``s.model`` with checkpoints under ``out/checkpoints`` and save it to ``out/model``."""
+    """Train ``s.model`` with checkpoints under ``out/checkpoints`` and save it to ``out/model``.
+
+    With a ``seed`` the training starts from ``seed_phase(seed, "train")``, whatever ran before.
+    """
     from tensorslim.io import save
     from tensorslim.train.loop import fit
+    from tensorslim.train.seeding import seed_phase
 
+    if seed is not None:
+        seed_phase(seed, BASE_PHASE, loaders=(s.train_loader, s.test_loader))
     history = fit(
         s.model,
         s.train_loader,
@@ -454,8 +465,10 @@ def prepare_base(
     lr: float,
     progress: bool,
     what: str = "the model",
+    seed: int | None = None,
 ) -> list[dict]:
-    """Give ``s.model`` its trained weights: ``weights``, a resumed ``out/base``, or training.
+    """Give ``s.model`` its trained weights: ``weights``, a resumed ``out/base``, or training
+    (seeded by ``seed``'s ``train`` phase, see :func:`train_base`).
 
     Returns the base training history (empty when the weights came from a file).
     """
@@ -468,7 +481,9 @@ def prepare_base(
         load_weights(s.model, out / "base" / "model")
         return []
     say(f"no --weights: training {what} for {epochs} epochs first")
-    return train_base(s, epochs=epochs, lr=lr, out=out / "base", resume=resume, progress=progress)
+    return train_base(
+        s, epochs=epochs, lr=lr, out=out / "base", resume=resume, progress=progress, seed=seed
+    )
 
 
 def measure_base(s: Setup, **kwargs: Any) -> dict[str, Any]:

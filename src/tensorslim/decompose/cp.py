@@ -39,6 +39,7 @@ depending on ``on_degenerate``, ALS is restarted with Tikhonov-regularised norma
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -253,6 +254,16 @@ def _split_weights(factors: list[torch.Tensor]) -> tuple[torch.Tensor, list[torc
     return weights, [*factors[:-1], last]
 
 
+@dataclass
+class _AlsState:
+    """The working form of one ALS run: factors (unit columns except the last), their Grams,
+    and the right-half contraction P the next sweep starts from (None: compute it)."""
+
+    factors: list[torch.Tensor]
+    grams: list[torch.Tensor]
+    p: torch.Tensor | None = None
+
+
 def _als(
     x: torch.Tensor,
     factors: list[torch.Tensor],
@@ -269,90 +280,23 @@ def _als(
 
     Working form: the factors of modes 0 … N−2 have unit columns and the last factor carries the
     weights, so the error after a sweep comes from the last MTTKRP alone.
-
-    Extrapolation (Bro 1998's line search, with an adaptive step): after a sweep that moved the
-    factors from F_old to F_new, try F_old + (1 + s)(F_new − F_old) for all modes at once and
-    keep it if its error is lower. Its error needs P (the right-half contraction), which is
-    exactly what the next sweep starts with, so an accepted step costs nothing extra.
     """
-    n_modes = x.ndim
     contractor = _Contractor(x)
-    split = contractor.split
-    left_modes = list(range(split))
-    right_modes = list(range(split, n_modes))
     factors = [_normalise(f)[0] for f in factors[:-1]] + [factors[-1].clone()]
-    grams = [f.T @ f for f in factors]
+    state = _AlsState(factors, [f.T @ f for f in factors])
     errors: list[float] = []
     converged = degenerate = False
     kappa_history: list[float] = []
-    kappa = 1.0
-    norm_x = math.sqrt(norm_x2)
     step = 0.5
-    p: torch.Tensor | None = None
     previous: list[torch.Tensor] | None = None
-
-    def error_from(inner: float, fit2: float) -> float:
-        return math.sqrt(max(norm_x2 - 2 * inner + fit2, 0.0)) / norm_x
-
     for _ in range(max_iter):
-        if p is None:
-            p = contractor.left_partial(factors)
-        m = None
-        for mode in left_modes:
-            m = _Contractor.finish(p, factors, left_modes, mode)
-            f = _solve(m, _gram_hadamard(grams, mode), mu)
-            factors[mode] = f if mode == n_modes - 1 else _normalise(f)[0]
-            grams[mode] = factors[mode].T @ factors[mode]
-        q = contractor.right_partial(factors)
-        for mode in right_modes:
-            m = _Contractor.finish(q, factors, right_modes, mode)
-            f = _solve(m, _gram_hadamard(grams, mode), mu)
-            factors[mode] = f if mode == n_modes - 1 else _normalise(f)[0]
-            grams[mode] = factors[mode].T @ factors[mode]
-        assert m is not None
-        p = None
-        # Error from the last MTTKRP (see module docstring): no reconstruction needed.
-        inner = float((m * factors[-1]).sum())
-        fit2 = float(_gram_hadamard(grams, None).sum())
-        err = error_from(inner, fit2)
-
+        err = _sweep(contractor, state, norm_x2, mu)
         if extrapolate and previous is not None:
-            trial = [
-                old + (1 + step) * (new - old) for old, new in zip(previous, factors, strict=True)
-            ]
-            # Back to working form: left/middle norms pushed into the last factor.
-            scale = torch.ones(trial[0].shape[1], dtype=x.dtype)
-            for k in range(n_modes - 1):
-                trial[k], norms = _normalise(trial[k])
-                scale = scale * norms
-            trial[-1] = trial[-1] * scale
-            trial_grams = [f.T @ f for f in trial]
-            p_trial = contractor.left_partial(trial)
-            t = p_trial
-            for j in reversed(range(len(left_modes))):
-                f = trial[left_modes[j]]
-                shape = [1] * t.ndim
-                shape[j], shape[-1] = f.shape[0], f.shape[1]
-                t = (t * f.reshape(shape)).sum(j)
-            trial_err = error_from(float(t.sum()), float(_gram_hadamard(trial_grams, None).sum()))
-            if trial_err < err:
-                factors, grams, err, p = trial, trial_grams, trial_err, p_trial
-                step = min(step * 1.5, 8.0)
-            else:
-                step = max(step * 0.5, 0.125)
-        previous = [f.clone() for f in factors]
+            err, step = _extrapolate(contractor, state, previous, err, step, norm_x2)
+        previous = [f.clone() for f in state.factors]
         errors.append(err)
-
-        weights = torch.linalg.vector_norm(factors[-1], dim=0)
-        fit2 = float(_gram_hadamard(grams, None).sum())
-        kappa = float((weights**2).sum()) / max(fit2, 1e-300)
-        kappa_history.append(kappa)
-        # Degenerate: the components' energy dwarfs the fit's, and has kept growing.
-        if (
-            kappa > kappa_limit
-            and len(kappa_history) >= 3
-            and kappa_history[-1] > kappa_history[-3]
-        ):
+        kappa_history.append(_cancellation(state))
+        if _is_degenerate(kappa_history, kappa_limit):
             degenerate = True
             if stop_on_degenerate:
                 break
@@ -362,12 +306,100 @@ def _als(
         if err < 1e-12:
             converged = True
             break
-    weights, unit = _split_weights(factors)
+    weights, unit = _split_weights(state.factors)
     # The Gram-based error loses digits below ~1e-8 (it subtracts nearly equal squares); the
     # reported final error comes from one explicit reconstruction (about one MTTKRP of work).
     if errors:
-        errors[-1] = float(torch.linalg.vector_norm(x - cp_to_tensor(weights, unit))) / norm_x
+        errors[-1] = float(torch.linalg.vector_norm(x - cp_to_tensor(weights, unit))) / math.sqrt(
+            norm_x2
+        )
+    kappa = kappa_history[-1] if kappa_history else 1.0
     return _AlsOutcome(weights, unit, errors, converged, degenerate, kappa)
+
+
+def _relative_error(norm_x2: float, inner: float, fit2: float) -> float:
+    """‖X − X̂‖/‖X‖ from ⟨X, X̂⟩ and ‖X̂‖² (no reconstruction)."""
+    return math.sqrt(max(norm_x2 - 2 * inner + fit2, 0.0) / norm_x2)
+
+
+def _sweep(contractor: _Contractor, state: _AlsState, norm_x2: float, mu: float) -> float:
+    """One ALS sweep over every mode (left half from P, right half from Q); its error."""
+    factors, grams = state.factors, state.grams
+    n_modes, split = len(factors), contractor.split
+    m = None
+    for modes, partial in (
+        (list(range(split)), state.p if state.p is not None else contractor.left_partial(factors)),
+        (list(range(split, n_modes)), None),
+    ):
+        if partial is None:
+            partial = contractor.right_partial(factors)
+        for mode in modes:
+            m = _Contractor.finish(partial, factors, modes, mode)
+            f = _solve(m, _gram_hadamard(grams, mode), mu)
+            factors[mode] = f if mode == n_modes - 1 else _normalise(f)[0]
+            grams[mode] = factors[mode].T @ factors[mode]
+    assert m is not None
+    state.p = None
+    # Error from the last MTTKRP (see module docstring): no reconstruction needed.
+    inner = float((m * factors[-1]).sum())
+    return _relative_error(norm_x2, inner, float(_gram_hadamard(grams, None).sum()))
+
+
+def _extrapolate(
+    contractor: _Contractor,
+    state: _AlsState,
+    previous: list[torch.Tensor],
+    err: float,
+    step: float,
+    norm_x2: float,
+) -> tuple[float, float]:
+    """Bro (1998)'s line search with an adaptive step; returns (error, next step).
+
+    After a sweep that moved the factors from F_old to F_new, try F_old + (1 + s)(F_new − F_old)
+    for all modes at once and keep it if its error is lower. Its error needs P (the right-half
+    contraction), which is exactly what the next sweep starts with, so an accepted step costs
+    nothing extra.
+    """
+    trial = [
+        old + (1 + step) * (new - old) for old, new in zip(previous, state.factors, strict=True)
+    ]
+    # Back to working form: left/middle norms pushed into the last factor.
+    scale = torch.ones(trial[0].shape[1], dtype=trial[0].dtype)
+    for k in range(len(trial) - 1):
+        trial[k], norms = _normalise(trial[k])
+        scale = scale * norms
+    trial[-1] = trial[-1] * scale
+    trial_grams = [f.T @ f for f in trial]
+    p_trial = contractor.left_partial(trial)
+    t = p_trial
+    for j in reversed(range(contractor.split)):
+        f = trial[j]
+        shape = [1] * t.ndim
+        shape[j], shape[-1] = f.shape[0], f.shape[1]
+        t = (t * f.reshape(shape)).sum(j)
+    trial_err = _relative_error(
+        norm_x2, float(t.sum()), float(_gram_hadamard(trial_grams, None).sum())
+    )
+    if trial_err < err:
+        state.factors, state.grams, state.p = trial, trial_grams, p_trial
+        return trial_err, min(step * 1.5, 8.0)
+    return err, max(step * 0.5, 0.125)
+
+
+def _cancellation(state: _AlsState) -> float:
+    """κ = Σλ² / ‖X̂‖²: how much the components' energy exceeds the fit's."""
+    weights = torch.linalg.vector_norm(state.factors[-1], dim=0)
+    fit2 = float(_gram_hadamard(state.grams, None).sum())
+    return float((weights**2).sum()) / max(fit2, 1e-300)
+
+
+def _is_degenerate(kappa_history: list[float], kappa_limit: float) -> bool:
+    """The components' energy dwarfs the fit's, and has kept growing."""
+    return (
+        kappa_history[-1] > kappa_limit
+        and len(kappa_history) >= 3
+        and kappa_history[-1] > kappa_history[-3]
+    )
 
 
 def cp_als(
@@ -411,26 +443,13 @@ def cp_als(
     Returns:
         :class:`CPResult` with unit-norm factor columns and the weights.
     """
-    if tensor.ndim < 2:
-        raise TensorslimError(f"CP needs a tensor with ≥ 2 modes, got shape {tuple(tensor.shape)}")
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise TensorslimError(f"CP rank must be a positive integer, got {rank!r}")
-    if init not in ("svd", "random"):
-        raise TensorslimError(f"unknown CP init '{init}': use 'svd' or 'random'")
-    if on_degenerate not in ("stabilize", "reduce_rank", "warn", "raise"):
-        raise TensorslimError(
-            f"unknown on_degenerate '{on_degenerate}': use stabilize, reduce_rank, warn or raise"
-        )
-    if max_iter < 1:
-        raise TensorslimError(f"CP max_iter must be ≥ 1, got {max_iter}")
+    _check_cp_arguments(tensor, rank, init, on_degenerate, max_iter)
     x = tensor.detach().to(device="cpu", dtype=dtype)
     norm_x2 = float((x * x).sum())
     if norm_x2 == 0.0:
         zeros = [torch.zeros(s, rank, dtype=dtype) for s in x.shape]
         return CPResult(torch.zeros(rank, dtype=dtype), zeros, 0.0, 0, True, rank=0)
-    generator = torch.Generator().manual_seed(seed)
-    init_factors = _init_factors(x, rank, init, generator)
-    stop_early = on_degenerate in ("stabilize", "reduce_rank", "raise")
+    init_factors = _init_factors(x, rank, init, torch.Generator().manual_seed(seed))
 
     def run(start: list[torch.Tensor], mu: float, stop: bool) -> _AlsOutcome:
         return _als(
@@ -445,20 +464,9 @@ def cp_als(
             extrapolate=extrapolate,
         )
 
-    out = run(init_factors, ridge, stop_early)
-    result = CPResult(
-        out.weights,
-        out.factors,
-        out.errors[-1],
-        len(out.errors),
-        out.converged,
-        degenerate=out.degenerate,
-        rank=rank,
-        errors=out.errors,
-        cancellation=out.kappa,
-    )
+    out = run(init_factors, ridge, on_degenerate in ("stabilize", "reduce_rank", "raise"))
     if not out.degenerate:
-        return result
+        return _result(out, rank)
     message = (
         f"CP-ALS rank {rank} on shape {tuple(x.shape)}: degenerate solution (components with "
         f"diverging norms cancel; Σλ²/‖X̂‖² = {out.kappa:.3g} after {len(out.errors)} sweeps)"
@@ -467,7 +475,7 @@ def cp_als(
         raise TensorslimError(message + "; lower the rank or use on_degenerate='stabilize'")
     if on_degenerate == "warn":
         warnings.warn(message, CPDegeneracyWarning, stacklevel=2)
-        return result
+        return _result(out, rank)
     if on_degenerate == "stabilize":
         warnings.warn(
             message + "; re-solving with Tikhonov-regularised ALS",
@@ -475,41 +483,62 @@ def cp_als(
             stacklevel=2,
         )
         fix = run(init_factors, stabilize_mu, False)
-        return CPResult(
-            fix.weights,
-            fix.factors,
-            fix.errors[-1],
-            len(fix.errors),
-            fix.converged,
-            degenerate=fix.degenerate,
-            stabilized=True,
-            rank=rank,
-            errors=out.errors + fix.errors,
-            cancellation=fix.kappa,
-        )
+        return _result(fix, rank, history=out.errors, stabilized=True)
     warnings.warn(message + "; retrying with a smaller rank", CPDegeneracyWarning, stacklevel=2)
     for smaller in range(rank - 1, 0, -1):
         fix = run([f[:, :smaller] for f in init_factors], ridge, True)
-        if fix.degenerate:
-            continue
-        pad = rank - smaller
-        factors = [
-            torch.cat([f, torch.zeros(f.shape[0], pad, dtype=dtype)], 1) for f in fix.factors
-        ]
-        weights = torch.cat([fix.weights, torch.zeros(pad, dtype=dtype)])
-        return CPResult(
-            weights,
-            factors,
-            fix.errors[-1],
-            len(fix.errors),
-            fix.converged,
-            degenerate=False,
-            rank=smaller,
-            errors=out.errors + fix.errors,
-            cancellation=fix.kappa,
-        )
+        if not fix.degenerate:
+            return _padded(_result(fix, smaller, history=out.errors), rank)
     # Rank 1 is never degenerate (one component cannot cancel), so the loop always returns.
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _check_cp_arguments(
+    tensor: torch.Tensor, rank: int, init: str, on_degenerate: str, max_iter: int
+) -> None:
+    if tensor.ndim < 2:
+        raise TensorslimError(f"CP needs a tensor with ≥ 2 modes, got shape {tuple(tensor.shape)}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise TensorslimError(f"CP rank must be a positive integer, got {rank!r}")
+    if init not in ("svd", "random"):
+        raise TensorslimError(f"unknown CP init '{init}': use 'svd' or 'random'")
+    if on_degenerate not in ("stabilize", "reduce_rank", "warn", "raise"):
+        raise TensorslimError(
+            f"unknown on_degenerate '{on_degenerate}': use stabilize, reduce_rank, warn or raise"
+        )
+    if max_iter < 1:
+        raise TensorslimError(f"CP max_iter must be ≥ 1, got {max_iter}")
+
+
+def _result(
+    out: _AlsOutcome,
+    rank: int,
+    history: list[float] = (),
+    stabilized: bool = False,  # type: ignore[assignment]
+) -> CPResult:
+    """The public result of one ALS run (``history``: errors of earlier, abandoned runs)."""
+    return CPResult(
+        out.weights,
+        out.factors,
+        out.errors[-1],
+        len(out.errors),
+        out.converged,
+        degenerate=out.degenerate,
+        stabilized=stabilized,
+        rank=rank,
+        errors=[*history, *out.errors],
+        cancellation=out.kappa,
+    )
+
+
+def _padded(result: CPResult, rank: int) -> CPResult:
+    """``result`` with zero components appended up to ``rank`` (the layer keeps its shape)."""
+    pad = rank - result.weights.numel()
+    dtype = result.weights.dtype
+    factors = [torch.cat([f, torch.zeros(f.shape[0], pad, dtype=dtype)], 1) for f in result.factors]
+    return dataclasses.replace(
+        result, weights=torch.cat([result.weights, torch.zeros(pad, dtype=dtype)]), factors=factors
+    )
 
 
 def cp_error(tensor: torch.Tensor, result: CPResult) -> float:

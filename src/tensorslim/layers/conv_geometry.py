@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from tensorslim.errors import TensorslimError
@@ -42,3 +43,29 @@ def unsupported_conv_reason(conv: nn.Conv2d) -> str | None:
     if conv.padding == "same" and tuple(conv.stride) != (1, 1):
         return "padding='same' with stride > 1 is kept dense"
     return None
+
+
+def dense_conv(geometry: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Conv2d:
+    """The dense ``nn.Conv2d`` equivalent of a structured conv layer.
+
+    ``geometry`` carries the conv's ``in_channels``, ``out_channels``, ``kernel_size``,
+    ``stride``, ``padding``, ``dilation`` (and ``padding_mode``, zeros when absent); ``weight``
+    (n, c, kh, kw) and ``bias`` (n) are copied into the new layer (same device and dtype).
+    """
+    dense = nn.Conv2d(
+        geometry.in_channels,
+        geometry.out_channels,
+        geometry.kernel_size,
+        geometry.stride,
+        geometry.padding,
+        geometry.dilation,
+        bias=bias is not None,
+        padding_mode=getattr(geometry, "padding_mode", "zeros"),
+        device=weight.device,
+        dtype=weight.dtype,
+    )
+    with torch.no_grad():
+        dense.weight.copy_(weight.reshape(dense.weight.shape))
+        if bias is not None:
+            dense.bias.copy_(bias)
+    return dense

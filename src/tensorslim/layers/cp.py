@@ -35,7 +35,7 @@ from torch import nn
 from tensorslim.decompose.cp import CPResult, cp_als
 from tensorslim.errors import TensorslimError
 from tensorslim.layers.base import StructuredLayer
-from tensorslim.layers.conv_geometry import conv_output_hw, pair
+from tensorslim.layers.conv_geometry import conv_output_hw, dense_conv, pair
 from tensorslim.layers.pointwise import PointwiseConv2d
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -191,24 +191,7 @@ class CPConv2d(StructuredLayer):
         )
 
     def to_dense(self) -> nn.Conv2d:
-        w = self.first.weight
-        dense = nn.Conv2d(
-            self.in_channels,
-            self.out_channels,
-            self.kernel_size,
-            self.stride,
-            self.padding,
-            self.dilation,
-            bias=self.last.bias is not None,
-            padding_mode=self.padding_mode,
-            device=w.device,
-            dtype=w.dtype,
-        )
-        with torch.no_grad():
-            dense.weight.copy_(self.dense_weight())
-            if self.last.bias is not None:
-                dense.bias.copy_(self.last.bias)
-        return dense
+        return dense_conv(self, self.dense_weight(), self.last.bias)
 
     def analytic_flops(self, input_shape: tuple[int, ...]) -> int:
         batch = math.prod(input_shape[:-3])

@@ -34,7 +34,12 @@ from tensorslim.decompose.svd import (
 )
 from tensorslim.errors import TensorslimError
 from tensorslim.layers.base import StructuredLayer
-from tensorslim.layers.conv_geometry import conv_output_hw, pair, unsupported_conv_reason
+from tensorslim.layers.conv_geometry import (
+    conv_output_hw,
+    dense_conv,
+    pair,
+    unsupported_conv_reason,
+)
 from tensorslim.layers.pointwise import PointwiseConv2d
 
 
@@ -220,23 +225,7 @@ class LowRankConv2d(StructuredLayer):
         return matrix_to_conv_weight(matrix, (n, c, kh, kw), self.scheme)
 
     def to_dense(self) -> nn.Conv2d:
-        w = self.down.weight
-        dense = nn.Conv2d(
-            self.in_channels,
-            self.out_channels,
-            self.kernel_size,
-            self.stride,
-            self.padding,
-            self.dilation,
-            bias=self.up.bias is not None,
-            device=w.device,
-            dtype=w.dtype,
-        )
-        with torch.no_grad():
-            dense.weight.copy_(self.dense_weight())
-            if self.up.bias is not None:
-                dense.bias.copy_(self.up.bias)
-        return dense
+        return dense_conv(self, self.dense_weight(), self.up.bias)
 
     def analytic_flops(self, input_shape: tuple[int, ...]) -> int:
         batch = math.prod(input_shape[:-3])

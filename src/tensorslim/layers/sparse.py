@@ -41,7 +41,7 @@ from torch.nn.utils import parametrize
 
 from tensorslim.errors import TensorslimError
 from tensorslim.layers.base import StructuredLayer
-from tensorslim.layers.conv_geometry import conv_output_hw, pair
+from tensorslim.layers.conv_geometry import conv_output_hw, dense_conv, pair
 
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
 
@@ -527,22 +527,7 @@ class SparseConv2d(_CsrWeight):
         return y
 
     def to_dense(self) -> nn.Conv2d:
-        dense = nn.Conv2d(
-            self.in_channels,
-            self.out_channels,
-            self.kernel_size,
-            self.stride,
-            self.padding,
-            self.dilation,
-            bias=self.bias is not None,
-            device=self.values.device,
-            dtype=self.values.dtype,
-        )
-        with torch.no_grad():
-            dense.weight.copy_(self.dense_matrix().reshape(dense.weight.shape))
-            if self.bias is not None:
-                dense.bias.copy_(self.bias)
-        return dense
+        return dense_conv(self, self.dense_matrix(), self.bias)
 
     def analytic_flops(self, input_shape: tuple[int, ...]) -> int:
         batch = math.prod(input_shape[:-3])

@@ -4,8 +4,10 @@ A method answers, for one layer of a model:
 
 - ``supports(module, fqn)``: ``None`` when it can work on the layer, else the reason it cannot
   (the reason is kept in the plan);
-- ``candidates(module, info)``: the options it could use there, each with its parameters, FLOPs
-  and the relative reconstruction error it would cause — cheap to get;
+- ``candidates(module, info, stats)``: the options it could use there, each with its parameters,
+  FLOPs and the relative error it would cause — cheap to get. ``stats`` holds the calibration
+  statistics the method declared in ``calibration_needs`` (``None`` without calibration data);
+  with an input Gram the planner measures errors in output space (:meth:`Method.output_errors`);
 - ``build(module, option_config, info, init=...)``: the structured module; with ``init=True`` its
   weights come from the decomposition of ``module``, with ``init=False`` only the structure is made
   (``load`` fills the weights from safetensors afterwards);
@@ -13,61 +15,26 @@ A method answers, for one layer of a model:
   ``finalize(model, plan)`` (a conversion after training, e.g. baking masks).
 
 Methods are classes registered by name; their constructor keyword arguments are their settings,
-which the plan stores so that ``apply`` can build the same method again.
+which the plan stores so that ``apply`` can build the same method again. A method also declares
+the structured layer types it builds (``builds``), the calibration statistics it needs, the
+settings the demo uses, and may add a ``summary`` of what training did to the results.
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from torch import nn
+from torch import Tensor, nn
 
 from tensorslim.errors import TensorslimError
+from tensorslim.facts import OUTPUT_ERROR, Config, LayerInfo, LayerStats, Option
 
 if TYPE_CHECKING:
-    from tensorslim.plan import CompressionPlan
+    from tensorslim.planner.records import CompressionPlan
     from tensorslim.rank.budget import Budget
     from tensorslim.train.hooks import TrainHook
-
-
-@dataclass(frozen=True)
-class LayerInfo:
-    """Facts about one layer, gathered by running an example input through the model.
-
-    ``input_shape``/``output_shape`` include the batch dimension of the example input (the planner
-    uses a batch of 1). ``flops`` is the dense layer's FLOPs at that input (2 per multiply-add).
-    """
-
-    fqn: str
-    type_name: str
-    input_shape: tuple[int, ...]
-    output_shape: tuple[int, ...]
-    params: int
-    flops: int
-    calls: int = 1
-
-
-@dataclass(frozen=True)
-class Option:
-    """One way a method could compress one layer.
-
-    ``config`` is JSON-serialisable and is all ``build`` needs (e.g. ``{"rank": 8, "scheme":
-    "channel"}``); ``error`` is the relative Frobenius reconstruction error ‖W − Ŵ‖_F / ‖W‖_F of
-    the layer's weight; ``params`` and ``flops`` are the replacement's (FLOPs for ``info``'s input).
-    ``method`` lets a method delegate a layer to another method (e.g. Tucker falls back to SVD on
-    1×1 convs); ``label`` is a short human description ("rank 8").
-    """
-
-    method: str
-    config: dict[str, Any]
-    params: int
-    flops: int
-    error: float
-    label: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Method(abc.ABC):
@@ -83,6 +50,13 @@ class Method(abc.ABC):
     budget_metric: ClassVar[str] = "flops"
     # epochs a pipeline should fine-tune after finalize() (SVD training's low-rank stage)
     post_finalize_epochs: ClassVar[int] = 0
+    # the structured layer types this method's ``build`` makes (refresh_plan maps a layer type
+    # back to the one method that builds it); delegated options name their own method
+    builds: ClassVar[tuple[type[nn.Module], ...]] = ()
+    # calibration statistics ``candidates`` wants (names in tensorslim.analysis.calibration)
+    calibration_needs: ClassVar[frozenset[str]] = frozenset()
+    # settings the demo runs this method with (None: the demo uses the defaults)
+    demo_settings: ClassVar[dict[str, Any] | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -102,17 +76,55 @@ class Method(abc.ABC):
         """``None`` if this method can compress ``module``, else a one-line reason it cannot."""
 
     @abc.abstractmethod
-    def candidates(self, module: nn.Module, info: LayerInfo) -> list[Option]:
-        """Options for this layer, cheapest last or in any order; the planner sorts them."""
+    def candidates(
+        self, module: nn.Module, info: LayerInfo, stats: LayerStats | None = None
+    ) -> list[Option]:
+        """Options for this layer, in any order; the planner sorts them.
+
+        ``stats`` carries the statistics named in ``calibration_needs`` when the plan has
+        calibration data. Errors may be in weight or output space (``Option.error_space``).
+        """
+
+    def output_errors(
+        self, module: nn.Module, info: LayerInfo, options: list[Option], stats: LayerStats
+    ) -> list[Option]:
+        """``options`` with errors in output space, ‖(W − Ŵ)X‖/‖WX‖ from ``stats.gram``.
+
+        The default builds each option and multiplies its dense form out (exact for every
+        structured layer, at the cost of one decomposition per option); methods with a closed
+        form (SVD) override it. Options already in output space are kept as they are.
+        """
+        from tensorslim.analysis.output_error import relative_output_error, weight_rows_matrix
+
+        assert stats.gram is not None
+        reference = weight_rows_matrix(module)
+        measured = []
+        for option in options:
+            if option.error_space == OUTPUT_ERROR:
+                measured.append(option)
+                continue
+            approx = self._approximate_weight(module, option, info)
+            error = relative_output_error(reference, approx, stats.gram)
+            measured.append(dataclasses.replace(option, error=error, error_space=OUTPUT_ERROR))
+        return measured
+
+    def _approximate_weight(self, module: nn.Module, option: Option, info: LayerInfo) -> Tensor:
+        """Ŵ of ``option``: the built layer multiplied out (a method delegating builds there)."""
+        from tensorslim.layers.base import StructuredLayer
+        from tensorslim.methods.registry import get_method
+
+        builder = self if option.method == self.name else get_method(option.method)
+        built = builder.build(module, option.config, info, init=True)
+        dense = built.to_dense() if isinstance(built, StructuredLayer) else built
+        return dense.weight.detach()
+
+    def summary(self, model: nn.Module) -> dict[str, Any]:
+        """What training or finalize did, for the results (e.g. ranks after pruning)."""
+        return {}
 
     @abc.abstractmethod
     def build(
-        self,
-        module: nn.Module,
-        config: dict[str, Any],
-        info: LayerInfo | None,
-        *,
-        init: bool = True,
+        self, module: nn.Module, config: Config, info: LayerInfo | None, *, init: bool = True
     ) -> nn.Module:
         """The structured replacement of ``module`` described by ``config``."""
 

@@ -35,6 +35,7 @@ from torch import nn
 
 from tensorslim.decompose.cp import CPDegeneracyWarning, CPResult, cp_als
 from tensorslim.errors import TensorslimError
+from tensorslim.facts import Config, LayerStats
 from tensorslim.layers.cp import CPConv2d, conv_structure_reason
 from tensorslim.methods.base import LayerInfo, Method, Option
 from tensorslim.methods.tucker import (
@@ -60,6 +61,7 @@ class CPMethod(Method):
     description: ClassVar[str] = (
         "CP of conv kernels (1×1 → depthwise kh×1 → depthwise 1×kw → 1×1), ALS ranks by budget"
     )
+    builds: ClassVar[tuple[type[nn.Module], ...]] = (CPConv2d,)
     # Four ranks per conv and a short ALS: the demo must plan in seconds.
     demo_settings: ClassVar[dict[str, Any] | None] = {
         "rank_rule": "budget",
@@ -156,7 +158,9 @@ class CPMethod(Method):
             dtype=dtype,
         )
 
-    def candidates(self, module: nn.Module, info: LayerInfo) -> list[Option]:
+    def candidates(
+        self, module: nn.Module, info: LayerInfo, stats: LayerStats | None = None
+    ) -> list[Option]:
         rule = effective_rule(self.rank_rule, self.rank)
         if is_pointwise(module):
             return svd_fallback(module, info, rule, self.rank, self.weaken, self.min_rank)
@@ -224,12 +228,7 @@ class CPMethod(Method):
         )
 
     def build(
-        self,
-        module: nn.Module,
-        config: dict[str, Any],
-        info: LayerInfo | None,
-        *,
-        init: bool = True,
+        self, module: nn.Module, config: Config, info: LayerInfo | None, *, init: bool = True
     ) -> nn.Module:
         if not isinstance(module, nn.Conv2d):
             raise TensorslimError(

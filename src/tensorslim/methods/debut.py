@@ -19,6 +19,7 @@ from torch import nn
 
 from tensorslim.decompose.debut_als import als_fit
 from tensorslim.errors import TensorslimError
+from tensorslim.facts import Config, LayerStats
 from tensorslim.layers.conv_geometry import unsupported_conv_reason
 from tensorslim.layers.debut import INITS, DeButConv2d, DeButLinear
 from tensorslim.layers.debut_chain import DeButChain, generate_chains
@@ -65,6 +66,10 @@ class DeButMethod(Method):
 
     name: ClassVar[str] = "debut"
     description: ClassVar[str] = "deformable butterfly chains (DeBut) with ALS initialisation"
+    builds: ClassVar[tuple[type[nn.Module], ...]] = (
+        DeButLinear,
+        DeButConv2d,
+    )
     # a short ladder and one-sweep error estimates keep the demo's planning to seconds
     demo_settings: ClassVar[dict[str, Any] | None] = {
         "ratios": [2, 4, 8],
@@ -165,7 +170,9 @@ class DeButMethod(Method):
             chains.setdefault(best.chain.text, best.chain)
         return list(chains.values())
 
-    def candidates(self, module: nn.Module, info: LayerInfo) -> list[Option]:
+    def candidates(
+        self, module: nn.Module, info: LayerInfo, stats: LayerStats | None = None
+    ) -> list[Option]:
         weight = _weight_matrix(module)
         cols = _columns(module, info)
         bias = module.bias.numel() if module.bias is not None else 0
@@ -219,12 +226,7 @@ class DeButMethod(Method):
         )
 
     def build(
-        self,
-        module: nn.Module,
-        config: dict[str, Any],
-        info: LayerInfo | None,
-        *,
-        init: bool = True,
+        self, module: nn.Module, config: Config, info: LayerInfo | None, *, init: bool = True
     ) -> nn.Module:
         if "chain" not in config:
             raise TensorslimError(f"a DeBut plan entry needs a 'chain', got config {config}")

@@ -27,6 +27,7 @@ from torch import nn
 
 from tensorslim.analysis.delta_rank import DEFAULT_DELTA
 from tensorslim.errors import TensorslimError
+from tensorslim.facts import Config, LayerStats
 from tensorslim.layers.sparse import PRUNABLE_TYPES, add_mask, finalize, mask_of, masked_modules
 from tensorslim.methods.base import LayerInfo, Method, Option
 from tensorslim.train.hooks import TrainHook, unwrap
@@ -168,7 +169,9 @@ class _PruningMethod(Method):
             return "already has a pruning mask"
         return None
 
-    def candidates(self, module: nn.Module, info: LayerInfo) -> list[Option]:
+    def candidates(
+        self, module: nn.Module, info: LayerInfo, stats: LayerStats | None = None
+    ) -> list[Option]:
         weight = module.weight.detach()
         n = weight.numel()
         bias = module.bias.numel() if getattr(module, "bias", None) is not None else 0
@@ -210,12 +213,7 @@ class _PruningMethod(Method):
         raise TensorslimError(f"{info.fqn}: no option at sparsity {self.sparsity}")
 
     def build(
-        self,
-        module: nn.Module,
-        config: dict[str, Any],
-        info: LayerInfo | None,
-        *,
-        init: bool = True,
+        self, module: nn.Module, config: Config, info: LayerInfo | None, *, init: bool = True
     ) -> nn.Module:
         """A copy of ``module`` with an all-ones mask on its weight.
 

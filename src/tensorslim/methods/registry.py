@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from typing import TYPE_CHECKING, Any
 
@@ -43,10 +44,43 @@ def method_class(name: str) -> type[Method]:
     raise TensorslimError(f"unknown method '{name}'{hint} (known: {', '.join(sorted(_METHODS))})")
 
 
+def builder_of(layer: object, prefer: str | None = None) -> str | None:
+    """The name of the method whose ``builds`` holds ``layer``'s type (``prefer`` if it does).
+
+    Each structured layer type has one builder; a method that delegates (Tucker's 1×1 convs
+    to SVD) names the builder in its options, so the map back from a layer is unambiguous.
+    """
+    _ensure_builtin_methods()
+    preferred = _METHODS.get(prefer or "")
+    # a method that declares nothing (written before ``builds`` existed) keeps its layers
+    if preferred is not None and (not preferred.builds or type(layer) in preferred.builds):
+        return prefer
+    builders = sorted(n for n, cls in _METHODS.items() if type(layer) in cls.builds)
+    if len(builders) > 1:
+        raise RuntimeError(f"{type(layer).__name__} is built by several methods: {builders}")
+    return builders[0] if builders else None
+
+
 def get_method(name: str, **settings: Any) -> Method:
     """An instance of the method ``name`` with the given settings (validated by the method)."""
     cls = method_class(name)
+    valid = setting_names(cls)
+    unknown = sorted(set(settings) - set(valid)) if valid is not None else []
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], valid or [], n=1)
+        hint = f" — did you mean '{close[0]}'?" if close else ""
+        raise TensorslimError(
+            f"bad settings for method '{cls.name}': no setting '{unknown[0]}'{hint} (its "
+            f"settings: {', '.join(valid) if valid else 'none'})"
+        )
     try:
         return cls(**settings)
     except TypeError as exc:
         raise TensorslimError(f"method '{name}': bad settings {settings}: {exc}") from None
+
+
+def setting_names(cls: type[Method]) -> list[str] | None:
+    """The settings a method class accepts (its dataclass fields), None if it cannot tell."""
+    if dataclasses.is_dataclass(cls):
+        return [f.name for f in dataclasses.fields(cls) if f.init]
+    return None

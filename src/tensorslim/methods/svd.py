@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from tensorslim.decompose.svd import conv_weight_to_matrix, singular_values
+from tensorslim.analysis.output_error import (
+    relative_output_error,
+    svd_output_errors,
+    weight_rows_matrix,
+)
+from tensorslim.decompose.svd import conv_weight_to_matrix, matrix_to_conv_weight, singular_values
 from tensorslim.errors import TensorslimError
+from tensorslim.facts import OUTPUT_ERROR, Config, LayerStats
 from tensorslim.layers.conv_geometry import unsupported_conv_reason
 from tensorslim.layers.lowrank import LowRankConv2d, LowRankLinear
 from tensorslim.methods.base import LayerInfo, Method, Option
@@ -38,6 +45,10 @@ class SVDMethod(Method):
 
     name: ClassVar[str] = "svd"
     description: ClassVar[str] = "low-rank SVD (channel-/spatial-wise for convs)"
+    builds: ClassVar[tuple[type[nn.Module], ...]] = (
+        LowRankLinear,
+        LowRankConv2d,
+    )
     scheme: str = "channel"
     rank: int | None = None
     ratio: float | None = None
@@ -73,28 +84,56 @@ class SVDMethod(Method):
             return ("channel",)
         return ("channel", "spatial") if self.scheme == "best" else (self.scheme,)
 
-    def candidates(self, module: nn.Module, info: LayerInfo) -> list[Option]:
+    def candidates(
+        self, module: nn.Module, info: LayerInfo, stats: LayerStats | None = None
+    ) -> list[Option]:
         options: list[Option] = []
         for scheme in self._schemes(module):
             spectrum = _spectrum(module, scheme)
             full = spectrum.numel()
             kept = energy_kept(spectrum)
             ranks = [self._rule_rank(spectrum, info.fqn)] if self.has_rule else _ladder(full)
+            # a factorized layer's FLOPs are linear in its rank: one rank-1 skeleton prices all
+            unit_flops = self._skeleton(module, 1, scheme, meta=True).analytic_flops(
+                info.input_shape
+            )
             for rank in ranks:
-                layer = self._skeleton(module, rank, scheme, meta=True)
                 error = math.sqrt(max(0.0, 1.0 - float(kept[rank - 1])))
                 options.append(
                     Option(
                         method=self.name,
                         config={"rank": rank, "scheme": scheme},
                         params=_params(module, rank, scheme),
-                        flops=layer.analytic_flops(info.input_shape) * info.calls,
+                        flops=unit_flops * rank * info.calls,
                         error=error,
                         label=f"rank {rank}/{full}" + ("" if scheme == "channel" else " spatial"),
                         extra={"energy_kept": float(kept[rank - 1]), "full_rank": full},
                     )
                 )
         return options
+
+    def output_errors(
+        self, module: nn.Module, info: LayerInfo, options: list[Option], stats: LayerStats
+    ) -> list[Option]:
+        """Output-space errors from one SVD per scheme (:mod:`tensorslim.analysis.output_error`).
+
+        Channel scheme (and Linear): the error of every rank from σ_i² v_iᵀ G v_i. Spatial
+        scheme: its rank-r kernel differs from the channel view's truncation, so each offered
+        rank is multiplied out once and measured against the Gram.
+        """
+        assert stats.gram is not None
+        errors: dict[tuple[str, int], float] = {}
+        for scheme in {o.config["scheme"] for o in options}:
+            ranks = sorted({o.config["rank"] for o in options if o.config["scheme"] == scheme})
+            errors.update(_scheme_output_errors(module, scheme, ranks, stats.gram))
+        return [
+            dataclasses.replace(
+                o,
+                error=errors[(o.config["scheme"], o.config["rank"])],
+                error_space=OUTPUT_ERROR,
+            )
+            for o in options
+        ]
 
     def _rule_rank(self, spectrum: torch.Tensor, fqn: str) -> int:
         full = spectrum.numel()
@@ -105,12 +144,7 @@ class SVDMethod(Method):
         return rank_from_energy(spectrum, float(self.energy))  # type: ignore[arg-type]
 
     def build(
-        self,
-        module: nn.Module,
-        config: dict[str, Any],
-        info: LayerInfo | None,
-        *,
-        init: bool = True,
+        self, module: nn.Module, config: Config, info: LayerInfo | None, *, init: bool = True
     ) -> nn.Module:
         rank, scheme = config.get("rank"), str(config.get("scheme", "channel"))
         # an edited plan may hold anything here: int() would turn 2.5 into 2 without a word
@@ -149,6 +183,23 @@ class SVDMethod(Method):
             device=device,
             dtype=dtype,
         )
+
+
+def _scheme_output_errors(
+    module: nn.Module, scheme: str, ranks: list[int], gram: torch.Tensor
+) -> dict[tuple[str, int], float]:
+    """(scheme, rank) → ‖(W − Ŵ_r)X‖ / ‖WX‖ for the truncated SVD of the scheme's matrix."""
+    matrix = weight_rows_matrix(module)
+    if isinstance(module, nn.Linear) or scheme == "channel":
+        table = svd_output_errors(matrix, gram)
+        return {(scheme, r): float(table[r]) for r in ranks}
+    kernel = module.weight.detach().double()
+    u, s, vh = torch.linalg.svd(conv_weight_to_matrix(kernel, "spatial"), full_matrices=False)
+    result = {}
+    for r in ranks:
+        approx = matrix_to_conv_weight((u[:, :r] * s[:r]) @ vh[:r], kernel.shape, "spatial")
+        result[(scheme, r)] = relative_output_error(matrix, approx, gram)
+    return result
 
 
 def _params(module: nn.Module, rank: int, scheme: str) -> int:

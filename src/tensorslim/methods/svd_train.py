@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from tensorslim.errors import TensorslimError
+from tensorslim.facts import Config, LayerStats
 from tensorslim.layers.conv_geometry import unsupported_conv_reason
 from tensorslim.layers.svd import SVDConv2d, SVDLayer, SVDLinear
 from tensorslim.methods.base import LayerInfo, Method, Option
@@ -48,6 +49,10 @@ class SVDTrainMethod(Method):
     name: ClassVar[str] = "svd_train"
     description: ClassVar[str] = (
         "SVD training: orthogonality + singular value sparsity, then energy pruning (Yang 2020)"
+    )
+    builds: ClassVar[tuple[type[nn.Module], ...]] = (
+        SVDLinear,
+        SVDConv2d,
     )
     kind: ClassVar[str] = "training"
     post_finalize_epochs: ClassVar[int] = 1
@@ -136,7 +141,9 @@ class SVDTrainMethod(Method):
             dtype=dtype,
         )
 
-    def candidates(self, module: nn.Module, info: LayerInfo) -> list[Option]:
+    def candidates(
+        self, module: nn.Module, info: LayerInfo, stats: LayerStats | None = None
+    ) -> list[Option]:
         scheme = self._scheme_for(module)
         # on the meta device: shapes and formulas only, no memory and no SVD
         layer = self._skeleton(module, None, scheme, init=False, device=torch.device("meta"))
@@ -156,12 +163,7 @@ class SVDTrainMethod(Method):
         ]
 
     def build(
-        self,
-        module: nn.Module,
-        config: dict[str, Any],
-        info: LayerInfo | None,
-        *,
-        init: bool = True,
+        self, module: nn.Module, config: Config, info: LayerInfo | None, *, init: bool = True
     ) -> nn.Module:
         rank = config.get("rank")
         scheme = str(config.get("scheme", self._scheme_for(module)))
@@ -176,11 +178,8 @@ class SVDTrainMethod(Method):
         return SVDConv2d.from_dense(module, scheme, rank)  # type: ignore[arg-type]
 
     def _target(self, plan: CompressionPlan) -> tuple[str, float] | None:
-        budget = plan.budget or {}
-        if budget:
-            ((metric, fraction),) = budget.items()
-            return str(metric), float(fraction)
-        return None
+        budget = plan.budget
+        return (budget.metric, budget.fraction) if budget is not None else None
 
     def train_hooks(self, model: nn.Module, plan: CompressionPlan) -> list[TrainHook]:
         from tensorslim.train.svd_regularizers import SVDRegularizerHook

@@ -25,6 +25,7 @@ from torch import nn
 
 from tensorslim.decompose.tt import TTResult, full_tt_ranks, tt_svd
 from tensorslim.errors import TensorslimError
+from tensorslim.facts import Config, LayerStats
 from tensorslim.layers.tt import TTLinear, padded_weight, tt_flops_per_row, tt_modes_for, tt_params
 from tensorslim.methods.base import LayerInfo, Method, Option
 from tensorslim.methods.tucker import LRUCache, fingerprint
@@ -49,6 +50,7 @@ class TTMethod(Method):
 
     name: ClassVar[str] = "tt"
     description: ClassVar[str] = "tensor-train Linear layers (TT-SVD), ranks by budget or accuracy"
+    builds: ClassVar[tuple[type[nn.Module], ...]] = (TTLinear,)
     demo_settings: ClassVar[dict[str, Any] | None] = None
     rank_rule: str = "auto"
     rank: int | None = None
@@ -117,7 +119,9 @@ class TTMethod(Method):
             ),
         )
 
-    def candidates(self, module: nn.Module, info: LayerInfo) -> list[Option]:
+    def candidates(
+        self, module: nn.Module, info: LayerInfo, stats: LayerStats | None = None
+    ) -> list[Option]:
         assert isinstance(module, nn.Linear)
         rule = self._rule()
         out_modes, in_modes = self.modes(module)
@@ -161,12 +165,7 @@ class TTMethod(Method):
         )
 
     def build(
-        self,
-        module: nn.Module,
-        config: dict[str, Any],
-        info: LayerInfo | None,
-        *,
-        init: bool = True,
+        self, module: nn.Module, config: Config, info: LayerInfo | None, *, init: bool = True
     ) -> nn.Module:
         if not isinstance(module, nn.Linear):
             raise TensorslimError(f"tt builds Linear layers only, got {type(module).__name__}")

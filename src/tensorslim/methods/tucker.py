@@ -38,6 +38,7 @@ from torch import nn
 from tensorslim.decompose.tucker import tucker2_error_table
 from tensorslim.decompose.vbmf import evbmf, tucker2_vbmf_ranks, weaken_rank
 from tensorslim.errors import TensorslimError
+from tensorslim.facts import Config, LayerStats
 from tensorslim.layers.cp import conv_structure_reason
 from tensorslim.layers.tucker import TuckerConv2d
 from tensorslim.methods.base import LayerInfo, Method, Option
@@ -233,6 +234,7 @@ class TuckerMethod(Method):
 
     name: ClassVar[str] = "tucker"
     description: ClassVar[str] = "Tucker-2 of conv kernels (1×1 → core → 1×1), VBMF or budget ranks"
+    builds: ClassVar[tuple[type[nn.Module], ...]] = (TuckerConv2d,)
     demo_settings: ClassVar[dict[str, Any] | None] = {"rank_rule": "auto"}
     rank_rule: str = "auto"
     rank: int | list[int] | None = None
@@ -283,7 +285,9 @@ class TuckerMethod(Method):
             key, lambda: tucker2_vbmf_ranks(weight, self.weaken, self.min_rank)
         )
 
-    def candidates(self, module: nn.Module, info: LayerInfo) -> list[Option]:
+    def candidates(
+        self, module: nn.Module, info: LayerInfo, stats: LayerStats | None = None
+    ) -> list[Option]:
         rule = effective_rule(self.rank_rule, self.rank)
         if is_pointwise(module):
             # Tucker-2 of a matrix at ranks (R_out, R_in) is its SVD at rank min(R_out, R_in).
@@ -344,12 +348,7 @@ class TuckerMethod(Method):
         )
 
     def build(
-        self,
-        module: nn.Module,
-        config: dict[str, Any],
-        info: LayerInfo | None,
-        *,
-        init: bool = True,
+        self, module: nn.Module, config: Config, info: LayerInfo | None, *, init: bool = True
     ) -> nn.Module:
         if not isinstance(module, nn.Conv2d):
             raise TensorslimError(
@@ -383,8 +382,8 @@ class TuckerMethod(Method):
 
 def multistage(*args: Any, **kwargs: Any) -> Any:
     """Compress in stages with fine-tuning between them (MUSCO style); see
-    :func:`tensorslim.train.multistage.multistage`."""
-    from tensorslim.train.multistage import multistage as run
+    :func:`tensorslim.multistage.multistage`."""
+    from tensorslim.multistage import multistage as run
 
     kwargs.setdefault("method", "tucker")
     return run(*args, **kwargs)

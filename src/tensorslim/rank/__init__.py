@@ -1,6 +1,7 @@
 """Rank selection: per-layer rules and the global budget allocator."""
 
-from tensorslim.rank.budget import Budget, allocate
+from tensorslim.rank.allocate import allocate
+from tensorslim.rank.budget import Budget
 from tensorslim.rank.select import (
     energy_kept,
     rank_from_energy,

@@ -9,6 +9,12 @@ Run directory::
                            checkpoints/ while it runs
     results.json report.md report.html *.png
     ranks/rankR.json       per-rank digests of the final weights (distributed runs)
+
+Every stage starts from a random state of its own, ``derive_seed(recipe.seed, "stage", index,
+kind)``, recorded as the stage's ``seed`` in done.json and results.json: torch's, numpy's and
+Python's generators and the loaders' shuffling restart from it, so a stage started fresh, after a
+``--resume`` or under torchrun draws what it would have drawn in one uninterrupted run. Inside a
+stage the epoch checkpoint restores the state of the epoch it continues.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from tensorslim.train.distributed import (
     world_size,
 )
 from tensorslim.train.loop import fit
+from tensorslim.train.seeding import seed_phase
 
 
 class RecipeRun:
@@ -123,6 +130,14 @@ class RecipeRun:
             description=stage.stage,
         ).epochs
 
+    def start_stage(self, index: int, kind: str) -> int:
+        """Seed everything stage ``index`` draws from (see the module docstring); its seed."""
+        return self.seed_phase(self.recipe.seed, "stage", index, kind)
+
+    def seed_phase(self, base_seed: int, *names: object) -> int:
+        """:func:`~tensorslim.train.seeding.seed_phase` with this run's train and test loaders."""
+        return seed_phase(base_seed, *names, loaders=(self.train_loader, self.test_loader))
+
     def capture_reference(self) -> None:
         """Keep the model as it was before the first structure stage (teacher, comparison)."""
         if self.reference is not None:
@@ -145,7 +160,7 @@ def _filter(layers: list[str] | None, exclude: list[str] | None):
     return lambda module, fqn: (chosen is None or fqn in chosen) and fqn not in skipped
 
 
-def _structure_stage(run: RecipeRun, stage: Any, sdir: Path) -> dict[str, Any]:
+def _structure_stage(run: RecipeRun, stage: Any, sdir: Path, seed: int) -> dict[str, Any]:
     run.capture_reference()
     method = stage.method if stage.stage in {"compress", "prune"} else "svd_train"
     epochs = getattr(stage, "epochs", 0) if stage.stage != "compress" else 0
@@ -165,21 +180,23 @@ def _structure_stage(run: RecipeRun, stage: Any, sdir: Path) -> dict[str, Any]:
         resume=run.resume,
         progress=run.progress,
         log=run.log,
+        seed=seed,
         filter_fn=_filter(getattr(stage, "layers", None), getattr(stage, "exclude", None)),
     )
     broadcast_model(small)
     if stage.stage == "svd_train" and stage.finetune_epochs > 0:
         tune = stage.model_copy(update={"epochs": stage.finetune_epochs, "stage": "svd_train"})
+        run.seed_phase(seed, "post-finalize")  # as compress_model names its third phase
         result["finetune_history"] = run.fit(small, tune, sdir / "finetune")
         result["compressed"] = measure(small, run.example, run.test_loader)
     run.model = small
     return result
 
 
-def _run_stage(run: RecipeRun, index: int, stage: Any, sdir: Path) -> dict[str, Any]:
+def _run_stage(run: RecipeRun, index: int, stage: Any, sdir: Path, seed: int) -> dict[str, Any]:
     kind = stage.stage
     if kind in STRUCTURE_STAGES:
-        return _structure_stage(run, stage, sdir)
+        return _structure_stage(run, stage, sdir, seed)
     if kind == "train":
         history = run.fit(run.model, stage, sdir / "checkpoints")
         return {"history": history, **measure(run.model, run.example, run.test_loader)}
@@ -227,9 +244,16 @@ def run_recipe(
     overwrite: bool = False,
     progress: bool = True,
     log=print,
+    stop_after: int | None = None,
 ) -> dict[str, Any]:
-    """Run every stage of the recipe into ``out``; returns the final results dict."""
+    """Run every stage of the recipe into ``out``; returns the final results dict.
+
+    ``stop_after=i`` stops once stage ``i`` is saved, leaving ``out`` as a kill at that moment
+    would (no results.json yet), to inspect a stage's model before the rest runs or to check
+    that ``resume=True`` continues exactly; it returns ``{"stopped_after": i, "stages": [...]}``.
+    """
     recipe = load_recipe(recipe_path)
+    last = _last_stage(recipe, stop_after)
     out = Path(out)
     distributed = init_from_env()
     if not is_main_process():
@@ -242,7 +266,7 @@ def run_recipe(
     if is_main_process():
         atomic_write_text(out / "recipe.yaml", yaml.safe_dump(recipe.model_dump(), sort_keys=False))
     stage_results: list[dict[str, Any]] = []
-    for index, stage in enumerate(recipe.stages):
+    for index, stage in enumerate(recipe.stages[: last + 1]):
         sdir = out / "stages" / f"{index:02d}-{stage.stage}"
         done = sdir / "done.json"
         if resume and done.is_file() and is_saved(sdir / "model"):
@@ -253,7 +277,9 @@ def run_recipe(
             log(f"stage {index} ({stage.stage}) already done: skipped")
             continue
         log(f"stage {index}: {stage.stage}")
-        result = {"stage": stage.stage, "index": index, **_run_stage(run, index, stage, sdir)}
+        seed = run.start_stage(index, stage.stage)
+        result = {"stage": stage.stage, "index": index, "seed": seed}
+        result.update(_run_stage(run, index, stage, sdir, seed))
         # DDP's last training step updates BatchNorm statistics on each rank's own batch:
         # every rank continues with rank 0's model, the one that is saved
         broadcast_model(run.model)
@@ -262,7 +288,27 @@ def run_recipe(
             write_json(done, result)
         barrier()
         stage_results.append(result)
+    if last < len(recipe.stages) - 1:
+        log(f"stopped after stage {last} ({recipe.stages[last].stage}): resume to continue")
+        return {"stopped_after": last, "stages": stage_results}
     return _finish(run, recipe, stage_results, distributed)
+
+
+def _last_stage(recipe: Recipe, stop_after: int | None) -> int:
+    """Index of the last stage to run: ``stop_after`` if given (checked), else the last one."""
+    count = len(recipe.stages)
+    if stop_after is None:
+        return count - 1
+    if (
+        isinstance(stop_after, bool)
+        or not isinstance(stop_after, int)
+        or not 0 <= stop_after < count
+    ):
+        raise TensorslimError(
+            f"stop_after={stop_after!r} is not a stage index of recipe '{recipe.name}' "
+            f"(0..{count - 1})"
+        )
+    return stop_after
 
 
 def _finish(run: RecipeRun, recipe: Recipe, stages: list[dict[str, Any]], distributed: bool):

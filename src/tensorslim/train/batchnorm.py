@@ -8,13 +8,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from tensorslim.inputs import ForwardFn, call_on_batch, model_device, to_device
 from tensorslim.train.distributed import is_distributed
 
 __all__ = ["recalibrate_batchnorm"]
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, loader: Iterable, batches: int = 10) -> int:
+def recalibrate_batchnorm(
+    model: nn.Module, loader: Iterable, batches: int = 10, forward_fn: ForwardFn | None = None
+) -> int:
     """Re-estimate every BatchNorm's running mean/variance on ``batches`` training batches.
 
     Replacing a layer by an approximation (a truncated SVD, a decomposition, pruned singular
@@ -22,6 +25,7 @@ def recalibrate_batchnorm(model: nn.Module, loader: Iterable, batches: int = 10)
     dense model no longer match the BatchNorm that follows; a few forward passes (no gradient,
     no labels) fix that before the model is evaluated or fine-tuned. The running averages are
     cumulative (momentum None) over the batches, then each BatchNorm's momentum is restored.
+    Batches take any structure :mod:`tensorslim.inputs` accepts (or ``forward_fn``).
     Inside a ``torch.distributed`` group each rank sees its own shard, so the statistics are then
     averaged over the ranks (weighted by the batches each used): every rank ends with the same
     running mean and variance. Returns the number of batches used here (0 without BatchNorm).
@@ -35,13 +39,13 @@ def recalibrate_batchnorm(model: nn.Module, loader: Iterable, batches: int = 10)
         m.momentum = None  # cumulative average over the batches seen
     was_training = model.training
     model.train()
-    device = next(iter(model.parameters())).device
+    device = model_device(model)
     used = 0
     try:
-        for inputs, _ in loader:
+        for batch in loader:
             if used >= batches:
                 break
-            model(inputs.to(device))
+            call_on_batch(model, to_device(batch, device), forward_fn)
             used += 1
     finally:
         model.train(was_training)

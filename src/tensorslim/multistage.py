@@ -23,19 +23,20 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-import torch
 from torch import nn
 
 from tensorslim.analysis.profile import COMPRESSIBLE, collect_layer_info
 from tensorslim.errors import TensorslimError
+from tensorslim.inputs import take_samples
 from tensorslim.methods.registry import get_method
+from tensorslim.pipeline import compress_model, measure
 from tensorslim.rank.budget import Budget
 
 
 def stage_groups(
     model: nn.Module,
     method: str,
-    example_input: torch.Tensor,
+    example_input: Any,
     stages: int,
     *,
     settings: dict[str, Any] | None = None,
@@ -46,7 +47,7 @@ def stage_groups(
     if stages < 1:
         raise TensorslimError(f"multistage needs at least 1 stage, got {stages}")
     chosen = get_method(method, **(settings or {}))
-    infos, _ = collect_layer_info(model, example_input[:1], types=COMPRESSIBLE)
+    infos, _ = collect_layer_info(model, take_samples(example_input, 1), types=COMPRESSIBLE)
     named = dict(model.named_modules())
     layers = [
         (fqn, infos[fqn].flops)  # summed over calls
@@ -84,7 +85,7 @@ def multistage(
     method: str = "tucker",
     train_loader: Iterable,
     test_loader: Iterable | None,
-    example_batch: torch.Tensor,
+    example_batch: Any,
     stages: int = 3,
     groups: list[list[str]] | None = None,
     budget: Budget | str | None = None,
@@ -104,68 +105,24 @@ def multistage(
     per stage (as :func:`tensorslim.pipeline.compress_model` returns them, plus ``stage``,
     ``layers_in_stage`` and ``target_fraction``).
     """
-    from tensorslim.pipeline import compress_model, measure
-
     settings = dict(settings or {})
-    if isinstance(budget, str):
-        budget = Budget.parse(budget)
+    budget = Budget.coerce(budget)
     if epochs_per_stage < 0:
         raise TensorslimError(f"epochs_per_stage must be ≥ 0, got {epochs_per_stage}")
-    if groups is None:
-        groups = stage_groups(
-            model, method, example_batch, stages, settings=settings, filter_fn=filter_fn
-        )
-    else:
-        named = dict(model.named_modules())
-        missing = [f for g in groups for f in g if f not in named]
-        if missing:
-            raise TensorslimError(f"multistage group names unknown layer {missing[0]!r}")
-        groups = [list(g) for g in groups if g]
-    if not groups:
-        raise TensorslimError("multistage needs at least one non-empty group of layers")
+    groups = _groups(model, method, example_batch, stages, groups, settings, filter_fn)
     say = log or (lambda _m: None)
     original = measure(model, example_batch, test_loader, latency=latency)
-    targets: list[float | None] = [None] * len(groups)
-    if budget is not None:
-        infos, _ = collect_layer_info(model, example_batch[:1], types=COMPRESSIBLE)
-        metric = budget.metric
-        costs = [
-            sum((infos[f].flops if metric == "flops" else infos[f].params) for f in g if f in infos)
-            for g in groups
-        ]
-        targets = list(stage_targets(float(original[metric]), budget.fraction, costs))
+    targets = _targets(model, example_batch, groups, budget, original)
     current, previous = model, original
     results: list[dict[str, Any]] = []
     for k, group in enumerate(groups):
-        members = set(group)
-        stage_budget = None
-        target = targets[k]
-        if budget is not None and target is not None:
-            now = float(previous[budget.metric])
-            if now <= target:
-                # An earlier stage overshot (the allocator moves in whole rank steps): this
-                # stage's target is met already, so its layers stay as they are.
-                say(
-                    f"stage {k + 1}/{len(groups)}: target already met "
-                    f"({now / float(original[budget.metric]):.3f} of the original "
-                    f"{budget.metric}), skipped"
-                )
-                continue
-            stage_budget = Budget(**{budget.metric: max(target / now, 1e-6)})
+        stage_budget, note = _stage_budget(budget, targets[k], previous, original)
         say(
-            f"stage {k + 1}/{len(groups)}: {len(group)} layer(s) "
-            f"({', '.join(group[:4])}{'…' if len(group) > 4 else ''})"
-            + (
-                f", target {target / float(original[budget.metric]):.3f} of the original "
-                f"{budget.metric}"
-                if budget is not None and target is not None
-                else ""
-            )
+            f"stage {k + 1}/{len(groups)}: "
+            + (note or _describe(group, budget, targets[k], original))
         )
-
-        def in_group(_module: nn.Module, fqn: str, members: set[str] = members) -> bool:
-            return fqn in members
-
+        if note:
+            continue  # an earlier stage overshot (whole rank steps): this target is met already
         current, result = compress_model(
             current,
             method=method,
@@ -182,28 +139,104 @@ def multistage(
             measure_original=previous,
             latency=latency,
             max_steps_per_epoch=max_steps_per_epoch,
-            filter_fn=in_group,
+            filter_fn=lambda _m, fqn, members=set(group): fqn in members,
         )
         previous = result["compressed"]
-        result["stage"] = k + 1
-        result["layers_in_stage"] = list(group)
-        result["target_fraction"] = (
-            target / float(original[budget.metric]) if budget is not None and target else None
-        )
-        # Report budgets relative to the original model; keep the stage's own as stage_budget.
-        result["stage_budget"] = result["budget"]
-        if result["target_fraction"] is not None:
-            result["budget"] = {budget.metric: round(result["target_fraction"], 4)}
-        # Fractions relative to the *original* model, not to the previous stage's.
-        result["stage_original"] = result["original"]
-        result["original"] = original
-        result["flops_fraction"] = previous["flops"] / original["flops"]
-        result["params_fraction"] = previous["params"] / original["params"]
-        if latency and previous.get("latency_ms") and original.get("latency_ms"):
-            result["latency_speedup"] = original["latency_ms"] / previous["latency_ms"]
+        _relative_to_original(result, k, group, budget, targets[k], original, latency)
         say(
             f"stage {k + 1}: FLOPs {result['flops_fraction']:.3f} of the original, accuracy "
             f"{previous.get('accuracy', float('nan')):.4f}"
         )
         results.append(result)
     return current, results
+
+
+def _groups(
+    model: nn.Module,
+    method: str,
+    example_batch: Any,
+    stages: int,
+    groups: list[list[str]] | None,
+    settings: dict[str, Any],
+    filter_fn: Callable[[nn.Module, str], bool] | None,
+) -> list[list[str]]:
+    """The caller's groups (checked) or :func:`stage_groups`."""
+    if groups is None:
+        return stage_groups(
+            model, method, example_batch, stages, settings=settings, filter_fn=filter_fn
+        )
+    named = dict(model.named_modules())
+    missing = [f for g in groups for f in g if f not in named]
+    if missing:
+        raise TensorslimError(f"multistage group names unknown layer {missing[0]!r}")
+    groups = [list(g) for g in groups if g]
+    if not groups:
+        raise TensorslimError("multistage needs at least one non-empty group of layers")
+    return groups
+
+
+def _targets(
+    model: nn.Module,
+    example_batch: Any,
+    groups: list[list[str]],
+    budget: Budget | None,
+    original: dict[str, Any],
+) -> list[float | None]:
+    """The absolute cost each stage aims at (None per stage without a budget)."""
+    if budget is None:
+        return [None] * len(groups)
+    infos, _ = collect_layer_info(model, take_samples(example_batch, 1), types=COMPRESSIBLE)
+    metric = budget.metric
+    costs = [
+        sum((infos[f].flops if metric == "flops" else infos[f].params) for f in g if f in infos)
+        for g in groups
+    ]
+    return list(stage_targets(float(original[metric]), budget.fraction, costs))
+
+
+def _stage_budget(
+    budget: Budget | None, target: float | None, previous: dict[str, Any], original: dict
+) -> tuple[Budget | None, str]:
+    """The stage's budget relative to the model it starts from, or why the stage is skipped."""
+    if budget is None or target is None:
+        return None, ""
+    now = float(previous[budget.metric])
+    if now <= target:
+        fraction = now / float(original[budget.metric])
+        return None, f"target already met ({fraction:.3f} of the original {budget.metric}), skipped"
+    return Budget(**{budget.metric: max(target / now, 1e-6)}), ""
+
+
+def _describe(group: list[str], budget: Budget | None, target: float | None, original) -> str:
+    text = f"{len(group)} layer(s) ({', '.join(group[:4])}{'…' if len(group) > 4 else ''})"
+    if budget is not None and target is not None:
+        text += f", target {target / float(original[budget.metric]):.3f} of the original"
+        text += f" {budget.metric}"
+    return text
+
+
+def _relative_to_original(
+    result: dict[str, Any],
+    k: int,
+    group: list[str],
+    budget: Budget | None,
+    target: float | None,
+    original: dict[str, Any],
+    latency: bool,
+) -> None:
+    """Report the stage against the *original* model; keep its own numbers as ``stage_*``."""
+    compressed = result["compressed"]
+    result["stage"] = k + 1
+    result["layers_in_stage"] = list(group)
+    result["target_fraction"] = (
+        target / float(original[budget.metric]) if budget is not None and target else None
+    )
+    result["stage_budget"] = result["budget"]
+    if result["target_fraction"] is not None:
+        result["budget"] = {budget.metric: round(result["target_fraction"], 4)}  # type: ignore[union-attr]
+    result["stage_original"] = result["original"]
+    result["original"] = original
+    result["flops_fraction"] = compressed["flops"] / original["flops"]
+    result["params_fraction"] = compressed["params"] / original["params"]
+    if latency and compressed.get("latency_ms") and original.get("latency_ms"):
+        result["latency_speedup"] = original["latency_ms"] / compressed["latency_ms"]

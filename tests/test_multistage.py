@@ -13,8 +13,8 @@ from conftest import TinyCNN, counted_flops
 from tensorslim.errors import TensorslimError
 from tensorslim.layers.lowrank import LowRankLinear
 from tensorslim.layers.tucker import TuckerConv2d
+from tensorslim.multistage import multistage, stage_groups, stage_targets
 from tensorslim.plan import plans_of
-from tensorslim.train.multistage import multistage, stage_groups, stage_targets
 
 
 @pytest.fixture
@@ -98,14 +98,13 @@ def test_stage_whose_target_is_met_is_skipped(tiny_cnn, loaders, monkeypatch) ->
     import functools
     import sys
 
-    from tensorslim.rank.budget import allocate
+    from tensorslim.rank.allocate import allocate
 
     train, _, example = loaders
     # Random weights and the bare greedy walk (no refund of its overshoot): stage 1 jumps to
     # rank 1 and overshoots stage 2's target.
-    # (the package exports the function plan(), which hides the module of that name)
-    plan_module = sys.modules["tensorslim.plan"]
-    monkeypatch.setattr(plan_module, "allocate", functools.partial(allocate, refund=False))
+    choose_module = sys.modules["tensorslim.planner.choose"]
+    monkeypatch.setattr(choose_module, "allocate", functools.partial(allocate, refund=False))
     small, results = multistage(
         tiny_cnn,
         method="tucker",

@@ -1,0 +1,1 @@
+"""The plan stage: survey → select → calibrate → candidates → choose → assemble, and apply."""

@@ -1,0 +1,93 @@
+"""Planning stage 3: each selected layer's options from the method (errors in output space when
+calibration statistics are there), or the reason the layer stays dense."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from tensorslim.errors import TensorslimError
+from tensorslim.facts import OUTPUT_ERROR, WEIGHT_ERROR, LayerStats, Option
+from tensorslim.layers.base import StructuredLayer
+from tensorslim.methods.base import Method
+from tensorslim.planner.survey import ModelSurvey
+from tensorslim.rank.allocate import LayerChoices
+
+
+@dataclass
+class Candidates:
+    """The options of every layer a method can work on, and why the others stay dense."""
+
+    choices: list[LayerChoices] = field(default_factory=list)
+    dense_reasons: dict[str, str] = field(default_factory=dict)
+    error_space: str = WEIGHT_ERROR
+
+
+def gather_candidates(
+    method: Method,
+    survey: ModelSurvey,
+    selected: list[str],
+    stats: dict[str, LayerStats] | None,
+    cost_metric: str,
+) -> Candidates:
+    """Ask ``method`` for options on every selected layer (``cost_metric`` prices them).
+
+    With an input Gram in ``stats`` the options' errors are measured in output space, so the
+    allocator spends the budget where the data says the error matters.
+    """
+    found = Candidates(
+        error_space=OUTPUT_ERROR if _measures_output(method, stats) else WEIGHT_ERROR
+    )
+    for fqn in selected:
+        module, info = survey.modules[fqn], survey.infos[fqn]
+        reason = _unsupported_reason(method, module, fqn)
+        if reason is not None:
+            found.dense_reasons[fqn] = reason
+            continue
+        layer_stats = stats.get(fqn) if stats else None
+        # without statistics, call as methods written before calibration existed expect
+        options = (
+            method.candidates(module, info)
+            if layer_stats is None
+            else method.candidates(module, info, layer_stats)
+        )
+        if found.error_space == OUTPUT_ERROR and options and layer_stats is not None:
+            options = method.output_errors(module, info, options, layer_stats)
+        if not options:
+            found.dense_reasons[fqn] = f"{method.name} offers no option for this layer"
+            continue
+        dense = {"flops": info.flops, "params": info.params}
+        found.choices.append(LayerChoices(fqn, dense[cost_metric], options, dense))
+    return found
+
+
+def _measures_output(method: Method, stats: dict[str, LayerStats] | None) -> bool:
+    """Output-space errors for decomposition methods whenever calibration gave input Grams."""
+    if method.kind == "training" or not stats:
+        return False
+    return all(s.gram is not None for s in stats.values())
+
+
+def _unsupported_reason(method: Method, module: nn.Module, fqn: str) -> str | None:
+    if isinstance(module, StructuredLayer) or getattr(module, "parametrizations", None):
+        return "already structured"
+    check_finite_weight(module, fqn)
+    return method.supports(module, fqn)
+
+
+def check_finite_weight(module: nn.Module, fqn: str) -> None:
+    """A clear error naming the layer when its weight holds NaN or Inf."""
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and not bool(torch.isfinite(weight.detach()).all()):
+        bad = int((~torch.isfinite(weight.detach())).sum())
+        raise TensorslimError(
+            f"layer {fqn}: its weight holds {bad} NaN/Inf value(s); a decomposition of it is "
+            "meaningless — fix the checkpoint (or exclude the layer)"
+        )
+
+
+def option_cost(option: Option, metric: str) -> int:
+    """What ``option`` costs in the budget's ``metric``."""
+    return option.flops if metric == "flops" else option.params

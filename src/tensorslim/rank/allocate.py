@@ -1,0 +1,249 @@
+"""Global allocation: one option per layer so the model meets its budget at the least error.
+
+Each layer offers options (cost c, error e); keeping the layer dense costs c_dense with e = 0.
+We minimise Σ_layers e² subject to Σ cost ≤ target by a greedy walk down each layer's lower
+convex hull of (cost, e²): repeatedly take the step, over all layers, that saves cost at the
+smallest increase of squared error per unit of cost saved, until the target is met. On convex
+hulls this greedy is the Lagrangian optimum; it overshoots the target by at most one step of one
+layer ("within one rank step"), and the overshoot is then spent on moving layers back to more
+accurate points (the refund).
+
+Caps on a second metric (``caps``): an option that costs more than its dense layer in a capped
+metric is never taken; a cap below the dense total is met by walking the hulls of a combined cost
+c_target/T_target + λ·c_cap/T_cap for a few λ and keeping the feasible choice of least error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from tensorslim.errors import TensorslimError
+from tensorslim.facts import Option
+from tensorslim.rank.budget import METRICS
+
+# weights of the capped metric relative to the target metric tried when a cap must save cost
+CAP_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 10.0, 100.0)
+
+Point = tuple[float, float, Option | None]  # (cost, error², option); None = dense
+CostFn = Callable[["LayerChoices", Option | None], float]
+
+
+@dataclass
+class LayerChoices:
+    """The options of one layer plus its dense cost (the implicit 'keep dense' option).
+
+    ``dense_cost`` is in the allocation's target metric; ``dense_costs`` holds the dense layer's
+    cost in every metric (needed for caps; defaults to ``dense_cost``).
+    """
+
+    fqn: str
+    dense_cost: int
+    options: list[Option]
+    dense_costs: dict[str, int] = field(default_factory=dict)
+
+    def dense(self, metric: str) -> int:
+        return self.dense_costs.get(metric, self.dense_cost)
+
+
+def option_cost(option: Option, metric: str) -> int:
+    """What ``option`` costs in ``metric`` ("flops" or "params")."""
+    return option.flops if metric == "flops" else option.params
+
+
+def metric_cost(metric: str) -> CostFn:
+    """The cost of an option (None: the dense layer) in one metric."""
+    return lambda layer, option: (
+        layer.dense(metric) if option is None else option_cost(option, metric)
+    )
+
+
+def _pareto(choices: LayerChoices, metric: str | CostFn) -> list[Point]:
+    """Undominated (cost, error², option) points incl. dense (dense cost, 0), costliest first.
+
+    A point is dropped when another is no costlier and no less accurate; options costlier than
+    dense are never points.
+    """
+    cost = metric_cost(metric) if isinstance(metric, str) else metric
+    dense = cost(choices, None)
+    points: list[Point] = [(dense, 0.0, None)]
+    points += [
+        (cost(choices, o), float(o.error) ** 2, o)
+        for o in choices.options
+        if cost(choices, o) < dense
+    ]
+    points.sort(key=lambda p: (p[0], p[1]))
+    pareto: list[Point] = []
+    for point in points:  # ascending cost: keep those more accurate than everything cheaper
+        if not pareto or point[1] < pareto[-1][1]:
+            pareto.append(point)
+    pareto.reverse()  # most accurate (costliest) first
+    return pareto
+
+
+def _hull(choices: LayerChoices, metric: str | CostFn) -> list[Point]:
+    """Lower convex hull of (cost, error²), ordered from the most accurate point to the cheapest.
+
+    Starts from the Pareto points (see :func:`_pareto`) and drops those above the hull, so the
+    error added per unit of cost saved grows along it.
+    """
+    hull: list[Point] = []
+    for point in _pareto(choices, metric):
+        while len(hull) >= 2:
+            (c1, e1, _), (c2, e2, _) = hull[-2], hull[-1]
+            if (point[1] - e2) * (c1 - c2) <= (e2 - e1) * (c2 - point[0]):
+                hull.pop()
+            else:
+                break
+        hull.append(point)
+    return hull
+
+
+def allocate(
+    layers: list[LayerChoices],
+    metric: str,
+    target_saving: int,
+    *,
+    refund: bool = True,
+    caps: Mapping[str, int] | None = None,
+) -> tuple[dict[str, Option | None], int]:
+    """Pick one option per layer (None = dense) saving at least ``target_saving`` in ``metric``.
+
+    ``caps`` maps another metric to the saving it needs: > 0 a global saving; 0 (a cap of 1.0)
+    no layer may cost more than dense in it; < 0 (a cap above 1.0) the model may grow in it by
+    at most that much.
+    With ``refund`` the surplus of the last greedy step is spent on moving layers back to more
+    accurate points while every requirement still holds.
+
+    Returns the choice per fqn and the saving reached in ``metric``. If even the cheapest
+    options cannot save that much, every layer takes its cheapest option and the saving reached
+    is smaller.
+    """
+    if metric not in METRICS:
+        raise TensorslimError(f"unknown budget metric '{metric}'")
+    caps = dict(caps or {})
+    # a cap at or below the dense total: no layer may grow in that metric
+    strict = {m: s for m, s in caps.items() if s >= 0}
+    if strict:
+        layers = [_within_caps(layer, strict) for layer in layers]
+    needs = {metric: target_saving, **{m: s for m, s in caps.items() if s != 0}}
+    if len(needs) == 1:
+        picked, saved = _walk(layers, metric_cost(metric), needs, refund)
+        return picked, saved[metric]
+    return _allocate_with_cap(layers, metric, needs, refund)
+
+
+def _within_caps(layer: LayerChoices, caps: Mapping[str, int]) -> LayerChoices:
+    """The layer without options that cost more than dense in a capped metric."""
+    kept = [o for o in layer.options if all(option_cost(o, m) <= layer.dense(m) for m in caps)]
+    return dataclasses.replace(layer, options=kept)
+
+
+def _allocate_with_cap(
+    layers: list[LayerChoices], metric: str, needs: dict[str, int], refund: bool
+) -> tuple[dict[str, Option | None], int]:
+    """The least-error choice meeting every need, over combined costs of a few cap weights."""
+    (cap,) = [m for m in needs if m != metric]  # one other metric today (flops or params)
+    scale = {m: max(1, sum(layer.dense(m) for layer in layers)) for m in (metric, cap)}
+    best: tuple[bool, float, dict[str, Option | None], dict[str, int]] | None = None
+    for weight in CAP_WEIGHTS:
+
+        def cost(layer: LayerChoices, option: Option | None, w: float = weight) -> float:
+            return (
+                metric_cost(metric)(layer, option) / scale[metric]
+                + w * metric_cost(cap)(layer, option) / scale[cap]
+            )
+
+        picked, saved = _walk(layers, cost, needs, refund)
+        feasible = all(saved[m] >= need for m, need in needs.items())
+        error = sum(float(o.error) ** 2 for o in picked.values() if o is not None)
+        if best is None or (feasible, -error) > (best[0], -best[1]):
+            best = (feasible, error, picked, saved)
+    assert best is not None
+    return best[2], best[3][metric]
+
+
+def _walk(
+    layers: list[LayerChoices], cost: CostFn, needs: dict[str, int], refund: bool
+) -> tuple[dict[str, Option | None], dict[str, int]]:
+    """Greedy along each layer's hull of ``cost`` until every metric's need is met."""
+    hulls = {layer.fqn: _hull(layer, cost) for layer in layers}
+    by_fqn = {layer.fqn: layer for layer in layers}
+    position = dict.fromkeys(hulls, 0)
+    heap: list[tuple[float, str]] = []
+
+    def push(fqn: str) -> None:
+        hull, i = hulls[fqn], position[fqn]
+        if i + 1 < len(hull):
+            step = hull[i][0] - hull[i + 1][0]
+            heapq.heappush(heap, ((hull[i + 1][1] - hull[i][1]) / max(step, 1e-30), fqn))
+
+    for fqn in hulls:
+        push(fqn)
+    saved = _savings(by_fqn, {f: h[0][2] for f, h in hulls.items()}, needs)
+    while heap and any(saved[m] < need for m, need in needs.items()):
+        _, fqn = heapq.heappop(heap)
+        hull, i = hulls[fqn], position[fqn]
+        saved = _add_move(saved, by_fqn[fqn], hull[i][2], hull[i + 1][2])
+        position[fqn] = i + 1
+        push(fqn)
+    chosen = {fqn: hulls[fqn][position[fqn]][2] for fqn in hulls}
+    if refund:
+        saved = _refund_overshoot(by_fqn, chosen, saved, needs)
+    return chosen, saved
+
+
+def _savings(
+    layers: Mapping[str, LayerChoices],
+    chosen: Mapping[str, Option | None],
+    needs: Mapping[str, int],
+) -> dict[str, int]:
+    return {
+        m: sum(layers[f].dense(m) - metric_cost(m)(layers[f], o) for f, o in chosen.items())
+        for m in needs
+    }
+
+
+def _add_move(
+    saved: dict[str, int], layer: LayerChoices, old: Option | None, new: Option | None
+) -> dict[str, int]:
+    """``saved`` after ``layer`` moves from option ``old`` to ``new``."""
+    return {
+        m: s + metric_cost(m)(layer, old) - metric_cost(m)(layer, new) for m, s in saved.items()
+    }
+
+
+def _refund_overshoot(
+    layers: Mapping[str, LayerChoices],
+    chosen: dict[str, Option | None],
+    saved: dict[str, int],
+    needs: Mapping[str, int],
+) -> dict[str, int]:
+    """Move layers to more accurate Pareto points while every saving stays ≥ its need.
+
+    The greedy walk goes along convex hulls in whole steps, so its last step can save far more
+    than was still needed: on a flat spectrum the hull is a straight line and one step jumps a
+    layer from dense to rank 1. Each pass here takes the move (to any Pareto point of the target
+    metric, hull or not) with the largest error decrease that the surpluses pay for, until none
+    fits. ``chosen`` is updated in place; the savings reached are returned.
+    """
+    target = next(iter(needs))
+    fronts = {fqn: _pareto(layer, target) for fqn, layer in layers.items()}
+    while True:
+        best: tuple[float, str, Option | None, dict[str, int]] | None = None
+        for fqn, front in fronts.items():
+            current = chosen[fqn]
+            error = float(current.error) ** 2 if current is not None else 0.0
+            for _, point_error, option in front:
+                gain = error - point_error
+                if gain <= 0 or (best is not None and gain <= best[0]):
+                    continue
+                after = _add_move(saved, layers[fqn], current, option)
+                if all(after[m] >= need for m, need in needs.items()):
+                    best = (gain, fqn, option, after)
+        if best is None:
+            return saved
+        _, fqn, option, saved = best
+        chosen[fqn] = option

@@ -1,0 +1,94 @@
+"""Task losses, metrics and distillation losses for ``fit`` and ``evaluate``.
+
+Signatures (so encoders and language models are first-class, not only classifiers):
+
+- ``loss_fn(output, batch) -> scalar tensor``;
+- ``metric_fn(output, batch) -> float | dict[str, float]`` (a batch mean; ``evaluate`` averages
+  over batches weighted by batch size);
+- ``distill_fn(student_output, teacher_output, batch) -> scalar tensor``.
+
+``output`` is whatever the model returns (a tensor, a tuple, a dataclass, a ``ModelOutput``);
+:func:`tensorslim.inputs.output_tensor` finds the logits or hidden states in it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from tensorslim.errors import TensorslimError
+from tensorslim.inputs import batch_targets, output_tensor
+
+LossFn = Callable[[Any, Any], torch.Tensor]
+MetricFn = Callable[[Any, Any], "float | dict[str, float]"]
+DistillFn = Callable[[Any, Any, Any], torch.Tensor]
+
+
+def cross_entropy_loss(output: Any, batch: Any) -> torch.Tensor:
+    """Mean cross-entropy of the output's logits against the batch's targets."""
+    logits = output_tensor(output)
+    targets = batch_targets(batch).to(logits.device)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def top1_accuracy(output: Any, batch: Any) -> dict[str, float]:
+    """``{"accuracy": fraction of argmax(logits) == targets}`` over the batch."""
+    logits = output_tensor(output).detach()
+    targets = batch_targets(batch).to(logits.device)
+    correct = (logits.reshape(-1, logits.shape[-1]).argmax(dim=1) == targets.reshape(-1)).sum()
+    return {"accuracy": float(correct) / max(1, targets.numel())}
+
+
+def kl_distillation(temperature: float = 4.0) -> DistillFn:
+    """Hinton et al.: T² · KL(softmax(t/T) ‖ softmax(s/T)) on the logits, batch mean."""
+    if temperature <= 0:
+        raise TensorslimError(f"the distillation temperature must be > 0, got {temperature}")
+
+    def distill(student: Any, teacher: Any, batch: Any) -> torch.Tensor:
+        return distillation_loss(output_tensor(student), output_tensor(teacher), temperature)
+
+    return distill
+
+
+def distillation_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """T² · KL(softmax(t/T) ‖ softmax(s/T)) over the last dimension, mean over the rest."""
+    t = temperature
+    s = student_logits.reshape(-1, student_logits.shape[-1])
+    q = teacher_logits.reshape(-1, teacher_logits.shape[-1])
+    return F.kl_div(
+        F.log_softmax(s / t, dim=1),
+        F.log_softmax(q / t, dim=1),
+        log_target=True,
+        reduction="batchmean",
+    ) * (t * t)
+
+
+def hidden_state_distillation(cosine_weight: float = 1.0, what: str = "hidden") -> DistillFn:
+    """MSE + ``cosine_weight`` · (1 − cos) between student and teacher hidden states.
+
+    ``what="hidden"`` reads ``last_hidden_state`` (or a tensor output); ``"logits"`` the logits.
+    Both terms are means over tokens; the MSE is per element, so it is scale-aware while the
+    cosine term keeps directions (what similarity search reads) aligned.
+    """
+
+    def distill(student: Any, teacher: Any, batch: Any) -> torch.Tensor:
+        s, t = output_tensor(student, what), output_tensor(teacher, what).detach()
+        mse = F.mse_loss(s, t)
+        cos = F.cosine_similarity(s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1]), dim=1)
+        return mse + cosine_weight * (1.0 - cos).mean()
+
+    return distill
+
+
+def named_distillation(name: str, temperature: float = 4.0) -> DistillFn:
+    """A distillation loss by name: ``"kl"`` (logits) or ``"hidden"`` (MSE + cosine)."""
+    if name == "kl":
+        return kl_distillation(temperature)
+    if name == "hidden":
+        return hidden_state_distillation()
+    raise TensorslimError(f"unknown distillation loss '{name}': use kl or hidden")
