@@ -17,6 +17,7 @@ from tensorslim.errors import TensorslimError
 from tensorslim.facts import LayerStats
 from tensorslim.inputs import ForwardFn, batch_inputs
 from tensorslim.methods.base import Method
+from tensorslim.methods.planned import carry_factorizations
 from tensorslim.methods.registry import get_method
 from tensorslim.planner.assemble import assemble_plan
 from tensorslim.planner.candidates import gather_candidates
@@ -87,7 +88,9 @@ def plan(
     totals = {"flops": survey.model_flops, "params": survey.model_params}
     choice = choose_options(chosen, budget, candidates, survey.infos, totals)
     record = _calibration_record(stats, calibration_batches) if stats else None
-    return assemble_plan(chosen, budget, survey, reasons, candidates, choice, record)
+    result = assemble_plan(chosen, budget, survey, reasons, candidates, choice, record)
+    carry_factorizations(result, chosen)
+    return result
 
 
 def _method(name: str, budget: Budget | None, settings: dict[str, Any]) -> Method:
