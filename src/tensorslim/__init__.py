@@ -30,6 +30,7 @@ from tensorslim.layers import (
 from tensorslim.methods import get_method, list_methods
 from tensorslim.plan import CompressionPlan, LayerPlan, apply, plan
 from tensorslim.rank.budget import Budget
+from tensorslim.refit import refit_right_factors
 from tensorslim.train import evaluate, fit
 from tensorslim.train.batchnorm import recalibrate_batchnorm
 
@@ -78,5 +79,6 @@ __all__ = [
     "load",
     "plan",
     "recalibrate_batchnorm",
+    "refit_right_factors",
     "save",
 ]

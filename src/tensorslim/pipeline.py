@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tensorslim.analysis.calibration import FISHER
 from tensorslim.analysis.flops import count_flops
 from tensorslim.analysis.latency import measure_latency
 from tensorslim.analysis.profile import count_params
@@ -28,6 +29,7 @@ from tensorslim.plan import CompressionPlan, apply, plan, plans_of, refresh_plan
 from tensorslim.rank.budget import Budget
 from tensorslim.train.batchnorm import recalibrate_batchnorm
 from tensorslim.train.loop import evaluate, fit
+from tensorslim.train.losses import cross_entropy_loss
 from tensorslim.train.seeding import PhaseSeeds
 
 
@@ -211,7 +213,7 @@ def compress_model(
     phases = PhaseSeeds(seed, loaders=(train_loader, test_loader))
     phases.start("compress")
     the_plan, method_obj, small = _plan_and_apply(
-        model, method, budget, example_batch, filter_fn, dict(settings or {})
+        model, method, budget, example_batch, filter_fn, dict(settings or {}), train_loader
     )
     if bn_recalibration_batches > 0:
         if train_loader is None:
@@ -269,9 +271,24 @@ def _plan_and_apply(
     example_batch: Any,
     filter_fn: Callable[[nn.Module, str], bool] | None,
     settings: dict[str, Any],
+    train_loader: Iterable | None = None,
 ) -> tuple[CompressionPlan, Method, nn.Module]:
-    """Plan, refuse a plan that compresses nothing, apply; the method as the plan aimed it."""
-    the_plan = plan(model, method, budget, example_batch, filter_fn=filter_fn, **settings)
+    """Plan, refuse a plan that compresses nothing, apply; the method as the plan aimed it.
+
+    A method that declares calibration needs (ASVD, SVD-LLM, FWSVD) calibrates on the first
+    training batches (the Fisher diagonal from the cross-entropy of their targets).
+    """
+    calibration: dict[str, Any] = {}
+    needs = get_method(method, **settings).calibration_needs
+    if needs:
+        if train_loader is None:
+            raise TensorslimError(f"method '{method}' needs calibration batches (training data)")
+        calibration["calibration"] = train_loader
+        if FISHER in needs:
+            calibration["loss_fn"] = cross_entropy_loss
+    the_plan = plan(
+        model, method, budget, example_batch, filter_fn=filter_fn, **calibration, **settings
+    )
     # the plan's settings, not the caller's: the planner already aimed them at the budget
     method_obj = get_method(the_plan.method, **the_plan.settings)
     if not the_plan.compressed_layers:

@@ -55,6 +55,9 @@ class Method(abc.ABC):
     builds: ClassVar[tuple[type[nn.Module], ...]] = ()
     # calibration statistics ``candidates`` wants (names in tensorslim.analysis.calibration)
     calibration_needs: ClassVar[frozenset[str]] = frozenset()
+    # True when ``build(..., init=True)`` needs the layer's calibration statistics (passed as
+    # ``stats=``): the weights depend on the data, not on the dense weight alone
+    needs_statistics_to_build: ClassVar[bool] = False
     # settings the demo runs this method with (None: the demo uses the defaults)
     demo_settings: ClassVar[dict[str, Any] | None] = None
 
