@@ -15,7 +15,12 @@ transformers = pytest.importorskip(
 
 def tiny_gpt2() -> torch.nn.Module:
     config = transformers.GPT2Config(
-        vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=4, bos_token_id=0,
+        vocab_size=64,
+        n_positions=16,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=0,
         eos_token_id=0,
     )
     torch.manual_seed(0)
@@ -43,12 +48,13 @@ def test_gpt2_conv1d_layers_are_planned_and_compressed(tmp_path) -> None:
 def test_gpt2_full_rank_svd_reproduces_the_model() -> None:
     model = tiny_gpt2()
     ids = torch.randint(0, 64, (2, 8))
-    plan = ts.plan(model, "svd", None, {"input_ids": ids}, ratio=1.0, layers=["transformer.h.0.mlp.c_fc"])
+    fc = "transformer.h.0.mlp.c_fc"
+    plan = ts.plan(model, "svd", None, {"input_ids": ids}, ratio=1.0, layers=[fc])
     for lp in plan.layers:  # full rank costs more than dense, so the planner keeps it dense:
-        if lp.fqn == "transformer.h.0.mlp.c_fc":  # force it, the math must still be exact
+        if lp.fqn == fc:  # force it, the math must still be exact
             lp.method, lp.config = "svd", {"rank": 32, "scheme": "channel"}
     small = ts.apply(model, plan)
-    assert isinstance(small.get_submodule("transformer.h.0.mlp.c_fc"), LowRankLinear)
+    assert isinstance(small.get_submodule(fc), LowRankLinear)
     with torch.no_grad():
         torch.testing.assert_close(
             small(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-5

@@ -37,7 +37,8 @@ def count_flops(model: nn.Module, example_input: Any, forward_fn: ForwardFn | No
 def dense_layer_flops(module: nn.Module, input_shape: tuple[int, ...]) -> int:
     """Analytic FLOPs of a Linear, Conv2d or structured layer on an input of ``input_shape``.
 
-    Linear (and Linear-like, e.g. transformers' Conv1D): 2·tokens·in·out. Conv2d: 2·B·Ho·Wo·n·(c/groups)·kh·kw. Other modules: 0.
+    Linear (and Linear-like, e.g. transformers' Conv1D): 2·tokens·in·out.
+    Conv2d: 2·B·Ho·Wo·n·(c/groups)·kh·kw. Other modules: 0.
     """
     if isinstance(module, StructuredLayer):
         return int(module.analytic_flops(tuple(input_shape)))
