@@ -23,6 +23,7 @@ from tensorslim.analysis.latency import measure_latency
 from tensorslim.analysis.profile import count_params
 from tensorslim.errors import TensorslimError
 from tensorslim.inputs import take_samples
+from tensorslim.layers.linear_like import LinearLike
 from tensorslim.methods.base import Method
 from tensorslim.methods.registry import get_method
 from tensorslim.plan import CompressionPlan, apply, plan, plans_of, refresh_plan, set_plans
@@ -91,7 +92,7 @@ def nonzero_counts(
     flops_of = {lp.fqn: lp.flops_before for p in compression_plans for lp in p.layers}
     zero_params, zero_flops = 0, 0.0
     for fqn, module in model.named_modules():
-        if fqn in flops_of and isinstance(module, nn.Linear | nn.Conv2d):
+        if fqn in flops_of and isinstance(module, (LinearLike, nn.Conv2d)):
             weight = module.weight.detach()
             zeros = int((weight == 0).sum())
             zero_params += zeros

@@ -33,7 +33,7 @@ from tensorslim.decompose.svd import (
     matrix_to_conv_weight,
 )
 from tensorslim.errors import TensorslimError
-from tensorslim.layers.base import StructuredLayer
+from tensorslim.layers.base import StructuredLayer, dense_linear
 from tensorslim.layers.conv_geometry import (
     conv_output_hw,
     dense_conv,
@@ -109,19 +109,7 @@ class LowRankLinear(StructuredLayer):
         return self.up(self.down(x))
 
     def to_dense(self) -> nn.Linear:
-        w = self.down.weight
-        dense = nn.Linear(
-            self.in_features,
-            self.out_features,
-            self.up.bias is not None,
-            device=w.device,
-            dtype=w.dtype,
-        )
-        with torch.no_grad():
-            dense.weight.copy_(self.up.weight @ self.down.weight)
-            if self.up.bias is not None:
-                dense.bias.copy_(self.up.bias)
-        return dense
+        return dense_linear(self.up.weight @ self.down.weight, self.up.bias)
 
     def analytic_flops(self, input_shape: tuple[int, ...]) -> int:
         tokens = math.prod(input_shape[:-1])
