@@ -24,6 +24,7 @@ from torch import nn
 
 from tensorslim.errors import TensorslimError
 from tensorslim.inputs import ForwardFn, call_on_batch, model_device, to_device
+from tensorslim.layers.linear_like import is_linear_like, linear_weight
 from tensorslim.layers.lowrank import LowRankLinear
 
 # relative ridge (× tr(X̃ᵀX̃)/d) on the compressed inputs' Gram
@@ -44,7 +45,7 @@ def refit_right_factors(
     forward_fn: ForwardFn | None = None,
 ) -> dict[str, dict[str, float]]:
     """Refit ``down.weight`` of every :class:`LowRankLinear` of ``compressed`` that replaced a
-    Linear of ``original``, in module order (``compressed`` is changed in place).
+    Linear (or HF ``Conv1D``) of ``original``, in module order (``compressed`` is changed in place).
 
     Returns fqn → ``{"before": e0, "after": e1}``, the layer's relative output error
     ‖XWᵀ − X̃VᵀUᵀ‖/‖XWᵀ‖ on the calibration rows before and after its update.
@@ -55,7 +56,7 @@ def refit_right_factors(
     layers = [
         (fqn, m)
         for fqn, m in compressed.named_modules()
-        if isinstance(m, LowRankLinear) and isinstance(named.get(fqn), nn.Linear)
+        if isinstance(m, LowRankLinear) and is_linear_like(named.get(fqn))
     ]
     if not layers:
         raise TensorslimError("the compressed model has no low-rank Linear to refit")
@@ -84,7 +85,7 @@ def _refit_layer(
 ) -> dict[str, float]:
     """Solve the normal equations for one layer's right factor (float64)."""
     cross, gram, energy = _paired_grams(original, compressed, fqn, calibration, batches, forward_fn)
-    w = original.get_submodule(fqn).weight.detach().double()
+    w = linear_weight(original.get_submodule(fqn)).detach().double()
     u = layer.up.weight.detach().double()
     v_old = layer.down.weight.detach().double()
     before = _relative_error(w, u, v_old, cross, gram, energy)

@@ -180,3 +180,30 @@ def test_refit_keeps_the_first_svd_llm_layer_and_improves_the_next(model) -> Non
     assert report["fc1"]["after"] == pytest.approx(report["fc1"]["before"], rel=1e-6, abs=1e-8)
     # fc2 sees fc1's approximate outputs: the update lowers its error on those inputs
     assert report["fc2"]["after"] < report["fc2"]["before"]
+
+
+@pytest.mark.parametrize("name", DATA_AWARE)
+def test_hf_conv1d_layers_are_factorized_like_linears(name: str) -> None:
+    transformers = pytest.importorskip("transformers", reason="transformers is absent")
+    conv1d = transformers.pytorch_utils.Conv1D
+
+    class Gpt2Mlp(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c_fc, self.c_proj = conv1d(10, 12), conv1d(6, 10)  # Conv1D(nf=out, nx=in)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.c_proj(torch.tanh(self.c_fc(x)))
+
+    torch.manual_seed(0)
+    mlp = Gpt2Mlp().eval()
+    loss = square_loss if name == "fwsvd" else None
+    plan = ts.plan(mlp, name, "params=0.99", calibration=batches(), loss_fn=loss)
+    full = {lp.fqn: lp for lp in plan.compressed_layers}
+    assert full, [lp.reason for lp in plan.layers]
+    for lp in full.values():
+        lp.config = {"rank": min(lp.input_shape[-1], lp.output_shape[-1])}
+    small = ts.apply(mlp, plan)
+    x = batches(1, seed=3)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), mlp(x), rtol=1e-4, atol=1e-5)

@@ -1,4 +1,5 @@
-"""Data-aware low-rank SVD of trained Linear layers: ASVD, SVD-LLM and FWSVD.
+"""Data-aware low-rank SVD of trained Linear layers (and HF ``Conv1D``, which reaches every
+method as an equivalent Linear): ASVD, SVD-LLM and FWSVD.
 
 All three truncate the SVD of a weighted weight R·W·T (:mod:`tensorslim.decompose.weighted_svd`)
 and build the same :class:`~tensorslim.layers.lowrank.LowRankLinear` as plain SVD; they differ
