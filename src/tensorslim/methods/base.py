@@ -17,19 +17,23 @@ A method answers, for one layer of a model:
 Methods are classes registered by name; their constructor keyword arguments are their settings,
 which the plan stores so that ``apply`` can build the same method again. A method also declares
 the structured layer types it builds (``builds``), the calibration statistics it needs, the
-settings the demo uses, and may add a ``summary`` of what training did to the results.
+settings the demo uses, its named ``presets`` (``preset="paper"``: the authors' official settings,
+see :mod:`tensorslim.methods.presets`), and may add a ``summary`` of what training did to the
+results.
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor, nn
 
 from tensorslim.errors import TensorslimError
 from tensorslim.facts import OUTPUT_ERROR, Config, LayerInfo, LayerStats, Option
+from tensorslim.methods.presets import Preset
 
 if TYPE_CHECKING:
     from tensorslim.planner.records import CompressionPlan
@@ -57,6 +61,8 @@ class Method(abc.ABC):
     calibration_needs: ClassVar[frozenset[str]] = frozenset()
     # settings the demo runs this method with (None: the demo uses the defaults)
     demo_settings: ClassVar[dict[str, Any] | None] = None
+    # named presets (e.g. "paper": the official code's settings); "default" changes nothing
+    presets: ClassVar[Mapping[str, Preset]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
