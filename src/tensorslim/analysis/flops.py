@@ -16,6 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tensorslim.inputs import ForwardFn, call_model
 from tensorslim.layers.base import StructuredLayer
 from tensorslim.layers.conv_geometry import conv_output_hw
+from tensorslim.layers.linear_like import is_linear_like, linear_features
 
 
 def count_flops(model: nn.Module, example_input: Any, forward_fn: ForwardFn | None = None) -> int:
@@ -36,12 +37,14 @@ def count_flops(model: nn.Module, example_input: Any, forward_fn: ForwardFn | No
 def dense_layer_flops(module: nn.Module, input_shape: tuple[int, ...]) -> int:
     """Analytic FLOPs of a Linear, Conv2d or structured layer on an input of ``input_shape``.
 
-    Linear: 2·tokens·in·out. Conv2d: 2·B·Ho·Wo·n·(c/groups)·kh·kw. Other modules: 0.
+    Linear (and Linear-like, e.g. transformers' Conv1D): 2·tokens·in·out.
+    Conv2d: 2·B·Ho·Wo·n·(c/groups)·kh·kw. Other modules: 0.
     """
     if isinstance(module, StructuredLayer):
         return int(module.analytic_flops(tuple(input_shape)))
-    if isinstance(module, nn.Linear):
-        return 2 * math.prod(input_shape[:-1]) * module.in_features * module.out_features
+    if is_linear_like(module):
+        in_features, out_features = linear_features(module)
+        return 2 * math.prod(input_shape[:-1]) * in_features * out_features
     if isinstance(module, nn.Conv2d):
         batch = math.prod(input_shape[:-3])
         ho, wo = conv_output_hw(

@@ -12,8 +12,10 @@ from tensorslim.analysis.flops import dense_layer_flops
 from tensorslim.facts import LayerInfo
 from tensorslim.inputs import ForwardFn, call_model
 from tensorslim.layers.base import StructuredLayer
+from tensorslim.layers.linear_like import LinearLike
 
-COMPRESSIBLE = (nn.Linear, nn.Conv2d)
+# Linear-like layers (nn.Linear, transformers' Conv1D) and Conv2d: what methods may compress
+COMPRESSIBLE = (LinearLike, nn.Conv2d)
 
 
 def count_params(module: nn.Module) -> int:
