@@ -233,7 +233,12 @@ def compress_model(
         lr=lr, optimizer=optimizer, weight_decay=weight_decay,
     )  # fmt: skip
     the_plan, method_obj, small = _plan_and_apply(
-        model, method, budget, example_batch, filter_fn, {**settings, PRESET_KEY: preset},
+        model,
+        method,
+        budget,
+        example_batch,
+        filter_fn,
+        {**settings, PRESET_KEY: preset},
         train_loader,
     )
     if bn_recalibration_batches > 0:
