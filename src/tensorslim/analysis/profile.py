@@ -13,7 +13,8 @@ from tensorslim.facts import LayerInfo
 from tensorslim.inputs import ForwardFn, call_model
 from tensorslim.layers.base import StructuredLayer
 
-COMPRESSIBLE = (nn.Linear, nn.Conv2d)
+# the layer types a plan covers; every method says for each whether it compresses it or why not
+COMPRESSIBLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
 def count_params(module: nn.Module) -> int:
