@@ -9,27 +9,14 @@ again = ts.load("out/", base_model=fresh_model)
 
 __version__ = "0.1.0"
 
+from tensorslim import layers as _layers
 from tensorslim.errors import TensorslimError
 from tensorslim.io import load, save
-from tensorslim.layers import (
-    CPConv2d,
-    DeButChain,
-    DeButConv2d,
-    DeButFactor,
-    DeButLinear,
-    LowRankConv2d,
-    LowRankLinear,
-    SparseConv2d,
-    SparseLinear,
-    StructuredLayer,
-    SVDConv2d,
-    SVDLinear,
-    TTLinear,
-    TuckerConv2d,
-)
+from tensorslim.layers import *  # noqa: F403 (the structured layers, listed in layers.__all__)
 from tensorslim.methods import get_method, list_methods
 from tensorslim.plan import CompressionPlan, LayerPlan, apply, plan
 from tensorslim.rank.budget import Budget
+from tensorslim.refit import refit_right_factors
 from tensorslim.train import evaluate, fit
 from tensorslim.train.batchnorm import recalibrate_batchnorm
 
@@ -50,23 +37,9 @@ def list_models() -> list[str]:
 
 __all__ = [
     "Budget",
-    "CPConv2d",
     "CompressionPlan",
-    "DeButChain",
-    "DeButConv2d",
-    "DeButFactor",
-    "DeButLinear",
     "LayerPlan",
-    "LowRankConv2d",
-    "LowRankLinear",
-    "SVDConv2d",
-    "SVDLinear",
-    "SparseConv2d",
-    "SparseLinear",
-    "StructuredLayer",
-    "TTLinear",
     "TensorslimError",
-    "TuckerConv2d",
     "__version__",
     "apply",
     "create_model",
@@ -78,5 +51,7 @@ __all__ = [
     "load",
     "plan",
     "recalibrate_batchnorm",
+    "refit_right_factors",
     "save",
+    *_layers.__all__,
 ]

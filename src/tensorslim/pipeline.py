@@ -17,17 +17,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from tensorslim.analysis.calibration import FISHER
 from tensorslim.analysis.flops import count_flops
 from tensorslim.analysis.latency import measure_latency
 from tensorslim.analysis.profile import count_params
 from tensorslim.errors import TensorslimError
 from tensorslim.inputs import take_samples
+from tensorslim.layers.linear_like import LinearLike
 from tensorslim.methods.base import Method
 from tensorslim.methods.registry import get_method
 from tensorslim.plan import CompressionPlan, apply, plan, plans_of, refresh_plan, set_plans
 from tensorslim.rank.budget import Budget
 from tensorslim.train.batchnorm import recalibrate_batchnorm
 from tensorslim.train.loop import evaluate, fit
+from tensorslim.train.losses import cross_entropy_loss
 from tensorslim.train.seeding import PhaseSeeds
 
 
@@ -89,7 +92,7 @@ def nonzero_counts(
     flops_of = {lp.fqn: lp.flops_before for p in compression_plans for lp in p.layers}
     zero_params, zero_flops = 0, 0.0
     for fqn, module in model.named_modules():
-        if fqn in flops_of and isinstance(module, nn.Linear | nn.Conv2d):
+        if fqn in flops_of and isinstance(module, (LinearLike, nn.Conv2d)):
             weight = module.weight.detach()
             zeros = int((weight == 0).sum())
             zero_params += zeros
@@ -211,7 +214,7 @@ def compress_model(
     phases = PhaseSeeds(seed, loaders=(train_loader, test_loader))
     phases.start("compress")
     the_plan, method_obj, small = _plan_and_apply(
-        model, method, budget, example_batch, filter_fn, dict(settings or {})
+        model, method, budget, example_batch, filter_fn, dict(settings or {}), train_loader
     )
     if bn_recalibration_batches > 0:
         if train_loader is None:
@@ -269,9 +272,24 @@ def _plan_and_apply(
     example_batch: Any,
     filter_fn: Callable[[nn.Module, str], bool] | None,
     settings: dict[str, Any],
+    train_loader: Iterable | None = None,
 ) -> tuple[CompressionPlan, Method, nn.Module]:
-    """Plan, refuse a plan that compresses nothing, apply; the method as the plan aimed it."""
-    the_plan = plan(model, method, budget, example_batch, filter_fn=filter_fn, **settings)
+    """Plan, refuse a plan that compresses nothing, apply; the method as the plan aimed it.
+
+    A method that declares calibration needs (ASVD, SVD-LLM, FWSVD) calibrates on the first
+    training batches (the Fisher diagonal from the cross-entropy of their targets).
+    """
+    calibration: dict[str, Any] = {}
+    needs = get_method(method, **settings).calibration_needs
+    if needs:
+        if train_loader is None:
+            raise TensorslimError(f"method '{method}' needs calibration batches (training data)")
+        calibration["calibration"] = train_loader
+        if FISHER in needs:
+            calibration["loss_fn"] = cross_entropy_loss
+    the_plan = plan(
+        model, method, budget, example_batch, filter_fn=filter_fn, **calibration, **settings
+    )
     # the plan's settings, not the caller's: the planner already aimed them at the budget
     method_obj = get_method(the_plan.method, **the_plan.settings)
     if not the_plan.compressed_layers:

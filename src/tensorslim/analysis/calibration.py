@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from tensorslim.errors import TensorslimError
 from tensorslim.facts import LayerStats
 from tensorslim.inputs import ForwardFn, call_on_batch, model_device, to_device
+from tensorslim.layers.linear_like import is_linear_like, is_transposed_linear
 
 GRAM = "gram"
 ABS_MEAN = "abs_mean"
@@ -56,7 +57,7 @@ def input_rows(module: nn.Module, x: torch.Tensor) -> Iterator[torch.Tensor]:
     conv's own padding (mode included), stride and dilation, so that output = M · row. Conv1d:
     the same with a height-1 patch (c·k), unfolded as a (1 × k) kernel over (B, c, 1, L).
     """
-    if isinstance(module, nn.Linear):
+    if is_linear_like(module):
         flat = x.detach().reshape(-1, x.shape[-1])
         step = max(1, CHUNK_ELEMENTS // flat.shape[1])
         for start in range(0, flat.shape[0], step):
@@ -92,7 +93,7 @@ def has_input_rows(module: nn.Module) -> bool:
     Composite layers (attention, recurrent) multiply several matrices by inputs that partly
     arise inside them (the hidden state, the attention output), so they have no single Gram.
     """
-    return isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d))
+    return is_linear_like(module) or isinstance(module, (nn.Conv1d, nn.Conv2d))
 
 
 def _padded_conv_input(conv: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -155,6 +156,8 @@ class _Accumulator:
         grad = grad.grad if grad is not None else None
         if grad is None:
             return
+        if is_transposed_linear(self.module):
+            grad = grad.t()  # the (out, in) orientation of linear_weight, like every Linear
         square = grad.detach().double().pow(2)
         s = self.stats
         s.fisher = square if s.fisher is None else s.fisher.add_(square)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from tensorslim.errors import TensorslimError
+from tensorslim.layers.linear_like import LinearLike, is_linear_like, linear_weight
 
 DEFAULT_DELTA = 0.05
 
@@ -83,11 +84,11 @@ def layer_delta_ranks(
     wanted = set(layers) if layers is not None else None
     report: dict[str, dict[str, float]] = {}
     for fqn, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        if not isinstance(module, (LinearLike, nn.Conv2d)):
             continue
         if wanted is not None and fqn not in wanted:
             continue
-        weight = module.weight.detach()
+        weight = (linear_weight(module) if is_linear_like(module) else module.weight).detach()
         full = min(weight.shape[0], weight[0].numel())
         try:
             rank = delta_rank(weight, delta)

@@ -16,6 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tensorslim.inputs import ForwardFn, call_model
 from tensorslim.layers.base import StructuredLayer
 from tensorslim.layers.conv_geometry import conv_output_hw
+from tensorslim.layers.linear_like import is_linear_like, linear_features
 
 
 def count_flops(model: nn.Module, example_input: Any, forward_fn: ForwardFn | None = None) -> int:
@@ -34,15 +35,16 @@ def count_flops(model: nn.Module, example_input: Any, forward_fn: ForwardFn | No
 
 
 def dense_layer_flops(module: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """Analytic FLOPs of a Linear, Conv1d/Conv2d or structured layer on an input of ``input_shape``.
+    """Analytic FLOPs of a Linear(-like), Conv1d/2d or structured layer on an ``input_shape`` input.
 
-    Linear: 2·tokens·in·out. Conv: 2·B·(output positions)·n·(c/groups)·(kernel taps).
-    Other modules: 0.
+    Linear (and Linear-like, e.g. transformers' Conv1D): 2·tokens·in·out.
+    Conv1d/Conv2d: 2·B·(output positions)·n·(c/groups)·(kernel taps). Other modules: 0.
     """
     if isinstance(module, StructuredLayer):
         return int(module.analytic_flops(tuple(input_shape)))
-    if isinstance(module, nn.Linear):
-        return 2 * math.prod(input_shape[:-1]) * module.in_features * module.out_features
+    if is_linear_like(module):
+        in_features, out_features = linear_features(module)
+        return 2 * math.prod(input_shape[:-1]) * in_features * out_features
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         dims = len(module.kernel_size)
         batch = math.prod(input_shape[: -(dims + 1)])

@@ -12,9 +12,11 @@ from tensorslim.analysis.flops import dense_layer_flops
 from tensorslim.facts import LayerInfo
 from tensorslim.inputs import ForwardFn, call_model
 from tensorslim.layers.base import StructuredLayer
+from tensorslim.layers.linear_like import LinearLike
 
-# the layer types a plan covers; every method says for each whether it compresses it or why not
-COMPRESSIBLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
+# Linear-like layers (nn.Linear, transformers' Conv1D), Conv1d and Conv2d: the layer types a plan
+# covers one by one; every method says for each whether it compresses it or why not
+COMPRESSIBLE = (LinearLike, nn.Conv1d, nn.Conv2d)
 
 
 def count_params(module: nn.Module) -> int:

@@ -57,6 +57,10 @@ def builder_of(layer: object, prefer: str | None = None) -> str | None:
         return prefer
     builders = sorted(n for n, cls in _METHODS.items() if type(layer) in cls.builds)
     if len(builders) > 1:
+        # data-aware methods build the same layers as the method that needs only the weights;
+        # a structure read back (init=False) is the same whichever built it: name that one
+        builders = [n for n in builders if not _METHODS[n].needs_statistics_to_build]
+    if len(builders) > 1:
         raise RuntimeError(f"{type(layer).__name__} is built by several methods: {builders}")
     return builders[0] if builders else None
 

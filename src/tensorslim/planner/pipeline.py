@@ -18,6 +18,8 @@ from tensorslim.facts import LayerStats
 from tensorslim.inputs import ForwardFn, batch_inputs
 from tensorslim.methods.base import Method
 from tensorslim.methods.registry import get_method
+from tensorslim.planner.apply import DEFAULT_CALIBRATION_BATCHES as DEFAULT_BATCHES
+from tensorslim.planner.apply import attach_statistics
 from tensorslim.planner.assemble import assemble_plan
 from tensorslim.planner.candidates import gather_candidates
 from tensorslim.planner.choose import choose_options
@@ -33,7 +35,7 @@ from tensorslim.planner.survey import (
 from tensorslim.rank.budget import Budget
 from tensorslim.surgery import FilterFn
 
-DEFAULT_CALIBRATION_BATCHES = 16
+DEFAULT_CALIBRATION_BATCHES = DEFAULT_BATCHES
 
 
 def plan(
@@ -87,7 +89,10 @@ def plan(
     totals = {"flops": survey.model_flops, "params": survey.model_params}
     choice = choose_options(chosen, budget, candidates, survey.infos, totals)
     record = _calibration_record(stats, calibration_batches) if stats else None
-    return assemble_plan(chosen, budget, survey, reasons, candidates, choice, record)
+    result = assemble_plan(chosen, budget, survey, reasons, candidates, choice, record)
+    if stats:
+        attach_statistics(result, stats)
+    return result
 
 
 def _method(name: str, budget: Budget | None, settings: dict[str, Any]) -> Method:

@@ -260,11 +260,12 @@ def write_report(
 def model_spectra(model: nn.Module, limit: int = 12) -> dict[str, torch.Tensor]:
     """Singular values of each Linear / non-grouped Conv2d weight (channel-wise view)."""
     from tensorslim.decompose.svd import conv_weight_to_matrix, singular_values
+    from tensorslim.layers.linear_like import is_linear_like, linear_weight
 
     spectra = {}
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1):
-            w = module.weight.detach()
+        if is_linear_like(module) or (isinstance(module, nn.Conv2d) and module.groups == 1):
+            w = (linear_weight(module) if is_linear_like(module) else module.weight).detach()
             matrix = w if w.dim() == 2 else conv_weight_to_matrix(w, "channel")
             if min(matrix.shape) > 1:
                 spectra[name] = singular_values(matrix)
