@@ -40,7 +40,8 @@ class _Strict(BaseModel):
 
 
 class ModelSpec(_Strict):
-    """The base model: a zoo name, ``torchvision:NAME`` or ``module:function``; optional weights."""
+    """The base model: a zoo name, ``hf:PATH`` (a local pretrained Hugging Face directory),
+    ``torchvision:NAME`` or ``module:function``; optional weights."""
 
     name: str
     weights: str | None = None
@@ -216,7 +217,8 @@ class Recipe(_Strict):
 
     def order_problem(self) -> tuple[int, str] | None:
         """(stage index, why) for the first stage that cannot run where it stands, else None."""
-        trained = self.model.weights is not None
+        # an hf:PATH model comes with its pretrained weights
+        trained = self.model.weights is not None or self.model.name.strip().startswith("hf:")
         for i, stage in enumerate(self.stages):
             kind = stage.stage
             if kind == "train" or (kind == "svd_train" and stage.settings.get("from_scratch")):
