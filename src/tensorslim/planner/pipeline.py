@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from tensorslim.analysis.calibration import GRAM, LossFn, collect_statistics
+from tensorslim.analysis.calibration import GRAM, LossFn, collect_statistics, has_input_rows
 from tensorslim.errors import TensorslimError
 from tensorslim.facts import LayerStats
 from tensorslim.inputs import ForwardFn, batch_inputs
@@ -160,10 +160,14 @@ def calibrate(
         needs.add(GRAM)
     if not needs:
         return None
+    # attention and recurrent layers have no single input Gram: their errors stay in weight space
+    layers = {fqn: survey.modules[fqn] for fqn in selected if has_input_rows(survey.modules[fqn])}
+    if not layers:
+        return None
     return collect_statistics(
         model,
         calibration,
-        {fqn: survey.modules[fqn] for fqn in selected},
+        layers,
         needs,
         batches=batches,
         loss_fn=loss_fn,
