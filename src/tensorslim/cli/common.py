@@ -298,11 +298,16 @@ class MethodArgs:
 def parse_method(method: str, budget: str | None, setting: list[str] | None) -> MethodArgs:
     """Parse and check a command's method options — before any directory or data exists."""
     from tensorslim.methods import get_method
+    from tensorslim.planner.ties import check_tied_mode
     from tensorslim.rank.budget import Budget
 
     settings = parse_settings(setting)
     parsed = Budget.parse(budget) if budget else None
-    return MethodArgs(method, parsed, settings, get_method(method, **settings))
+    # --set tied=share is the planner's (how tied weights are treated), not the method's
+    if "tied" in settings:
+        check_tied_mode(settings["tied"])
+    method_settings = {k: v for k, v in settings.items() if k != "tied"}
+    return MethodArgs(method, parsed, settings, get_method(method, **method_settings))
 
 
 def parse_settings(items: list[str] | None) -> dict[str, Any]:
