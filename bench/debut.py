@@ -14,9 +14,12 @@ LeNet-5 (the paper's setting): train lenet5 on Fashion-MNIST (weights cached), r
 fc1 and fc2 by DeBut chains (generated at two compression levels) through ``ts.plan`` with an
 explicit chain per layer, initialise them by ALS from the trained weights or randomly, fine-tune
 the same number of epochs, and record accuracy, the layers' ALS errors, layer and model
-compression.
+compression. Each run is repeated per conv unfolding order (``--orders``: the official
+position-major (kh, kw, C_in), the default, and the channel-major (C_in, kh, kw) tensorslim used
+before); only conv2 differs between them, with the same seed, chains and fine-tuning.
 
     python bench/debut.py [--skip-speed] [--skip-lenet] [--rounds 2] [--configs 2 2:passive 1]
+                          [--orders position channel]
 """
 
 from __future__ import annotations
@@ -275,7 +278,7 @@ def lenet_part(args: argparse.Namespace) -> dict[str, Any]:
             w = model.get_submodule(fqn).weight
             out_f, in_f = w.shape[0], w[0].numel()
             chains[fqn] = generate_chains(out_f, in_f, ratio=ratio, limit=1)[0].text
-        for init in ("als", "random"):
+        for init, order in [(i, o) for i in ("als", "random") for o in args.orders]:
             torch.manual_seed(0)
             started = time.perf_counter()
             plan = ts.plan(
@@ -287,6 +290,7 @@ def lenet_part(args: argparse.Namespace) -> dict[str, Any]:
                 chain=chains,
                 init=init,
                 als_sweeps=args.sweeps,
+                order=order,
             )
             small = ts.apply(model, plan)
             init_s = time.perf_counter() - started
@@ -315,6 +319,7 @@ def lenet_part(args: argparse.Namespace) -> dict[str, Any]:
                 {
                     "target_ratio": ratio,
                     "init": init,
+                    "order": order,
                     "accuracy_after_init": before,
                     "accuracy_after_finetune": after,
                     "params": params,
@@ -331,7 +336,7 @@ def lenet_part(args: argparse.Namespace) -> dict[str, Any]:
                 }
             )
             print(
-                f"lenet ratio {ratio} init {init}: acc after init {before:.4f}, "
+                f"lenet ratio {ratio} init {init} order {order}: acc after init {before:.4f}, "
                 f"after {args.ft_epochs} epochs {after:.4f}, model {base_params / params:.2f}×",
                 flush=True,
             )
@@ -385,7 +390,11 @@ def plot(speed: list[dict[str, Any]], lenet: dict[str, Any] | None, path: Path) 
     if lenet:
         ax = axes[row][0]
         runs = lenet["runs"]
-        labels = [f"{r['init']} init, {r['model_compression']:.2f}× smaller model" for r in runs]
+        labels = [
+            f"{r['init']} init, {r.get('order', 'channel')}-major conv, "
+            f"{r['model_compression']:.2f}× smaller"
+            for r in runs
+        ]
         ax.bar(
             range(len(runs)),
             [r["accuracy_after_finetune"] for r in runs],
@@ -401,7 +410,7 @@ def plot(speed: list[dict[str, Any]], lenet: dict[str, Any] | None, path: Path) 
         )
         ax.axhline(lenet["base"]["accuracy"], color="k", linestyle="--", label="dense LeNet-5")
         ax.set_xticks(range(len(runs)))
-        ax.set_xticklabels(labels, fontsize=8)
+        ax.set_xticklabels(labels, fontsize=7, rotation=20, ha="right")
         ax.set_ylim(0, 1)
         ax.set_ylabel("test accuracy")
         ax.set_title("LeNet-5 on Fashion-MNIST: conv2, fc1, fc2 as DeBut chains")
@@ -430,6 +439,9 @@ def main() -> None:
     parser.add_argument("--ft-lr", type=float, default=0.02)
     parser.add_argument("--sweeps", type=int, default=8)
     parser.add_argument("--ratios", type=float, nargs="+", default=[2.0, 4.0])
+    parser.add_argument(
+        "--orders", nargs="+", default=["position", "channel"], choices=["position", "channel"]
+    )
     args = parser.parse_args()
     if args.speed_child is not None:  # a passive-wait configuration, run by the parent
         threads = int(args.configs[0])
@@ -517,6 +529,7 @@ def main() -> None:
                 {
                     "target": f"{r['target_ratio']:g}×",
                     "init": r["init"],
+                    "conv order": r.get("order", "channel"),
                     "acc after init": f"{r['accuracy_after_init']:.4f}",
                     "acc after fine-tune": f"{r['accuracy_after_finetune']:.4f}",
                     "params": r["params"],
@@ -533,13 +546,14 @@ def main() -> None:
         notes.append(
             f"Dense LeNet-5: accuracy {base['accuracy']:.4f}, {base['params']} params, "
             f"{base['flops']} FLOPs, trained {base['train_epochs']} epochs. DeBut runs: same "
-            f"fine-tuning ({args.ft_epochs} epochs, SGD lr {args.ft_lr}, cosine) for both inits."
+            f"fine-tuning ({args.ft_epochs} epochs, SGD lr {args.ft_lr}, cosine) for every init "
+            "and conv order (only conv2 depends on the order; same seed and chains)."
         )
         tables.append(("LeNet-5 on Fashion-MNIST, conv2/fc1/fc2 as DeBut", list(rows[0]), rows))
         chain_rows = [
             {"target": f"{r['target_ratio']:g}×", "layer": ly["layer"], "chain": ly["chain"]}
             for r in lenet["runs"]
-            if r["init"] == "als"
+            if r["init"] == "als" and r.get("order", "channel") == lenet["runs"][0].get("order")
             for ly in r["layers"]
         ]
         tables.append(("LeNet chains", list(chain_rows[0]), chain_rows))

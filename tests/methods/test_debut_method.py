@@ -153,3 +153,42 @@ def test_chain_kind_setting_does_not_shadow_the_method_family() -> None:
     assert type(method).kind == "decomposition" and method.kind == "decomposition"
     with pytest.raises(TensorslimError, match="chain_kind"):
         get_method("debut", chain_kind="zigzag")
+
+
+def test_conv_order_is_part_of_the_plan_and_legacy_entries_load_channel_major() -> None:
+    torch.manual_seed(2)
+    conv = nn.Conv2d(3, 8, 3)
+    info = LayerInfo("c", "Conv2d", (1, 3, 8, 8), (1, 8, 6, 6), 224, 2 * 36 * 8 * 27)
+    method = get_method("debut", ratio=2, candidate_sweeps=1, als_sweeps=2)
+    (option,) = method.candidates(conv, info)
+    assert option.config["order"] == "position"
+    built = method.build(conv, option.config, info)
+    assert isinstance(built, DeButConv2d) and built.order == "position"
+    assert built.config()["order"] == "position"
+    # the error is the position-major kernel's: permute the kernel to (C_out, kh, kw, C_in)
+    matrix = conv.weight.detach().permute(0, 2, 3, 1).reshape(8, -1)
+    generator = torch.Generator().manual_seed(0)
+    chain = option.config["chain"]
+    _, errors = als_fit(matrix, chain, sweeps=1, generator=generator, dtype=torch.float32)
+    assert option.error == pytest.approx(errors[-1], rel=1e-6)
+    channel = get_method("debut", ratio=2, order="channel").candidates(conv, info)[0]
+    assert channel.config["order"] == "channel"
+    # a saved entry from before the order existed (no "order" key) was channel-major
+    legacy = method.build(conv, {"chain": option.config["chain"]}, info, init=False)
+    assert isinstance(legacy, DeButConv2d) and legacy.order == "channel"
+    with pytest.raises(TensorslimError, match="order"):
+        get_method("debut", order="rows")
+
+
+def test_explicit_padded_chain_per_layer() -> None:
+    torch.manual_seed(3)
+    layer = nn.Linear(13, 11)
+    info = linear_info("fc", layer)
+    with pytest.raises(TensorslimError, match="pad=True"):
+        get_method("debut", chain={"fc": "16 16 4 4 1  16 16 4 4 4"}).candidates(layer, info)
+    method = get_method("debut", chain={"fc": "16 16 4 4 1  16 16 4 4 4"}, pad=True)
+    (option,) = method.candidates(layer, info)
+    assert option.config["pad"] is True and option.params == 128 + 11
+    built = method.build(layer, option.config, info)
+    assert isinstance(built, DeButLinear) and built.padded
+    assert built(torch.randn(2, 13)).shape == (2, 11)

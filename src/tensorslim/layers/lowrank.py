@@ -72,7 +72,24 @@ class LowRankLinear(StructuredLayer):
         cls, layer: nn.Linear, rank: int, scheme: str = "channel", driver: SvdDriver = "auto"
     ) -> LowRankLinear:
         """Truncated SVD of ``layer.weight`` (``scheme``: accepted for symmetry)."""
+        _check_rank(
+            rank,
+            min(layer.in_features, layer.out_features),
+            f"Linear({layer.in_features}, {layer.out_features})",
+        )
+        a, b = balanced_factors(layer.weight.detach(), rank, driver)
+        return cls.from_factors(layer, a, b)
+
+    @classmethod
+    def from_factors(cls, layer: nn.Linear, a: torch.Tensor, b: torch.Tensor) -> LowRankLinear:
+        """The layer W ≈ A Bᵀ for given factors A (out × r), B (in × r); ``layer``'s bias."""
         w = layer.weight.detach()
+        rank = a.shape[1]
+        if a.shape != (layer.out_features, rank) or b.shape != (layer.in_features, rank):
+            raise TensorslimError(
+                f"factors {tuple(a.shape)} and {tuple(b.shape)} do not fit Linear"
+                f"({layer.in_features}, {layer.out_features}) at one rank"
+            )
         new = cls(
             layer.in_features,
             layer.out_features,
@@ -81,10 +98,9 @@ class LowRankLinear(StructuredLayer):
             device=w.device,
             dtype=w.dtype,
         )
-        a, b = balanced_factors(w, rank, driver)
         with torch.no_grad():
-            new.up.weight.copy_(a)
-            new.down.weight.copy_(b.T)
+            new.up.weight.copy_(a.to(w.dtype))
+            new.down.weight.copy_(b.T.to(w.dtype))
             if layer.bias is not None:
                 new.up.bias.copy_(layer.bias)
         return new

@@ -4,6 +4,10 @@ For every selected layer the method offers a ladder of generated, qualified chai
 compression ratios (each with its nonzeros, FLOPs and the relative weight error after a few
 ALS sweeps), so the global allocator can pick one chain per layer to meet a FLOPs or params
 budget. A chain can also be given explicitly, for all layers of a shape or per layer.
+
+Conv kernels are viewed as matrices C_out × (kh·kw·C_in) in the official position-major order
+by default (``order``; see ``tensorslim.layers.debut_layout``). A plan entry records the order;
+a saved conv entry without one predates the setting and was channel-major, and loads so.
 """
 
 from __future__ import annotations
@@ -23,6 +27,12 @@ from tensorslim.facts import Config, LayerStats
 from tensorslim.layers.conv_geometry import unsupported_conv_reason
 from tensorslim.layers.debut import INITS, DeButConv2d, DeButLinear
 from tensorslim.layers.debut_chain import DeButChain, generate_chains
+from tensorslim.layers.debut_layout import (
+    check_order,
+    check_padded,
+    kernel_to_matrix,
+    padded_target,
+)
 from tensorslim.methods.base import LayerInfo, Method, Option
 
 DEFAULT_RATIOS = (2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0)
@@ -30,10 +40,17 @@ _ERROR_CACHE: OrderedDict[tuple[str, str, int, int], float] = OrderedDict()
 _ERROR_CACHE_SIZE = 2048
 
 
-def _weight_matrix(module: nn.Module) -> torch.Tensor:
-    """Linear weight, or a conv kernel viewed C_out × (C_in·kh·kw) in unfold order."""
+def _weight_matrix(module: nn.Module, order: str) -> torch.Tensor:
+    """Linear weight, or a conv kernel viewed C_out × (kh·kw·C_in) in ``order``."""
     w = module.weight.detach()
-    return w.reshape(w.shape[0], -1)
+    if isinstance(module, nn.Conv2d):
+        return kernel_to_matrix(w, order)
+    return w
+
+
+def _matrix_shape(module: nn.Module) -> tuple[int, int]:
+    """(out, in) of the weight as a matrix: a conv's is (C_out, kh·kw·C_in)."""
+    return module.weight.shape[0], module.weight[0].numel()
 
 
 def _columns(module: nn.Module, info: LayerInfo) -> int:
@@ -61,7 +78,11 @@ class DeButMethod(Method):
       "monotonic" or "bulging";
     - ``init``: "als" (default), "grad" (Adam on the factors) or "random" (train from scratch);
       ``als_sweeps`` for ``build``, ``candidate_sweeps`` for the error of each candidate (cached
-      per weight and chain), ``grad_steps``, ``seed``.
+      per weight and chain), ``grad_steps``, ``seed``;
+    - ``order``: how a conv kernel is unfolded, "position" (kh, kw, C_in; the official code,
+      default) or "channel" (C_in, kh, kw);
+    - ``pad``: explicit per-layer chains may be larger than their layer (zero-padded input,
+      cropped output, as the official code pads sizes that do not factor).
     """
 
     name: ClassVar[str] = "debut"
@@ -87,8 +108,11 @@ class DeButMethod(Method):
     candidate_sweeps: int = 2
     grad_steps: int = 300
     seed: int = 0
+    order: str = "position"
+    pad: bool = False
 
     def __post_init__(self) -> None:
+        check_order(self.order)
         if self.init not in INITS:
             raise TensorslimError(f"unknown DeBut init '{self.init}': use {', '.join(INITS)}")
         if self.chain_kind not in ("any", "monotonic", "bulging"):
@@ -124,13 +148,15 @@ class DeButMethod(Method):
         return f"{type(module).__name__} is not a Linear or Conv2d"
 
     def _explicit_chain(self, module: nn.Module, fqn: str) -> DeButChain | None:
-        out_f, in_f = _weight_matrix(module).shape
+        out_f, in_f = _matrix_shape(module)
         if isinstance(self.chain, dict):
             text = self.chain.get(fqn)
             if text is None:
                 return None
             chain = DeButChain.parse(text)
-            chain.check_shape(out_f, in_f, f"layer {fqn}")
+            check_padded(
+                chain.out_features, chain.in_features, out_f, in_f, self.pad, f"layer {fqn}"
+            )
             chain.check_qualified()
             return chain
         if isinstance(self.chain, str):
@@ -145,7 +171,7 @@ class DeButMethod(Method):
         explicit = self._explicit_chain(module, fqn)
         if explicit is not None:
             return [explicit]
-        out_f, in_f = _weight_matrix(module).shape
+        out_f, in_f = _matrix_shape(module)
         ratios = [self.ratio] if self.ratio is not None else self.ratios
         chains: dict[str, DeButChain] = {}
         for ratio in ratios:
@@ -173,16 +199,21 @@ class DeButMethod(Method):
     def candidates(
         self, module: nn.Module, info: LayerInfo, stats: LayerStats | None = None
     ) -> list[Option]:
-        weight = _weight_matrix(module)
+        weight = _weight_matrix(module, self.order)
         cols = _columns(module, info)
         bias = module.bias.numel() if module.bias is not None else 0
         options = []
         for chain in self._chains(module, info.fqn, cols):
             error = self._cached_error(weight, chain)
+            config: dict[str, Any] = {"chain": chain.text}
+            if (chain.out_features, chain.in_features) != tuple(weight.shape):
+                config["pad"] = True
+            if isinstance(module, nn.Conv2d):
+                config["order"] = self.order
             options.append(
                 Option(
                     method=self.name,
-                    config={"chain": chain.text},
+                    config=config,
                     params=chain.nnz + bias,
                     flops=chain.flops(cols) * info.calls,
                     error=error,
@@ -205,8 +236,9 @@ class DeButMethod(Method):
             return hit
         generator = torch.Generator().manual_seed(self.seed)
         # float32 is plenty for an estimate that ranks options, and twice as fast
+        target = padded_target(weight, chain.out_features, chain.in_features)
         _, errors = als_fit(
-            weight, chain, sweeps=self.candidate_sweeps, generator=generator, dtype=torch.float32
+            target, chain, sweeps=self.candidate_sweeps, generator=generator, dtype=torch.float32
         )
         error = float(errors[-1])
         _ERROR_CACHE[key] = error
@@ -231,11 +263,22 @@ class DeButMethod(Method):
         if "chain" not in config:
             raise TensorslimError(f"a DeBut plan entry needs a 'chain', got config {config}")
         chain = DeButChain.parse(config["chain"])
+        pad = bool(config.get("pad", False))
+        # a fresh plan states the order; a saved conv entry without one was written before
+        # the order existed, when every DeBut conv was channel-major
+        order = check_order(config.get("order", self.order if init else "channel"))
         if init:
             kwargs = {"sweeps": self.als_sweeps, "steps": self.grad_steps, "seed": self.seed}
             if isinstance(module, nn.Linear):
-                return DeButLinear.from_dense(module, chain, self.init, **kwargs)
-            return DeButConv2d.from_dense(module, chain, self.init, **kwargs)  # type: ignore[arg-type]
+                return DeButLinear.from_dense(module, chain, self.init, pad=pad, **kwargs)
+            return DeButConv2d.from_dense(
+                module,  # type: ignore[arg-type]
+                chain,
+                self.init,
+                order=order,
+                pad=pad,
+                **kwargs,
+            )
         w = module.weight
         if isinstance(module, nn.Linear):
             layer: DeButLinear | DeButConv2d = DeButLinear(
@@ -245,6 +288,7 @@ class DeButMethod(Method):
                 module.bias is not None,
                 device=w.device,
                 dtype=w.dtype,
+                pad=pad,
             )
         else:
             layer = DeButConv2d(
@@ -258,6 +302,8 @@ class DeButMethod(Method):
                 module.bias is not None,
                 device=w.device,
                 dtype=w.dtype,
+                order=order,
+                pad=pad,
             )
         if isinstance(config.get("init"), dict):
             layer.init_info = dict(config["init"])  # keep the record of how it was initialised

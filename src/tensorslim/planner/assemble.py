@@ -136,7 +136,14 @@ def follower_entry(fqn: str, survey: ModelSurvey, ties: TiePlan, choice: Choice)
 
 
 def _uncovered_reason(module: nn.Module) -> str:
-    return f"no method compresses {type(module).__name__} layers yet: kept dense"
+    kind = type(module).__name__
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        # its kernel scatters every input position into a patch: the channel/spatial views the
+        # conv methods factorize do not apply, and no transposed low-rank layer exists yet
+        return f"transposed convolution ({kind}): no method factorizes it yet; kept dense"
+    if isinstance(module, nn.Conv3d):
+        return "3-D convolution: no method factorizes Conv3d yet; kept dense"
+    return f"no method compresses {kind} layers yet: kept dense"
 
 
 def _warnings(layers: list[LayerPlan], survey: ModelSurvey) -> list[str]:

@@ -12,12 +12,14 @@ from typing import Any
 
 from torch import nn
 
-from tensorslim.analysis.calibration import GRAM, LossFn, collect_statistics
+from tensorslim.analysis.calibration import GRAM, LossFn, collect_statistics, has_input_rows
 from tensorslim.errors import TensorslimError
 from tensorslim.facts import LayerStats
 from tensorslim.inputs import ForwardFn, batch_inputs
 from tensorslim.methods.base import Method
 from tensorslim.methods.registry import get_method
+from tensorslim.planner.apply import DEFAULT_CALIBRATION_BATCHES as DEFAULT_BATCHES
+from tensorslim.planner.apply import attach_statistics
 from tensorslim.planner.assemble import assemble_plan
 from tensorslim.planner.candidates import gather_candidates
 from tensorslim.planner.choose import choose_options
@@ -34,7 +36,7 @@ from tensorslim.planner.ties import TiePlan, check_tied_mode, decide_ties
 from tensorslim.rank.budget import Budget
 from tensorslim.surgery import FilterFn
 
-DEFAULT_CALIBRATION_BATCHES = 16
+DEFAULT_CALIBRATION_BATCHES = DEFAULT_BATCHES
 
 
 def plan(
@@ -94,7 +96,10 @@ def plan(
     totals = {"flops": survey.model_flops, "params": survey.model_params}
     choice = choose_options(chosen, budget, candidates, survey.infos, totals)
     record = _calibration_record(stats, calibration_batches) if stats else None
-    return assemble_plan(chosen, budget, survey, reasons, candidates, choice, record, ties)
+    result = assemble_plan(chosen, budget, survey, reasons, candidates, choice, record, ties)
+    if stats:
+        attach_statistics(result, stats)
+    return result
 
 
 def _method(name: str, budget: Budget | None, settings: dict[str, Any]) -> Method:
@@ -172,10 +177,14 @@ def calibrate(
         needs.add(GRAM)
     if not needs:
         return None
+    # attention and recurrent layers have no single input Gram: their errors stay in weight space
+    layers = {fqn: survey.modules[fqn] for fqn in selected if has_input_rows(survey.modules[fqn])}
+    if not layers:
+        return None
     return collect_statistics(
         model,
         calibration,
-        {fqn: survey.modules[fqn] for fqn in selected},
+        layers,
         needs,
         batches=batches,
         loss_fn=loss_fn,
