@@ -17,7 +17,9 @@ A method answers, for one layer of a model:
 Methods are classes registered by name; their constructor keyword arguments are their settings,
 which the plan stores so that ``apply`` can build the same method again. A method also declares
 the structured layer types it builds (``builds``), the calibration statistics it needs, the
-settings the demo uses, and may add a ``summary`` of what training did to the results.
+settings the demo uses, its named ``presets`` (``preset="paper"``: the authors' official settings,
+see :mod:`tensorslim.methods.presets`), and may add a ``summary`` of what training did to the
+results.
 
 Linear-like layers that are not ``nn.Linear`` (transformers' ``Conv1D``, weight stored (in, out))
 reach a method as an equivalent ``nn.Linear``: the base class wraps each subclass's ``supports``,
@@ -31,7 +33,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor, nn
@@ -39,6 +41,7 @@ from torch import Tensor, nn
 from tensorslim.errors import TensorslimError
 from tensorslim.facts import OUTPUT_ERROR, Config, LayerInfo, LayerStats, Option
 from tensorslim.layers.linear_like import as_linear
+from tensorslim.methods.presets import Preset
 
 if TYPE_CHECKING:
     from tensorslim.planner.records import CompressionPlan
@@ -82,6 +85,8 @@ class Method(abc.ABC):
     needs_statistics_to_build: ClassVar[bool] = False
     # settings the demo runs this method with (None: the demo uses the defaults)
     demo_settings: ClassVar[dict[str, Any] | None] = None
+    # named presets (e.g. "paper": the official code's settings); "default" changes nothing
+    presets: ClassVar[Mapping[str, Preset]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -30,6 +30,7 @@ from tensorslim.errors import TensorslimError
 from tensorslim.facts import Config, LayerStats
 from tensorslim.layers.sparse import PRUNABLE_TYPES, add_mask, finalize, mask_of, masked_modules
 from tensorslim.methods.base import LayerInfo, Method, Option
+from tensorslim.methods.presets import Preset
 from tensorslim.train.hooks import TrainHook, unwrap
 from tensorslim.train.pruning import (
     SCHEDULE_KINDS,
@@ -255,6 +256,29 @@ class _PruningMethod(Method):
         return pruning_summary(model, self.delta, layers or None)
 
 
+# The official RPG runs (huawei-noah/Efficient-Computing, Pruning/RPG/train.sh, ResNet-50 on
+# ImageNet): --distribution magnitude-exponential (density D^(j/U) at the j-th of U updates, one
+# global magnitude ranking over every conv and linear weight, the first conv included),
+# --delta 100 (an update every 100 steps), --iterative_T_end_percent 0.9 (the density reaches D at
+# 90 % of training), --alpha 0.3; λ (--lamb) and partial_k vary with the sparsity (0.5 / 0.2 at
+# 80 %, 0.5 / 0.1 at 90 %, 3 / 0.2 at 95 %, 4 / 0.2 at 98 %): λ stays this library's.
+RPG_PAPER = Preset(
+    settings={
+        "schedule": "exponential",
+        "interval": 100,
+        "start": 0.0,
+        "end": 0.9,
+        "scope": "global",
+        "keep_first_dense": False,
+        "keep_last_dense": False,
+        "drop_fraction": 0.3,
+    },
+    description="the official code's schedule: exponential density, ΔT = 100, until 90 %, "
+    "global ranking over all conv and linear layers",
+    source="huawei-noah/Efficient-Computing Pruning/RPG (train.sh, rigl_torch/RigL.py)",
+)
+
+
 @dataclass
 class RPGMethod(_PruningMethod):
     """RPG: gradual global magnitude pruning + RigL regrowth scored by task + λ·adversarial rank
@@ -268,6 +292,7 @@ class RPGMethod(_PruningMethod):
     # δ-rank over GMP's 57.2 to 58.5 / 61.0 / 65.0 at accuracy 0.871 / 0.872 / 0.864 (GMP 0.871);
     # 10 keeps the accuracy (bench/pruning.py, pilot runs).
     rank_weight: float = 10.0
+    presets: ClassVar[dict[str, Preset]] = {"paper": RPG_PAPER}
 
 
 @dataclass

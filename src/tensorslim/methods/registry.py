@@ -7,6 +7,7 @@ import difflib
 from typing import TYPE_CHECKING, Any
 
 from tensorslim.errors import TensorslimError
+from tensorslim.methods.presets import resolve_settings
 
 if TYPE_CHECKING:
     from tensorslim.methods.base import Method
@@ -66,8 +67,13 @@ def builder_of(layer: object, prefer: str | None = None) -> str | None:
 
 
 def get_method(name: str, **settings: Any) -> Method:
-    """An instance of the method ``name`` with the given settings (validated by the method)."""
+    """An instance of the method ``name`` with the given settings (validated by the method).
+
+    ``preset="paper"`` (or any preset the method declares) fills in the preset's settings under
+    the explicit ones (:func:`tensorslim.methods.presets.resolve_settings`).
+    """
     cls = method_class(name)
+    settings = resolve_settings(cls, settings)
     valid = setting_names(cls)
     unknown = sorted(set(settings) - set(valid)) if valid is not None else []
     if unknown:
@@ -75,7 +81,7 @@ def get_method(name: str, **settings: Any) -> Method:
         hint = f" — did you mean '{close[0]}'?" if close else ""
         raise TensorslimError(
             f"bad settings for method '{cls.name}': no setting '{unknown[0]}'{hint} (its "
-            f"settings: {', '.join(valid) if valid else 'none'})"
+            f"settings: {', '.join(valid) if valid else 'none'}; or preset=NAME)"
         )
     try:
         return cls(**settings)
