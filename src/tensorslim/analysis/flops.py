@@ -35,26 +35,27 @@ def count_flops(model: nn.Module, example_input: Any, forward_fn: ForwardFn | No
 
 
 def dense_layer_flops(module: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """Analytic FLOPs of a Linear, Conv2d or structured layer on an input of ``input_shape``.
+    """Analytic FLOPs of a Linear(-like), Conv1d/2d or structured layer on an ``input_shape`` input.
 
     Linear (and Linear-like, e.g. transformers' Conv1D): 2·tokens·in·out.
-    Conv2d: 2·B·Ho·Wo·n·(c/groups)·kh·kw. Other modules: 0.
+    Conv1d/Conv2d: 2·B·(output positions)·n·(c/groups)·(kernel taps). Other modules: 0.
     """
     if isinstance(module, StructuredLayer):
         return int(module.analytic_flops(tuple(input_shape)))
     if is_linear_like(module):
         in_features, out_features = linear_features(module)
         return 2 * math.prod(input_shape[:-1]) * in_features * out_features
-    if isinstance(module, nn.Conv2d):
-        batch = math.prod(input_shape[:-3])
-        ho, wo = conv_output_hw(
-            tuple(input_shape[-2:]),
-            module.kernel_size,
-            module.stride,
-            module.padding,
-            module.dilation,
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        dims = len(module.kernel_size)
+        batch = math.prod(input_shape[: -(dims + 1)])
+        positions = conv_output_hw(
+            tuple(input_shape[-dims:]),  # type: ignore[arg-type]
+            module.kernel_size,  # type: ignore[arg-type]
+            module.stride,  # type: ignore[arg-type]
+            module.padding,  # type: ignore[arg-type]
+            module.dilation,  # type: ignore[arg-type]
         )
-        kh, kw = module.kernel_size
-        per_position = module.out_channels * (module.in_channels // module.groups) * kh * kw
-        return 2 * batch * ho * wo * per_position
+        taps = math.prod(module.kernel_size)
+        per_position = module.out_channels * (module.in_channels // module.groups) * taps
+        return 2 * batch * math.prod(positions) * per_position
     return 0

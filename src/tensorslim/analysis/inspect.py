@@ -32,7 +32,8 @@ def inspect_model(
     for fqn, info in infos.items():
         module = model.get_submodule(fqn)
         w = module.weight.detach()
-        matrix = w if w.dim() == 2 else conv_weight_to_matrix(w, "channel")
+        # Linear (out × in) and Conv1d (n, c, k) flatten to n × c·k; Conv2d uses the channel view
+        matrix = w.reshape(w.shape[0], -1) if w.dim() <= 3 else conv_weight_to_matrix(w, "channel")
         spectrum = singular_values(matrix)
         row: dict[str, Any] = {
             "layer": fqn,

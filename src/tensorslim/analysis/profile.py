@@ -14,8 +14,9 @@ from tensorslim.inputs import ForwardFn, call_model
 from tensorslim.layers.base import StructuredLayer
 from tensorslim.layers.linear_like import LinearLike
 
-# Linear-like layers (nn.Linear, transformers' Conv1D) and Conv2d: what methods may compress
-COMPRESSIBLE = (LinearLike, nn.Conv2d)
+# Linear-like layers (nn.Linear, transformers' Conv1D), Conv1d and Conv2d: the layer types a plan
+# covers one by one; every method says for each whether it compresses it or why not
+COMPRESSIBLE = (LinearLike, nn.Conv1d, nn.Conv2d)
 
 
 def count_params(module: nn.Module) -> int:
