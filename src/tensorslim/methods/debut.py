@@ -101,7 +101,8 @@ class DeButMethod(Method):
     - ``ratios``: the ladder of ratios offered to the allocator (default 2 … 24);
     - ``num_factors``: factor count(s) for generated chains (default 2–6), ``chain_kind``: "any",
       "monotonic" or "bulging";
-    - ``init``: "als" (default), "grad" (Adam on the factors) or "random" (train from scratch);
+    - ``init``: "als" (default), "grad" (Adam on ‖W − Ŵ‖_F), "bp" (the official gradient
+      initialisation: one U[0, 1) probe per plain gradient step) or "random" (from scratch);
       ``als_sweeps`` for ``build``, ``candidate_sweeps`` for the error of each candidate (cached
       per weight and chain), ``grad_steps``, ``seed``;
     - ``order``: how a conv kernel is unfolded, "position" (kh, kw, C_in; the official code,
