@@ -53,6 +53,7 @@ class LayerPlan:
             params=self.params_before,
             flops=self.flops_before,
             calls=int(self.extra.get("calls", 1)),
+            other_shapes=tuple(tuple(s) for s in self.extra.get("other_shapes", ())),
         )
 
 
