@@ -192,3 +192,31 @@ def test_explicit_padded_chain_per_layer() -> None:
     built = method.build(layer, option.config, info)
     assert isinstance(built, DeButLinear) and built.padded
     assert built(torch.randn(2, 13)).shape == (2, 11)
+
+
+def test_paper_preset_initialises_as_the_official_code() -> None:
+    torch.manual_seed(4)
+    layer = nn.Linear(48, 32)
+    info = linear_info("fc", layer)
+    method = get_method("debut", preset="paper", ratio=2, candidate_sweeps=1)
+    assert method.als_sweeps == 10 and method.als_start == "uniform"
+    assert method.als_first == "output" and method.als_balance is False
+    (option,) = method.candidates(layer, info)
+    built = method.build(layer, option.config, info)
+    assert built.init_info["als_start"] == "uniform" and built.init_info["balance"] is False
+    weights, errors = als_fit(
+        layer.weight,
+        option.config["chain"],
+        sweeps=10,
+        generator=torch.Generator().manual_seed(0),
+        start="uniform",
+        first="output",
+        balance=False,
+    )
+    for p, w in zip(built.factors, weights, strict=True):
+        torch.testing.assert_close(p.detach(), w.float())
+    assert built.init_info["error"] == pytest.approx(errors[-1], abs=1e-6)
+    random = get_method("debut", preset="paper", ratio=2, init="random")
+    made = random.build(layer, option.config, info)
+    values = torch.cat([p.detach().reshape(-1) for p in made.factors])
+    assert values.std().item() == pytest.approx(0.5**0.5, rel=0.15)

@@ -34,9 +34,33 @@ from tensorslim.layers.debut_layout import (
     padded_target,
 )
 from tensorslim.methods.base import LayerInfo, Method, Option
+from tensorslim.methods.presets import Preset
 
 DEFAULT_RATIOS = (2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0)
-_ERROR_CACHE: OrderedDict[tuple[str, str, int, int], float] = OrderedDict()
+
+# The official code (rlin27/DeBut): ALS_Initialization/main.py draws the starting factors from
+# U[0, 1) (utils_init.Generate_Chain), sweeps its factor list output side first, keeps the scales
+# ALS leaves, and runs --iter 10 sweeps for LeNet and VGG (scripts/init_lenet.sh, init_vgg.sh;
+# 20 for ResNet-50); its layers start from N(0, 1/2) nonzeros (DeBut.__init__, scaling 1/√2);
+# Fine_tuning/bash_files/train_lenet.sh fine-tunes with SGD, lr 0.01, momentum 0.9, weight
+# decay 5e-4. Convs are position-major in both, as here by default.
+DEBUT_PAPER = Preset(
+    settings={
+        "init": "als",
+        "als_sweeps": 10,
+        "als_start": "uniform",
+        "als_first": "output",
+        "als_balance": False,
+        "random_std": 0.5**0.5,
+        "order": "position",
+    },
+    training={"lr": 0.01, "optimizer": "sgd", "weight_decay": 5e-4},
+    description="the official initialisation: ALS from U[0, 1) factors, 10 sweeps starting at "
+    "the output side, no rescaling; random layers N(0, 1/2)",
+    source="rlin27/DeBut (ALS_Initialization/main.py, utils_init.py, script/init_lenet.sh; "
+    "Fine_tuning/debut/debut.py, bash_files/train_lenet.sh)",
+)
+_ERROR_CACHE: OrderedDict[tuple[Any, ...], float] = OrderedDict()
 _ERROR_CACHE_SIZE = 2048
 
 
@@ -82,7 +106,13 @@ class DeButMethod(Method):
     - ``order``: how a conv kernel is unfolded, "position" (kh, kw, C_in; the official code,
       default) or "channel" (C_in, kh, kw);
     - ``pad``: explicit per-layer chains may be larger than their layer (zero-padded input,
-      cropped output, as the official code pads sizes that do not factor).
+      cropped output, as the official code pads sizes that do not factor);
+    - ``als_start`` ("normal": N(0, 1/s_k); "uniform": U[0, 1) as the official code),
+      ``als_first`` (the side the first ALS sweep starts from, "input" or "output"),
+      ``als_balance`` (equalise the factors' norms after ALS), ``random_std`` (std of every
+      nonzero for ``init="random"``; default N(0, 1/s_k)).
+
+    ``preset="paper"``: the official code's initialisation (see ``DEBUT_PAPER``).
     """
 
     name: ClassVar[str] = "debut"
@@ -110,9 +140,20 @@ class DeButMethod(Method):
     seed: int = 0
     order: str = "position"
     pad: bool = False
+    als_start: str = "normal"
+    als_first: str = "input"
+    als_balance: bool = True
+    random_std: float | None = None
+    presets: ClassVar[dict[str, Preset]] = {"paper": DEBUT_PAPER}
 
     def __post_init__(self) -> None:
         check_order(self.order)
+        if self.als_start not in ("normal", "uniform"):
+            raise TensorslimError(f"unknown als_start '{self.als_start}': use normal or uniform")
+        if self.als_first not in ("input", "output"):
+            raise TensorslimError(f"unknown als_first '{self.als_first}': use input or output")
+        if self.random_std is not None and not self.random_std > 0:
+            raise TensorslimError(f"random_std must be positive, got {self.random_std}")
         if self.init not in INITS:
             raise TensorslimError(f"unknown DeBut init '{self.init}': use {', '.join(INITS)}")
         if self.chain_kind not in ("any", "monotonic", "bulging"):
@@ -229,7 +270,14 @@ class DeButMethod(Method):
         return options
 
     def _cached_error(self, weight: torch.Tensor, chain: DeButChain) -> float:
-        key = (_fingerprint(weight), chain.text, self.candidate_sweeps, self.seed)
+        key = (
+            _fingerprint(weight),
+            chain.text,
+            self.candidate_sweeps,
+            self.seed,
+            self.als_start,
+            self.als_first,
+        )
         hit = _ERROR_CACHE.get(key)
         if hit is not None:
             _ERROR_CACHE.move_to_end(key)
@@ -238,7 +286,13 @@ class DeButMethod(Method):
         # float32 is plenty for an estimate that ranks options, and twice as fast
         target = padded_target(weight, chain.out_features, chain.in_features)
         _, errors = als_fit(
-            target, chain, sweeps=self.candidate_sweeps, generator=generator, dtype=torch.float32
+            target,
+            chain,
+            sweeps=self.candidate_sweeps,
+            generator=generator,
+            dtype=torch.float32,
+            start=self.als_start,
+            first=self.als_first,
         )
         error = float(errors[-1])
         _ERROR_CACHE[key] = error
@@ -268,7 +322,15 @@ class DeButMethod(Method):
         # the order existed, when every DeBut conv was channel-major
         order = check_order(config.get("order", self.order if init else "channel"))
         if init:
-            kwargs = {"sweeps": self.als_sweeps, "steps": self.grad_steps, "seed": self.seed}
+            kwargs = {
+                "sweeps": self.als_sweeps,
+                "steps": self.grad_steps,
+                "seed": self.seed,
+                "als_start": self.als_start,
+                "als_first": self.als_first,
+                "balance": self.als_balance,
+                "random_std": self.random_std,
+            }
             if isinstance(module, nn.Linear):
                 return DeButLinear.from_dense(module, chain, self.init, pad=pad, **kwargs)
             return DeButConv2d.from_dense(

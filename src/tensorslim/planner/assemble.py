@@ -36,8 +36,18 @@ def dense_entry(fqn: str, module: nn.Module, info: LayerInfo | None, reason: str
         params_after=params,
         flops_before=flops,
         flops_after=flops,
-        extra={"calls": info.calls} if info else {},
+        extra=_info_extra(info),
     )
+
+
+def _info_extra(info: LayerInfo | None) -> dict[str, Any]:
+    """What a plan keeps of the survey beyond the shapes: the calls, an attention's key shapes."""
+    if info is None:
+        return {}
+    extra: dict[str, Any] = {"calls": info.calls}
+    if info.other_shapes:
+        extra["other_shapes"] = [list(s) for s in info.other_shapes]
+    return extra
 
 
 def compressed_entry(
