@@ -17,18 +17,25 @@ from typing import Any
 import torch
 from torch import nn
 
+from tensorslim.analysis.calibration import FISHER
 from tensorslim.analysis.flops import count_flops
 from tensorslim.analysis.latency import measure_latency
 from tensorslim.analysis.profile import count_params
 from tensorslim.errors import TensorslimError
 from tensorslim.inputs import take_samples
+from tensorslim.layers.linear_like import LinearLike
 from tensorslim.methods.base import Method
-from tensorslim.methods.registry import get_method
+from tensorslim.methods.presets import DEFAULT_PRESET, PRESET_KEY, resolve_training
+from tensorslim.methods.registry import get_method, method_class
 from tensorslim.plan import CompressionPlan, apply, plan, plans_of, refresh_plan, set_plans
 from tensorslim.rank.budget import Budget
 from tensorslim.train.batchnorm import recalibrate_batchnorm
 from tensorslim.train.loop import evaluate, fit
+from tensorslim.train.losses import cross_entropy_loss
 from tensorslim.train.seeding import PhaseSeeds
+
+# the fine-tuning settings of compress_model when neither the caller nor a preset sets them
+TRAINING_DEFAULTS: dict[str, Any] = {"lr": 0.01, "optimizer": "sgd", "weight_decay": 5e-4}
 
 
 def machine_facts() -> dict[str, Any]:
@@ -89,7 +96,7 @@ def nonzero_counts(
     flops_of = {lp.fqn: lp.flops_before for p in compression_plans for lp in p.layers}
     zero_params, zero_flops = 0, 0.0
     for fqn, module in model.named_modules():
-        if fqn in flops_of and isinstance(module, nn.Linear | nn.Conv2d):
+        if fqn in flops_of and isinstance(module, (LinearLike, nn.Conv2d)):
             weight = module.weight.detach()
             zeros = int((weight == 0).sum())
             zero_params += zeros
@@ -132,6 +139,7 @@ class _FineTuner:
     test_loader: Iterable | None
     lr: float
     optimizer: str
+    weight_decay: float
     teacher: nn.Module | None
     resume: bool
     progress: bool
@@ -150,6 +158,7 @@ class _FineTuner:
             epochs=epochs,
             lr=self.lr,
             optimizer=self.optimizer,
+            weight_decay=self.weight_decay,
             hooks=hooks,
             test_loader=self.test_loader,
             teacher=self.teacher,
@@ -168,12 +177,14 @@ def compress_model(
     method: str,
     budget: Budget | None,
     settings: dict[str, Any] | None = None,
+    preset: str | None = None,
     train_loader: Iterable | None,
     test_loader: Iterable | None,
     example_batch: Any,
     finetune_epochs: int = 1,
-    lr: float = 0.01,
-    optimizer: str = "sgd",
+    lr: float | None = None,
+    optimizer: str | None = None,
+    weight_decay: float | None = None,
     distill: bool = False,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
@@ -199,6 +210,11 @@ def compress_model(
     ``post-finalize`` each start from ``seed_phase(seed, phase)`` (results ``seeds``), so a
     ``resume`` that re-enters a phase draws what an uninterrupted run drew.
 
+    ``preset`` (or ``settings["preset"]``) names one of the method's presets, e.g. ``"paper"``
+    for the official code's settings; ``settings`` given explicitly override it. ``lr``,
+    ``optimizer`` and ``weight_decay`` left at ``None`` take the preset's training values, else
+    0.01, ``"sgd"`` and 5e-4.
+
     The results dict holds ``original`` and ``compressed`` (each: accuracy, params, flops,
     latency_ms), ``accuracy_before_finetune``, ``accuracy_after_finalize`` (before the
     post-finalize epochs), the per-layer ``layers`` rows, the ``history`` of every epoch and
@@ -210,8 +226,20 @@ def compress_model(
     original = measure_original or measure(model, example_batch, test_loader, latency=latency)
     phases = PhaseSeeds(seed, loaders=(train_loader, test_loader))
     phases.start("compress")
+    settings = dict(settings or {})
+    preset = settings.pop(PRESET_KEY, None) if preset is None else preset
+    training = resolve_training(
+        method_class(method), preset, TRAINING_DEFAULTS,
+        lr=lr, optimizer=optimizer, weight_decay=weight_decay,
+    )  # fmt: skip
     the_plan, method_obj, small = _plan_and_apply(
-        model, method, budget, example_batch, filter_fn, dict(settings or {})
+        model,
+        method,
+        budget,
+        example_batch,
+        filter_fn,
+        {**settings, PRESET_KEY: preset},
+        train_loader,
     )
     if bn_recalibration_batches > 0:
         if train_loader is None:
@@ -225,7 +253,8 @@ def compress_model(
             f"method '{method}' works during training: give --finetune-epochs ≥ 1"
         )
     tuner = _FineTuner(
-        small, train_loader, test_loader, lr, optimizer,
+        small, train_loader, test_loader, training["lr"], training["optimizer"],
+        training["weight_decay"],
         copy.deepcopy(model).eval() if distill else None,
         resume, progress, log, max_steps_per_epoch, method,
     )  # fmt: skip
@@ -246,10 +275,15 @@ def compress_model(
     results = _results(method, method_obj, budget, original, compressed, latency)
     results.update(
         {
+            "preset": preset or DEFAULT_PRESET,
+            "training": training,
             "accuracy_before_finetune": before.get("accuracy"),
             "bn_recalibration_batches": bn_recalibration_batches,
             "accuracy_after_finalize": after_finalize.get("accuracy", compressed.get("accuracy")),
             "plan_notes": the_plan.notes,
+            # the plan's estimate in both metrics (the measured fractions are above)
+            "plan_summary": the_plan.summary(),
+            "plan_fractions": the_plan.fractions,
             "layers": layer_rows(plans_of(small)[-1]),
             "history": history,
             "seeds": phases.seeds,
@@ -269,9 +303,24 @@ def _plan_and_apply(
     example_batch: Any,
     filter_fn: Callable[[nn.Module, str], bool] | None,
     settings: dict[str, Any],
+    train_loader: Iterable | None = None,
 ) -> tuple[CompressionPlan, Method, nn.Module]:
-    """Plan, refuse a plan that compresses nothing, apply; the method as the plan aimed it."""
-    the_plan = plan(model, method, budget, example_batch, filter_fn=filter_fn, **settings)
+    """Plan, refuse a plan that compresses nothing, apply; the method as the plan aimed it.
+
+    A method that declares calibration needs (ASVD, SVD-LLM, FWSVD) calibrates on the first
+    training batches (the Fisher diagonal from the cross-entropy of their targets).
+    """
+    calibration: dict[str, Any] = {}
+    needs = get_method(method, **settings).calibration_needs
+    if needs:
+        if train_loader is None:
+            raise TensorslimError(f"method '{method}' needs calibration batches (training data)")
+        calibration["calibration"] = train_loader
+        if FISHER in needs:
+            calibration["loss_fn"] = cross_entropy_loss
+    the_plan = plan(
+        model, method, budget, example_batch, filter_fn=filter_fn, **calibration, **settings
+    )
     # the plan's settings, not the caller's: the planner already aimed them at the budget
     method_obj = get_method(the_plan.method, **the_plan.settings)
     if not the_plan.compressed_layers:

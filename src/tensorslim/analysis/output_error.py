@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from tensorslim.errors import TensorslimError
+from tensorslim.layers.linear_like import is_linear_like, linear_weight
 
 
 def weight_rows_matrix(module: nn.Module) -> torch.Tensor:
@@ -26,6 +27,8 @@ def weight_rows_matrix(module: nn.Module) -> torch.Tensor:
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor):
         raise TensorslimError(f"{type(module).__name__} has no weight to measure an error on")
+    if is_linear_like(module):
+        weight = linear_weight(module)  # (out, in) also for a weight stored (in, out)
     w = weight.detach().double()
     return w.reshape(w.shape[0], -1)
 

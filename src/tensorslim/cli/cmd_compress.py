@@ -30,6 +30,7 @@ def register(app: typer.Typer) -> None:
         method: str = option("method"),
         budget: str = option("budget"),
         setting: list[str] = option("setting"),
+        preset: str = option("preset"),
         finetune_epochs: int = typer.Option(
             1,
             min=0,
@@ -48,7 +49,9 @@ def register(app: typer.Typer) -> None:
             help="Re-estimate BatchNorm statistics on this many training batches after the "
             "layers are replaced (before fine-tuning).",
         ),
-        lr: float = typer.Option(0.01, min=0.0, help="Fine-tune learning rate."),
+        lr: float = typer.Option(
+            None, min=0.0, help="Fine-tune learning rate (default: the preset's, else 0.01)."
+        ),
         distill: bool = typer.Option(
             False, help="Distil from the uncompressed model while fine-tuning."
         ),
@@ -57,7 +60,7 @@ def register(app: typer.Typer) -> None:
 
         Plans, replaces the layers, fine-tunes, measures and writes the report and the model.
         """
-        chosen = parse_method(method, budget, setting)  # bad input fails before any work
+        chosen = parse_method(method, budget, setting, preset)  # bad input fails before any work
         if post_finalize_epochs is None:
             post_finalize_epochs = chosen.method.post_finalize_epochs
         with run.open(ctx):
@@ -95,5 +98,7 @@ def register(app: typer.Typer) -> None:
                 base_history=base_history,
             )
         print_table("layers", LAYER_COLUMNS, results["layers"])
+        if results.get("plan_summary"):  # (a run resumed from an older results.json has none)
+            typer.echo(f"plan: {results['plan_summary']}")
         print_result_table(original, results)
         typer.echo(f"wrote {run.out}/results.json, report.md, plan.json, model/")

@@ -125,6 +125,11 @@ SHARED_OPTIONS: dict[str, dict[str, Any]] = {
         "decls": ("--set",),
         "help": "Method setting KEY=VALUE (repeat), e.g. --set scheme=spatial.",
     },
+    "preset": {
+        "default": None,
+        "help": "A named preset of the method's settings, e.g. 'paper' for the official code's "
+        "(see README); --set values override it.",
+    },
     "trust_code": {
         "default": False,
         "help": "Allow importing the Python code (module:function) that a run directory or "
@@ -287,7 +292,8 @@ KEYWORD = inspect.Parameter.KEYWORD_ONLY
 
 @dataclass
 class MethodArgs:
-    """``--method``, ``--budget`` and ``--set`` parsed and checked (see :func:`parse_method`)."""
+    """``--method``, ``--budget``, ``--set`` and ``--preset`` parsed and checked (see
+    :func:`parse_method`)."""
 
     name: str
     budget: Any  # Budget | None
@@ -295,14 +301,28 @@ class MethodArgs:
     method: Any  # the Method instance: its settings are valid
 
 
-def parse_method(method: str, budget: str | None, setting: list[str] | None) -> MethodArgs:
-    """Parse and check a command's method options — before any directory or data exists."""
+def parse_method(
+    method: str, budget: str | None, setting: list[str] | None, preset: str | None = None
+) -> MethodArgs:
+    """Parse and check a command's method options — before any directory or data exists.
+
+    ``preset`` (``--preset paper``) goes into the settings under ``preset``, where every method
+    builder resolves it; ``--set`` values override the preset's.
+    """
     from tensorslim.methods import get_method
+    from tensorslim.methods.presets import PRESET_KEY
+    from tensorslim.planner.ties import check_tied_mode
     from tensorslim.rank.budget import Budget
 
     settings = parse_settings(setting)
+    if preset is not None:
+        settings[PRESET_KEY] = preset
     parsed = Budget.parse(budget) if budget else None
-    return MethodArgs(method, parsed, settings, get_method(method, **settings))
+    # --set tied=share is the planner's (how tied weights are treated), not the method's
+    if "tied" in settings:
+        check_tied_mode(settings["tied"])
+    method_settings = {k: v for k, v in settings.items() if k != "tied"}
+    return MethodArgs(method, parsed, settings, get_method(method, **method_settings))
 
 
 def parse_settings(items: list[str] | None) -> dict[str, Any]:

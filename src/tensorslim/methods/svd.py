@@ -1,4 +1,4 @@
-"""Post-hoc low-rank SVD of trained Linear and Conv2d layers (the foundation method)."""
+"""Post-hoc low-rank SVD of trained Linear, Conv1d and Conv2d layers (the foundation method)."""
 
 from __future__ import annotations
 
@@ -19,9 +19,17 @@ from tensorslim.analysis.output_error import (
 from tensorslim.decompose.svd import conv_weight_to_matrix, matrix_to_conv_weight, singular_values
 from tensorslim.errors import TensorslimError
 from tensorslim.facts import OUTPUT_ERROR, Config, LayerStats
+from tensorslim.layers.composite import (
+    composite_matrices,
+    is_composite,
+    unsupported_composite_reason,
+)
 from tensorslim.layers.conv_geometry import unsupported_conv_reason
 from tensorslim.layers.lowrank import LowRankConv2d, LowRankLinear
+from tensorslim.layers.lowrank_conv1d import LowRankConv1d
+from tensorslim.layers.recurrent import LowRankRNN
 from tensorslim.methods.base import LayerInfo, Method, Option
+from tensorslim.methods.svd_composite import build_composite, composite_candidates
 from tensorslim.rank.select import (
     energy_kept,
     rank_from_energy,
@@ -35,7 +43,8 @@ MAX_LADDER = 48  # options per layer offered to the allocator (ranks spaced over
 
 @dataclass
 class SVDMethod(Method):
-    """Truncated SVD: Linear → two Linears, Conv2d → two convs (channel- or spatial-wise).
+    """Truncated SVD: Linear → two Linears, Conv1d → two Conv1ds (channel-wise), Conv2d → two
+    convs (channel- or spatial-wise).
 
     Settings: ``scheme`` ("channel", "spatial", or "best": offer both and let the allocator
     choose); one optional per-layer rule — ``rank`` (fixed), ``ratio`` (of the full rank) or
@@ -48,6 +57,8 @@ class SVDMethod(Method):
     builds: ClassVar[tuple[type[nn.Module], ...]] = (
         LowRankLinear,
         LowRankConv2d,
+        LowRankConv1d,
+        LowRankRNN,
     )
     scheme: str = "channel"
     rank: int | None = None
@@ -75,18 +86,26 @@ class SVDMethod(Method):
     def supports(self, module: nn.Module, fqn: str) -> str | None:
         if isinstance(module, nn.Linear):
             return None
-        if isinstance(module, nn.Conv2d):
+        if isinstance(module, (nn.Conv1d, nn.Conv2d)):
             return unsupported_conv_reason(module)
-        return f"{type(module).__name__} is not a Linear or Conv2d"
+        if is_composite(module):
+            return unsupported_composite_reason(module)
+        return (
+            f"{type(module).__name__} is not a layer svd factorizes "
+            "(Linear, Conv1d, Conv2d, RNN/LSTM/GRU)"
+        )
 
     def _schemes(self, module: nn.Module) -> tuple[str, ...]:
-        if isinstance(module, nn.Linear) or tuple(module.kernel_size) == (1, 1):
+        # a 1-D kernel has no second spatial axis to split: only the channel scheme exists
+        if not isinstance(module, nn.Conv2d) or tuple(module.kernel_size) == (1, 1):
             return ("channel",)
         return ("channel", "spatial") if self.scheme == "best" else (self.scheme,)
 
     def candidates(
         self, module: nn.Module, info: LayerInfo, stats: LayerStats | None = None
     ) -> list[Option]:
+        if is_composite(module):
+            return composite_candidates(self, module, info, _ladder(_largest_full_rank(module)))
         options: list[Option] = []
         for scheme in self._schemes(module):
             spectrum = _spectrum(module, scheme)
@@ -146,6 +165,8 @@ class SVDMethod(Method):
     def build(
         self, module: nn.Module, config: Config, info: LayerInfo | None, *, init: bool = True
     ) -> nn.Module:
+        if is_composite(module):
+            return build_composite(module, config, init=init, driver=self.driver)  # type: ignore[arg-type]
         rank, scheme = config.get("rank"), str(config.get("scheme", "channel"))
         # an edited plan may hold anything here: int() would turn 2.5 into 2 without a word
         if isinstance(rank, bool) or not isinstance(rank, int):
@@ -153,6 +174,8 @@ class SVDMethod(Method):
         if init:
             if isinstance(module, nn.Linear):
                 return LowRankLinear.from_dense(module, rank, driver=self.driver)  # type: ignore[arg-type]
+            if isinstance(module, nn.Conv1d):
+                return LowRankConv1d.from_dense(module, rank, driver=self.driver)
             return LowRankConv2d.from_dense(module, rank, scheme, driver=self.driver)  # type: ignore[arg-type]
         return self._skeleton(module, rank, scheme)
 
@@ -166,6 +189,19 @@ class SVDMethod(Method):
                 module.in_features,
                 module.out_features,
                 rank,
+                module.bias is not None,
+                device=device,
+                dtype=dtype,
+            )
+        if isinstance(module, nn.Conv1d):
+            return LowRankConv1d(
+                module.in_channels,
+                module.out_channels,
+                module.kernel_size,  # type: ignore[arg-type]
+                rank,
+                module.stride,  # type: ignore[arg-type]
+                module.padding,  # type: ignore[arg-type]
+                module.dilation,  # type: ignore[arg-type]
                 module.bias is not None,
                 device=device,
                 dtype=dtype,
@@ -206,6 +242,9 @@ def _params(module: nn.Module, rank: int, scheme: str) -> int:
     bias = module.bias.numel() if getattr(module, "bias", None) is not None else 0
     if isinstance(module, nn.Linear):
         return rank * (module.in_features + module.out_features) + bias
+    if isinstance(module, nn.Conv1d):
+        n, c, k = module.weight.shape
+        return rank * (c * k + n) + bias
     n, c, kh, kw = module.weight.shape
     if scheme == "channel":
         return rank * (c * kh * kw + n) + bias
@@ -214,7 +253,13 @@ def _params(module: nn.Module, rank: int, scheme: str) -> int:
 
 def _spectrum(module: nn.Module, scheme: str) -> torch.Tensor:
     weight = module.weight.detach()
-    return singular_values(weight if weight.dim() == 2 else conv_weight_to_matrix(weight, scheme))
+    if weight.dim() <= 3:  # Linear (out × in), Conv1d (n, c, k) → n × c·k
+        return singular_values(weight.reshape(weight.shape[0], -1))
+    return singular_values(conv_weight_to_matrix(weight, scheme))
+
+
+def _largest_full_rank(module: nn.Module) -> int:
+    return max(min(w.shape) for w in composite_matrices(module))
 
 
 @lru_cache(maxsize=256)

@@ -5,7 +5,8 @@ Planning gives every supported layer one option, its full-rank SVD form (``SVDLi
 the orthogonality and sparsity regularizers (``train_hooks``). ``finalize`` prunes singular
 values by energy — with the plan's budget, the energy threshold is searched so the whole model
 meets it — merges layers whose rank left does not pay back to dense, and converts the rest to
-``LowRankLinear``/``LowRankConv2d``. The three-stage pipeline with low-rank fine-tuning is
+``LowRankLinear``/``LowRankConv2d``. The pipeline that fine-tunes in SVD form between pruning
+and conversion composes these stages (``prune``, ``finetune_hooks``):
 ``tensorslim.train.svd_pipeline.svd_train_pipeline`` (CLI: ``tensorslim svd-train``).
 """
 
@@ -193,7 +194,7 @@ class SVDTrainMethod(Method):
         target = self._target(plan)
         if self.budget_gate_energy is not None and target is not None:
             from tensorslim.train.hooks import unwrap
-            from tensorslim.train.svd_pipeline import BudgetGate
+            from tensorslim.train.svd_prune import BudgetGate
 
             net = unwrap(model)
             metric, fraction = target
@@ -209,16 +210,18 @@ class SVDTrainMethod(Method):
             )
         return [SVDRegularizerHook(self.lambda_o, self.lambda_s, self.reg, sparsity_gate=gate)]
 
-    def finalize(self, model: nn.Module, plan: CompressionPlan) -> nn.Module:
-        """Energy pruning (budget search when the plan has one) and conversion to low rank."""
-        from tensorslim.train.svd_pipeline import finalize_svd_model
+    def prune(self, model: nn.Module, plan: CompressionPlan) -> dict[str, Any]:
+        """Energy pruning (the threshold searched for the plan's budget when it has one, else
+        ``energy``) and the merge of layers whose rank left does not pay; survivors stay in SVD
+        form. Returns the pruning report (``tensorslim.train.svd_prune.prune_svd_model``)."""
+        from tensorslim.train.svd_prune import prune_and_merge
 
         target = self._target(plan)
         if target is None and self.energy is None:
             raise TensorslimError(
                 "svd_train needs a budget or energy=… to prune singular values (see train_hooks)"
             )
-        self._last_report = finalize_svd_model(
+        self._last_report = prune_and_merge(
             model,
             _zeros_input(model, plan),
             energy=None if target is not None else self.energy,
@@ -226,7 +229,27 @@ class SVDTrainMethod(Method):
             reference=(plan.model_flops, plan.model_params),
             merge_dense=self.merge_dense,
         )
+        return self._last_report
+
+    def finalize(self, model: nn.Module, plan: CompressionPlan) -> nn.Module:
+        """:meth:`prune`, then every surviving SVD layer becomes its ``LowRank*`` layer."""
+        from tensorslim.train.svd_prune import svd_to_lowrank
+
+        self.prune(model, plan)
+        svd_to_lowrank(model)
         return model
+
+    def finetune_hooks(self, model: nn.Module, *, orthogonality: bool = True) -> list[TrainHook]:
+        """The regularizer of low-rank fine-tuning in SVD form: λo·Σ L_o kept (0 without
+        ``orthogonality``), no sparsity term — the authors' fine-tuning runs with
+        ``--reg_type None`` and the same orthogonality weight. None without SVD layers left."""
+        from tensorslim.layers.svd import svd_layers
+        from tensorslim.train.hooks import unwrap
+        from tensorslim.train.svd_regularizers import SVDRegularizerHook
+
+        if not svd_layers(unwrap(model)):
+            return []
+        return [SVDRegularizerHook(self.lambda_o if orthogonality else 0.0, 0.0, self.reg)]
 
     def summary(self, model: nn.Module) -> dict[str, Any]:
         """The energy threshold used and each layer's rank before/after pruning."""
