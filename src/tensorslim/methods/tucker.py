@@ -21,19 +21,15 @@ Rank rules (setting ``rank_rule``):
 - ``"fixed"``: ``rank`` = R (both modes, capped by the channel counts) or [R_out, R_in].
 
 The error of an option is the HOSVD relative error of the kernel (an upper bound when
-<<<<<<< HEAD
 ``hooi_iters`` > 0, since HOOI only lowers it); with calibration, the output error of the same
 truncation, every pair from one table. One full HOSVD per layer prices every pair; the planning
 instance keeps it, so ``build`` (at ``hooi_iters`` = 0) slices it instead of decomposing again.
-=======
-``hooi_iters`` > 0, since HOOI only lowers it).
 
 Presets: ``paper`` — the reference code of Kim et al. (jacobgil/pytorch-tensor-decompositions:
 EVBMF ranks, unweakened, then TensorLy's ``partial_tucker``, i.e. HOOI with ≤ 100 sweeps and
 tolerance 1e-4); ``musco`` — MUSCO (Gusak et al. 2019, musco-ai/musco-pytorch): EVBMF ranks
 weakened with k = 0.8 by MUSCO's rule (modes under 21 and VBMF rank 0 keep the full rank, rounding
 down), then HOOI.
->>>>>>> main
 """
 
 from __future__ import annotations
@@ -46,28 +42,20 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-<<<<<<< HEAD
 from tensorslim.decompose.tucker import (
     Tucker2Bases,
     tucker2_bases,
     tucker2_error_table,
     tucker2_output_error_table,
 )
-from tensorslim.decompose.vbmf import evbmf, tucker2_vbmf_ranks, weaken_rank
-=======
-from tensorslim.decompose.tucker import tucker2_error_table
 from tensorslim.decompose.vbmf import check_weaken_rule, evbmf, tucker2_vbmf_ranks, weaken_rank
->>>>>>> main
 from tensorslim.errors import TensorslimError
 from tensorslim.facts import OUTPUT_ERROR, Config, LayerStats
 from tensorslim.layers.cp import conv_structure_reason
 from tensorslim.layers.tucker import TuckerConv2d
 from tensorslim.methods.base import LayerInfo, Method, Option
-<<<<<<< HEAD
 from tensorslim.methods.planned import Factorizations
-=======
 from tensorslim.methods.presets import Preset
->>>>>>> main
 from tensorslim.methods.registry import get_method
 
 RANK_RULES = ("auto", "vbmf", "budget", "fixed")
@@ -264,14 +252,11 @@ class TuckerMethod(Method):
     hooi_iters: int = 0
     hooi_tol: float = 1e-7
     max_options: int = MAX_OPTIONS
-<<<<<<< HEAD
+    presets: ClassVar[dict[str, Preset]] = TUCKER_PRESETS
     # the planning instance's HOSVDs, for its own build (see methods/planned.py)
     factorizations: Factorizations = field(
         default_factory=Factorizations, init=False, repr=False, compare=False
     )
-=======
-    presets: ClassVar[dict[str, Preset]] = TUCKER_PRESETS
->>>>>>> main
 
     def __post_init__(self) -> None:
         validate_rank_settings(self.name, self.rank_rule, self.rank, self.weaken, self.min_rank)
@@ -312,23 +297,14 @@ class TuckerMethod(Method):
         return min(int(ranks[0]), n), min(int(ranks[1]), c)
 
     def vbmf_ranks(self, weight: torch.Tensor) -> tuple[int, int]:
-<<<<<<< HEAD
         """Weakened EVBMF ranks (R_out, R_in) of a kernel."""
-        return tucker2_vbmf_ranks(weight, self.weaken, self.min_rank)
+        return tucker2_vbmf_ranks(weight, self.weaken, self.min_rank, self.weaken_rule)
 
     def bases(self, module: nn.Conv2d, info: LayerInfo | None) -> Tucker2Bases:
         """The layer's full HOSVD: from this instance's planning store, else computed."""
         fqn = info.fqn if info is not None else None
         stored = self.factorizations.get(fqn, module.weight)
         return stored if stored is not None else tucker2_bases(module.weight)
-=======
-        """Weakened EVBMF ranks (R_out, R_in) of a kernel (cached by content)."""
-        key = (fingerprint(weight), self.weaken, self.min_rank, self.weaken_rule)
-        return _VBMF.get_or_compute(
-            key,
-            lambda: tucker2_vbmf_ranks(weight, self.weaken, self.min_rank, self.weaken_rule),
-        )
->>>>>>> main
 
     def candidates(
         self, module: nn.Module, info: LayerInfo, stats: LayerStats | None = None
@@ -429,7 +405,6 @@ class TuckerMethod(Method):
                 f"tucker config needs integer rank_out and rank_in, got {config}"
             ) from None
         if init:
-<<<<<<< HEAD
             result = None
             if self.hooi_iters == 0:
                 # the planned HOSVD sliced at the chosen ranks (= partial_tucker at them)
@@ -437,11 +412,7 @@ class TuckerMethod(Method):
                 if stored is not None:
                     result = stored.truncate(ro, ri)
             return TuckerConv2d.from_dense(
-                module, ro, ri, hooi_iters=self.hooi_iters, result=result
-=======
-            return TuckerConv2d.from_dense(
-                module, ro, ri, hooi_iters=self.hooi_iters, hooi_tol=self.hooi_tol
->>>>>>> main
+                module, ro, ri, hooi_iters=self.hooi_iters, hooi_tol=self.hooi_tol, result=result
             )
         w = module.weight
         return TuckerConv2d(

@@ -97,14 +97,10 @@ def plan(
     totals = {"flops": survey.model_flops, "params": survey.model_params}
     choice = choose_options(chosen, budget, candidates, survey.infos, totals)
     record = _calibration_record(stats, calibration_batches) if stats else None
-<<<<<<< HEAD
-    result = assemble_plan(chosen, budget, survey, reasons, candidates, choice, record)
-    carry_factorizations(result, chosen)
-=======
     result = assemble_plan(chosen, budget, survey, reasons, candidates, choice, record, ties)
     if stats:
         attach_statistics(result, stats)
->>>>>>> main
+    carry_factorizations(result, chosen)
     return result
 
 
