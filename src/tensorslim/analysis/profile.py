@@ -16,7 +16,10 @@ from tensorslim.layers.linear_like import LinearLike
 
 # Linear-like layers (nn.Linear, transformers' Conv1D), Conv1d and Conv2d: the layer types a plan
 # covers one by one; every method says for each whether it compresses it or why not
-COMPRESSIBLE = (LinearLike, nn.Conv1d, nn.Conv2d, nn.RNNBase)
+COMPRESSIBLE = (LinearLike, nn.Conv1d, nn.Conv2d, nn.RNNBase, nn.MultiheadAttention)
+# layers whose sub-modules are parts of them, not layers of their own (the attention's
+# out_proj is read by its parent's forward, never called)
+WHOLE = (StructuredLayer, nn.MultiheadAttention)
 
 
 def count_params(module: nn.Module) -> int:
@@ -117,7 +120,7 @@ def _top_level_layers(
             fqn = f"{prefix}.{name}" if prefix else name
             if isinstance(child, types):
                 found.append((fqn, child))
-            if not isinstance(child, StructuredLayer):
+            if not isinstance(child, WHOLE):
                 walk(child, fqn)
 
     walk(model, "")
