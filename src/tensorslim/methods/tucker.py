@@ -13,7 +13,8 @@ Rank rules (setting ``rank_rule``):
 - ``"auto"`` (default): with ``rank`` set, as ``"fixed"``; otherwise the budget ladder, with
   the VBMF ranks marked as the choice when the plan has no budget;
 - ``"vbmf"``: the single option with EVBMF ranks of the mode-0/mode-1 unfoldings, weakened by
-  ``weaken`` = k: rank = R − k·(R − R_vbmf), at least ``min_rank``;
+  ``weaken`` = k: rank = R − k·(R − R_vbmf), at least ``min_rank`` (``weaken_rule="musco"``:
+  MUSCO's own rule, see :func:`tensorslim.decompose.vbmf.weaken_rank`);
 - ``"budget"``: only the ladder — the Pareto front of (FLOPs, HOSVD error) over all rank pairs,
   read off one HOSVD (:func:`tensorslim.decompose.tucker.tucker2_error_table`), thinned to at
   most ``max_options`` — for the global allocator;
@@ -21,6 +22,12 @@ Rank rules (setting ``rank_rule``):
 
 The error of an option is the HOSVD relative error of the kernel (an upper bound when
 ``hooi_iters`` > 0, since HOOI only lowers it).
+
+Presets: ``paper`` — the reference code of Kim et al. (jacobgil/pytorch-tensor-decompositions:
+EVBMF ranks, unweakened, then TensorLy's ``partial_tucker``, i.e. HOOI with ≤ 100 sweeps and
+tolerance 1e-4); ``musco`` — MUSCO (Gusak et al. 2019, musco-ai/musco-pytorch): EVBMF ranks
+weakened with k = 0.8 by MUSCO's rule (modes under 21 and VBMF rank 0 keep the full rank, rounding
+down), then HOOI.
 """
 
 from __future__ import annotations
@@ -36,12 +43,13 @@ import torch
 from torch import nn
 
 from tensorslim.decompose.tucker import tucker2_error_table
-from tensorslim.decompose.vbmf import evbmf, tucker2_vbmf_ranks, weaken_rank
+from tensorslim.decompose.vbmf import check_weaken_rule, evbmf, tucker2_vbmf_ranks, weaken_rank
 from tensorslim.errors import TensorslimError
 from tensorslim.facts import Config, LayerStats
 from tensorslim.layers.cp import conv_structure_reason
 from tensorslim.layers.tucker import TuckerConv2d
 from tensorslim.methods.base import LayerInfo, Method, Option
+from tensorslim.methods.presets import Preset
 from tensorslim.methods.registry import get_method
 
 RANK_RULES = ("auto", "vbmf", "budget", "fixed")
@@ -112,6 +120,7 @@ def svd_fallback(
     rank: int | None,
     weaken: float,
     min_rank: int,
+    weaken_rule: str = "tensorslim",
 ) -> list[Option]:
     """Options of the ``svd`` method for a Linear / 1×1 conv, under the same rank rule.
 
@@ -124,7 +133,7 @@ def svd_fallback(
     if rule == "fixed":
         assert rank is not None
         return get_method("svd", rank=min(int(rank), full)).candidates(module, info)
-    vbmf_rank = weaken_rank(full, evbmf(matrix).rank, weaken, min_rank)
+    vbmf_rank = weaken_rank(full, evbmf(matrix).rank, weaken, min_rank, weaken_rule)
     if rule == "vbmf":
         return get_method("svd", rank=vbmf_rank).candidates(module, info)
     options = get_method("svd").candidates(module, info)
@@ -228,6 +237,29 @@ def pareto_ladder(
     return [(i // width, i % width) for i in front]
 
 
+# HOOI as TensorLy's partial_tucker runs it by default (n_iter_max=100, tol=1e-4), which the
+# reference codes call (jacobgil/pytorch-tensor-decompositions; MUSCO uses sktensor's hooi)
+_HOOI = {"hooi_iters": 100, "hooi_tol": 1e-4}
+TUCKER_PRESETS = {
+    "paper": Preset(
+        settings={"rank_rule": "vbmf", "weaken": 1.0, **_HOOI},
+        description="Kim et al.'s reference code: EVBMF ranks, HOOI refinement",
+        source="jacobgil/pytorch-tensor-decompositions (decompositions.py, VBMF.py)",
+    ),
+    "musco": Preset(
+        settings={
+            "rank_rule": "vbmf",
+            "weaken": 0.8,
+            "min_rank": 21,
+            "weaken_rule": "musco",
+            **_HOOI,
+        },
+        description="MUSCO's weakened VBMF (k = 0.8; modes < 21 and rank 0 keep full rank)",
+        source="musco-ai/musco-pytorch (rank_selection/estimator.py weaken_rank)",
+    ),
+}
+
+
 @dataclass
 class TuckerMethod(Method):
     """Tucker-2 decomposition of convolutions (see the module docstring)."""
@@ -240,11 +272,17 @@ class TuckerMethod(Method):
     rank: int | list[int] | None = None
     weaken: float = 1.0
     min_rank: int = 1
+    weaken_rule: str = "tensorslim"
     hooi_iters: int = 0
+    hooi_tol: float = 1e-7
     max_options: int = MAX_OPTIONS
+    presets: ClassVar[dict[str, Preset]] = TUCKER_PRESETS
 
     def __post_init__(self) -> None:
         validate_rank_settings(self.name, self.rank_rule, self.rank, self.weaken, self.min_rank)
+        check_weaken_rule(self.weaken_rule, "tucker weaken_rule")
+        if not isinstance(self.hooi_tol, int | float) or self.hooi_tol < 0:
+            raise TensorslimError(f"tucker: hooi_tol must be a number ≥ 0, got {self.hooi_tol!r}")
         if self.rank is not None:
             ranks = self.rank if isinstance(self.rank, list | tuple) else [self.rank]
             if len(ranks) not in (1, 2) or any(
@@ -280,9 +318,10 @@ class TuckerMethod(Method):
 
     def vbmf_ranks(self, weight: torch.Tensor) -> tuple[int, int]:
         """Weakened EVBMF ranks (R_out, R_in) of a kernel (cached by content)."""
-        key = (fingerprint(weight), self.weaken, self.min_rank)
+        key = (fingerprint(weight), self.weaken, self.min_rank, self.weaken_rule)
         return _VBMF.get_or_compute(
-            key, lambda: tucker2_vbmf_ranks(weight, self.weaken, self.min_rank)
+            key,
+            lambda: tucker2_vbmf_ranks(weight, self.weaken, self.min_rank, self.weaken_rule),
         )
 
     def candidates(
@@ -294,7 +333,9 @@ class TuckerMethod(Method):
             fixed = None
             if rule == "fixed" and self.rank is not None:
                 fixed = min(self.rank) if isinstance(self.rank, list) else int(self.rank)
-            return svd_fallback(module, info, rule, fixed, self.weaken, self.min_rank)
+            return svd_fallback(
+                module, info, rule, fixed, self.weaken, self.min_rank, self.weaken_rule
+            )
         assert isinstance(module, nn.Conv2d)
         weight = module.weight.detach()
         n, c = weight.shape[:2]
@@ -362,7 +403,9 @@ class TuckerMethod(Method):
                 f"tucker config needs integer rank_out and rank_in, got {config}"
             ) from None
         if init:
-            return TuckerConv2d.from_dense(module, ro, ri, hooi_iters=self.hooi_iters)
+            return TuckerConv2d.from_dense(
+                module, ro, ri, hooi_iters=self.hooi_iters, hooi_tol=self.hooi_tol
+            )
         w = module.weight
         return TuckerConv2d(
             module.in_channels,

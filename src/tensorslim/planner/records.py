@@ -22,6 +22,8 @@ from tensorslim.facts import WEIGHT_ERROR, LayerInfo
 from tensorslim.methods.registry import get_method
 from tensorslim.rank.budget import Budget
 
+ESTIMATE_KEY = "estimate"  # plan.json's derived params/FLOPs fractions (not a field)
+
 
 @dataclass
 class LayerPlan:
@@ -101,6 +103,26 @@ class CompressionPlan:
             lp.flops_before - lp.flops_after for lp in self.compressed_layers
         )
 
+    @property
+    def fractions(self) -> dict[str, float]:
+        """The estimated ``params`` and ``flops`` of the compressed model, as fractions."""
+        return {
+            "params": self.estimated_params / max(1, self.model_params),
+            "flops": self.estimated_flops / max(1, self.model_flops),
+        }
+
+    def summary(self) -> str:
+        """One line with both budgets: what the plan compresses and the params/FLOPs it keeps."""
+        budget = f"budget {self.budget}" if self.budget is not None else "per-layer rule"
+        covered = [lp for lp in self.layers if lp.input_shape or lp.method is not None]
+        f = self.fractions
+        return (
+            f"{self.method} ({budget}): {len(self.compressed_layers)}/{len(covered)} layers "
+            f"compressed; params {f['params']:.3f}, FLOPs {f['flops']:.3f} of the model "
+            f"({self.estimated_params:,} / {self.model_params:,} params, "
+            f"{self.estimated_flops:,} / {self.model_flops:,} FLOPs)"
+        )
+
     def layer(self, fqn: str) -> LayerPlan:
         for layer in self.layers:
             if layer.fqn == fqn:
@@ -111,12 +133,15 @@ class CompressionPlan:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["budget"] = self.budget.to_dict() if self.budget is not None else None
+        # for a reader of plan.json; derived from the layers, so from_dict ignores it
+        data[ESTIMATE_KEY] = {f"{m}_fraction": v for m, v in self.fractions.items()}
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CompressionPlan:
         if not isinstance(data, dict):
             raise TensorslimError("a plan must be a mapping with 'method' and 'layers'")
+        data = {k: v for k, v in data.items() if k != ESTIMATE_KEY}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
