@@ -39,9 +39,10 @@ def collect_layer_info(
     ``example_input`` takes any structure :mod:`tensorslim.inputs` accepts (or goes to
     ``forward_fn(model, example_input)``).
 
-    Returns (info by fqn, fqns of matching layers whose forward never ran — e.g. the
-    ``out_proj`` of ``nn.MultiheadAttention``, whose parent reads ``.weight`` directly).
-    Structured layers are not descended into.
+    Returns (info by fqn, fqns of matching layers whose forward never ran — e.g. a layer whose
+    parent reads ``.weight`` directly). Structured layers and attention modules (whose
+    ``out_proj`` is such a layer) are not descended into; torch's fused attention and encoder
+    paths are switched off for the pass, so their sub-layers run.
     """
     chosen = list(names) if names is not None else _top_level_layers(model, types)
     seen: dict[int, list[_Call]] = {}
