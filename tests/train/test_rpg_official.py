@@ -191,3 +191,30 @@ def test_erk_and_uniform_reach_their_layer_densities(scope: str) -> None:
     for (name, module), density in zip(hook.layers, wanted, strict=True):
         got = float(mask_of(module).mask.mean())
         assert got == pytest.approx(density, abs=1.0 / module.weight.numel() + 1e-9), name
+
+
+def _official_find_k(s2: torch.Tensor, loss_value: float) -> int:
+    """rank_kit.find_k re-stated: k = r − 1 − argmin_j |Σ_{i≤j} σ²_(ascending) − loss_value|."""
+    acc = (torch.cumsum(torch.flip(s2, dims=[0]), dim=0) - loss_value).abs()
+    return len(acc) - int(acc.argmin()) - 1
+
+
+def test_energy_rank_is_the_official_find_k() -> None:
+    from tensorslim.analysis.delta_rank import (
+        layer_delta_ranks,
+        normalized_singular_values,
+        partial_energy_rank,
+    )
+
+    g = torch.Generator().manual_seed(3)
+    for shape in [(8, 20), (16, 4, 3, 3), (5, 5), (1, 9)]:
+        w = torch.randn(*shape, generator=g, dtype=torch.float64)
+        w[w.abs() < 0.8] = 0  # sparse, like a pruned layer
+        sv = normalized_singular_values(w)
+        for partial in (0.0, 0.05, 0.1, 0.2, 0.3, 0.9, 1.0):
+            assert partial_energy_rank(sv, partial) == _official_find_k(sv**2, partial)
+    model = _model()
+    report = layer_delta_ranks(model, 0.05, ["3"], partial_k=0.2)["3"]
+    sv = normalized_singular_values(model[3].weight)
+    assert report["energy_rank"] == _official_find_k(sv**2, 0.2)
+    assert report["delta_rank"] == int((sv > 0.05).sum())

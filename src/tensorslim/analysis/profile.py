@@ -16,7 +16,10 @@ from tensorslim.layers.linear_like import LinearLike
 
 # Linear-like layers (nn.Linear, transformers' Conv1D), Conv1d and Conv2d: the layer types a plan
 # covers one by one; every method says for each whether it compresses it or why not
-COMPRESSIBLE = (LinearLike, nn.Conv1d, nn.Conv2d, nn.RNNBase)
+COMPRESSIBLE = (LinearLike, nn.Conv1d, nn.Conv2d, nn.RNNBase, nn.MultiheadAttention)
+# layers whose sub-modules are parts of them, not layers of their own (the attention's
+# out_proj is read by its parent's forward, never called)
+WHOLE = (StructuredLayer, nn.MultiheadAttention)
 
 
 def count_params(module: nn.Module) -> int:
@@ -36,9 +39,10 @@ def collect_layer_info(
     ``example_input`` takes any structure :mod:`tensorslim.inputs` accepts (or goes to
     ``forward_fn(model, example_input)``).
 
-    Returns (info by fqn, fqns of matching layers whose forward never ran — e.g. the
-    ``out_proj`` of ``nn.MultiheadAttention``, whose parent reads ``.weight`` directly).
-    Structured layers are not descended into.
+    Returns (info by fqn, fqns of matching layers whose forward never ran — e.g. a layer whose
+    parent reads ``.weight`` directly). Structured layers and attention modules (whose
+    ``out_proj`` is such a layer) are not descended into; torch's fused attention and encoder
+    paths are switched off for the pass, so their sub-layers run.
     """
     chosen = list(names) if names is not None else _top_level_layers(model, types)
     seen: dict[int, list[_Call]] = {}
@@ -117,7 +121,7 @@ def _top_level_layers(
             fqn = f"{prefix}.{name}" if prefix else name
             if isinstance(child, types):
                 found.append((fqn, child))
-            if not isinstance(child, StructuredLayer):
+            if not isinstance(child, WHOLE):
                 walk(child, fqn)
 
     walk(model, "")

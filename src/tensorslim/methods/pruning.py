@@ -252,12 +252,13 @@ class _PruningMethod(Method):
         return finalize(model)
 
     def summary(self, model: nn.Module) -> dict[str, Any]:
-        """Sparsity reached, per-layer sparsity and δ-ranks (see ``pruning_summary``)."""
+        """Sparsity reached, per-layer sparsity, δ-ranks and the RPG code's energy ranks at
+        ``partial_k`` (see ``pruning_summary``)."""
         layers = self._pruned_layers
         named = dict(unwrap(model).named_modules())
         if layers is not None:
             layers = [n for n in layers if n in named]
-        return pruning_summary(model, self.delta, layers or None)
+        return pruning_summary(model, self.delta, layers or None, self.partial_k)
 
 
 # The official RPG runs (huawei-noah/Efficient-Computing, Pruning/RPG/train.sh, ResNet-50 on

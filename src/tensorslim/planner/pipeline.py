@@ -17,6 +17,7 @@ from tensorslim.errors import TensorslimError
 from tensorslim.facts import LayerStats
 from tensorslim.inputs import ForwardFn, batch_inputs
 from tensorslim.methods.base import Method
+from tensorslim.methods.planned import carry_factorizations
 from tensorslim.methods.registry import get_method
 from tensorslim.planner.apply import DEFAULT_CALIBRATION_BATCHES as DEFAULT_BATCHES
 from tensorslim.planner.apply import attach_statistics
@@ -100,6 +101,7 @@ def plan(
     result = assemble_plan(chosen, budget, survey, reasons, candidates, choice, record, ties)
     if stats:
         attach_statistics(result, stats)
+    carry_factorizations(result, chosen)
     return result
 
 

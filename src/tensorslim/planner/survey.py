@@ -25,8 +25,8 @@ from tensorslim.planner.weight_reads import watch_weight_reads
 from tensorslim.surgery import FilterFn
 
 NEVER_CALLED = (
-    "its forward never runs (the parent reads .weight directly, e.g. "
-    "nn.MultiheadAttention.out_proj): replacing it would be unsafe"
+    "its forward never runs (its parent reads .weight directly, or the example does not reach "
+    "it): replacing it would be unsafe"
 )
 NOT_SELECTED = "not selected"
 

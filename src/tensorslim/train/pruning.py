@@ -642,7 +642,7 @@ class PruningHook(TrainHook):
             "mask_update_seconds": self.update_seconds,
         }
         if self.track_delta_rank:
-            ranks = average_delta_rank(unwrap(model), self.delta, self.layer_names)
+            ranks = average_delta_rank(unwrap(model), self.delta, self.layer_names, self.partial_k)
             record.update({k: float(v) for k, v in ranks.items()})
         return record
 
@@ -664,7 +664,10 @@ class PruningHook(TrainHook):
 
 
 def pruning_summary(
-    model: nn.Module, delta: float = DEFAULT_DELTA, layers: Sequence[str] | None = None
+    model: nn.Module,
+    delta: float = DEFAULT_DELTA,
+    layers: Sequence[str] | None = None,
+    partial_k: float | None = None,
 ) -> dict[str, Any]:
     """Sparsity reached and δ-ranks, JSON-ready.
 
@@ -672,7 +675,8 @@ def pruning_summary(
     ``sparsity`` (zeros / weights over those layers), ``all_layers_sparsity`` (over every
     Linear/Conv2d), ``nonzero_weights``, ``pruned_layer_weights``, ``avg_delta_rank``,
     ``avg_relative_delta_rank``, ``delta`` and per-layer ``layers`` {sparsity, nonzero, weights,
-    delta_rank, full_rank}.
+    delta_rank, full_rank}; with ``partial_k`` also the RPG code's own rank measure
+    (``avg_energy_rank``, per layer ``energy_rank``: the k its rank loss keeps).
     """
     net = unwrap(model)
     named = dict(net.named_modules())
@@ -681,7 +685,7 @@ def pruning_summary(
     missing = [n for n in layers if n not in named]
     if missing:
         raise TensorslimError(f"pruning summary: the model has no layer named {missing[0]!r}")
-    ranks = layer_delta_ranks(net, delta, layers)
+    ranks = layer_delta_ranks(net, delta, layers, partial_k)
     per_layer: dict[str, dict[str, float]] = {}
     zeros = total = 0
     for name in layers:
@@ -696,12 +700,14 @@ def pruning_summary(
             "delta_rank": ranks[name]["delta_rank"],
             "full_rank": ranks[name]["full_rank"],
         }
+        if partial_k is not None:
+            per_layer[name]["energy_rank"] = ranks[name]["energy_rank"]
     all_zeros = all_total = 0
     for _, module in prunable_modules(net):
         w = module.weight.detach()
         all_zeros += int((w == 0).sum())
         all_total += w.numel()
-    averages = average_delta_rank(net, delta, layers)
+    averages = average_delta_rank(net, delta, layers, partial_k)
     return {
         "sparsity": zeros / max(1, total),
         "all_layers_sparsity": all_zeros / max(1, all_total),
