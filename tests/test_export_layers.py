@@ -72,7 +72,7 @@ def test_structured_layer_exports_and_round_trips(method: str, kind: str, tmp_pa
     found = compress_one(method, kind)
     if found is None:
         pytest.skip(f"{method} does not compress a {kind} layer (the plan says why)")
-    model, small, x = found
+    _, small, x = found
     layer = small.layer
     assert isinstance(layer, StructuredLayer) or hasattr(layer, "parametrizations")
     ts.save(small, tmp_path / "saved")
