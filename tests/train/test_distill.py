@@ -109,3 +109,19 @@ def test_masked_losses_ignore_padding() -> None:
     for loss in (hidden_state_distillation(), pooled_embedding_distillation()):
         value = loss(out(last_hidden_state=hidden), out(last_hidden_state=other), batch)
         assert float(value) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_only_structured_trains_the_factors_alone() -> None:
+    teacher = tiny_bert()
+    data = unlabeled(2)
+    student = ts.apply(teacher, ts.plan(teacher, "svd", "params=0.7", data[0]))
+    frozen_before = {
+        n: p.detach().clone() for n, p in student.named_parameters() if "embeddings" in n
+    }
+    factor = next(p for n, p in student.named_parameters() if n.endswith("down.weight"))
+    start = factor.detach().clone()
+    ts.distill(student, teacher, data, epochs=1, lr=1e-3, progress=False, only_structured=True)
+    for name, value in frozen_before.items():
+        torch.testing.assert_close(dict(student.named_parameters())[name], value, rtol=0, atol=0)
+    assert not torch.equal(factor.detach(), start)
+    assert all(p.requires_grad for p in student.parameters())  # restored afterwards
