@@ -8,10 +8,14 @@ order, shared by the three methods — and reports mean ± standard deviation of
 the average δ-rank, plus how often RPG wins within a seed. "RPG one-shot" prunes to the
 target at step 0 as RigL does (then regrows with the rank loss until RPG's schedule end), to
 tell the rank loss's effect from the gradual schedule's; "RigL, regrowth ends at 25 %" stops
-RigL's mask changes where GMP's and RPG's pruning ends (their default). Writes
+RigL's mask changes where GMP's and RPG's pruning ends (their default). "RPG, paper preset" is
+``preset="paper"`` (the official code's exponential density, ΔT = 100 steps, pruning until 90 %,
+one global ranking over every conv and linear layer); "GMP, paper schedule" is the official code
+with α = λ = 0 (its GMP baseline: the same schedule without regrowth or rank loss). Writes
 bench/results/pruning_seeds.{json,md}.
 
     python bench/pruning_seeds.py [--seeds 0,1,2,3] [--sparsities 0.95,0.98] [--workers 2]
+        [--variants gmp,rigl,rpg,rpg-paper,gmp-paper]
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import facts, fashion_loaders, trained_model, write_results
 from pruning import METHODS, NAMES, prune_run
+from tensorslim.methods.pruning import RPG_PAPER
 
 # label → (method, settings). "RPG one-shot" is RPG with RigL's constant schedule (prune to the
 # target at once, then prune-and-regrow at constant sparsity until RPG's ``end``): it separates
@@ -39,8 +44,17 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # RigL with its drop/regrow ending where GMP's and RPG's pruning ends, so that all three
     # stop changing the mask at the same step
     "rigl-end": ("rigl", {"end": 0.25}),
+    # the authors' settings (huawei-noah/Efficient-Computing, Pruning/RPG)
+    "rpg-paper": ("rpg", {"preset": "paper"}),
+    "gmp-paper": ("gmp", {**RPG_PAPER.settings, "drop_fraction": 0.0}),
 }
-LABELS = {**NAMES, "rpg-oneshot": "RPG one-shot", "rigl-end": "RigL, regrowth ends at 25 %"}
+LABELS = {
+    **NAMES,
+    "rpg-oneshot": "RPG one-shot",
+    "rigl-end": "RigL, regrowth ends at 25 %",
+    "rpg-paper": "RPG, paper preset",
+    "gmp-paper": "GMP, paper schedule",
+}
 _STATE: dict[str, Any] = {}
 
 
@@ -105,6 +119,10 @@ def summarize(runs: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
             ("rpg", "rigl"),
             ("rpg", "rigl-end"),
             ("rpg-oneshot", "rigl"),
+            ("rpg-paper", "gmp-paper"),
+            ("rpg-paper", "gmp"),
+            ("rpg-paper", "rigl"),
+            ("rpg-paper", "rpg"),
         )
         for mine, other in comparisons:
             pairs = [a for a in by_seed.values() if mine in a and other in a]
@@ -140,7 +158,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--steps-per-epoch", type=int, default=100)
     parser.add_argument("--lr", type=float, default=0.02)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
     args = parser.parse_args()
+    variants = args.variants.split(",")
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variant {unknown[0]} (known: {', '.join(VARIANTS)})")
     started = time.perf_counter()
     machine = facts()
     _setup(args.limit_train, args.base_epochs)  # trains and caches the base once, if needed
@@ -148,7 +171,7 @@ def main() -> None:
         (method, float(sparsity), int(seed), args.epochs, args.steps_per_epoch, args.lr)
         for sparsity in args.sparsities.split(",")
         for seed in args.seeds.split(",")
-        for method in VARIANTS
+        for method in variants
     ]
     runs = []
     with ProcessPoolExecutor(
@@ -163,11 +186,15 @@ def main() -> None:
         "small_cnn on Fashion-MNIST, the settings of bench/pruning.py (base 3 epochs on 20000 "
         f"images; {args.epochs} × {args.steps_per_epoch} pruning steps, SGD lr {args.lr}; GMP "
         f"and RPG prune until {_end('gmp'):.0%} / {_end('rpg'):.0%} of the steps, RigL "
-        f"drops/regrows until {_end('rigl'):.0%}); "
+        f"drops/regrows until {_end('rigl'):.0%}; the paper preset prunes until "
+        f"{RPG_PAPER.settings['end']:.0%}, updating every {RPG_PAPER.settings['interval']} "
+        "steps); on mask-update steps RigL and RPG do not step the optimizer (official); "
         f"seeds {args.seeds} (each fixes the initial RNG and the batch order, shared by the "
         "methods); full 10 000-image test set, whose standard error at 90 % accuracy is "
         "about 0.3 points.",
-        f"{len(runs)} runs in {seconds / 60:.1f} min ({args.workers} processes, 1 thread each).",
+        f"{len(runs)} runs in {seconds / 60:.1f} min ({args.workers} processes, 1 thread each; "
+        f"load average {machine.get('loadavg')} at the start, on a machine shared with "
+        "other jobs).",
     ]
     for w in wins:
         notes.append(

@@ -17,7 +17,7 @@ from tensorslim.methods import get_method, list_methods
 from tensorslim.plan import CompressionPlan, LayerPlan, apply, plan
 from tensorslim.rank.budget import Budget
 from tensorslim.refit import refit_right_factors
-from tensorslim.train import evaluate, fit
+from tensorslim.train import distill, evaluate, fit
 from tensorslim.train.batchnorm import recalibrate_batchnorm
 
 
@@ -43,6 +43,7 @@ __all__ = [
     "__version__",
     "apply",
     "create_model",
+    "distill",
     "evaluate",
     "fit",
     "get_method",

@@ -281,6 +281,9 @@ def compress_model(
             "bn_recalibration_batches": bn_recalibration_batches,
             "accuracy_after_finalize": after_finalize.get("accuracy", compressed.get("accuracy")),
             "plan_notes": the_plan.notes,
+            # the plan's estimate in both metrics (the measured fractions are above)
+            "plan_summary": the_plan.summary(),
+            "plan_fractions": the_plan.fractions,
             "layers": layer_rows(plans_of(small)[-1]),
             "history": history,
             "seeds": phases.seeds,

@@ -98,5 +98,7 @@ def register(app: typer.Typer) -> None:
                 base_history=base_history,
             )
         print_table("layers", LAYER_COLUMNS, results["layers"])
+        if results.get("plan_summary"):  # (a run resumed from an older results.json has none)
+            typer.echo(f"plan: {results['plan_summary']}")
         print_result_table(original, results)
         typer.echo(f"wrote {run.out}/results.json, report.md, plan.json, model/")

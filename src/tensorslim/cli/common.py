@@ -311,13 +311,18 @@ def parse_method(
     """
     from tensorslim.methods import get_method
     from tensorslim.methods.presets import PRESET_KEY
+    from tensorslim.planner.ties import check_tied_mode
     from tensorslim.rank.budget import Budget
 
     settings = parse_settings(setting)
     if preset is not None:
         settings[PRESET_KEY] = preset
     parsed = Budget.parse(budget) if budget else None
-    return MethodArgs(method, parsed, settings, get_method(method, **settings))
+    # --set tied=share is the planner's (how tied weights are treated), not the method's
+    if "tied" in settings:
+        check_tied_mode(settings["tied"])
+    method_settings = {k: v for k, v in settings.items() if k != "tied"}
+    return MethodArgs(method, parsed, settings, get_method(method, **method_settings))
 
 
 def parse_settings(items: list[str] | None) -> dict[str, Any]:

@@ -226,16 +226,19 @@ def random_factor_weights(
     generator: torch.Generator | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
+    std: float | None = None,
 ) -> list[torch.Tensor]:
     """Variance-preserving random nonzeros: w ~ N(0, 1/s_k) in every factor.
 
     Each output of a factor sums s_k inputs, so each factor keeps the activation variance and a
     single-path chain's product has entries of variance Π 1/s_k = 1/in (LeCun scaling).
+    ``std`` instead draws every nonzero from N(0, std²) (the official layers use 1/√2).
     """
     out = []
     for spec in chain:
         w = torch.randn(spec.weight_shape, generator=generator, dtype=dtype, device="cpu")
-        out.append((w / math.sqrt(spec.s)).to(device=device))
+        scale = std if std is not None else 1.0 / math.sqrt(spec.s)
+        out.append((w * scale).to(device=device))
     return out
 
 
@@ -454,8 +457,10 @@ class DeButLinear(StructuredLayer):
         steps: int = 300,
         seed: int = 0,
         pad: bool = False,
+        **fit: Any,
     ) -> DeButLinear:
-        """A DeBut layer fitted to ``layer.weight`` (``init``: "als", "grad" or "random")."""
+        """A DeBut layer fitted to ``layer.weight`` (``init``: one of ``INITS``;
+        ``fit``: the options of ``init_from_weight``)."""
         w = layer.weight.detach()
         new = cls(
             layer.in_features,
@@ -466,7 +471,7 @@ class DeButLinear(StructuredLayer):
             dtype=w.dtype,
             pad=pad,
         )
-        new.init_from_weight(w, init, sweeps=sweeps, steps=steps, seed=seed)
+        new.init_from_weight(w, init, sweeps=sweeps, steps=steps, seed=seed, **fit)
         if layer.bias is not None:
             with torch.no_grad():
                 new.bias.copy_(layer.bias)  # type: ignore[union-attr]
@@ -480,15 +485,18 @@ class DeButLinear(StructuredLayer):
         sweeps: int = 6,
         steps: int = 300,
         seed: int = 0,
+        **fit: Any,
     ) -> list[float]:
         """Fit the factors to a dense (out × in) weight; returns the errors it reports.
 
+        ``fit``: ``als_start`` ("normal" / "uniform"), ``als_first`` ("input" / "output"),
+        ``balance`` (see ``als_fit``) and ``random_std`` (see ``random_factor_weights``).
         A padded chain is fitted to the weight at the top left of zeros (the official
         ``PaddingMatrix``), so the reported error is that of the padded matrix.
         """
         target = padded_target(weight, self.chain.out_features, self.chain.in_features)
-        errors = _fit_core(self.core, target, init, sweeps=sweeps, steps=steps, seed=seed)
-        self.init_info = _init_info(init, errors, sweeps, steps)
+        errors = _fit_core(self.core, target, init, sweeps=sweeps, steps=steps, seed=seed, **fit)
+        self.init_info = _init_info(init, errors, sweeps, steps, fit)
         return errors
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -628,8 +636,9 @@ class DeButConv2d(StructuredLayer):
         seed: int = 0,
         order: str = "position",
         pad: bool = False,
+        **fit: Any,
     ) -> DeButConv2d:
-        """A DeBut conv fitted to ``layer``'s kernel (``init``: "als", "grad" or "random"),
+        """A DeBut conv fitted to ``layer``'s kernel (``init``: one of ``INITS``),
         viewed as a matrix in ``order``."""
         reason = unsupported_conv_reason(layer)
         if reason is not None:
@@ -650,7 +659,7 @@ class DeButConv2d(StructuredLayer):
             pad=pad,
         )
         matrix = kernel_to_matrix(w, order)
-        new.init_from_weight(matrix, init, sweeps=sweeps, steps=steps, seed=seed)
+        new.init_from_weight(matrix, init, sweeps=sweeps, steps=steps, seed=seed, **fit)
         if layer.bias is not None:
             with torch.no_grad():
                 new.bias.copy_(layer.bias)  # type: ignore[union-attr]
@@ -738,25 +747,48 @@ class DeButConv2d(StructuredLayer):
 # --------------------------------------------------------------------------------------------
 # initialisation from a dense weight
 
-INITS = ("als", "grad", "random")
+# "bp": the official gradient initialisation (one random probe per plain gradient step)
+INITS = ("als", "grad", "bp", "random")
 
 
 def _fit_core(
-    core: _DeButCore, weight: torch.Tensor, init: str, *, sweeps: int, steps: int, seed: int
+    core: _DeButCore,
+    weight: torch.Tensor,
+    init: str,
+    *,
+    sweeps: int,
+    steps: int,
+    seed: int,
+    als_start: str = "normal",
+    als_first: str = "input",
+    balance: bool = True,
+    random_std: float | None = None,
 ) -> list[float]:
     """Fill ``core``'s factors from ``weight`` (out × in) by ``init``; the fit's error list."""
     # imported here: the fitting module builds on this module's multiply
-    from tensorslim.decompose.debut_als import als_fit, grad_fit
+    from tensorslim.decompose.debut_als import als_fit, bp_fit, grad_fit
 
     if init not in INITS:
         raise TensorslimError(f"unknown DeBut init '{init}': use {', '.join(INITS)}")
     generator = torch.Generator().manual_seed(seed)
     target = weight.detach()
     if init == "random":
-        weights = random_factor_weights(core.chain, generator=generator, dtype=torch.float64)
+        weights = random_factor_weights(
+            core.chain, generator=generator, dtype=torch.float64, std=random_std
+        )
         errors: list[float] = []
     elif init == "als":
-        weights, errors = als_fit(target, core.chain, sweeps=sweeps, generator=generator)
+        weights, errors = als_fit(
+            target,
+            core.chain,
+            sweeps=sweeps,
+            generator=generator,
+            start=als_start,
+            first=als_first,
+            balance=balance,
+        )
+    elif init == "bp":
+        weights, errors = bp_fit(target, core.chain, steps=steps, generator=generator)
     else:
         weights, errors = grad_fit(target, core.chain, steps=steps, generator=generator)
     with torch.no_grad():
@@ -765,11 +797,19 @@ def _fit_core(
     return errors
 
 
-def _init_info(init: str, errors: list[float], sweeps: int, steps: int) -> dict[str, Any]:
+def _init_info(
+    init: str, errors: list[float], sweeps: int, steps: int, fit: dict[str, Any]
+) -> dict[str, Any]:
     info: dict[str, Any] = {"method": init}
     if init == "als":
         info["sweeps"] = sweeps
-    elif init == "grad":
+        # options that differ from the defaults are part of the record
+        for key, default in (("als_start", "normal"), ("als_first", "input"), ("balance", True)):
+            if fit.get(key, default) != default:
+                info[key] = fit[key]
+    elif init == "random" and fit.get("random_std") is not None:
+        info["random_std"] = fit["random_std"]
+    if init in ("grad", "bp"):
         info["steps"] = steps
     if errors:
         info["error"] = round(float(errors[-1]), 6)

@@ -102,8 +102,10 @@ class _PruningMethod(Method):
     exponential, constant), ``start``/``end`` (fractions of training), ``interval`` (ΔT in steps;
     None = about 25 updates), ``initial_sparsity``, ``drop_fraction`` (RigL α), ``rank_weight``
     (λ of the adversarial rank loss), ``partial_k`` (its tail-energy fraction),
-    ``rank_loss_every_step``, ``scope`` (global or layer ranking), ``keep_first_dense``,
-    ``keep_last_dense``, ``delta`` (δ of the δ-rank reports).
+    ``rank_loss_every_step``, ``rank_loss_layers`` ("conv": every convolution, as in RPG's code;
+    "pruned": the ranked layers), ``scope`` (the layer sparsity distribution: "global" ranking,
+    "layer"/"uniform" or "erk"), ``keep_first_dense``, ``keep_last_dense``, ``delta`` (δ of the
+    δ-rank reports).
     """
 
     kind: ClassVar[str] = "training"
@@ -122,6 +124,7 @@ class _PruningMethod(Method):
     rank_weight: float = 0.0
     partial_k: float = 0.1
     rank_loss_every_step: bool = False
+    rank_loss_layers: str = "conv"
     scope: str = "global"
     keep_first_dense: bool = True
     keep_last_dense: bool = False
@@ -156,6 +159,7 @@ class _PruningMethod(Method):
             rank_weight=self.rank_weight,
             partial_k=self.partial_k,
             rank_loss_every_step=self.rank_loss_every_step,
+            rank_loss_layers=self.rank_loss_layers,
             scope=self.scope,
             keep_first_dense=self.keep_first_dense,
             keep_last_dense=self.keep_last_dense,
@@ -248,12 +252,13 @@ class _PruningMethod(Method):
         return finalize(model)
 
     def summary(self, model: nn.Module) -> dict[str, Any]:
-        """Sparsity reached, per-layer sparsity and δ-ranks (see ``pruning_summary``)."""
+        """Sparsity reached, per-layer sparsity, δ-ranks and the RPG code's energy ranks at
+        ``partial_k`` (see ``pruning_summary``)."""
         layers = self._pruned_layers
         named = dict(unwrap(model).named_modules())
         if layers is not None:
             layers = [n for n in layers if n in named]
-        return pruning_summary(model, self.delta, layers or None)
+        return pruning_summary(model, self.delta, layers or None, self.partial_k)
 
 
 # The official RPG runs (huawei-noah/Efficient-Computing, Pruning/RPG/train.sh, ResNet-50 on

@@ -19,10 +19,18 @@ from tensorslim.analysis.output_error import (
 from tensorslim.decompose.svd import conv_weight_to_matrix, matrix_to_conv_weight, singular_values
 from tensorslim.errors import TensorslimError
 from tensorslim.facts import OUTPUT_ERROR, Config, LayerStats
+from tensorslim.layers.attention import LowRankMultiheadAttention
+from tensorslim.layers.composite import (
+    composite_matrices,
+    is_composite,
+    unsupported_composite_reason,
+)
 from tensorslim.layers.conv_geometry import unsupported_conv_reason
 from tensorslim.layers.lowrank import LowRankConv2d, LowRankLinear
 from tensorslim.layers.lowrank_conv1d import LowRankConv1d
+from tensorslim.layers.recurrent import LowRankRNN
 from tensorslim.methods.base import LayerInfo, Method, Option
+from tensorslim.methods.svd_composite import build_composite, composite_candidates
 from tensorslim.rank.select import (
     energy_kept,
     rank_from_energy,
@@ -51,6 +59,8 @@ class SVDMethod(Method):
         LowRankLinear,
         LowRankConv2d,
         LowRankConv1d,
+        LowRankRNN,
+        LowRankMultiheadAttention,
     )
     scheme: str = "channel"
     rank: int | None = None
@@ -80,7 +90,12 @@ class SVDMethod(Method):
             return None
         if isinstance(module, (nn.Conv1d, nn.Conv2d)):
             return unsupported_conv_reason(module)
-        return f"{type(module).__name__} is not a Linear, Conv1d or Conv2d"
+        if is_composite(module):
+            return unsupported_composite_reason(module)
+        return (
+            f"{type(module).__name__} is not a layer svd factorizes "
+            "(Linear, Conv1d, Conv2d, RNN/LSTM/GRU, MultiheadAttention)"
+        )
 
     def _schemes(self, module: nn.Module) -> tuple[str, ...]:
         # a 1-D kernel has no second spatial axis to split: only the channel scheme exists
@@ -91,6 +106,8 @@ class SVDMethod(Method):
     def candidates(
         self, module: nn.Module, info: LayerInfo, stats: LayerStats | None = None
     ) -> list[Option]:
+        if is_composite(module):
+            return composite_candidates(self, module, info, _ladder(_largest_full_rank(module)))
         options: list[Option] = []
         for scheme in self._schemes(module):
             spectrum = _spectrum(module, scheme)
@@ -150,6 +167,8 @@ class SVDMethod(Method):
     def build(
         self, module: nn.Module, config: Config, info: LayerInfo | None, *, init: bool = True
     ) -> nn.Module:
+        if is_composite(module):
+            return build_composite(module, config, init=init, driver=self.driver)  # type: ignore[arg-type]
         rank, scheme = config.get("rank"), str(config.get("scheme", "channel"))
         # an edited plan may hold anything here: int() would turn 2.5 into 2 without a word
         if isinstance(rank, bool) or not isinstance(rank, int):
@@ -239,6 +258,10 @@ def _spectrum(module: nn.Module, scheme: str) -> torch.Tensor:
     if weight.dim() <= 3:  # Linear (out × in), Conv1d (n, c, k) → n × c·k
         return singular_values(weight.reshape(weight.shape[0], -1))
     return singular_values(conv_weight_to_matrix(weight, scheme))
+
+
+def _largest_full_rank(module: nn.Module) -> int:
+    return max(min(w.shape) for w in composite_matrices(module))
 
 
 @lru_cache(maxsize=256)

@@ -13,13 +13,15 @@ from collections.abc import Iterable
 from torch import nn
 
 from tensorslim.analysis.calibration import GRAM, LossFn, collect_statistics
-from tensorslim.analysis.profile import COMPRESSIBLE
+from tensorslim.analysis.profile import COMPRESSIBLE, count_params
 from tensorslim.errors import TensorslimError
 from tensorslim.facts import LayerStats
 from tensorslim.inputs import ForwardFn
 from tensorslim.layers.base import StructuredLayer
 from tensorslim.methods.registry import builder_of
+from tensorslim.planner.fastpath import keep_compressed_layers_unfused
 from tensorslim.planner.records import CompressionPlan
+from tensorslim.planner.ties import TIED_TO, check_growth, share_followers, shared_parameters
 from tensorslim.surgery import replace_module
 
 PLANS_ATTRIBUTE = "_tensorslim_plans"
@@ -45,11 +47,17 @@ def apply(
     Data-aware methods (ASVD, SVD-LLM, FWSVD) build from calibration statistics: those of the
     plan when it was made in this process, else collected now from ``calibration`` (as many
     batches as the plan used; ``loss_fn`` for the Fisher diagonal).
+    A tie's followers take their leader's new structure (:func:`share_followers`). A plan that
+    would leave the model with more parameters than before is refused when it unties a weight
+    (the other holders would keep the dense copy) and warned about otherwise, naming the layers.
     """
     target = model if inplace else copy.deepcopy(model)
     plan.validate(target)
+    before, tied = count_params(target), shared_parameters(target)
     stats = _build_statistics(target, plan, init, calibration, loss_fn, forward_fn)
     for lp in plan.compressed_layers:
+        if TIED_TO in lp.config:
+            continue  # built after its leader, by share_followers
         method = plan.method_for(lp)
         module = target.get_submodule(lp.fqn)
         extra = {"stats": stats[lp.fqn]} if lp.fqn in stats else {}
@@ -59,6 +67,10 @@ def apply(
             raise TensorslimError(f"layer {lp.fqn}: {exc}") from None
         if new is not module:
             replace_module(target, lp.fqn, new)
+    share_followers(target, plan)
+    keep_compressed_layers_unfused(target)  # torch's fused encoder path reads dense weights
+    # loading rebuilds a saved structure as it is: its growth was checked when it was applied
+    check_growth(target, plan, before, tied, check=init)
     set_plans(target, [*plans_of(model if not inplace else target), plan])
     return target
 
@@ -135,8 +147,8 @@ def refresh_plan(model: nn.Module, plan: CompressionPlan) -> CompressionPlan:
     named = dict(model.named_modules())
     for lp in fresh.layers:
         module = named.get(lp.fqn)
-        if module is None or lp.method is None:
-            continue
+        if module is None or lp.method is None or TIED_TO in lp.config:
+            continue  # a follower keeps its tie: its structure is its leader's
         if isinstance(module, StructuredLayer):
             # the layer's own method keeps it when it builds this type; otherwise the layer
             # changed hands (SVD training's SVDConv2d became the svd method's LowRankConv2d)

@@ -17,6 +17,7 @@ from tensorslim.errors import TensorslimError
 from tensorslim.facts import LayerStats
 from tensorslim.inputs import ForwardFn, batch_inputs
 from tensorslim.methods.base import Method
+from tensorslim.methods.planned import carry_factorizations
 from tensorslim.methods.registry import get_method
 from tensorslim.planner.apply import DEFAULT_CALIBRATION_BATCHES as DEFAULT_BATCHES
 from tensorslim.planner.apply import attach_statistics
@@ -32,6 +33,7 @@ from tensorslim.planner.survey import (
     resolve_names,
     survey_model,
 )
+from tensorslim.planner.ties import TiePlan, check_tied_mode, decide_ties
 from tensorslim.rank.budget import Budget
 from tensorslim.surgery import FilterFn
 
@@ -52,6 +54,7 @@ def plan(
     loss_fn: LossFn | None = None,
     forward_fn: ForwardFn | None = None,
     progress: bool = False,
+    tied: str = "dense",
     **settings: Any,
 ) -> CompressionPlan:
     """Compute a compression plan for ``model``.
@@ -66,13 +69,18 @@ def plan(
     ``calibration``: a loader of real batches; the first ``calibration_batches`` are run once to
     collect what the method needs (and input Grams, so errors are measured in output space).
     ``loss_fn(output, batch)`` is needed by methods that use the Fisher diagonal.
+    ``tied``: layers whose weight another module also holds (an LM head tied to its
+    embedding) stay dense with ``"dense"``; ``"share"`` compresses them where the tie can be
+    kept exactly (see :mod:`tensorslim.planner.ties`). A plan never unties a weight.
     ``settings`` are the method's own (e.g. ``scheme="spatial"``).
     """
     budget = Budget.coerce(budget)
+    check_tied_mode(tied)
     chosen = _method(method, budget, settings)
     example = _example(example_input, calibration, forward_fn)
     survey = survey_model(model, example, forward_fn)
-    selected, reasons = select_layers(survey, layers, exclude, filter_fn)
+    ties = decide_ties(tied, survey.modules, survey.tied, survey.order, chosen.name)
+    selected, reasons = select_layers(survey, layers, exclude, filter_fn, ties)
     stats = calibrate(
         model,
         chosen,
@@ -89,9 +97,10 @@ def plan(
     totals = {"flops": survey.model_flops, "params": survey.model_params}
     choice = choose_options(chosen, budget, candidates, survey.infos, totals)
     record = _calibration_record(stats, calibration_batches) if stats else None
-    result = assemble_plan(chosen, budget, survey, reasons, candidates, choice, record)
+    result = assemble_plan(chosen, budget, survey, reasons, candidates, choice, record, ties)
     if stats:
         attach_statistics(result, stats)
+    carry_factorizations(result, chosen)
     return result
 
 
@@ -121,8 +130,14 @@ def select_layers(
     layers: list[str] | None,
     exclude: list[str] | None,
     filter_fn: FilterFn | None,
+    ties: TiePlan | None = None,
 ) -> tuple[list[str], dict[str, str]]:
-    """The layers to offer the method, and why each of the others stays dense."""
+    """The layers to offer the method, and why each of the others stays dense.
+
+    A tie's followers are never offered (they take their leader's structure when it is
+    compressed); a layer whose tie cannot be kept stays dense with ``ties.dense``'s reason.
+    """
+    ties = ties or TiePlan()
     wanted = resolve_names(survey, layers, "layers")
     excluded = resolve_names(survey, exclude, "exclude")
     selected: list[str] = []
@@ -130,6 +145,10 @@ def select_layers(
     for fqn in survey.order:
         if fqn in survey.never_called:
             reasons[fqn] = NEVER_CALLED
+        elif fqn in ties.dense:
+            reasons[fqn] = ties.dense[fqn]
+        elif fqn in ties.leader_of:
+            reasons[fqn] = f"weight tied with {ties.leader_of[fqn]}, which stays dense"
         elif is_selected(survey, fqn, wanted, excluded, filter_fn):
             selected.append(fqn)
         else:

@@ -9,7 +9,7 @@ transposed or 1-D convolutions, …) with the reason no method touches them.
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
@@ -20,11 +20,12 @@ from tensorslim.errors import TensorslimError
 from tensorslim.facts import LayerInfo
 from tensorslim.inputs import ForwardFn, take_samples
 from tensorslim.layers.base import StructuredLayer
+from tensorslim.planner.ties import shared_parameters
 from tensorslim.surgery import FilterFn
 
 NEVER_CALLED = (
-    "its forward never runs (the parent reads .weight directly, e.g. "
-    "nn.MultiheadAttention.out_proj): replacing it would be unsafe"
+    "its forward never runs (its parent reads .weight directly, or the example does not reach "
+    "it): replacing it would be unsafe"
 )
 NOT_SELECTED = "not selected"
 
@@ -35,7 +36,8 @@ class ModelSurvey:
 
     ``order`` lists the Linear/Conv2d fqns a plan covers, in module order (first names of shared
     modules, nothing inside a structured layer); ``other_weights`` the remaining modules that
-    hold a weight matrix; ``infos`` the layers that ran (``never_called`` the ones that did not).
+    hold a weight matrix; ``infos`` the layers that ran (``never_called`` the ones that did not);
+    ``tied`` the modules that hold a parameter another module holds too (see planner.ties).
     """
 
     example: Any
@@ -47,6 +49,7 @@ class ModelSurvey:
     other_weights: list[str]
     model_params: int
     model_flops: int
+    tied: dict[str, list[str]] = field(default_factory=dict)  # fqn → modules sharing a param
 
 
 def survey_model(
@@ -74,6 +77,7 @@ def survey_model(
         other_weights=_other_weight_holders(model),
         model_params=count_params(model),
         model_flops=count_flops(model, example, forward_fn),
+        tied=shared_parameters(model),
     )
 
 

@@ -29,6 +29,7 @@ SUMMARY_COLUMNS = [
     "accuracy_before_ft",
     "accuracy",
     "params",
+    "params_fraction",
     "flops",
     "flops_fraction",
     "latency_ms",
@@ -39,6 +40,8 @@ LAYER_COLUMNS = [
     "type",
     "method",
     "choice",
+    "params",
+    "params_after",
     "flops",
     "flops_after",
     "flops_kept",
@@ -76,6 +79,7 @@ def summary_row(result: Mapping[str, Any]) -> dict[str, Any]:
         "accuracy": comp.get("accuracy"),
         # pruned weights are stored compactly (values + indices): count what is kept
         "params": comp.get("params_nonzero", comp["params"]),
+        "params_fraction": result.get("params_nonzero_fraction", result.get("params_fraction")),
         "flops": comp["flops"],
         "flops_fraction": result.get("flops_fraction"),
         "latency_ms": comp.get("latency_ms"),
@@ -90,6 +94,7 @@ def original_row(original: Mapping[str, Any]) -> dict[str, Any]:
         "budget": "–",
         "accuracy": original.get("accuracy"),
         "params": original["params"],
+        "params_fraction": 1.0,
         "flops": original["flops"],
         "flops_fraction": 1.0,
         "latency_ms": original.get("latency_ms"),
@@ -229,6 +234,8 @@ def write_report(
             lines += [f"## {label}", "", f"![{label}]({files[name].name})", ""]
     for r in results:
         lines += [f"## Layers: {r['method']} {summary_row(r)['budget']}", ""]
+        if r.get("plan_summary"):
+            lines += [f"Plan: {r['plan_summary']}", ""]
         lines += [markdown_table(LAYER_COLUMNS, r["layers"]), ""]
         for note in r.get("plan_notes", []):
             lines += [f"> note: {note}", ""]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -400,8 +401,15 @@ def _train_step(run: _Run, batch: Any, epoch: int, batch_index: int) -> dict[str
     loss.backward()
     for hook in run.hooks:
         hook.after_backward(run.net, run.opt, step)
-    run.opt.step()
-    run.scheduler.step()
+    if any(hook.skips_optimizer_step(step) for hook in run.hooks):
+        # the learning-rate schedule still advances (it is a function of the step, as in the
+        # official RigL/RPG loops); torch warns when the very first step is such a step
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            run.scheduler.step()
+    else:
+        run.opt.step()
+        run.scheduler.step()
     for hook in run.hooks:
         hook.after_step(run.net, run.opt, step)
     return logged
