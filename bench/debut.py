@@ -278,6 +278,11 @@ def lenet_arms(args: argparse.Namespace) -> list[dict[str, Any]]:
         paper_lr = get_preset(method_class("debut"), "paper").training["lr"]
         for lr in dict.fromkeys((args.ft_lr, paper_lr)):
             arms.append({"init": "als", "order": "position", "preset": "paper", "lr": lr})
+        # the one paper setting that decides whether fine-tuning is stable: ALS's raw scales
+        arms.append(
+            {"init": "als", "order": "position", "preset": "paper", "lr": args.ft_lr,
+             "als_balance": True}
+        )  # fmt: skip
     return arms
 
 
@@ -298,6 +303,8 @@ def lenet_run(
         settings["als_sweeps"] = args.sweeps  # the paper preset keeps its own 10 sweeps
     else:
         settings["preset"] = arm["preset"]
+    if "als_balance" in arm:
+        settings["als_balance"] = arm["als_balance"]
     plan = ts.plan(
         model, "debut", None, example, layers=list(LENET_LAYERS), chain=chains, **settings
     )
@@ -331,6 +338,7 @@ def lenet_run(
         "order": arm["order"],
         "preset": arm["preset"] or "default",
         "finetune_lr": arm["lr"],
+        "als_balance_override": arm.get("als_balance"),
         "accuracy_after_init": before,
         "accuracy_after_finetune": after,
         "diverged": diverged,
@@ -422,7 +430,8 @@ def plot(speed: list[dict[str, Any]], lenet: dict[str, Any] | None, path: Path) 
         ax = axes[row][0]
         runs = lenet["runs"]
         labels = [
-            f"{r['init']} init{' (paper)' if r.get('preset') == 'paper' else ''}, "
+            f"{r['init']} init{' (paper)' if r.get('preset') == 'paper' else ''}"
+            f"{' + balance' if r.get('als_balance_override') else ''}, "
             f"lr {r.get('finetune_lr', 0.02):g}, "
             f"{r.get('order', 'channel')}-major conv, "
             f"{r['model_compression']:.2f}× smaller"
@@ -565,7 +574,8 @@ def main() -> None:
                 {
                     "target": f"{r['target_ratio']:g}×",
                     "init": r["init"],
-                    "preset": r.get("preset", "default"),
+                    "preset": r.get("preset", "default")
+                    + (" + als_balance" if r.get("als_balance_override") else ""),
                     "conv order": r.get("order", "channel"),
                     "fine-tune lr": r.get("finetune_lr", args.ft_lr),
                     "acc after init": f"{r['accuracy_after_init']:.4f}",
@@ -591,9 +601,11 @@ def main() -> None:
             "preset='paper', the official initialisation (ALS from U[0, 1) factors, 10 sweeps "
             "starting at the output side, no rescaling), position-major, fine-tuned at the "
             "common rate and at the preset's own (0.01, the official train_lenet.sh; its "
-            "150-epoch step schedule is not run). A 'diverged' run hit a NaN loss in "
-            "fine-tuning at its learning rate. Accuracies come from one seed on a machine "
-            "shared with other jobs (load average in the JSON; it affects time, not accuracy)."
+            "150-epoch step schedule is not run); 'paper + als_balance': the same with the "
+            "factors rescaled to equal norms after ALS (tensorslim's default). A 'diverged' run "
+            "hit a NaN loss in fine-tuning at its learning rate. Accuracies come from one seed "
+            "on a machine shared with other jobs (load average in the JSON; it affects time, "
+            "not accuracy)."
         )
         tables.append(("LeNet-5 on Fashion-MNIST, conv2/fc1/fc2 as DeBut", list(rows[0]), rows))
         chain_rows = [

@@ -25,6 +25,7 @@ from tensorslim.decompose.svd import (
 )
 from tensorslim.errors import TensorslimError
 from tensorslim.facts import OUTPUT_ERROR, Config, LayerStats
+from tensorslim.layers.attention import LowRankMultiheadAttention
 from tensorslim.layers.composite import (
     composite_matrices,
     is_composite,
@@ -65,12 +66,15 @@ class SVDMethod(Method):
     """
 
     name: ClassVar[str] = "svd"
-    description: ClassVar[str] = "low-rank SVD (channel-/spatial-wise for convs)"
+    description: ClassVar[str] = (
+        "low-rank SVD (channel-/spatial-wise for convs; attention and LSTM/GRU matrices too)"
+    )
     builds: ClassVar[tuple[type[nn.Module], ...]] = (
         LowRankLinear,
         LowRankConv2d,
         LowRankConv1d,
         LowRankRNN,
+        LowRankMultiheadAttention,
     )
     scheme: str = "channel"
     rank: int | None = None
@@ -108,7 +112,7 @@ class SVDMethod(Method):
             return unsupported_composite_reason(module)
         return (
             f"{type(module).__name__} is not a layer svd factorizes "
-            "(Linear, Conv1d, Conv2d, RNN/LSTM/GRU)"
+            "(Linear, Conv1d, Conv2d, RNN/LSTM/GRU, MultiheadAttention)"
         )
 
     def _schemes(self, module: nn.Module) -> tuple[str, ...]:

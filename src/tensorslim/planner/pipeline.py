@@ -32,6 +32,7 @@ from tensorslim.planner.survey import (
     is_selected,
     resolve_names,
     survey_model,
+    weight_read_reason,
 )
 from tensorslim.planner.ties import TiePlan, check_tied_mode, decide_ties
 from tensorslim.rank.budget import Budget
@@ -145,6 +146,8 @@ def select_layers(
     for fqn in survey.order:
         if fqn in survey.never_called:
             reasons[fqn] = NEVER_CALLED
+        elif fqn in survey.weight_readers:
+            reasons[fqn] = weight_read_reason(survey.weight_readers[fqn])
         elif fqn in ties.dense:
             reasons[fqn] = ties.dense[fqn]
         elif fqn in ties.leader_of:
