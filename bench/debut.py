@@ -55,6 +55,8 @@ from tensorslim.layers.debut_chain import (
     generate_chains,
     plan_segments,
 )
+from tensorslim.methods import method_class
+from tensorslim.methods.presets import get_preset
 from tensorslim.train.loop import NonFiniteLossError, evaluate, fit
 
 VGG = (
@@ -267,12 +269,20 @@ def lenet_arms(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Initialisations compared at every ratio: ALS and random per conv order (defaults
     otherwise), and the paper preset (the official initialisation, position-major)."""
     arms = [
-        {"init": init, "order": order, "preset": None}
+        {"init": init, "order": order, "preset": None, "lr": args.ft_lr}
         for init in ("als", "random")
         for order in args.orders
     ]
     if args.paper:
-        arms.append({"init": "als", "order": "position", "preset": "paper"})
+        # the paper's initialisation fine-tuned like the others, and at the preset's own rate
+        paper_lr = get_preset(method_class("debut"), "paper").training["lr"]
+        for lr in dict.fromkeys((args.ft_lr, paper_lr)):
+            arms.append({"init": "als", "order": "position", "preset": "paper", "lr": lr})
+        # the one paper setting that decides whether fine-tuning is stable: ALS's raw scales
+        arms.append(
+            {"init": "als", "order": "position", "preset": "paper", "lr": args.ft_lr,
+             "als_balance": True}
+        )  # fmt: skip
     return arms
 
 
@@ -293,6 +303,8 @@ def lenet_run(
         settings["als_sweeps"] = args.sweeps  # the paper preset keeps its own 10 sweeps
     else:
         settings["preset"] = arm["preset"]
+    if "als_balance" in arm:
+        settings["als_balance"] = arm["als_balance"]
     plan = ts.plan(
         model, "debut", None, example, layers=list(LENET_LAYERS), chain=chains, **settings
     )
@@ -302,7 +314,7 @@ def lenet_run(
     started = time.perf_counter()
     diverged = None
     try:
-        history = fit(small, train, epochs=args.ft_epochs, lr=args.ft_lr, progress=False).epochs
+        history = fit(small, train, epochs=args.ft_epochs, lr=arm["lr"], progress=False).epochs
         after: float | None = evaluate(small, test)["accuracy"]
     except NonFiniteLossError as exc:  # recorded, not hidden: the arm's fine-tuning diverged
         history, after, diverged = [], None, str(exc)
@@ -325,6 +337,8 @@ def lenet_run(
         "init": arm["init"],
         "order": arm["order"],
         "preset": arm["preset"] or "default",
+        "finetune_lr": arm["lr"],
+        "als_balance_override": arm.get("als_balance"),
         "accuracy_after_init": before,
         "accuracy_after_finetune": after,
         "diverged": diverged,
@@ -416,7 +430,9 @@ def plot(speed: list[dict[str, Any]], lenet: dict[str, Any] | None, path: Path) 
         ax = axes[row][0]
         runs = lenet["runs"]
         labels = [
-            f"{r['init']} init{' (paper)' if r.get('preset') == 'paper' else ''}, "
+            f"{r['init']} init{' (paper)' if r.get('preset') == 'paper' else ''}"
+            f"{' + balance' if r.get('als_balance_override') else ''}, "
+            f"lr {r.get('finetune_lr', 0.02):g}, "
             f"{r.get('order', 'channel')}-major conv, "
             f"{r['model_compression']:.2f}× smaller"
             for r in runs
@@ -558,8 +574,10 @@ def main() -> None:
                 {
                     "target": f"{r['target_ratio']:g}×",
                     "init": r["init"],
-                    "preset": r.get("preset", "default"),
+                    "preset": r.get("preset", "default")
+                    + (" + als_balance" if r.get("als_balance_override") else ""),
                     "conv order": r.get("order", "channel"),
+                    "fine-tune lr": r.get("finetune_lr", args.ft_lr),
                     "acc after init": f"{r['accuracy_after_init']:.4f}",
                     "acc after fine-tune": "diverged (NaN loss)"
                     if r["accuracy_after_finetune"] is None
@@ -581,10 +599,13 @@ def main() -> None:
             f"fine-tuning ({args.ft_epochs} epochs, SGD lr {args.ft_lr}, cosine) for every init "
             "and conv order (only conv2 depends on the order; same seed and chains). 'paper': "
             "preset='paper', the official initialisation (ALS from U[0, 1) factors, 10 sweeps "
-            "starting at the output side, no rescaling), position-major, same fine-tuning "
-            "(the official 150-epoch schedule is not run). A 'diverged' run hit a NaN loss in "
-            "fine-tuning at this learning rate. Accuracies come from one seed on a machine "
-            "shared with other jobs (load average in the JSON; it affects time, not accuracy)."
+            "starting at the output side, no rescaling), position-major, fine-tuned at the "
+            "common rate and at the preset's own (0.01, the official train_lenet.sh; its "
+            "150-epoch step schedule is not run); 'paper + als_balance': the same with the "
+            "factors rescaled to equal norms after ALS (tensorslim's default). A 'diverged' run "
+            "hit a NaN loss in fine-tuning at its learning rate. Accuracies come from one seed "
+            "on a machine shared with other jobs (load average in the JSON; it affects time, "
+            "not accuracy)."
         )
         tables.append(("LeNet-5 on Fashion-MNIST, conv2/fc1/fc2 as DeBut", list(rows[0]), rows))
         chain_rows = [

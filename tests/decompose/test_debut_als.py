@@ -200,3 +200,33 @@ def test_uniform_start_is_the_official_generate_chain_draw() -> None:
         als_fit(target, chain, start="zeros")
     with pytest.raises(TensorslimError, match="first sweep"):
         als_fit(target, chain, first="middle")
+
+
+def test_bp_fit_is_the_official_probe_gradient_step() -> None:
+    # re-implemented: dense factors (output side first), one U[0,1) probe per step, loss
+    # ‖Dx − B_0⋯B_(K−1) x‖ (not squared), w ← w − lr·grad on the pattern, lr 0.1 then 0.25
+    from tensorslim.decompose.debut_als import bp_fit
+
+    chain = DeButChain.parse("8 12 2 3 1  8 8 4 4 2")
+    target = torch.randn(8, 12, generator=torch.Generator().manual_seed(1), dtype=DT)
+    gen = torch.Generator().manual_seed(7)
+    start = [torch.rand(spec.weight_shape, generator=gen, dtype=DT) for spec in chain]
+    probes = [torch.rand(12, 1, generator=gen, dtype=DT) for _ in range(4)]
+    factors = [spec.dense(w).requires_grad_(True) for spec, w in zip(chain, start, strict=True)]
+    masks = [spec.dense(torch.ones(spec.weight_shape, dtype=DT)) != 0 for spec in chain]
+    for step, x in enumerate(probes):
+        out = x
+        for m in factors:  # input side first
+            out = m @ out
+        loss = torch.linalg.norm(target @ x - out)
+        grads = torch.autograd.grad(loss, factors)
+        lr = 0.1 if step == 0 else 0.25
+        factors = [
+            (m - lr * g * mask).detach().requires_grad_(True)
+            for m, g, mask in zip(factors, grads, masks, strict=True)
+        ]
+    gen = torch.Generator().manual_seed(7)
+    weights, errors = bp_fit(target, chain, steps=4, generator=gen)
+    for spec, w, m in zip(chain, weights, factors, strict=True):
+        torch.testing.assert_close(spec.dense(w), m.detach())
+    assert len(errors) == 4 and errors[-1] == pytest.approx(relative_error(target, chain, weights))

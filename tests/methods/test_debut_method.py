@@ -220,3 +220,28 @@ def test_paper_preset_initialises_as_the_official_code() -> None:
     made = random.build(layer, option.config, info)
     values = torch.cat([p.detach().reshape(-1) for p in made.factors])
     assert values.std().item() == pytest.approx(0.5**0.5, rel=0.15)
+
+
+def test_pad_generates_chains_for_the_padded_shape_of_rough_sizes() -> None:
+    from tensorslim.layers.debut_layout import padded_shape
+
+    # 127 is prime: padded to 128; 100 = 2²·5² and 9·6 factor into small primes: kept;
+    # a conv's channels grow (13 → 16), giving kh·kw·16 columns as the official rule
+    assert padded_shape(100, 127) == (100, 128)
+    assert padded_shape(12, 54, positions=9) == (12, 54)
+    assert padded_shape(22, 117, positions=9) == (32, 144)
+    torch.manual_seed(5)
+    layer = nn.Linear(127, 100)
+    info = linear_info("fc", layer)
+    plain = get_method("debut", ratio=4, candidate_sweeps=1).candidates(layer, info)
+    padded = get_method("debut", ratio=4, candidate_sweeps=1, pad=True).candidates(layer, info)
+    (option,) = padded
+    chain = DeButChain.parse(option.config["chain"])
+    assert (chain.out_features, chain.in_features) == (100, 128) and option.config["pad"]
+    assert option.extra["compression"] == pytest.approx(127 * 100 / chain.nnz, rel=1e-3)
+    built = get_method("debut", pad=True, als_sweeps=2).build(layer, option.config, info)
+    assert isinstance(built, DeButLinear) and built.padded
+    # the option's error is that of the layer's own block (what the layer computes)
+    error = dense_weight_error(layer, built)
+    assert 0 < error < 1 and option.error == pytest.approx(error, rel=0.3)
+    assert all(DeButChain.parse(o.config["chain"]).in_features == 127 for o in plain)

@@ -388,3 +388,42 @@ def grad_fit(
     weights = [p.detach() for p in params]
     errors[-1] = relative_error(target, chain, weights)
     return weights, errors
+
+
+def bp_fit(
+    weight: torch.Tensor,
+    chain: DeButChain | str,
+    *,
+    steps: int = 300,
+    lr: float = 0.1,
+    lr_decay: float = 0.5,
+    init: Sequence[torch.Tensor] | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[list[torch.Tensor], list[float]]:
+    """The official gradient initialisation (``ALS_Initialization/main.py --type_init BP``).
+
+    From U[0, 1) factors (``Generate_Chain``), each step draws one probe x ~ U[0, 1)^in and
+    takes a plain gradient step w ← w − lr·∂‖Wx − F_K ⋯ F_1 x‖₂/∂w on the nonzeros. The first
+    step uses ``lr``; the official code then sets ``lr = 0.5 · lr_decay`` (its decay line
+    assigns instead of multiplying), which every later step uses. Returns the factors (float64)
+    and the relative Frobenius error after every step. ``grad_fit`` minimises the full
+    ‖W − Ŵ‖_F with Adam instead, which fits far better per step.
+    """
+    chain = DeButChain.parse(chain)
+    if steps < 1:
+        raise TensorslimError(f"gradient fit needs at least one step, got {steps}")
+    target = _check_target(weight, chain)
+    device = target.device
+    start = _starting_factors(chain, init, "uniform", generator, _DTYPE, device)
+    params = [w.clone().requires_grad_(True) for w in start]
+    errors: list[float] = []
+    for step in range(steps):
+        x = torch.rand(chain.in_features, 1, generator=generator, dtype=_DTYPE).to(device)
+        loss = torch.linalg.vector_norm(target @ x - chain_multiply(chain.factors, params, x))
+        grads = torch.autograd.grad(loss, params)
+        rate = lr if step == 0 else 0.5 * lr_decay
+        with torch.no_grad():
+            for p, g in zip(params, grads, strict=True):
+                p.sub_(rate * g)
+        errors.append(relative_error(target, chain, params))
+    return [p.detach() for p in params], errors

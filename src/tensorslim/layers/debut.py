@@ -459,7 +459,7 @@ class DeButLinear(StructuredLayer):
         pad: bool = False,
         **fit: Any,
     ) -> DeButLinear:
-        """A DeBut layer fitted to ``layer.weight`` (``init``: "als", "grad" or "random";
+        """A DeBut layer fitted to ``layer.weight`` (``init``: one of ``INITS``;
         ``fit``: the options of ``init_from_weight``)."""
         w = layer.weight.detach()
         new = cls(
@@ -638,7 +638,7 @@ class DeButConv2d(StructuredLayer):
         pad: bool = False,
         **fit: Any,
     ) -> DeButConv2d:
-        """A DeBut conv fitted to ``layer``'s kernel (``init``: "als", "grad" or "random"),
+        """A DeBut conv fitted to ``layer``'s kernel (``init``: one of ``INITS``),
         viewed as a matrix in ``order``."""
         reason = unsupported_conv_reason(layer)
         if reason is not None:
@@ -747,7 +747,8 @@ class DeButConv2d(StructuredLayer):
 # --------------------------------------------------------------------------------------------
 # initialisation from a dense weight
 
-INITS = ("als", "grad", "random")
+# "bp": the official gradient initialisation (one random probe per plain gradient step)
+INITS = ("als", "grad", "bp", "random")
 
 
 def _fit_core(
@@ -765,7 +766,7 @@ def _fit_core(
 ) -> list[float]:
     """Fill ``core``'s factors from ``weight`` (out × in) by ``init``; the fit's error list."""
     # imported here: the fitting module builds on this module's multiply
-    from tensorslim.decompose.debut_als import als_fit, grad_fit
+    from tensorslim.decompose.debut_als import als_fit, bp_fit, grad_fit
 
     if init not in INITS:
         raise TensorslimError(f"unknown DeBut init '{init}': use {', '.join(INITS)}")
@@ -786,6 +787,8 @@ def _fit_core(
             first=als_first,
             balance=balance,
         )
+    elif init == "bp":
+        weights, errors = bp_fit(target, core.chain, steps=steps, generator=generator)
     else:
         weights, errors = grad_fit(target, core.chain, steps=steps, generator=generator)
     with torch.no_grad():
@@ -806,7 +809,7 @@ def _init_info(
                 info[key] = fit[key]
     elif init == "random" and fit.get("random_std") is not None:
         info["random_std"] = fit["random_std"]
-    if init == "grad":
+    if init in ("grad", "bp"):
         info["steps"] = steps
     if errors:
         info["error"] = round(float(errors[-1]), 6)

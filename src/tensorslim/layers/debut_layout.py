@@ -113,3 +113,33 @@ def padded_target(weight: torch.Tensor, out_pad: int, in_pad: int) -> torch.Tens
     big = weight.new_zeros(out_pad, in_pad)
     big[:out, :inp] = weight
     return big
+
+
+# sizes whose largest prime factor exceeds this are padded by ``padded_shape``: a generated
+# chain must put such a prime into a single grid (r or s = the prime), a nearly dense factor
+_ROUGH_PRIME = 7
+
+
+def _largest_prime_factor(n: int) -> int:
+    largest, f = 1, 2
+    while f * f <= n:
+        while n % f == 0:
+            largest, n = f, n // f
+        f += 1
+    return max(largest, n) if n > 1 else largest
+
+
+def padded_shape(out_features: int, in_features: int, positions: int = 1) -> tuple[int, int]:
+    """The zero-padded (out, in) a generated chain is made for, as the official PaddingMatrix.
+
+    A size that factors into primes ≤ 7 is kept; otherwise it grows to the next power of two —
+    for a conv's input (``positions`` = kh·kw) the channel count does, giving
+    kh·kw·2^⌈log₂ C_in⌉ columns (the official rule for 3×3 kernels).
+    """
+
+    def grow(n: int) -> int:
+        return n if _largest_prime_factor(n) <= _ROUGH_PRIME else 1 << (n - 1).bit_length()
+
+    if in_features % positions:
+        raise TensorslimError(f"{in_features} inputs are not a multiple of {positions} positions")
+    return grow(out_features), positions * grow(in_features // positions)

@@ -25,12 +25,13 @@ from tensorslim.decompose.debut_als import als_fit
 from tensorslim.errors import TensorslimError
 from tensorslim.facts import Config, LayerStats
 from tensorslim.layers.conv_geometry import unsupported_conv_reason
-from tensorslim.layers.debut import INITS, DeButConv2d, DeButLinear
+from tensorslim.layers.debut import INITS, DeButConv2d, DeButLinear, chain_dense
 from tensorslim.layers.debut_chain import DeButChain, generate_chains
 from tensorslim.layers.debut_layout import (
     check_order,
     check_padded,
     kernel_to_matrix,
+    padded_shape,
     padded_target,
 )
 from tensorslim.methods.base import LayerInfo, Method, Option
@@ -100,13 +101,16 @@ class DeButMethod(Method):
     - ``ratios``: the ladder of ratios offered to the allocator (default 2 … 24);
     - ``num_factors``: factor count(s) for generated chains (default 2–6), ``chain_kind``: "any",
       "monotonic" or "bulging";
-    - ``init``: "als" (default), "grad" (Adam on the factors) or "random" (train from scratch);
+    - ``init``: "als" (default), "grad" (Adam on ‖W − Ŵ‖_F), "bp" (the official gradient
+      initialisation: one U[0, 1) probe per plain gradient step) or "random" (from scratch);
       ``als_sweeps`` for ``build``, ``candidate_sweeps`` for the error of each candidate (cached
       per weight and chain), ``grad_steps``, ``seed``;
     - ``order``: how a conv kernel is unfolded, "position" (kh, kw, C_in; the official code,
       default) or "channel" (C_in, kh, kw);
-    - ``pad``: explicit per-layer chains may be larger than their layer (zero-padded input,
-      cropped output, as the official code pads sizes that do not factor);
+    - ``pad``: zero-pad sizes that do not factor (as the official code): generated chains are
+      made for ``padded_shape`` (a size with a prime factor > 7 grows to a power of two; a
+      conv's channel count, for kh·kw·2^⌈log₂ C_in⌉ columns), and explicit per-layer chains
+      may be larger than their layer (zero-padded input, cropped output);
     - ``als_start`` ("normal": N(0, 1/s_k); "uniform": U[0, 1) as the official code),
       ``als_first`` (the side the first ALS sweep starts from, "input" or "output"),
       ``als_balance`` (equalise the factors' norms after ALS), ``random_std`` (std of every
@@ -213,14 +217,17 @@ class DeButMethod(Method):
         if explicit is not None:
             return [explicit]
         out_f, in_f = _matrix_shape(module)
+        # with pad, a size with a large prime factor is zero-padded (the official PaddingMatrix)
+        positions = module.weight[0, 0].numel() if isinstance(module, nn.Conv2d) else 1
+        gen_out, gen_in = padded_shape(out_f, in_f, positions) if self.pad else (out_f, in_f)
         ratios = [self.ratio] if self.ratio is not None else self.ratios
         chains: dict[str, DeButChain] = {}
         for ratio in ratios:
             try:
                 found = generate_chains(
-                    out_f,
-                    in_f,
-                    ratio=ratio,
+                    gen_out,
+                    gen_in,
+                    target_params=max(1, round(out_f * in_f / ratio)),
                     num_factors=self.num_factors,
                     kind=self.chain_kind,
                     cols=max(64, cols),
@@ -232,7 +239,8 @@ class DeButMethod(Method):
                 continue
             best = found[0]
             # a ladder rung far from its ratio duplicates a neighbour or is not compressing
-            if self.ratio is None and abs(math.log(best.compression / ratio)) > math.log(1.5):
+            compression = out_f * in_f / best.chain.nnz  # of the layer, padded or not
+            if self.ratio is None and abs(math.log(compression / ratio)) > math.log(1.5):
                 continue
             chains.setdefault(best.chain.text, best.chain)
         return list(chains.values())
@@ -258,12 +266,12 @@ class DeButMethod(Method):
                     params=chain.nnz + bias,
                     flops=chain.flops(cols) * info.calls,
                     error=error,
-                    label=f"DeBut {len(chain)}f {chain.compression:.1f}×",
+                    label=f"DeBut {len(chain)}f {weight.numel() / chain.nnz:.1f}×",
                     extra={
                         "nnz": chain.nnz,
                         "factors": len(chain),
                         "kind": chain.kind,
-                        "compression": round(chain.compression, 3),
+                        "compression": round(weight.numel() / chain.nnz, 3),
                     },
                 )
             )
@@ -285,7 +293,7 @@ class DeButMethod(Method):
         generator = torch.Generator().manual_seed(self.seed)
         # float32 is plenty for an estimate that ranks options, and twice as fast
         target = padded_target(weight, chain.out_features, chain.in_features)
-        _, errors = als_fit(
+        weights, errors = als_fit(
             target,
             chain,
             sweeps=self.candidate_sweeps,
@@ -295,6 +303,11 @@ class DeButMethod(Method):
             first=self.als_first,
         )
         error = float(errors[-1])
+        if target is not weight:  # padded: the error of the part the layer uses
+            approx = chain_dense(chain.factors, weights)[: weight.shape[0], : weight.shape[1]]
+            error = float(
+                torch.linalg.vector_norm(weight - approx) / weight.norm().clamp_min(1e-30)
+            )
         _ERROR_CACHE[key] = error
         if len(_ERROR_CACHE) > _ERROR_CACHE_SIZE:
             _ERROR_CACHE.popitem(last=False)

@@ -19,6 +19,7 @@ from tensorslim.analysis.output_error import (
 from tensorslim.decompose.svd import conv_weight_to_matrix, matrix_to_conv_weight, singular_values
 from tensorslim.errors import TensorslimError
 from tensorslim.facts import OUTPUT_ERROR, Config, LayerStats
+from tensorslim.layers.attention import LowRankMultiheadAttention
 from tensorslim.layers.composite import (
     composite_matrices,
     is_composite,
@@ -59,6 +60,7 @@ class SVDMethod(Method):
         LowRankConv2d,
         LowRankConv1d,
         LowRankRNN,
+        LowRankMultiheadAttention,
     )
     scheme: str = "channel"
     rank: int | None = None
@@ -92,7 +94,7 @@ class SVDMethod(Method):
             return unsupported_composite_reason(module)
         return (
             f"{type(module).__name__} is not a layer svd factorizes "
-            "(Linear, Conv1d, Conv2d, RNN/LSTM/GRU)"
+            "(Linear, Conv1d, Conv2d, RNN/LSTM/GRU, MultiheadAttention)"
         )
 
     def _schemes(self, module: nn.Module) -> tuple[str, ...]:

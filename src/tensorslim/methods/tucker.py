@@ -21,7 +21,9 @@ Rank rules (setting ``rank_rule``):
 - ``"fixed"``: ``rank`` = R (both modes, capped by the channel counts) or [R_out, R_in].
 
 The error of an option is the HOSVD relative error of the kernel (an upper bound when
-``hooi_iters`` > 0, since HOOI only lowers it).
+``hooi_iters`` > 0, since HOOI only lowers it); with calibration, the output error of the same
+truncation, every pair from one table. One full HOSVD per layer prices every pair; the planning
+instance keeps it, so ``build`` (at ``hooi_iters`` = 0) slices it instead of decomposing again.
 
 Presets: ``paper`` — the reference code of Kim et al. (jacobgil/pytorch-tensor-decompositions:
 EVBMF ranks, unweakened, then TensorLy's ``partial_tucker``, i.e. HOOI with ≤ 100 sweeps and
@@ -32,23 +34,27 @@ down), then HOOI.
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import math
-from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from tensorslim.decompose.tucker import tucker2_error_table
+from tensorslim.decompose.tucker import (
+    Tucker2Bases,
+    tucker2_bases,
+    tucker2_error_table,
+    tucker2_output_error_table,
+)
 from tensorslim.decompose.vbmf import check_weaken_rule, evbmf, tucker2_vbmf_ranks, weaken_rank
 from tensorslim.errors import TensorslimError
-from tensorslim.facts import Config, LayerStats
+from tensorslim.facts import OUTPUT_ERROR, Config, LayerStats
 from tensorslim.layers.cp import conv_structure_reason
 from tensorslim.layers.tucker import TuckerConv2d
 from tensorslim.methods.base import LayerInfo, Method, Option
+from tensorslim.methods.planned import Factorizations
 from tensorslim.methods.presets import Preset
 from tensorslim.methods.registry import get_method
 
@@ -57,34 +63,6 @@ MAX_OPTIONS = 48
 
 
 # ----- helpers shared with the cp method -------------------------------------------------------
-def fingerprint(tensor: torch.Tensor) -> str:
-    """A content hash of a tensor (shape, dtype and values) to key caches of decompositions."""
-    t = tensor.detach().to("cpu")
-    digest = hashlib.sha1(t.to(torch.float64).contiguous().numpy().tobytes()).hexdigest()
-    return f"{tuple(t.shape)}:{t.dtype}:{digest}"
-
-
-class LRUCache:
-    """A small least-recently-used cache (decompositions are reused between candidates/build)."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._data: OrderedDict[Any, Any] = OrderedDict()
-
-    def get_or_compute(self, key: Any, compute: Callable[[], Any]) -> Any:
-        if key in self._data:
-            self._data.move_to_end(key)
-            return self._data[key]
-        value = compute()
-        self._data[key] = value
-        while len(self._data) > self.size:
-            self._data.popitem(last=False)
-        return value
-
-    def clear(self) -> None:
-        self._data.clear()
-
-
 def is_pointwise(module: nn.Module) -> bool:
     """Linear layers and 1×1 convs: their weight is a matrix, so SVD is the decomposition."""
     return isinstance(module, nn.Linear) or (
@@ -153,8 +131,6 @@ def pick_default(options: list[Option]) -> Option | None:
 
 
 # ----- tucker ----------------------------------------------------------------------------------
-_TABLES = LRUCache(64)
-_VBMF = LRUCache(256)
 
 
 def _bias(module: nn.Module) -> int:
@@ -277,6 +253,10 @@ class TuckerMethod(Method):
     hooi_tol: float = 1e-7
     max_options: int = MAX_OPTIONS
     presets: ClassVar[dict[str, Preset]] = TUCKER_PRESETS
+    # the planning instance's HOSVDs, for its own build (see methods/planned.py)
+    factorizations: Factorizations = field(
+        default_factory=Factorizations, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         validate_rank_settings(self.name, self.rank_rule, self.rank, self.weaken, self.min_rank)
@@ -317,12 +297,14 @@ class TuckerMethod(Method):
         return min(int(ranks[0]), n), min(int(ranks[1]), c)
 
     def vbmf_ranks(self, weight: torch.Tensor) -> tuple[int, int]:
-        """Weakened EVBMF ranks (R_out, R_in) of a kernel (cached by content)."""
-        key = (fingerprint(weight), self.weaken, self.min_rank, self.weaken_rule)
-        return _VBMF.get_or_compute(
-            key,
-            lambda: tucker2_vbmf_ranks(weight, self.weaken, self.min_rank, self.weaken_rule),
-        )
+        """Weakened EVBMF ranks (R_out, R_in) of a kernel."""
+        return tucker2_vbmf_ranks(weight, self.weaken, self.min_rank, self.weaken_rule)
+
+    def bases(self, module: nn.Conv2d, info: LayerInfo | None) -> Tucker2Bases:
+        """The layer's full HOSVD: from this instance's planning store, else computed."""
+        fqn = info.fqn if info is not None else None
+        stored = self.factorizations.get(fqn, module.weight)
+        return stored if stored is not None else tucker2_bases(module.weight)
 
     def candidates(
         self, module: nn.Module, info: LayerInfo, stats: LayerStats | None = None
@@ -339,7 +321,9 @@ class TuckerMethod(Method):
         assert isinstance(module, nn.Conv2d)
         weight = module.weight.detach()
         n, c = weight.shape[:2]
-        table = _TABLES.get_or_compute(fingerprint(weight), lambda: tucker2_error_table(weight))
+        bases = tucker2_bases(weight)
+        self.factorizations.put(info.fqn, module.weight, bases)
+        table = tucker2_error_table(bases)
         flops, params = tucker_cost_grids(module, info.input_shape, info.calls)
         errors = table[1:, 1:]
         dense_flops = info.flops  # already summed over all calls
@@ -377,6 +361,24 @@ class TuckerMethod(Method):
             )
         return options
 
+    def output_errors(
+        self, module: nn.Module, info: LayerInfo, options: list[Option], stats: LayerStats
+    ) -> list[Option]:
+        """Output-space HOSVD errors of every option from one table
+        (:func:`tensorslim.decompose.tucker.tucker2_output_error_table`)."""
+        if is_pointwise(module):
+            return get_method("svd").output_errors(module, info, options, stats)
+        assert isinstance(module, nn.Conv2d) and stats.gram is not None
+        table = tucker2_output_error_table(self.bases(module, info), stats.gram)
+        return [
+            dataclasses.replace(
+                o,
+                error=float(table[o.config["rank_out"], o.config["rank_in"]]),
+                error_space=OUTPUT_ERROR,
+            )
+            for o in options
+        ]
+
     def choose_without_budget(self, options: list[Option], info: LayerInfo) -> Option | None:
         chosen = pick_default(options)
         if chosen is not None:
@@ -403,8 +405,14 @@ class TuckerMethod(Method):
                 f"tucker config needs integer rank_out and rank_in, got {config}"
             ) from None
         if init:
+            result = None
+            if self.hooi_iters == 0:
+                # the planned HOSVD sliced at the chosen ranks (= partial_tucker at them)
+                stored = self.factorizations.take(info.fqn if info else None, module.weight)
+                if stored is not None:
+                    result = stored.truncate(ro, ri)
             return TuckerConv2d.from_dense(
-                module, ro, ri, hooi_iters=self.hooi_iters, hooi_tol=self.hooi_tol
+                module, ro, ri, hooi_iters=self.hooi_iters, hooi_tol=self.hooi_tol, result=result
             )
         w = module.weight
         return TuckerConv2d(

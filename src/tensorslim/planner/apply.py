@@ -19,6 +19,7 @@ from tensorslim.facts import LayerStats
 from tensorslim.inputs import ForwardFn
 from tensorslim.layers.base import StructuredLayer
 from tensorslim.methods.registry import builder_of
+from tensorslim.planner.fastpath import keep_compressed_layers_unfused
 from tensorslim.planner.records import CompressionPlan
 from tensorslim.planner.ties import TIED_TO, check_growth, share_followers, shared_parameters
 from tensorslim.surgery import replace_module
@@ -67,6 +68,7 @@ def apply(
         if new is not module:
             replace_module(target, lp.fqn, new)
     share_followers(target, plan)
+    keep_compressed_layers_unfused(target)  # torch's fused encoder path reads dense weights
     # loading rebuilds a saved structure as it is: its growth was checked when it was applied
     check_growth(target, plan, before, tied, check=init)
     set_plans(target, [*plans_of(model if not inplace else target), plan])

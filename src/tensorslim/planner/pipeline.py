@@ -17,6 +17,7 @@ from tensorslim.errors import TensorslimError
 from tensorslim.facts import LayerStats
 from tensorslim.inputs import ForwardFn, batch_inputs
 from tensorslim.methods.base import Method
+from tensorslim.methods.planned import carry_factorizations
 from tensorslim.methods.registry import get_method
 from tensorslim.planner.apply import DEFAULT_CALIBRATION_BATCHES as DEFAULT_BATCHES
 from tensorslim.planner.apply import attach_statistics
@@ -31,6 +32,7 @@ from tensorslim.planner.survey import (
     is_selected,
     resolve_names,
     survey_model,
+    weight_read_reason,
 )
 from tensorslim.planner.ties import TiePlan, check_tied_mode, decide_ties
 from tensorslim.rank.budget import Budget
@@ -99,6 +101,7 @@ def plan(
     result = assemble_plan(chosen, budget, survey, reasons, candidates, choice, record, ties)
     if stats:
         attach_statistics(result, stats)
+    carry_factorizations(result, chosen)
     return result
 
 
@@ -143,6 +146,8 @@ def select_layers(
     for fqn in survey.order:
         if fqn in survey.never_called:
             reasons[fqn] = NEVER_CALLED
+        elif fqn in survey.weight_readers:
+            reasons[fqn] = weight_read_reason(survey.weight_readers[fqn])
         elif fqn in ties.dense:
             reasons[fqn] = ties.dense[fqn]
         elif fqn in ties.leader_of:

@@ -7,6 +7,7 @@ a typed :class:`~tensorslim.rank.budget.Budget`; on disk it is ``{"flops": 0.5}`
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from tensorslim.facts import WEIGHT_ERROR, LayerInfo
 from tensorslim.methods.registry import get_method
 from tensorslim.rank.budget import Budget
 
+# the method instance that made a plan, carried (not saved) so apply can reuse its factorizations
+PLANNER_ATTRIBUTE = "_planner"
 ESTIMATE_KEY = "estimate"  # plan.json's derived params/FLOPs fractions (not a field)
 
 
@@ -219,6 +222,28 @@ class CompressionPlan:
             self.method_for(lp)
 
     def method_for(self, lp: LayerPlan):
+        """The method that builds ``lp``: the instance that planned it when this plan still
+        carries it (its stored factorizations spare ``apply`` a second decomposition), else a
+        new one from the stored settings."""
         assert lp.method is not None
         settings = self.methods.get(lp.method, self.settings if lp.method == self.method else {})
+        planner = self.__dict__.get(PLANNER_ATTRIBUTE)
+        if planner is not None and planner.name == lp.method and planner.settings() == settings:
+            return planner
         return get_method(lp.method, **settings)
+
+    def attach_planner(self, method: Any) -> None:
+        """Carry ``method`` (the instance that made this plan) for ``apply`` to reuse.
+
+        Not part of the plan's data: it is never saved and a copy of the plan drops it.
+        """
+        self.__dict__[PLANNER_ATTRIBUTE] = method
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> CompressionPlan:
+        # the planning instance (and its factorizations) is transient: copies are plain data
+        fresh = object.__new__(type(self))
+        memo[id(self)] = fresh
+        for key, value in self.__dict__.items():
+            if key != PLANNER_ATTRIBUTE:
+                fresh.__dict__[key] = copy.deepcopy(value, memo)
+        return fresh
