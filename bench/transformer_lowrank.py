@@ -33,28 +33,12 @@ import tensorslim as ts
 from common import RESULTS, facts, write_results
 from tensorslim.analysis.embeddings import embedding_agreement, sentence_embeddings
 from tensorslim.data.text import fortune_splits, tokenized_batches
-from tensorslim.models.huggingface import load_hf_tokenizer, mean_pooled, minilm_path
+from tensorslim.models.huggingface import load_hf_tokenizer, minilm_path
+from tensorslim.train.losses import sampled_gaussian_loss
 
 NAME = "transformer_lowrank"
 METHODS = ("svd", "asvd", "svd_llm", "fwsvd")
 FRACTIONS = (0.75, 0.5, 0.3)
-
-
-def sampled_gaussian_loss(seed: int = 0):  # type: ignore[no-untyped-def]
-    """A label-free loss whose squared gradients estimate the Fisher of the embedding.
-
-    For an output model y ~ N(f(x), I) with y drawn from the model itself, the loss
-    ½‖f(x) − y‖² has gradient −εᵀ ∂f/∂W (ε = y − f(x) ~ N(0, I)), so E[grad²] is the diagonal
-    of JᵀJ — the true Fisher of the pooled embedding f. One fresh ε per batch.
-    """
-    generator = torch.Generator().manual_seed(seed)
-
-    def loss(output: Any, batch: Any) -> torch.Tensor:
-        pooled = mean_pooled(output, batch["attention_mask"])
-        noise = torch.randn(pooled.shape, generator=generator, dtype=pooled.dtype)
-        return 0.5 * (pooled - (pooled.detach() + noise)).pow(2).sum()
-
-    return loss
 
 
 def encoder_linears(model: nn.Module) -> list[str]:
@@ -88,11 +72,13 @@ def compress(model, method, fraction, linears, calibration, args) -> tuple[Any, 
     if method != "svd" or args.svd_calibrated:
         kwargs.update(calibration=calibration, calibration_batches=len(calibration))
     if method == "fwsvd":
-        kwargs["loss_fn"] = sampled_gaussian_loss()
+        kwargs["loss_fn"] = sampled_gaussian_loss()  # label-free Fisher of the pooled embedding
     example = None if "calibration" in kwargs else calibration[0]
     started = time.perf_counter()
     plan = ts.plan(model, method, budget, example, **kwargs)
     small = ts.apply(model, plan)
+    if args.refit:  # SVD-LLM's layer-wise closed-form update of the right factors
+        ts.refit_right_factors(model, small, calibration, batches=len(calibration))
     return plan, small, time.perf_counter() - started
 
 
@@ -107,7 +93,7 @@ def run_config(model, method, fraction, data, reference, args) -> dict[str, Any]
         model, method, fraction, linears, data["calibration"], args
     )
     row: dict[str, Any] = {
-        "method": method,
+        "method": method + ("+refit" if args.refit else ""),
         "target": fraction,
         "linear_params": linear_fraction(plan, linears),
         "model_params": plan.estimated_params / plan.model_params,
@@ -225,6 +211,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--latency-method", default="svd_llm")
     p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--fractions", nargs="+", type=float, default=list(FRACTIONS))
+    p.add_argument("--refit", action="store_true", help="refit right factors after apply")
     p.add_argument("--only-structured", action="store_true", help="distil the factors only")
     p.add_argument("--svd-calibrated", action="store_true", help="svd allocates in output space")
     p.add_argument("--name", default=NAME)

@@ -19,6 +19,11 @@ outputs are torch's (output, h_n) or (output, (h_n, c_n)). FLOPs per input token
 Σ over layers and directions of 2·r·(in_k + G·H) + 2·r·(H + G·H) (dense matrices: 2·G·H·in_k,
 2·G·H·H); elementwise gate math is not counted. At full rank every matrix is dense and the
 layer reproduces the torch module to float tolerance.
+
+Speed: the step loop runs in Python with separate elementwise ops, where torch's CPU LSTM is one
+fused kernel. On the shared 2-core machine (load ≈ 15), for a 256 → 512 LSTM on 16 × 32 tokens,
+one thread: torch 43 ms; this layer with every matrix dense 119 ms, at rank 64 37 ms. So it pays
+only at low ranks; ``export --merge`` (``merge_slow_layers``) folds a slower layer back to dense.
 """
 
 from __future__ import annotations

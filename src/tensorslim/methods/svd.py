@@ -54,7 +54,9 @@ class SVDMethod(Method):
     """
 
     name: ClassVar[str] = "svd"
-    description: ClassVar[str] = "low-rank SVD (channel-/spatial-wise for convs)"
+    description: ClassVar[str] = (
+        "low-rank SVD (channel-/spatial-wise for convs; attention and LSTM/GRU matrices too)"
+    )
     builds: ClassVar[tuple[type[nn.Module], ...]] = (
         LowRankLinear,
         LowRankConv2d,

@@ -23,6 +23,8 @@ class Candidates:
     choices: list[LayerChoices] = field(default_factory=list)
     dense_reasons: dict[str, str] = field(default_factory=dict)
     error_space: str = WEIGHT_ERROR
+    # layers whose options kept weight-space errors in an output-space plan (no input Gram)
+    weight_space_layers: list[str] = field(default_factory=list)
 
 
 def gather_candidates(
@@ -55,6 +57,8 @@ def gather_candidates(
         )
         if found.error_space == OUTPUT_ERROR and options and layer_stats is not None:
             options = method.output_errors(module, info, options, layer_stats)
+        elif found.error_space == OUTPUT_ERROR and options:
+            found.weight_space_layers.append(fqn)
         if not options:
             found.dense_reasons[fqn] = f"{method.name} offers no option for this layer"
             continue
