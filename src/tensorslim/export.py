@@ -80,7 +80,9 @@ def export_onnx(
         ) from None
     path = Path(path)
     model = model.eval()
-    flat = _FlatCall(model, example)
+    # eval: the exporter restores the wrapper's mode afterwards, and a wrapper in train mode
+    # would leave the model training (BatchNorm on batch statistics) after the export
+    flat = _FlatCall(model, example).eval()
     inputs, outputs = _input_names(example), len(_outputs(model, example))
     names = ["logits", *(f"output_{i}" for i in range(1, outputs))]
     buffer = io.BytesIO()
@@ -142,7 +144,7 @@ def export_torchscript(model: nn.Module, example: Any, path: str | Path) -> dict
     with the example's tensors as flat positional arguments, returning every output tensor.
     """
     model = model.eval()
-    target = model if isinstance(example, torch.Tensor) else _FlatCall(model, example)
+    target = model if isinstance(example, torch.Tensor) else _FlatCall(model, example).eval()
     flat = tuple(tensors_in(example))
     with torch.no_grad():
         traced = torch.jit.trace(target, flat, check_trace=False, strict=False)
