@@ -10,7 +10,7 @@ import copy
 import platform
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from tensorslim.plan import CompressionPlan, apply, plan, plans_of, refresh_plan
 from tensorslim.rank.budget import Budget
 from tensorslim.train.batchnorm import recalibrate_batchnorm
 from tensorslim.train.loop import evaluate, fit
-from tensorslim.train.losses import cross_entropy_loss
+from tensorslim.train.losses import DistillFn, LossFn, cross_entropy_loss
 from tensorslim.train.seeding import PhaseSeeds
 
 # the fine-tuning settings of compress_model when neither the caller nor a preset sets them
@@ -131,6 +131,23 @@ def layer_rows(compression_plan: CompressionPlan) -> list[dict[str, Any]]:
 
 
 @dataclass
+class Objectives:
+    """How a model is calibrated and distilled when its batches are not (image, label) pairs.
+
+    ``calibration_loader``: batches for data-aware methods (default: the training loader);
+    ``calibration_loss_fn``: the loss whose squared gradients give the Fisher diagonal (default:
+    cross-entropy on the batch's targets); ``distill_fn`` and ``kd_alpha``: the distillation
+    loss and its weight when ``distill`` is on (default Hinton's KL at α = 0.5; α = 1 trains on
+    unlabeled batches).
+    """
+
+    calibration_loader: Iterable | None = None
+    calibration_loss_fn: LossFn | None = None
+    distill_fn: DistillFn | None = None
+    kd_alpha: float = 0.5
+
+
+@dataclass
 class _FineTuner:
     """How the pipeline trains: one configuration shared by its fine-tuning phases."""
 
@@ -146,6 +163,7 @@ class _FineTuner:
     log: Callable[[str], None] | None
     max_steps_per_epoch: int | None
     method: str
+    objectives: Objectives = field(default_factory=Objectives)
 
     def train(self, epochs: int, hooks: list, directory: Path | None, what: str) -> list[dict]:
         if epochs == 0:
@@ -162,6 +180,8 @@ class _FineTuner:
             hooks=hooks,
             test_loader=self.test_loader,
             teacher=self.teacher,
+            kd_alpha=self.objectives.kd_alpha,
+            distill_fn=self.objectives.distill_fn,
             checkpoint_dir=directory,
             resume=self.resume,
             progress=self.progress,
@@ -197,8 +217,12 @@ def compress_model(
     post_finalize_epochs: int = 0,
     bn_recalibration_batches: int = 0,
     seed: int | None = None,
+    objectives: Objectives | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Compress ``model`` (left untouched) and return (compressed model, results dict).
+
+    ``objectives`` (:class:`Objectives`) say how to calibrate and distil a model whose batches
+    are unlabeled (a pretrained encoder on text).
 
     ``finetune_epochs`` train the applied model (with the method's hooks: regularizers or the
     pruning schedule); ``post_finalize_epochs`` then fine-tune the finalized model without hooks
@@ -226,12 +250,10 @@ def compress_model(
     original = measure_original or measure(model, example_batch, test_loader, latency=latency)
     phases = PhaseSeeds(seed, loaders=(train_loader, test_loader))
     phases.start("compress")
-    settings = dict(settings or {})
-    preset = settings.pop(PRESET_KEY, None) if preset is None else preset
-    training = resolve_training(
-        method_class(method), preset, TRAINING_DEFAULTS,
-        lr=lr, optimizer=optimizer, weight_decay=weight_decay,
-    )  # fmt: skip
+    settings, preset, training = _preset_and_training(
+        method, settings, preset, lr=lr, optimizer=optimizer, weight_decay=weight_decay
+    )
+    objectives = objectives or Objectives()
     the_plan, method_obj, small = _plan_and_apply(
         model,
         method,
@@ -239,7 +261,8 @@ def compress_model(
         example_batch,
         filter_fn,
         {**settings, PRESET_KEY: preset},
-        train_loader,
+        objectives.calibration_loader or train_loader,
+        objectives.calibration_loss_fn,
     )
     if bn_recalibration_batches > 0:
         if train_loader is None:
@@ -256,7 +279,7 @@ def compress_model(
         small, train_loader, test_loader, training["lr"], training["optimizer"],
         training["weight_decay"],
         copy.deepcopy(model).eval() if distill else None,
-        resume, progress, log, max_steps_per_epoch, method,
+        resume, progress, log, max_steps_per_epoch, method, objectives,
     )  # fmt: skip
     if finetune_epochs > 0:
         phases.start("fine-tune")
@@ -296,6 +319,18 @@ def compress_model(
     return small, results
 
 
+def _preset_and_training(
+    method: str, settings: dict[str, Any] | None, preset: str | None, **explicit: Any
+) -> tuple[dict[str, Any], str | None, dict[str, Any]]:
+    """(settings without the preset key, the preset, the fine-tuning values): ``preset`` or
+    ``settings["preset"]``; each training value is the caller's, else the preset's, else
+    :data:`TRAINING_DEFAULTS`."""
+    settings = dict(settings or {})
+    preset = settings.pop(PRESET_KEY, None) if preset is None else preset
+    training = resolve_training(method_class(method), preset, TRAINING_DEFAULTS, **explicit)
+    return settings, preset, training
+
+
 def _plan_and_apply(
     model: nn.Module,
     method: str,
@@ -304,11 +339,13 @@ def _plan_and_apply(
     filter_fn: Callable[[nn.Module, str], bool] | None,
     settings: dict[str, Any],
     train_loader: Iterable | None = None,
+    calibration_loss_fn: LossFn | None = None,
 ) -> tuple[CompressionPlan, Method, nn.Module]:
     """Plan, refuse a plan that compresses nothing, apply; the method as the plan aimed it.
 
     A method that declares calibration needs (ASVD, SVD-LLM, FWSVD) calibrates on the first
-    training batches (the Fisher diagonal from the cross-entropy of their targets).
+    batches of ``train_loader`` (the Fisher diagonal from ``calibration_loss_fn``, by default
+    the cross-entropy of their targets).
     """
     calibration: dict[str, Any] = {}
     needs = get_method(method, **settings).calibration_needs
@@ -317,7 +354,7 @@ def _plan_and_apply(
             raise TensorslimError(f"method '{method}' needs calibration batches (training data)")
         calibration["calibration"] = train_loader
         if FISHER in needs:
-            calibration["loss_fn"] = cross_entropy_loss
+            calibration["loss_fn"] = calibration_loss_fn or cross_entropy_loss
     the_plan = plan(
         model, method, budget, example_batch, filter_fn=filter_fn, **calibration, **settings
     )

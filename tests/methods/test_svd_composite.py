@@ -8,6 +8,7 @@ from torch import nn
 
 from conftest import counted_flops
 from tensorslim.facts import LayerInfo
+from tensorslim.layers.attention import LowRankMultiheadAttention
 from tensorslim.layers.lowrank import LowRankLinear
 from tensorslim.layers.recurrent import LowRankRNN
 from tensorslim.methods.svd import SVDMethod
@@ -81,3 +82,30 @@ def test_build_without_init_makes_the_same_structure(kind: str) -> None:
 def test_unsupported_recurrent_layers_say_why() -> None:
     assert "proj_size" in SVDMethod().supports(nn.LSTM(4, 8, proj_size=2), "rnn")
     assert SVDMethod().supports(nn.GRU(4, 8), "rnn") is None
+
+
+def test_attention_options_state_the_cost_and_error_of_what_build_makes() -> None:
+    torch.manual_seed(3)
+    mha = nn.MultiheadAttention(16, 4, kdim=6, vdim=10, add_bias_kv=True)
+    q, k, v = torch.randn(5, 1, 16), torch.randn(7, 1, 6), torch.randn(7, 1, 10)
+    keys = (tuple(k.shape), tuple(v.shape))
+    params = sum(p.numel() for p in mha.parameters())
+    shape = tuple(q.shape)
+    info = LayerInfo("attn", "MultiheadAttention", shape, shape, params, 0, 1, keys)
+    options = SVDMethod().candidates(mha, info)
+    assert max(o.config["rank"] for o in options) == 7  # W_q, W_o (16×16) pay up to rank 7
+    names = ("q_proj_weight", "k_proj_weight", "v_proj_weight")
+    weights = [*(getattr(mha, n) for n in names), mha.out_proj.weight]
+    for option in options:
+        built = SVDMethod().build(mha, option.config, info)
+        assert isinstance(built, LowRankMultiheadAttention)
+        assert option.params == sum(p.numel() for p in built.parameters())
+        assert option.flops == built.analytic_flops(tuple(q.shape), keys)
+        dense = built.to_dense()
+        approx = [*(getattr(dense, n) for n in names), dense.out_proj.weight]
+        with torch.no_grad():
+            lost = sum((a - w).pow(2).sum() for a, w in zip(approx, weights, strict=True))
+            error = torch.sqrt(lost / sum(w.pow(2).sum() for w in weights))
+        assert option.error == pytest.approx(float(error), rel=1e-4, abs=1e-6)
+    skeleton = SVDMethod().build(mha, {"rank": 3}, info, init=False)
+    skeleton.load_state_dict(SVDMethod().build(mha, {"rank": 3}, info).state_dict())

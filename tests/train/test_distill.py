@@ -109,3 +109,36 @@ def test_masked_losses_ignore_padding() -> None:
     for loss in (hidden_state_distillation(), pooled_embedding_distillation()):
         value = loss(out(last_hidden_state=hidden), out(last_hidden_state=other), batch)
         assert float(value) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_only_structured_trains_the_factors_alone() -> None:
+    teacher = tiny_bert()
+    data = unlabeled(2)
+    student = ts.apply(teacher, ts.plan(teacher, "svd", "params=0.7", data[0]))
+    frozen_before = {
+        n: p.detach().clone() for n, p in student.named_parameters() if "embeddings" in n
+    }
+    factor = next(p for n, p in student.named_parameters() if n.endswith("down.weight"))
+    start = factor.detach().clone()
+    ts.distill(student, teacher, data, epochs=1, lr=1e-3, progress=False, only_structured=True)
+    for name, value in frozen_before.items():
+        torch.testing.assert_close(dict(student.named_parameters())[name], value, rtol=0, atol=0)
+    assert not torch.equal(factor.detach(), start)
+    assert all(p.requires_grad for p in student.parameters())  # restored afterwards
+
+
+def test_sampled_gaussian_loss_squared_gradients_estimate_the_fisher() -> None:
+    from tensorslim.train.losses import sampled_gaussian_loss
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(3, 2, bias=False)
+    x = torch.tensor([[1.0, -2.0, 0.5]])
+    loss = sampled_gaussian_loss(seed=1)
+    total = torch.zeros_like(layer.weight)
+    draws = 4000
+    for _ in range(draws):
+        layer.zero_grad()
+        loss(layer(x), x).backward()
+        total += layer.weight.grad.pow(2)
+    # f = W x, so the Fisher diagonal of W_ij is x_j² for every output row i
+    torch.testing.assert_close(total / draws, x.pow(2).expand(2, 3), rtol=0.1, atol=0.0)

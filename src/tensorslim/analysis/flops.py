@@ -21,6 +21,11 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from tensorslim.inputs import ForwardFn, call_model
+from tensorslim.layers.attention import (
+    LowRankMultiheadAttention,
+    attention_projections,
+    projection_rows,
+)
 from tensorslim.layers.base import StructuredLayer
 from tensorslim.layers.conv_geometry import conv_output_hw
 from tensorslim.layers.linear_like import is_linear_like, linear_features
@@ -111,10 +116,17 @@ def dense_layer_flops(
     Linear (and Linear-like, e.g. transformers' Conv1D): 2·tokens·in·out.
     Conv1d/Conv2d: 2·B·(output positions)·n·(c/groups)·(kernel taps). RNN/LSTM/GRU: 2 per
     weight entry per input row (:func:`~tensorslim.layers.recurrent.dense_rnn_flops`).
-    Other modules: 0.
+    MultiheadAttention: its q/k/v/out projections, 2·rows·E·in each (key and value rows from
+    ``other_shapes``; the attention products themselves are not included). Other modules: 0.
     """
+    if isinstance(module, LowRankMultiheadAttention):
+        return int(module.analytic_flops(tuple(input_shape), other_shapes))
     if isinstance(module, StructuredLayer):
         return int(module.analytic_flops(tuple(input_shape)))
+    if isinstance(module, nn.MultiheadAttention):
+        rows = projection_rows(tuple(input_shape), other_shapes)
+        weights = [w for w, _ in attention_projections(module)]
+        return 2 * sum(n * w.numel() for n, w in zip(rows, weights, strict=True))
     if is_linear_like(module):
         in_features, out_features = linear_features(module)
         return 2 * math.prod(input_shape[:-1]) * in_features * out_features

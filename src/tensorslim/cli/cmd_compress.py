@@ -16,6 +16,7 @@ from tensorslim.cli.common import (
     save_run_model,
     say,
 )
+from tensorslim.cli.hf_setup import text_agreement, text_objectives, text_training
 from tensorslim.pipeline import compress_model
 from tensorslim.report.run import LAYER_COLUMNS, chosen_ranks, model_spectra, write_report
 from tensorslim.report.tables import print_table
@@ -53,7 +54,9 @@ def register(app: typer.Typer) -> None:
             None, min=0.0, help="Fine-tune learning rate (default: the preset's, else 0.01)."
         ),
         distill: bool = typer.Option(
-            False, help="Distil from the uncompressed model while fine-tuning."
+            False,
+            help="Distil from the uncompressed model while fine-tuning (hf:PATH models on text: "
+            "on unlabeled sentences, against the original's hidden states).",
         ),
     ) -> None:
         """Compress a model with one method at one budget.
@@ -66,25 +69,32 @@ def register(app: typer.Typer) -> None:
         with run.open(ctx):
             s = run.setup()
             base_history, original = run.prepare_base(s)
+            training = text_training(s.text, finetune_epochs, lr, distill)
             small, results = compress_model(
                 s.model,
                 method=method,
                 budget=chosen.budget,
                 settings=chosen.settings,
                 **s.data(),
-                finetune_epochs=finetune_epochs,
                 post_finalize_epochs=post_finalize_epochs,
                 bn_recalibration_batches=recalibrate_bn,
-                lr=lr,
                 distill=distill,
+                **training,
                 checkpoint_dir=run.out / "checkpoints",
                 resume=run.resume,
                 progress=run.progress,
                 log=say,
                 measure_original=original,
                 seed=run.seed,
+                objectives=text_objectives(s.text),
             )
-            if run.weights is None:  # the base was trained by this run (now or before a resume)
+            if s.text is not None:  # unlabeled text: how close the embeddings stay
+                results["embedding_agreement"] = text_agreement(s.model, small, s.text)
+                results["sentences"] = s.text.sentences
+                say(f"embedding agreement: {results['embedding_agreement']}")
+            if (
+                run.weights is None and s.text is None
+            ):  # the base was trained by this run (now or before a resume)
                 base_seed = derive_seed(run.seed, BASE_PHASE)
                 results["seeds"] = {BASE_PHASE: base_seed, **results["seeds"]}
             results["chosen_ranks"] = chosen_ranks(small)

@@ -401,6 +401,8 @@ class Setup:
     train_loader: Any
     test_loader: Any
     example_batch: torch.Tensor
+    # a pretrained model on unlabeled text (hf:PATH --data fortunes): cli/hf_setup.TextRun
+    text: Any = None
 
     def data(self) -> dict[str, Any]:
         """``train_loader``, ``test_loader`` and ``example_batch``: the keyword arguments the
@@ -423,8 +425,17 @@ def setup(
     limit_test: int | None = None,
     latency_batch: int = 32,
 ) -> Setup:
-    """Load the data, build the model for it, and take an example batch for measurements."""
+    """Load the data, build the model for it, and take an example batch for measurements.
+
+    An ``hf:PATH`` model is pretrained and runs on text (:mod:`tensorslim.cli.hf_setup`).
+    """
     from tensorslim.data import load_dataset, make_loaders
+    from tensorslim.models.huggingface import hf_path
+
+    if hf_path(model_name) is not None:
+        from tensorslim.cli.hf_setup import setup_hf
+
+        return setup_hf(model_name, data, seed, batch_size, limit_train, limit_test, latency_batch)
 
     bundle = load_dataset(data, data_dir, seed=seed, limit_train=limit_train, limit_test=limit_test)
     train_loader, test_loader = make_loaders(bundle, batch_size, seed=seed)
@@ -497,6 +508,8 @@ def prepare_base(
     if weights is not None:
         load_weights(s.model, weights)
         return []
+    if s.text is not None:  # a pretrained model (hf:PATH): nothing to train
+        return []
     if resume and is_saved(out / "base" / "model"):
         load_weights(s.model, out / "base" / "model")
         return []
@@ -511,7 +524,9 @@ def measure_base(s: Setup, **kwargs: Any) -> dict[str, Any]:
     from tensorslim.pipeline import measure
 
     original = measure(s.model, s.example_batch, s.test_loader, **kwargs)
-    say(f"original: accuracy {original['accuracy']:.4f}, FLOPs {original['flops']}")
+    accuracy = original.get("accuracy")
+    quality = f"accuracy {accuracy:.4f}, " if accuracy is not None else ""
+    say(f"original: {quality}FLOPs {original['flops']}")
     return original
 
 

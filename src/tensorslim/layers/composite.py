@@ -1,11 +1,12 @@
 """Composite layers: torch modules that hold several weight matrices and are compressed as one
-plan entry (recurrent modules; their gate matrices are factorized at one rank r, each matrix
-capped at its own full rank and kept dense where the factorization would not pay — see
-:mod:`tensorslim.layers.factor`).
+plan entry (recurrent modules' gate matrices, multi-head attention's q/k/v/out projections);
+their matrices are factorized at one rank r, each capped at its own full rank and kept dense
+where the factorization would not pay — see :mod:`tensorslim.layers.factor`.
 
 For a rank r this module states, without building anything: the parameters and FLOPs of the
 factorized layer, and the weight-space error ‖W − Ŵ‖_F / ‖W‖_F over all its matrices stacked.
-Each matrix multiplies one row per input token of the layer's call.
+A recurrent matrix multiplies one row per input token of the call; attention's q and out
+projections one per query token, k and v one per key/value token.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import math
 import torch
 from torch import nn
 
+from tensorslim.layers.attention import attention_projections, projection_rows
 from tensorslim.layers.factor import factor_params, factor_rank
 from tensorslim.layers.recurrent import RECURRENT, gate_matrices, unsupported_rnn_reason
 
-COMPOSITE = RECURRENT
+COMPOSITE = (*RECURRENT, nn.MultiheadAttention)
 
 
 def is_composite(module: nn.Module) -> bool:
@@ -28,11 +30,15 @@ def is_composite(module: nn.Module) -> bool:
 
 def unsupported_composite_reason(module: nn.Module) -> str | None:
     """Why the composite layer cannot be factorized, or None if it can."""
+    if isinstance(module, nn.MultiheadAttention):
+        return None
     return unsupported_rnn_reason(module)  # type: ignore[arg-type]
 
 
 def composite_matrices(module: nn.Module) -> list[torch.Tensor]:
     """Every weight matrix (out × in) of the layer, detached."""
+    if isinstance(module, nn.MultiheadAttention):
+        return [w.detach() for w, _ in attention_projections(module)]
     return [w.detach() for w in gate_matrices(module)]  # type: ignore[arg-type]
 
 
@@ -43,6 +49,8 @@ def matrix_rows(
 ) -> list[int]:
     """Rows each matrix multiplies in a call with a first input of ``input_shape`` (and further
     inputs of ``other_shapes``)."""
+    if isinstance(module, nn.MultiheadAttention):
+        return projection_rows(input_shape, other_shapes)
     tokens = math.prod(input_shape[:-1])
     return [tokens] * len(composite_matrices(module))
 

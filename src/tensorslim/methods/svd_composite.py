@@ -1,4 +1,4 @@
-"""The svd method on composite layers (recurrent and attention modules).
+"""The svd method on composite layers (recurrent modules, multi-head attention).
 
 One option per rank r: every weight matrix of the layer at rank min(r, its full rank), kept
 dense where the factorization would not pay (:mod:`tensorslim.layers.factor`). The error is
@@ -17,6 +17,7 @@ from torch import nn
 from tensorslim.decompose.svd import SvdDriver, singular_values
 from tensorslim.errors import TensorslimError
 from tensorslim.facts import Config, LayerInfo, Option
+from tensorslim.layers.attention import LowRankMultiheadAttention
 from tensorslim.layers.composite import (
     composite_cost,
     composite_matrices,
@@ -96,6 +97,24 @@ def build_composite(
             module.batch_first,
             module.dropout,
             module.bidirectional,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+    if isinstance(module, nn.MultiheadAttention):
+        if init:
+            return LowRankMultiheadAttention.from_dense(module, rank, driver=driver)
+        weight = module.out_proj.weight
+        return LowRankMultiheadAttention(
+            module.embed_dim,
+            module.num_heads,
+            rank,
+            module.dropout,
+            module.in_proj_bias is not None,
+            module.bias_k is not None,
+            module.add_zero_attn,
+            module.kdim,
+            module.vdim,
+            module.batch_first,
             device=weight.device,
             dtype=weight.dtype,
         )

@@ -13,12 +13,14 @@ from collections.abc import Iterable
 from torch import nn
 
 from tensorslim.analysis.calibration import GRAM, LossFn, collect_statistics
+from tensorslim.analysis.flops import dense_layer_flops
 from tensorslim.analysis.profile import COMPRESSIBLE, count_params
 from tensorslim.errors import TensorslimError
 from tensorslim.facts import LayerStats
 from tensorslim.inputs import ForwardFn
 from tensorslim.layers.base import StructuredLayer
 from tensorslim.methods.registry import builder_of
+from tensorslim.planner.fastpath import keep_compressed_layers_unfused
 from tensorslim.planner.records import CompressionPlan
 from tensorslim.planner.ties import TIED_TO, check_growth, share_followers, shared_parameters
 from tensorslim.surgery import replace_module
@@ -67,6 +69,7 @@ def apply(
         if new is not module:
             replace_module(target, lp.fqn, new)
     share_followers(target, plan)
+    keep_compressed_layers_unfused(target)  # torch's fused encoder path reads dense weights
     # loading rebuilds a saved structure as it is: its growth was checked when it was applied
     check_growth(target, plan, before, tied, check=init)
     set_plans(target, [*plans_of(model if not inplace else target), plan])
@@ -162,7 +165,8 @@ def refresh_plan(model: nn.Module, plan: CompressionPlan) -> CompressionPlan:
                 lp.params_after = module.analytic_params()
                 if lp.input_shape:
                     calls = int(lp.extra.get("calls", 1))
-                    lp.flops_after = module.analytic_flops(tuple(lp.input_shape)) * calls
+                    shape, others = tuple(lp.input_shape), lp.info().other_shapes
+                    lp.flops_after = dense_layer_flops(module, shape, others) * calls
             continue
         if isinstance(module, COMPRESSIBLE) and not getattr(module, "parametrizations", None):
             lp.extra["finalized_from"] = lp.method

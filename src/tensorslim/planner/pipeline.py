@@ -32,6 +32,7 @@ from tensorslim.planner.survey import (
     is_selected,
     resolve_names,
     survey_model,
+    weight_read_reason,
 )
 from tensorslim.planner.ties import TiePlan, check_tied_mode, decide_ties
 from tensorslim.rank.budget import Budget
@@ -93,7 +94,7 @@ def plan(
         progress,
     )
     metric = budget.metric if budget is not None else "flops"
-    candidates = gather_candidates(chosen, survey, selected, stats, metric)
+    candidates = gather_candidates(chosen, survey, selected, stats, metric, progress)
     totals = {"flops": survey.model_flops, "params": survey.model_params}
     choice = choose_options(chosen, budget, candidates, survey.infos, totals)
     record = _calibration_record(stats, calibration_batches) if stats else None
@@ -145,6 +146,8 @@ def select_layers(
     for fqn in survey.order:
         if fqn in survey.never_called:
             reasons[fqn] = NEVER_CALLED
+        elif fqn in survey.weight_readers:
+            reasons[fqn] = weight_read_reason(survey.weight_readers[fqn])
         elif fqn in ties.dense:
             reasons[fqn] = ties.dense[fqn]
         elif fqn in ties.leader_of:

@@ -121,6 +121,31 @@ def _token_mask(batch: Any, tokens: int) -> torch.Tensor | None:
     return mask.reshape(-1).bool()
 
 
+def sampled_gaussian_loss(seed: int = 0) -> LossFn:
+    """A label-free loss whose squared gradients estimate the Fisher information of the output.
+
+    For the output model y ~ N(f(x), I) with y drawn from the model itself, ½‖f(x) − y‖² has
+    gradient −εᵀ ∂f/∂θ (ε = y − f(x) ~ N(0, I)), so E[grad²] is the diagonal of JᵀJ, the
+    Fisher of f. f is the mean-pooled last hidden state when the batch is a mapping with an
+    ``attention_mask`` (a sentence embedding), else the output's main tensor. One fresh ε per
+    call, from a generator seeded by ``seed``.
+    """
+    generator = torch.Generator().manual_seed(seed)
+
+    def loss(output: Any, batch: Any) -> torch.Tensor:
+        mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+        if isinstance(mask, torch.Tensor):
+            f = _mean_pool(
+                output_tensor(output, "hidden"), mask.to(output_tensor(output, "hidden").device)
+            )
+        else:
+            f = output_tensor(output)
+        noise = torch.randn(f.shape, generator=generator, dtype=f.dtype).to(f.device)
+        return 0.5 * (f - (f.detach() + noise)).pow(2).sum()
+
+    return loss
+
+
 def named_distillation(name: str, temperature: float = 4.0) -> DistillFn:
     """A distillation loss by name: ``"kl"`` (logits), ``"hidden"`` (token hidden states) or
     ``"pooled"`` (mean-pooled embeddings), the last two MSE + cosine."""
