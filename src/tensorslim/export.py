@@ -13,7 +13,7 @@ from torch import nn
 
 from tensorslim.analysis.latency import measure_latency
 from tensorslim.errors import TensorslimError
-from tensorslim.inputs import as_inputs, call_model, map_tensors, tensors_in
+from tensorslim.inputs import Inputs, as_inputs, call_model, map_tensors, tensors_in
 from tensorslim.layers.base import StructuredLayer
 from tensorslim.plan import plans_of, refresh_plan, set_plans
 from tensorslim.surgery import replace_module
@@ -80,7 +80,9 @@ def export_onnx(
         ) from None
     path = Path(path)
     model = model.eval()
-    flat = _FlatCall(model, example)
+    # eval: the exporter restores the wrapper's mode afterwards, and a wrapper in train mode
+    # would leave the model training (BatchNorm on batch statistics) after the export
+    flat = _FlatCall(model, example).eval()
     inputs, outputs = _input_names(example), len(_outputs(model, example))
     names = ["logits", *(f"output_{i}" for i in range(1, outputs))]
     buffer = io.BytesIO()
@@ -142,7 +144,7 @@ def export_torchscript(model: nn.Module, example: Any, path: str | Path) -> dict
     with the example's tensors as flat positional arguments, returning every output tensor.
     """
     model = model.eval()
-    target = model if isinstance(example, torch.Tensor) else _FlatCall(model, example)
+    target = model if isinstance(example, torch.Tensor) else _FlatCall(model, example).eval()
     flat = tuple(tensors_in(example))
     with torch.no_grad():
         traced = torch.jit.trace(target, flat, check_trace=False, strict=False)
@@ -162,14 +164,21 @@ def merge_slow_layers(model: nn.Module, example: torch.Tensor) -> list[dict[str,
     ``to_dense()`` form; the slower form loses. Returns one decision row per layer. The model's
     plans are refreshed so ``save``/``load`` rebuild the merged structure.
     """
-    inputs: dict[str, torch.Tensor] = {}
+    inputs: dict[str, Inputs] = {}
     handles = []
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, StructuredLayer)}
+    structured = {n: m for n, m in model.named_modules() if isinstance(m, StructuredLayer)}
+    # a composite layer (attention, recurrent) holds structured parts: it is merged as a whole
+    layers = {
+        n: m for n, m in structured.items() if not any(n.startswith(f"{o}.") for o in structured)
+    }
 
     def recorder(name: str):
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            # a forward hook that returns a value would replace the output: return None
-            inputs.setdefault(name, args[0].detach())
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            # every positional input (attention takes query, key, value; a recurrent layer may
+            # take a PackedSequence and a state); a hook returning a value would replace the
+            # output: return None
+            kept = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+            inputs.setdefault(name, Inputs(kept, {}))
 
         return hook
 

@@ -250,12 +250,9 @@ def compress_model(
     original = measure_original or measure(model, example_batch, test_loader, latency=latency)
     phases = PhaseSeeds(seed, loaders=(train_loader, test_loader))
     phases.start("compress")
-    settings = dict(settings or {})
-    preset = settings.pop(PRESET_KEY, None) if preset is None else preset
-    training = resolve_training(
-        method_class(method), preset, TRAINING_DEFAULTS,
-        lr=lr, optimizer=optimizer, weight_decay=weight_decay,
-    )  # fmt: skip
+    settings, preset, training = _preset_and_training(
+        method, settings, preset, lr=lr, optimizer=optimizer, weight_decay=weight_decay
+    )
     objectives = objectives or Objectives()
     the_plan, method_obj, small = _plan_and_apply(
         model,
@@ -320,6 +317,18 @@ def compress_model(
     if summary:
         results["method_summary"] = summary
     return small, results
+
+
+def _preset_and_training(
+    method: str, settings: dict[str, Any] | None, preset: str | None, **explicit: Any
+) -> tuple[dict[str, Any], str | None, dict[str, Any]]:
+    """(settings without the preset key, the preset, the fine-tuning values): ``preset`` or
+    ``settings["preset"]``; each training value is the caller's, else the preset's, else
+    :data:`TRAINING_DEFAULTS`."""
+    settings = dict(settings or {})
+    preset = settings.pop(PRESET_KEY, None) if preset is None else preset
+    training = resolve_training(method_class(method), preset, TRAINING_DEFAULTS, **explicit)
+    return settings, preset, training
 
 
 def _plan_and_apply(

@@ -22,7 +22,7 @@ SVD_TRAIN = ["svd-train", "--model", "lenet5", "--data", "digits", "--limit-trai
              "--limit-test", "128", "--batch-size", "64", "--seed", "2", "--no-progress",
              "--train-epochs", "1", "--epochs", "1", "--finetune-epochs", "1",
              "--target-flops", "0.5", "--recalibrate-bn", "2"]  # fmt: skip
-PHASES = ["train", "svd_train", "prune", "finetune"]
+PHASES = ["train", "decompose", "svd_train", "prune", "finetune"]
 
 
 @pytest.fixture(autouse=True)

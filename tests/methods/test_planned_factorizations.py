@@ -43,6 +43,7 @@ def _quiet():
 CASES = [
     ("cp", {"rank_rule": "budget", "ladder": [0.2, 0.4, 0.6], "max_iter": 30}),
     ("tucker", {"rank_rule": "budget"}),
+    ("svd", {"scheme": "best"}),
 ]
 
 

@@ -75,4 +75,5 @@ def test_calibrated_plan_keeps_weight_errors_for_recurrent_layers() -> None:
     plan = ts.plan(model, "svd", "flops=0.5", calibration=batches)
     assert plan.error_space == "output"  # the decoder's error is measured on the data
     assert plan.layer("lstm").method == "svd" or plan.layer("gru").method == "svd"
+    assert any("lstm, gru have no single input Gram" in note for note in plan.notes)
     assert torch.isfinite(ts.apply(model, plan)(batches[0][0])).all()

@@ -45,30 +45,7 @@ def collect_layer_info(
     paths are switched off for the pass, so their sub-layers run.
     """
     chosen = list(names) if names is not None else _top_level_layers(model, types)
-    seen: dict[int, list[_Call]] = {}
-    handles = []
-
-    def make_hook(key: int):
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            call = _call_shapes(args, kwargs, output)
-            if call is not None:
-                seen.setdefault(key, []).append(call)
-
-        return hook
-
-    unique = {id(m): m for _, m in chosen}
-    for key, module in unique.items():
-        handles.append(module.register_forward_hook(make_hook(key), with_kwargs=True))
-    was_training = model.training
-    model.eval()
-    try:
-        # unfused paths, so the sub-layers of attention and encoder layers run (and are seen)
-        with torch.no_grad(), fused_paths_disabled():
-            call_model(model, example_input, forward_fn)
-    finally:
-        model.train(was_training)
-        for handle in handles:
-            handle.remove()
+    seen = _record_calls(model, [m for _, m in chosen], example_input, forward_fn)
     infos: dict[str, LayerInfo] = {}
     never_called: set[str] = set()
     done: set[int] = set()
@@ -96,6 +73,38 @@ def collect_layer_info(
 
 _Shape = tuple[int, ...]
 _Call = tuple[_Shape, _Shape, tuple[_Shape, ...]]
+
+
+def _record_calls(
+    model: nn.Module, modules: list[nn.Module], example_input: Any, forward_fn: ForwardFn | None
+) -> dict[int, list[_Call]]:
+    """The shapes of every call of ``modules`` (by id) in one eval forward pass."""
+    seen: dict[int, list[_Call]] = {}
+
+    def make_hook(key: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            call = _call_shapes(args, kwargs, output)
+            if call is not None:
+                seen.setdefault(key, []).append(call)
+
+        return hook
+
+    unique = {id(m): m for m in modules}
+    handles = [
+        module.register_forward_hook(make_hook(key), with_kwargs=True)
+        for key, module in unique.items()
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        # unfused paths, so the sub-layers of attention and encoder layers run (and are seen)
+        with torch.no_grad(), fused_paths_disabled():
+            call_model(model, example_input, forward_fn)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return seen
 
 
 def _call_shapes(args: tuple, kwargs: dict, output: Any) -> _Call | None:

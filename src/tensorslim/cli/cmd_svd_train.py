@@ -90,53 +90,80 @@ def register(app: typer.Typer) -> None:
     )(svd_train)  # fmt: skip
 
 
+def _opt(default: Any, help: str, *decls: str, **kw: Any) -> Any:
+    return typer.Option(default, *decls, help=help, **kw)
+
+
+# options left unset (None) take the preset's value, else the default their help names
+PRESET_NOTE = "; --preset paper sets"
+FROM_SCRATCH = _opt(False, "Start SVD training from a fresh init (no dense training).")
+SCHEME = _opt("channel", "Conv decomposition: channel | spatial.")
+REG = _opt(None, "Sparsity on singular values: l1 | hoyer | hoyer_square (default hoyer).")
+LAMBDA_O = _opt(None, f"Weight of the orthogonality loss, ≥ 0 (default 1{PRESET_NOTE} 1).")
+LAMBDA_S = _opt(None, "Weight of the sparsity loss, ≥ 0 (default 0.01).")
+ENERGY = _opt(None, "Prune per layer this fraction of Σs², in [0, 1).")
+TARGET_FLOPS = _opt(None, "Instead of --energy: FLOPs fraction of the model to land on.")
+GATE = _opt(
+    None,
+    "With --target-flops: drop the sparsity term while pruning this energy (e.g. 0.01) would "
+    "already meet the target.",
+)
+RECALIBRATE_BN = _opt(
+    None, f"Re-estimate BatchNorm on N batches after pruning (default 10{PRESET_NOTE} 0).", min=0
+)
+FINETUNE_ORTHO = _opt(True, "Keep the orthogonality loss (λo) while fine-tuning.")
+LINEAR = _opt(False, "Also train Linear layers in SVD form (the paper: convolutions only).")
+EXCLUDE = _opt(None, "Keep this layer dense (fqn, repeat), e.g. --exclude fc.", "--exclude")
+ORTHO_EPOCHS = _opt(
+    0, "Epochs with the orthogonality loss only before --epochs (the official first run).", min=0
+)
+EPOCHS = _opt(3, "Full-rank SVD training epochs with both losses (stage 2).", min=0)
+FINETUNE_EPOCHS = _opt(1, "Low-rank fine-tuning epochs (stage 4).", min=0)
+LR = _opt(None, f"Learning rate of the training stages (default 0.05{PRESET_NOTE} 1e-3).")
+FINETUNE_LR = _opt(None, f"Learning rate of the fine-tune (default --lr{PRESET_NOTE} 1e-3).")
+OPTIMIZER = _opt(None, f"sgd (momentum 0.9) | adam (default sgd{PRESET_NOTE} adam).")
+WEIGHT_DECAY = _opt(
+    None, f"Weight decay on every parameter, U, s, V too (default 5e-4{PRESET_NOTE} 0).", min=0.0
+)
+SCHEDULE = _opt(
+    None, f"Learning rate schedule: cosine | constant | step (default cosine{PRESET_NOTE} step)."
+)
+PRESET = _opt(
+    None, "paper: the official code's training (Adam 1e-3, no weight decay, step schedule, λo 1)."
+)
+
+
 def svd_train(
     ctx: typer.Context,
     run: RunArgs,
-    from_scratch: bool = typer.Option(
-        False, help="Start SVD training from a fresh init (no dense training)."
-    ),
-    scheme: str = typer.Option("channel", help="Conv decomposition: channel | spatial."),
-    reg: str = typer.Option(
-        "hoyer", help="Sparsity on singular values: l1 | hoyer | hoyer_square."
-    ),
-    lambda_o: float = typer.Option(1.0, help="Weight of the orthogonality loss (≥ 0)."),
-    lambda_s: float = typer.Option(0.01, help="Weight of the sparsity loss (≥ 0)."),
-    energy: float = typer.Option(None, help="Prune per layer this fraction of Σs², in [0, 1)."),
-    target_flops: float = typer.Option(
-        None, help="Instead of --energy: FLOPs fraction of the model to land on."
-    ),
-    budget_gate_energy: float = typer.Option(
-        None,
-        help="With --target-flops: drop the sparsity term while pruning this energy "
-        "(e.g. 0.01) would already meet the target.",
-    ),
-    recalibrate_bn: int = typer.Option(
-        10, min=0, help="Re-estimate BatchNorm statistics on N batches after pruning."
-    ),
-    finetune_orthogonality: bool = typer.Option(
-        True, help="Keep the orthogonality loss (λo) while fine-tuning the low-rank model."
-    ),
-    linear: bool = typer.Option(
-        False, help="Also train Linear layers in SVD form (the paper: convolutions only)."
-    ),
-    exclude: list[str] = typer.Option(
-        None, "--exclude", help="Keep this layer dense (fqn, repeat), e.g. --exclude fc."
-    ),
-    epochs: int = typer.Option(3, min=0, help="Full-rank SVD training epochs (stage 1)."),
-    finetune_epochs: int = typer.Option(1, min=0, help="Low-rank fine-tuning epochs (stage 3)."),
-    lr: float = typer.Option(0.05, help="Learning rate of stage 1."),
-    finetune_lr: float = typer.Option(None, help="Learning rate of stage 3 (default: --lr)."),
-    optimizer: str = typer.Option("sgd", help="sgd (momentum 0.9) | adam"),
-    weight_decay: float = typer.Option(
-        5e-4, min=0.0, help="Weight decay on every parameter (U, s, V too) in both stages."
-    ),
+    preset: str = PRESET,
+    from_scratch: bool = FROM_SCRATCH,
+    scheme: str = SCHEME,
+    reg: str = REG,
+    lambda_o: float = LAMBDA_O,
+    lambda_s: float = LAMBDA_S,
+    energy: float = ENERGY,
+    target_flops: float = TARGET_FLOPS,
+    budget_gate_energy: float = GATE,
+    recalibrate_bn: int = RECALIBRATE_BN,
+    finetune_orthogonality: bool = FINETUNE_ORTHO,
+    linear: bool = LINEAR,
+    exclude: list[str] = EXCLUDE,
+    orthogonal_epochs: int = ORTHO_EPOCHS,
+    epochs: int = EPOCHS,
+    finetune_epochs: int = FINETUNE_EPOCHS,
+    lr: float = LR,
+    finetune_lr: float = FINETUNE_LR,
+    optimizer: str = OPTIMIZER,
+    weight_decay: float = WEIGHT_DECAY,
+    schedule: str = SCHEDULE,
 ) -> None:
     """Train in SVD form, prune singular values by energy, fine-tune.
 
     Writes the same run artefacts as compress, plus the per-layer ranks before and after
     pruning. With --resume every phase (base training, SVD training, pruning, fine-tune) starts
-    from its own seed, so a resumed run is the uninterrupted one.
+    from its own seed, so a resumed run is the uninterrupted one. The official code's flow:
+    --preset paper --from-scratch --orthogonal-epochs N --epochs N.
     """
     cfg = config_from_options(run.own)  # bad input fails here, before any directory exists
     if run.weights is not None and from_scratch:
@@ -150,14 +177,25 @@ def svd_train(
 CONFIG_NAMES = {
     "epochs": "epochs_train",
     "finetune_epochs": "epochs_finetune",
+    "orthogonal_epochs": "epochs_orthogonal",
     "recalibrate_bn": "bn_recalibration_batches",
 }
+# the command's own default where it differs from the pipeline's (a preset's value wins)
+CLI_DEFAULTS = {"bn_recalibration_batches": 10}
 
 
 def config_from_options(options: dict[str, Any]) -> SVDTrainConfig:
-    """The pipeline's settings from the command's own options (checked)."""
+    """The pipeline's settings from the command's own options (checked; unset ones from the
+    preset, else the command's defaults, else the pipeline's)."""
+    from tensorslim.methods.presets import get_preset
+    from tensorslim.methods.svd_train import SVDTrainMethod
+
     settings = {CONFIG_NAMES.get(k, k): v for k, v in options.items()}
     settings["exclude"] = list(settings["exclude"]) if settings.get("exclude") else None
+    preset = get_preset(SVDTrainMethod, settings.get("preset"))
+    for key, value in CLI_DEFAULTS.items():
+        if settings.get(key) is None and key not in {**preset.settings, **preset.training}:
+            settings[key] = value
     return SVDTrainConfig(**settings)
 
 
@@ -210,11 +248,10 @@ def _results(
     compressed: dict[str, Any],
 ) -> dict[str, Any]:
     """results.json of an svd-train run: compress's keys plus the ranks and the stages."""
-    stage1 = report["history"]["svd_train"]
-    history = [{**h, "stage": "svd_train"} for h in stage1] + [
-        {**h, "epoch": h["epoch"] + len(stage1), "stage": "finetune"}
-        for h in report["history"]["finetune"]
-    ]
+    history: list[dict[str, Any]] = []
+    for stage, epochs in report["history"].items():  # in order: numbered on across the stages
+        done = len(history)
+        history += [{**h, "epoch": h["epoch"] + done, "stage": stage} for h in epochs]
     rows = layer_rows(report)
     seeds = dict(report["seeds"])
     if run.weights is None and not cfg.from_scratch:  # this run trained the base
@@ -263,6 +300,9 @@ def _settings(cfg: SVDTrainConfig) -> dict[str, Any]:
         "budget_gate_energy": cfg.budget_gate_energy,
         "recalibrate_bn": cfg.bn_recalibration_batches,
         "finetune_orthogonality": cfg.finetune_orthogonality,
+        "orthogonal_epochs": cfg.epochs_orthogonal,
+        "preset": cfg.preset,
+        "training": cfg.summary()["training"],
     }
 
 

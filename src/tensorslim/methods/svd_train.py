@@ -6,7 +6,7 @@ the orthogonality and sparsity regularizers (``train_hooks``). ``finalize`` prun
 values by energy — with the plan's budget, the energy threshold is searched so the whole model
 meets it — merges layers whose rank left does not pay back to dense, and converts the rest to
 ``LowRankLinear``/``LowRankConv2d``. The pipeline that fine-tunes in SVD form between pruning
-and conversion composes these stages (``prune``, ``finetune_hooks``):
+and conversion composes these stages (``prune``, ``orthogonality_hooks``):
 ``tensorslim.train.svd_pipeline.svd_train_pipeline`` (CLI: ``tensorslim svd-train``).
 """
 
@@ -23,6 +23,7 @@ from tensorslim.facts import Config, LayerStats
 from tensorslim.layers.conv_geometry import unsupported_conv_reason
 from tensorslim.layers.svd import SVDConv2d, SVDLayer, SVDLinear
 from tensorslim.methods.base import LayerInfo, Method, Option
+from tensorslim.methods.presets import Preset
 
 if TYPE_CHECKING:
     from tensorslim.plan import CompressionPlan
@@ -34,6 +35,30 @@ def _zeros_input(model: nn.Module, plan: CompressionPlan) -> torch.Tensor:
     costs only)."""
     first = next(iter(model.parameters()))
     return torch.zeros(plan.input_shape, device=first.device, dtype=first.dtype)
+
+
+# The official code (yanghr/SVD_Prune_EDLCV, CNN/cifar10/cifar10_resnet20.py and its "Start up
+# code.md"): Adam at lr 1e-3 with no weight decay (its --decay is λs, not a weight decay), the
+# learning rate ×0.1 at epochs 81 and 122 of 164, --perp_weight (λo) 1.0 in every stage, no
+# BatchNorm re-estimation; and three runs: from scratch in SVD form with the orthogonality loss
+# only (--reg_type None --decay 0), then with the sparsity term, prune, fine-tune with λo only.
+# λs (--decay) and the pruning energy (-e) vary with the network and the scheme: they stay the
+# caller's. The first run is the pipeline's orthogonality stage (epochs_orthogonal, CLI
+# --orthogonal-epochs); compress trains in one phase and reads lr, optimizer, weight_decay only.
+SVD_TRAIN_PAPER = Preset(
+    settings={"lambda_o": 1.0, "budget_gate_energy": None},
+    training={
+        "optimizer": "adam",
+        "lr": 1e-3,
+        "finetune_lr": 1e-3,
+        "weight_decay": 0.0,
+        "schedule": "step",
+        "bn_recalibration_batches": 0,
+    },
+    description="the official code's training: Adam 1e-3 without weight decay, ×0.1 at 81/164 "
+    "and 122/164, λo = 1, no BatchNorm re-estimation (first stage: --orthogonal-epochs)",
+    source="yanghr/SVD_Prune_EDLCV (CNN/cifar10/cifar10_resnet20.py, Start up code.md)",
+)
 
 
 @dataclass
@@ -63,6 +88,8 @@ class SVDTrainMethod(Method):
         "lambda_o": 1.0,
         "lambda_s": 0.02,
     }
+
+    presets: ClassVar[dict[str, Preset]] = {"paper": SVD_TRAIN_PAPER}
 
     scheme: str = "channel"
     reg: str = "hoyer"
@@ -239,17 +266,17 @@ class SVDTrainMethod(Method):
         svd_to_lowrank(model)
         return model
 
-    def finetune_hooks(self, model: nn.Module, *, orthogonality: bool = True) -> list[TrainHook]:
-        """The regularizer of low-rank fine-tuning in SVD form: λo·Σ L_o kept (0 without
-        ``orthogonality``), no sparsity term — the authors' fine-tuning runs with
-        ``--reg_type None`` and the same orthogonality weight. None without SVD layers left."""
+    def orthogonality_hooks(self, model: nn.Module, *, keep: bool = True) -> list[TrainHook]:
+        """The regularizer of training in SVD form without sparsity: λo·Σ L_o (0 without
+        ``keep``), no sparsity term — the authors' first run and their fine-tuning both run
+        with ``--reg_type None`` and the same orthogonality weight. None without SVD layers."""
         from tensorslim.layers.svd import svd_layers
         from tensorslim.train.hooks import unwrap
         from tensorslim.train.svd_regularizers import SVDRegularizerHook
 
         if not svd_layers(unwrap(model)):
             return []
-        return [SVDRegularizerHook(self.lambda_o if orthogonality else 0.0, 0.0, self.reg)]
+        return [SVDRegularizerHook(self.lambda_o if keep else 0.0, 0.0, self.reg)]
 
     def summary(self, model: nn.Module) -> dict[str, Any]:
         """The energy threshold used and each layer's rank before/after pruning."""

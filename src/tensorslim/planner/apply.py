@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from torch import nn
 
 from tensorslim.analysis.calibration import GRAM, LossFn, collect_statistics
+from tensorslim.analysis.flops import dense_layer_flops
 from tensorslim.analysis.profile import COMPRESSIBLE, count_params
 from tensorslim.errors import TensorslimError
 from tensorslim.facts import LayerStats
@@ -164,7 +165,8 @@ def refresh_plan(model: nn.Module, plan: CompressionPlan) -> CompressionPlan:
                 lp.params_after = module.analytic_params()
                 if lp.input_shape:
                     calls = int(lp.extra.get("calls", 1))
-                    lp.flops_after = module.analytic_flops(tuple(lp.input_shape)) * calls
+                    shape, others = tuple(lp.input_shape), lp.info().other_shapes
+                    lp.flops_after = dense_layer_flops(module, shape, others) * calls
             continue
         if isinstance(module, COMPRESSIBLE) and not getattr(module, "parametrizations", None):
             lp.extra["finalized_from"] = lp.method

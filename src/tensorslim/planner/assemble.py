@@ -111,7 +111,7 @@ def assemble_plan(
         model_flops=survey.model_flops,
         layers=layers,
         methods=methods_used,
-        notes=[*choice.notes, *_warnings(layers, survey)],
+        notes=[*choice.notes, *_warnings(layers, survey), *_error_space_notes(candidates)],
         error_space=candidates.error_space,
         input_spec=describe(survey.example),
         calibration=calibration,
@@ -154,6 +154,18 @@ def _uncovered_reason(module: nn.Module) -> str:
     if isinstance(module, nn.Conv3d):
         return "3-D convolution: no method factorizes Conv3d yet; kept dense"
     return f"no method compresses {kind} layers yet: kept dense"
+
+
+def _error_space_notes(candidates: Candidates) -> list[str]:
+    """Say which layers the allocator compared by weight error in an output-error plan."""
+    if not candidates.weight_space_layers:
+        return []
+    names = ", ".join(candidates.weight_space_layers)
+    return [
+        f"note: {names} have no single input Gram (attention/recurrent): their errors are "
+        "weight errors ‖W − Ŵ‖/‖W‖, usually larger than output errors, so the allocator "
+        "compresses them less readily"
+    ]
 
 
 def _warnings(layers: list[LayerPlan], survey: ModelSurvey) -> list[str]:

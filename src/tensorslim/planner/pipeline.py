@@ -94,7 +94,7 @@ def plan(
         progress,
     )
     metric = budget.metric if budget is not None else "flops"
-    candidates = gather_candidates(chosen, survey, selected, stats, metric)
+    candidates = gather_candidates(chosen, survey, selected, stats, metric, progress)
     totals = {"flops": survey.model_flops, "params": survey.model_params}
     choice = choose_options(chosen, budget, candidates, survey.infos, totals)
     record = _calibration_record(stats, calibration_batches) if stats else None

@@ -4,17 +4,18 @@
    from the SVD of the trained weight, or a Kaiming-style init from scratch), planned and applied
    as the method ``svd_train``.
 2. **Full-rank SVD training** with task + λo·Σ L_o(U, V) + λs·Σ L_s(s): the method's
-   ``train_hooks`` (``SVDRegularizerHook``, optionally gated by a ``BudgetGate``).
+   ``train_hooks`` (``SVDRegularizerHook``, optionally gated by a ``BudgetGate``); optionally
+   preceded by epochs with the orthogonality loss only (the official code's first run).
 3. **Singular value pruning**: the method's ``prune`` (energy pruning, e searched for a FLOPs
    target; layers whose rank does not pay merged back to dense; :mod:`tensorslim.train.svd_prune`).
 4. **Low-rank fine-tuning** in SVD form (only the active singular values; the orthogonality loss
-   kept, sparsity off — as the authors' code does: the method's ``finetune_hooks``), then
+   kept, sparsity off — as the authors' code does: the method's ``orthogonality_hooks``), then
    conversion to the foundation's ``LowRankLinear``/``LowRankConv2d`` (weights U√|s|, V√|s|).
 
-:class:`SVDTrainConfig` holds the settings, :class:`SVDTrainRun` the data and where the state is
-kept; :func:`svd_train_pipeline` composes the stages. The model's structure is recorded as plans
-(``plan``/``apply``/``refresh_plan``), so the result can be saved with ``tensorslim.save`` and
-rebuilt with ``tensorslim.load``.
+:class:`SVDTrainConfig` holds the settings (``preset="paper"``: the official code's training),
+:class:`SVDTrainRun` the data and where the state is kept; :func:`svd_train_pipeline` composes
+the stages. The model's structure is recorded as plans (``plan``/``apply``/``refresh_plan``), so
+the result can be saved with ``tensorslim.save`` and rebuilt with ``tensorslim.load``.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from tensorslim.rank.energy_prune import check_energy
 from tensorslim.surgery import FilterFn
 from tensorslim.train.batchnorm import recalibrate_batchnorm
 from tensorslim.train.hooks import TrainHook
-from tensorslim.train.loop import CHECKPOINT_NAME, evaluate, fit
+from tensorslim.train.loop import CHECKPOINT_NAME, SCHEDULES, evaluate, fit
 from tensorslim.train.seeding import PhaseSeeds
 from tensorslim.train.svd_prune import (  # noqa: F401  (re-exported: the pipeline's public parts)
     BudgetGate,
@@ -57,7 +58,17 @@ if TYPE_CHECKING:
     from tensorslim.methods.svd_train import SVDTrainMethod
 
 SCHEMES = ("channel", "spatial")
-PHASES = ("svd_train", "prune", "finetune")  # the seeded phases, in order (checkpoint dirs too)
+# the seeded phases, in order; the training ones name their checkpoint directories too
+PHASES = ("decompose", "orthogonal", "svd_train", "prune", "finetune")
+# what a setting left at None becomes when the preset does not set it (the method's own
+# defaults for reg, lambda_o and lambda_s are read from SVDTrainMethod)
+TRAINING_DEFAULTS: dict[str, Any] = {
+    "lr": 0.05,
+    "optimizer": "sgd",
+    "weight_decay": 5e-4,
+    "schedule": "cosine",
+    "bn_recalibration_batches": 0,
+}
 
 
 def to_svd_model(
@@ -109,11 +120,19 @@ class SVDTrainConfig:
     """Every setting of :func:`svd_train_pipeline`, checked when made (bad input fails before
     any work).
 
+    ``preset`` names a preset of the method ``svd_train`` (``"paper"``: the official code's
+    training, see ``SVD_TRAIN_PAPER``): every setting left at ``None`` takes the preset's value,
+    else the default (:data:`TRAINING_DEFAULTS`, the method's own for ``reg``, ``lambda_o``,
+    ``lambda_s``); after construction every setting holds its resolved value.
+
     Exactly one of ``energy`` (each layer may lose that fraction of Σs², in [0, 1)) or
     ``target_flops`` (fraction of the original model's FLOPs; e is searched) decides the ranks.
     ``reg`` is "l1", "hoyer" or "hoyer_square"; ``lambda_o``, ``lambda_s`` ≥ 0 weigh the two
-    regularizers. ``epochs_train`` / ``epochs_finetune`` are the epochs of stages 2 and 4, at
-    ``lr`` / ``finetune_lr`` (default ``lr``) with ``optimizer`` and ``weight_decay``.
+    regularizers. ``epochs_orthogonal`` epochs with the orthogonality loss only come first (the
+    official code's first run; 0 skips them), then ``epochs_train`` with both and, after
+    pruning, ``epochs_finetune``; at ``lr`` (fine-tune: ``finetune_lr``, default ``lr``) with
+    ``optimizer``, ``weight_decay`` and the learning-rate ``schedule`` of each ``fit``
+    ("cosine", "constant", "step").
     ``from_scratch`` ignores the dense weights; ``filter_fn``/``exclude`` (fqns) keep layers
     dense; Linear layers are trained in SVD form only with ``linear=True`` (then exclude the
     classifier). ``bn_recalibration_batches`` > 0 re-estimates BatchNorm statistics on that many
@@ -126,37 +145,59 @@ class SVDTrainConfig:
     """
 
     scheme: str = "channel"
-    reg: str = "hoyer"
-    lambda_o: float = 1.0
-    lambda_s: float = 0.01
+    reg: str | None = None  # None: the preset's, else "hoyer"
+    lambda_o: float | None = None  # None: the preset's, else 1.0
+    lambda_s: float | None = None  # None: the preset's, else 0.01
     energy: float | None = None
     target_flops: float | None = None
     epochs_train: int = 3
     epochs_finetune: int = 1
+    epochs_orthogonal: int = 0
     from_scratch: bool = False
-    lr: float = 0.05
+    lr: float | None = None
     finetune_lr: float | None = None
-    optimizer: str = "sgd"
-    weight_decay: float = 5e-4
+    optimizer: str | None = None
+    weight_decay: float | None = None
+    schedule: str | None = None
     finetune_orthogonality: bool = True
     merge_dense: bool = True
-    bn_recalibration_batches: int = 0
+    bn_recalibration_batches: int | None = None
     budget_gate_energy: float | None = None
     linear: bool = False
     exclude: Sequence[str] | None = None
     filter_fn: FilterFn | None = None
+    preset: str | None = None
 
     def __post_init__(self) -> None:
+        self._resolve_preset()
         if self.scheme not in SCHEMES:
             raise TensorslimError(f"unknown SVD scheme '{self.scheme}': use 'channel' or 'spatial'")
         sparsity_function(self.reg)
         check_lambda(self.lambda_o, "lambda_o")
         check_lambda(self.lambda_s, "lambda_s")
+        if self.schedule not in SCHEDULES:
+            raise TensorslimError(f"unknown schedule '{self.schedule}': use {', '.join(SCHEDULES)}")
+        if self.optimizer not in ("sgd", "adam"):
+            raise TensorslimError(f"unknown optimizer '{self.optimizer}': use 'sgd' or 'adam'")
         self._check_pruning()
-        for name in ("epochs_train", "epochs_finetune"):
+        for name in ("epochs_train", "epochs_finetune", "epochs_orthogonal"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise TensorslimError(f"{name} must be an integer ≥ 0, got {value!r}")
+
+    def _resolve_preset(self) -> None:
+        """Fill every setting left at None from the preset, else from the defaults."""
+        from tensorslim.methods.presets import DEFAULT_PRESET, get_preset
+        from tensorslim.methods.svd_train import SVDTrainMethod
+
+        preset = get_preset(SVDTrainMethod, self.preset)
+        chosen = {**preset.settings, **preset.training}
+        method_defaults = {f.name: f.default for f in dataclasses.fields(SVDTrainMethod)}
+        defaults = {k: method_defaults[k] for k in ("reg", "lambda_o", "lambda_s")}
+        for name, default in {**defaults, **TRAINING_DEFAULTS, "finetune_lr": None}.items():
+            if getattr(self, name) is None:
+                setattr(self, name, chosen.get(name, default))
+        self.preset = self.preset or DEFAULT_PRESET
 
     def _check_pruning(self) -> None:
         energy, target = self.energy, self.target_flops
@@ -198,8 +239,12 @@ class SVDTrainConfig:
 
     def summary(self) -> dict[str, Any]:
         """The settings the report names (JSON-ready)."""
-        keys = ("scheme", "reg", "lambda_o", "lambda_s", "from_scratch", "target_flops")
-        return {k: getattr(self, k) for k in keys}
+        keys = ("scheme", "reg", "lambda_o", "lambda_s", "from_scratch", "target_flops", "preset")
+        training = ("optimizer", "lr", "finetune_lr", "weight_decay", "schedule")
+        return {
+            **{k: getattr(self, k) for k in keys},
+            "training": {k: getattr(self, k) for k in training},
+        }
 
 
 @dataclass
@@ -254,6 +299,7 @@ class SVDTrainRun:
             lr=lr,
             optimizer=cfg.optimizer,
             weight_decay=cfg.weight_decay,
+            schedule=cfg.schedule,
             hooks=hooks,
             test_loader=self.test_loader,
             checkpoint_dir=stage_dir,
@@ -285,6 +331,15 @@ def decompose_stage(
     )
     the_plan = plans_of(model)[-1]
     return the_plan, get_method(the_plan.method, **the_plan.settings)  # type: ignore[return-value]
+
+
+def orthogonal_stage(
+    model: nn.Module, cfg: SVDTrainConfig, run: SVDTrainRun, method: SVDTrainMethod
+) -> list[dict]:
+    """Optional first training stage: the orthogonality loss only (λo·Σ L_o, no sparsity), as
+    the official code's first run (``--reg_type None``); the epoch history."""
+    hooks = method.orthogonality_hooks(model)
+    return run.train(model, cfg, "orthogonal", cfg.epochs_orthogonal, hooks, cfg.lr)
 
 
 def regularized_stage(
@@ -319,7 +374,7 @@ def finetune_stage(
     model: nn.Module, cfg: SVDTrainConfig, run: SVDTrainRun, method: SVDTrainMethod
 ) -> list[dict]:
     """Stage 4: fine-tune in SVD form (the method's fine-tune hooks), then convert to low rank."""
-    hooks = method.finetune_hooks(model, orthogonality=cfg.finetune_orthogonality)
+    hooks = method.orthogonality_hooks(model, keep=cfg.finetune_orthogonality)
     lr = cfg.finetune_lr if cfg.finetune_lr is not None else cfg.lr
     history = run.train(model, cfg, "finetune", cfg.epochs_finetune, hooks, lr)
     svd_to_lowrank(model)
@@ -387,18 +442,23 @@ def run_stages(model: nn.Module, cfg: SVDTrainConfig, run: SVDTrainRun) -> dict[
     stages: dict[str, Any] = {"original": run.measure(model)}
     if cfg.from_scratch:
         stages["original"].pop("accuracy", None)  # an untrained model's accuracy means nothing
-    run.phases.start(PHASES[0])
+    run.phases.start("decompose")
     the_plan, method = decompose_stage(model, cfg, run)
     stages["svd_full_rank"] = run.measure(model, accuracy=False)
-    history_train = regularized_stage(model, cfg, run, the_plan, method)
+    history = {}
+    if cfg.epochs_orthogonal > 0:
+        run.phases.start("orthogonal")
+    history["orthogonal"] = orthogonal_stage(model, cfg, run, method)
+    run.phases.start("svd_train")
+    history["svd_train"] = regularized_stage(model, cfg, run, the_plan, method)
     if run.test_loader is not None:
         stages["svd_full_rank"]["accuracy"] = evaluate(model, run.test_loader)["accuracy"]
     trained_at = time.perf_counter()
-    run.phases.start(PHASES[1])
+    run.phases.start("prune")
     prune_report = prune_stage(model, cfg, run, the_plan, method)
     stages["pruned"] = run.measure(model)
-    run.phases.start(PHASES[2])
-    history_finetune = finetune_stage(model, cfg, run, method)
+    run.phases.start("finetune")
+    history["finetune"] = finetune_stage(model, cfg, run, method)
     stages["final"] = run.measure(model)
     if stages["final"]["flops"] != prune_report["flops_after"]:
         # the analytic count and the counter disagree: a bug, never silently accepted
@@ -407,7 +467,7 @@ def run_stages(model: nn.Module, cfg: SVDTrainConfig, run: SVDTrainRun) -> dict[
             f"{stages['final']['flops']}"
         )
     report = _report(cfg, stages, prune_report, run)
-    report["history"] = {"svd_train": history_train, "finetune": history_finetune}
+    report["history"] = history
     report["seconds"] = {"svd_train": trained_at - started, "total": time.perf_counter() - started}
     return report
 
