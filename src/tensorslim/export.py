@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from tensorslim.analysis.latency import measure_latency
+from tensorslim.analysis.deployment import Deployment
+from tensorslim.analysis.timing import LatencyCache, time_against_reference
 from tensorslim.errors import TensorslimError
 from tensorslim.layers.base import StructuredLayer
 from tensorslim.plan import plans_of, refresh_plan, set_plans
@@ -93,42 +94,88 @@ def export_torchscript(
     return {"bytes": float(path.stat().st_size), "max_abs_diff": diff}
 
 
-def merge_slow_layers(model: nn.Module, example: torch.Tensor) -> list[dict[str, Any]]:
+def merge_slow_layers(
+    model: nn.Module,
+    example: torch.Tensor,
+    *,
+    deployment: Deployment | str | dict | None = None,
+    cache: LatencyCache | None = None,
+) -> list[dict[str, Any]]:
     """Fold structured layers back to dense where the dense layer measures faster.
 
-    Each structured layer is timed on the input it sees in ``model(example)`` against its
-    ``to_dense()`` form; the slower form loses. Returns one decision row per layer. The model's
-    plans are refreshed so ``save``/``load`` rebuild the merged structure.
+    Uses the measurements the plan recorded (each layer timed against its dense form at the
+    plan's deployment, see :mod:`tensorslim.planner.latency`) when the plan was measured at
+    ``deployment`` (default: the plan's own, else ``example``'s batch size); other layers are
+    timed the same way now — interleaved with their ``to_dense()`` form at the input they see in
+    ``model(example)``. Returns one decision row per layer; the model's plans are refreshed so
+    ``save``/``load`` rebuild the merged structure.
     """
-    inputs: dict[str, torch.Tensor] = {}
-    handles = []
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, StructuredLayer)}
-
-    def recorder(name: str):
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            # a forward hook that returns a value would replace the output: return None
-            inputs.setdefault(name, args[0].detach())
-
-        return hook
-
-    for name, module in layers.items():
-        handles.append(module.register_forward_hook(recorder(name)))
-    with torch.no_grad():
-        model.eval()(example)
-    for handle in handles:
-        handle.remove()
+    planned, where = _planned_latencies(model, deployment, example)
+    cache = cache if cache is not None else LatencyCache()
+    shapes = _input_shapes(model, example)
     decisions = []
-    for name, module in layers.items():
-        if name not in inputs:
-            continue
+    for name, shape in shapes.items():
+        module = model.get_submodule(name)
         dense = module.to_dense()
-        t_struct = measure_latency(module, inputs[name], min_run_time=0.1)["median_ms"]
-        t_dense = measure_latency(dense, inputs[name], min_run_time=0.1)["median_ms"]
+        if name in planned:
+            (t_struct, t_dense), source = planned[name], "plan"
+        else:
+            t_dense, timed = time_against_reference(dense, {"s": module}, shape, where, cache)
+            t_struct, source = timed["s"], "measured"
         merged = t_dense < t_struct
         if merged:
             replace_module(model, name, dense)
         decisions.append(
-            {"layer": name, "structured_ms": t_struct, "dense_ms": t_dense, "merged": merged}
+            {
+                "layer": name,
+                "structured_ms": t_struct,
+                "dense_ms": t_dense,
+                "merged": merged,
+                "source": source,
+            }
         )
     set_plans(model, [refresh_plan(model, p) for p in plans_of(model)])
     return decisions
+
+
+def _planned_latencies(
+    model: nn.Module, deployment: Deployment | str | dict | None, example: Any
+) -> tuple[dict[str, tuple[float, float]], Deployment]:
+    """(structured ms, dense ms) per layer the plans measured at the deployment, and it."""
+    records = [p for p in plans_of(model) if p.latency is not None]
+    if deployment is None and records:
+        where = Deployment(**records[-1].latency["deployment"])  # type: ignore[index]
+    else:
+        where = Deployment.coerce(deployment, example)
+    planned = {}
+    for p in records:
+        if Deployment(**p.latency["deployment"]) != where:  # type: ignore[index]
+            continue
+        for lp in p.compressed_layers:
+            if "latency_ms" in lp.extra and "dense_latency_ms" in lp.extra:
+                planned[lp.fqn] = (
+                    float(lp.extra["latency_ms"]),
+                    float(lp.extra["dense_latency_ms"]),
+                )
+    return planned, where
+
+
+def _input_shapes(model: nn.Module, example: Any) -> dict[str, tuple[int, ...]]:
+    """The input shape every structured layer sees in ``model(example)`` (layers that ran)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, StructuredLayer):
+
+            def hook(module: nn.Module, args: tuple, output: Any, name: str = name) -> None:
+                # a forward hook that returns a value would replace the output: return None
+                shapes.setdefault(name, tuple(args[0].shape))
+
+            handles.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return shapes

@@ -37,7 +37,7 @@ def test_budget_parse_and_round_trip() -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["flops=2", "flops=0", "flops=-0.5", "flops=abc", "latency=0.5", "0.5", "flops="]
+    "text", ["flops=2", "flops=0", "flops=-0.5", "flops=abc", "latency<=0.5", "0.5", "flops="]
 )
 def test_bad_budget_text_is_a_clear_error(text: str) -> None:
     with pytest.raises(TensorslimError, match="budget"):

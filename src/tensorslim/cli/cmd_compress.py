@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from tensorslim.analysis.deployment import Deployment
+from tensorslim.analysis.timing import LatencyCache
 from tensorslim.cli.common import (
     BASE_PHASE,
     RunArgs,
@@ -52,12 +54,27 @@ def register(app: typer.Typer) -> None:
         distill: bool = typer.Option(
             False, help="Distil from the uncompressed model while fine-tuning."
         ),
+        deployment: str = typer.Option(
+            None,
+            help="Where latency is measured, e.g. batch=1,threads=1,format=channels_last,"
+            "backend=onnxruntime (default: the evaluation batch, current threads, NCHW, eager).",
+        ),
+        allow_slower: bool = typer.Option(
+            False,
+            help="Allow structured layers measured slower than dense at the deployment "
+            "(FLOPs/params regardless); by default such layers stay dense.",
+        ),
+        latency_cache: Path = typer.Option(
+            None, help="JSON file of measured layer latencies, read and updated (reuse timings)."
+        ),
     ) -> None:
         """Compress a model with one method at one budget.
 
         Plans, replaces the layers, fine-tunes, measures and writes the report and the model.
         """
         chosen = parse_method(method, budget, setting)  # bad input fails before any work
+        Deployment.coerce(deployment)
+        cache = LatencyCache(latency_cache)
         if post_finalize_epochs is None:
             post_finalize_epochs = chosen.method.post_finalize_epochs
         with run.open(ctx):
@@ -80,7 +97,11 @@ def register(app: typer.Typer) -> None:
                 log=say,
                 measure_original=original,
                 seed=run.seed,
+                deployment=deployment,
+                allow_slower=allow_slower,
+                latency_cache=cache,
             )
+            cache.save()
             if run.weights is None:  # the base was trained by this run (now or before a resume)
                 base_seed = derive_seed(run.seed, BASE_PHASE)
                 results["seeds"] = {BASE_PHASE: base_seed, **results["seeds"]}
@@ -96,4 +117,12 @@ def register(app: typer.Typer) -> None:
             )
         print_table("layers", LAYER_COLUMNS, results["layers"])
         print_result_table(original, results)
+        check = results.get("latency_check")
+        if check:
+            typer.echo(
+                f"latency at {Deployment(**check['deployment']).key}: "
+                f"{check['original_ms']:.3g} → {check['compressed_ms']:.3g} ms "
+                f"(×{check['speedup']:.2f}); predicted {check['predicted_fraction']:.3f} of dense, "
+                f"measured {check['measured_fraction']:.3f}"
+            )
         typer.echo(f"wrote {run.out}/results.json, report.md, plan.json, model/")

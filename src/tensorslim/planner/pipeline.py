@@ -13,6 +13,8 @@ from typing import Any
 from torch import nn
 
 from tensorslim.analysis.calibration import GRAM, LossFn, collect_statistics
+from tensorslim.analysis.deployment import Deployment
+from tensorslim.analysis.timing import LatencyCache
 from tensorslim.errors import TensorslimError
 from tensorslim.facts import LayerStats
 from tensorslim.inputs import ForwardFn, batch_inputs
@@ -21,6 +23,8 @@ from tensorslim.methods.registry import get_method
 from tensorslim.planner.assemble import assemble_plan
 from tensorslim.planner.candidates import gather_candidates
 from tensorslim.planner.choose import choose_options
+from tensorslim.planner.choose_measured import choose_measured
+from tensorslim.planner.latency import LatencySetting
 from tensorslim.planner.records import CompressionPlan
 from tensorslim.planner.survey import (
     NEVER_CALLED,
@@ -50,6 +54,9 @@ def plan(
     loss_fn: LossFn | None = None,
     forward_fn: ForwardFn | None = None,
     progress: bool = False,
+    deployment: Deployment | str | dict | None = None,
+    allow_slower: bool = False,
+    latency_cache: LatencyCache | None = None,
     **settings: Any,
 ) -> CompressionPlan:
     """Compute a compression plan for ``model``.
@@ -64,6 +71,14 @@ def plan(
     ``calibration``: a loader of real batches; the first ``calibration_batches`` are run once to
     collect what the method needs (and input Grams, so errors are measured in output space).
     ``loss_fn(output, batch)`` is needed by methods that use the Fisher diagonal.
+    ``deployment``: the setting latencies are measured in (``Deployment(batch=8, threads=1,
+    memory_format="channels_last", backend="onnxruntime")`` or ``"batch=8,threads=1"``; default:
+    the example's batch size, ``torch.get_num_threads()``, NCHW, eager). Under any budget a
+    decomposition method's compressed layers are timed there against their dense form and an
+    option measured slower is never chosen
+    (the layer stays dense, its reason gives the times) unless ``allow_slower=True``;
+    ``budget="latency=0.5"`` spends measured per-layer latency. ``latency_cache`` (a
+    :class:`~tensorslim.analysis.timing.LatencyCache`, optionally on disk) reuses timings.
     ``settings`` are the method's own (e.g. ``scheme="spatial"``).
     """
     budget = Budget.coerce(budget)
@@ -82,16 +97,48 @@ def plan(
         forward_fn,
         progress,
     )
-    metric = budget.metric if budget is not None else "flops"
+    # a latency budget prices options once they are measured (planner.latency); FLOPs until then
+    metric = budget.metric if budget is not None and budget.metric != "latency" else "flops"
     candidates = gather_candidates(chosen, survey, selected, stats, metric)
     totals = {"flops": survey.model_flops, "params": survey.model_params}
-    choice = choose_options(chosen, budget, candidates, survey.infos, totals)
+    where = Deployment.coerce(deployment, example)
+    setting = _latency_setting(chosen, budget, where, allow_slower, latency_cache, forward_fn)
+    if setting is not None and budget is not None:
+        choice = choose_measured(model, chosen, budget, candidates, survey, setting)
+    else:
+        choice = choose_options(chosen, budget, candidates, survey.infos, totals)
     record = _calibration_record(stats, calibration_batches) if stats else None
     return assemble_plan(chosen, budget, survey, reasons, candidates, choice, record)
 
 
+def _latency_setting(
+    method: Method,
+    budget: Budget | None,
+    deployment: Deployment,
+    allow_slower: bool,
+    cache: LatencyCache | None,
+    forward_fn: ForwardFn | None,
+) -> LatencySetting | None:
+    """How this plan measures latency, or ``None`` when it does not measure at all."""
+    if budget is None or method.kind == "training":
+        return None
+    if allow_slower and budget.metric != "latency":
+        return None
+    return LatencySetting(
+        deployment=deployment,
+        cache=cache if cache is not None else LatencyCache(),
+        allow_slower=allow_slower,
+        forward_fn=forward_fn,
+    )
+
+
 def _method(name: str, budget: Budget | None, settings: dict[str, Any]) -> Method:
     method = get_method(name, **settings)
+    if budget is not None and budget.metric == "latency" and method.kind == "training":
+        raise TensorslimError(
+            f"method '{name}' reaches its structure in training: a latency budget needs a "
+            "decomposition method (svd, tucker, cp, debut, tt)"
+        )
     if budget is not None and method.kind == "training":
         # training methods reach the budget during training; let the plan say where they aim
         method = method.with_budget(budget)
