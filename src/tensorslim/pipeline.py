@@ -187,7 +187,7 @@ def compress_model(
     bn_recalibration_batches: int = 0,
     seed: int | None = None,
     deployment: Any = None,
-    allow_slower: bool = False,
+    allow_slower: bool | None = None,
     latency_cache: Any = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Compress ``model`` (left untouched) and return (compressed model, results dict).

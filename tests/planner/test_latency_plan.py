@@ -17,6 +17,8 @@ from tensorslim.errors import TensorslimError
 from tensorslim.export import merge_slow_layers
 from tensorslim.layers.lowrank import LowRankLinear
 
+pytestmark = pytest.mark.measured_latency
+
 
 class ScriptedLatency(LatencyCache):
     """Latency by rule: dense Linear(i, o) costs ``i·o/1000`` ms; a rank-r factorization costs

@@ -61,11 +61,11 @@ def time_interleaved(
     runners: dict[str, Runner],
     threads: int,
     *,
-    min_rounds: int = 10,
-    max_rounds: int = 60,
-    patience: int = 8,
+    min_rounds: int = 15,
+    max_rounds: int = 80,
+    patience: int = 10,
     tolerance: float = 0.01,
-    round_time: float = 0.002,
+    round_time: float = 0.001,
 ) -> dict[str, Timing]:
     """Per-runner latency, the runners timed in interleaved, rotated rounds.
 
@@ -214,7 +214,7 @@ def time_models(
     interleaved; never cached (a whole model is timed to check the per-layer prediction)."""
     x = at_batch(example, deployment.batch)
     runners = {name: make_runner(m, x, deployment, forward_fn) for name, m in models.items()}
-    return time_interleaved(runners, deployment.threads, min_rounds=10, round_time=0.005)
+    return time_interleaved(runners, deployment.threads, min_rounds=20)
 
 
 def load_average() -> float:

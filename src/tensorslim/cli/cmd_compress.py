@@ -60,7 +60,8 @@ def register(app: typer.Typer) -> None:
             "backend=onnxruntime (default: the evaluation batch, current threads, NCHW, eager).",
         ),
         allow_slower: bool = typer.Option(
-            False,
+            None,
+            "--allow-slower/--never-slower",
             help="Allow structured layers measured slower than dense at the deployment "
             "(FLOPs/params regardless); by default such layers stay dense.",
         ),

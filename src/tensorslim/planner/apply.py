@@ -13,6 +13,7 @@ from torch import nn
 
 from tensorslim.analysis.profile import COMPRESSIBLE
 from tensorslim.errors import TensorslimError
+from tensorslim.fold import fold_batchnorm
 from tensorslim.layers.base import StructuredLayer
 from tensorslim.methods.registry import builder_of
 from tensorslim.planner.records import CompressionPlan
@@ -27,9 +28,12 @@ def apply(
     """Swap the planned layers of ``model`` (a deep copy unless ``inplace``).
 
     ``init=True`` fills the new layers from the decomposition of the dense weights;
-    ``init=False`` builds only the structure (``load`` then reads the saved weights).
+    ``init=False`` builds only the structure (``load`` then reads the saved weights). A plan
+    made with ``fold_bn=True`` first folds the same BatchNorms into their convs.
     """
     target = model if inplace else copy.deepcopy(model)
+    if plan.folded_batchnorm:
+        fold_batchnorm(target, inplace=True, only=plan.folded_batchnorm)
     plan.validate(target)
     for lp in plan.compressed_layers:
         method = plan.method_for(lp)

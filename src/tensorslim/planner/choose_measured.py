@@ -48,7 +48,10 @@ def choose_measured(
     if budget.metric == "latency":
         layers = [faster_only(c) for c in measure_all(method, survey, candidates.choices, setting)]
         choice = by_budget(budget, _with(candidates, layers), {**totals, "latency": model_ms})
-        choice.notes += _reachable_note(budget, layers, model_ms, choice)
+        note = _reachable_note(budget, layers, model_ms)
+        if note:  # replaces by_budget's note with the figure in measured terms
+            choice.notes = [n for n in choice.notes if not n.startswith(f"budget {budget} is not")]
+            choice.notes.append(note)
     else:
         choice, layers = _never_slower(method, budget, candidates, survey, setting, totals)
     for layer in layers:
@@ -90,9 +93,7 @@ def _never_slower(
             layers[fqn] = faster_only(measure_layer(method, survey, layer, options, setting))
 
 
-def _reachable_note(
-    budget: Budget, layers: list[LayerChoices], model_ms: float, choice: Choice
-) -> list[str]:
+def _reachable_note(budget: Budget, layers: list[LayerChoices], model_ms: float) -> str | None:
     """When the latency target is missed: the best latency reachable, from the measurements."""
     best_saving = 0.0
     for c in layers:
@@ -100,10 +101,9 @@ def _reachable_note(
         best_saving += dense - min((float(o.latency or dense) for o in c.options), default=dense)
     best = (model_ms - best_saving) / model_ms if model_ms > 0 else 1.0
     if best <= budget.fraction + 1e-9:
-        return []
-    # by_budget already noted the miss; state the best reachable figure in the plan's terms
-    choice.notes = [n for n in choice.notes if not n.startswith(f"budget {budget} is not")]
-    return [
+        return None
+    return (
         f"budget {budget} is not reachable: the fastest measured option of every layer gives a "
-        f"predicted {best:.3f} of the dense model's {model_ms:.3g} ms"
-    ]
+        f"predicted {best:.3f} of the dense model's {model_ms:.3g} ms (the rest of the model "
+        f"takes {model_ms - sum(c.dense('latency') for c in layers):.3g} ms)"
+    )

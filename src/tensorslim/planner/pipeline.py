@@ -17,6 +17,7 @@ from tensorslim.analysis.deployment import Deployment
 from tensorslim.analysis.timing import LatencyCache
 from tensorslim.errors import TensorslimError
 from tensorslim.facts import LayerStats
+from tensorslim.fold import fold_batchnorm
 from tensorslim.inputs import ForwardFn, batch_inputs
 from tensorslim.methods.base import Method
 from tensorslim.methods.registry import get_method
@@ -38,6 +39,8 @@ from tensorslim.rank.budget import Budget
 from tensorslim.surgery import FilterFn
 
 DEFAULT_CALIBRATION_BATCHES = 16
+# plan(allow_slower=None) means this: structured layers measured slower than dense are refused
+ALLOW_SLOWER_BY_DEFAULT = False
 
 
 def plan(
@@ -55,8 +58,9 @@ def plan(
     forward_fn: ForwardFn | None = None,
     progress: bool = False,
     deployment: Deployment | str | dict | None = None,
-    allow_slower: bool = False,
+    allow_slower: bool | None = None,
     latency_cache: LatencyCache | None = None,
+    fold_bn: bool = False,
     **settings: Any,
 ) -> CompressionPlan:
     """Compute a compression plan for ``model``.
@@ -76,12 +80,19 @@ def plan(
     the example's batch size, ``torch.get_num_threads()``, NCHW, eager). Under any budget a
     decomposition method's compressed layers are timed there against their dense form and an
     option measured slower is never chosen
-    (the layer stays dense, its reason gives the times) unless ``allow_slower=True``;
+    (the layer stays dense, its reason gives the times) unless ``allow_slower=True``
+    (``None``: :data:`ALLOW_SLOWER_BY_DEFAULT`, False);
     ``budget="latency=0.5"`` spends measured per-layer latency. ``latency_cache`` (a
     :class:`~tensorslim.analysis.timing.LatencyCache`, optionally on disk) reuses timings.
+    ``fold_bn``: fold every BatchNorm that follows a conv into it first (:mod:`tensorslim.fold`;
+    the plan records them and ``apply`` folds them again), so the dense baseline and the
+    decomposed layers both run without them.
     ``settings`` are the method's own (e.g. ``scheme="spatial"``).
     """
     budget = Budget.coerce(budget)
+    folded: list[str] = []
+    if fold_bn:
+        model, folded = fold_batchnorm(model)
     chosen = _method(method, budget, settings)
     example = _example(example_input, calibration, forward_fn)
     survey = survey_model(model, example, forward_fn)
@@ -102,13 +113,16 @@ def plan(
     candidates = gather_candidates(chosen, survey, selected, stats, metric)
     totals = {"flops": survey.model_flops, "params": survey.model_params}
     where = Deployment.coerce(deployment, example)
-    setting = _latency_setting(chosen, budget, where, allow_slower, latency_cache, forward_fn)
+    slower = ALLOW_SLOWER_BY_DEFAULT if allow_slower is None else bool(allow_slower)
+    setting = _latency_setting(chosen, budget, where, slower, latency_cache, forward_fn)
     if setting is not None and budget is not None:
         choice = choose_measured(model, chosen, budget, candidates, survey, setting)
     else:
         choice = choose_options(chosen, budget, candidates, survey.infos, totals)
     record = _calibration_record(stats, calibration_batches) if stats else None
-    return assemble_plan(chosen, budget, survey, reasons, candidates, choice, record)
+    result = assemble_plan(chosen, budget, survey, reasons, candidates, choice, record)
+    result.folded_batchnorm = folded
+    return result
 
 
 def _latency_setting(

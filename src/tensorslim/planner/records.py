@@ -65,6 +65,8 @@ class CompressionPlan:
     on calibration data). ``notes`` are warnings and facts a reader should see. ``latency``
     holds what the planner measured: the deployment setting, the dense model's time and the
     predicted time of the compressed model (``None`` when nothing was timed).
+    ``folded_batchnorm`` names the BatchNorms folded into their convs before planning
+    (:mod:`tensorslim.fold`); ``apply`` folds them again before it swaps layers.
     """
 
     method: str
@@ -80,6 +82,7 @@ class CompressionPlan:
     input_spec: Any = None
     calibration: dict[str, Any] | None = None
     latency: dict[str, Any] | None = None
+    folded_batchnorm: list[str] = field(default_factory=list)
     version: str = __version__
 
     def __post_init__(self) -> None:
