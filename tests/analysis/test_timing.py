@@ -58,7 +58,9 @@ def test_interleaved_timing_ranks_a_bigger_matmul_slower() -> None:
         {"small": lambda: a @ a, "big": lambda: b @ b}, threads=1, max_rounds=12
     )
     assert timed["big"].ms > 5 * timed["small"].ms
-    assert timed["small"].min_ms <= timed["small"].median_ms and 10 <= timed["small"].rounds <= 12
+    assert (
+        timed["small"].wall_ms <= timed["small"].wall_median_ms and 8 <= timed["small"].rounds <= 12
+    )
 
 
 def test_cache_keys_and_reuse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,12 +2,12 @@
 
 Timing a variant once, alone, on a shared machine measures the machine as much as the variant.
 :func:`time_interleaved` runs the variants of one comparison in rounds — every round runs each
-variant once (a ``torch.utils.benchmark`` ``timeit`` of enough iterations to last
-``round_time``) in a rotated order, so no variant always follows the same other one and pays for
-its cache misses — until no variant's best round has improved for ``patience`` rounds. It
-reports each variant's best round, median and IQR; decisions use the best round, because other
-processes on a shared CPU only ever add time (on this project's 2-core machine at load 13 a
-conv's median was 3-10× its best round, the best round stable within 5 %).
+variant once (enough iterations to last ``round_time``) in a rotated order, so no variant always
+follows the same other one and pays for its cache misses — until no variant's best round has
+improved for ``patience`` rounds. Decisions use the best round's process CPU time (see
+:class:`Timing`): on this project's shared 2-core machine at load 13-16 a conv's wall-clock
+median was 3-10× its best round, and a 90 ms whole ResNet-18 rarely ran one round untouched,
+while its best CPU-time round was stable within a few per cent.
 
 :func:`time_against_reference` times structured variants of one layer interleaved with the
 layer's dense form; a variant's latency is its ratio to the dense layer in that run times
@@ -25,13 +25,15 @@ import math
 import os
 import platform
 import statistics
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils import benchmark
 
 from tensorslim.analysis.deployment import Deployment, Runner, at_batch, make_runner
 from tensorslim.errors import TensorslimError
@@ -42,28 +44,45 @@ REFERENCE = "dense"
 
 @dataclass(frozen=True)
 class Timing:
-    """ms per forward pass over ``rounds`` interleaved rounds: the best round (``min_ms``), the
-    median and the interquartile range. ``ms`` is the estimate decisions use: ``min_ms``,
-    because on a shared CPU other processes only ever add time to a run (the median of a loaded
-    machine measures the load); on a quiet machine the two agree."""
+    """ms per forward pass over ``rounds`` interleaved rounds.
 
-    min_ms: float
-    median_ms: float
-    iqr_ms: float
+    ``cpu_ms``: the best round's process CPU time per pass divided by the thread count — the
+    estimate decisions use (:attr:`ms`). Other processes on a shared CPU add wall time to a run
+    whenever they take its core; CPU time only counts the time the run was on one, and the best
+    round is the one least slowed by a neighbour sharing the core's caches. With one thread it
+    is the latency of an idle machine; with more, it assumes the threads stay busy (OpenMP
+    threads spin while they wait, so they do). ``wall_ms`` / ``wall_median_ms``: the best and
+    median round by the wall clock, recorded beside it (on a quiet machine all three agree).
+    """
+
+    cpu_ms: float
+    wall_ms: float
+    wall_median_ms: float
     rounds: int
 
     @property
     def ms(self) -> float:
-        return self.min_ms
+        return self.cpu_ms
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """``torch.set_num_threads(threads)`` for the block, the previous count restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def time_interleaved(
     runners: dict[str, Runner],
     threads: int,
     *,
-    min_rounds: int = 15,
-    max_rounds: int = 80,
-    patience: int = 10,
+    min_rounds: int = 8,
+    max_rounds: int = 40,
+    patience: int = 6,
     tolerance: float = 0.01,
     round_time: float = 0.001,
 ) -> dict[str, Timing]:
@@ -71,39 +90,48 @@ def time_interleaved(
 
     A round runs every runner once (``number`` iterations lasting about ``round_time``). After
     ``min_rounds`` it stops once no runner's best round improved by more than ``tolerance`` in
-    the last ``patience`` rounds (at most ``max_rounds``).
+    the last ``patience`` rounds (at most ``max_rounds``). Our own loop rather than
+    ``torch.utils.benchmark.Timer``: each round is read on two clocks (CPU and wall) at once.
     """
     if not runners:
         return {}
-    timers = {
-        name: benchmark.Timer(stmt="run()", globals={"run": run}, num_threads=threads)
-        for name, run in runners.items()
+    names = list(runners)
+    cpu: dict[str, list[float]] = {n: [] for n in names}
+    wall: dict[str, list[float]] = {n: [] for n in names}
+    with torch_threads(threads):
+        numbers = {n: _iterations(runners[n], round_time) for n in names}
+        settled = 0
+        for r in range(max_rounds):
+            best_before = {n: min(cpu[n], default=math.inf) for n in names}
+            shift = r % len(names)
+            for n in names[shift:] + names[:shift]:
+                c, w = _one_round(runners[n], numbers[n])
+                cpu[n].append(c / threads)
+                wall[n].append(w)
+            improved = any(min(cpu[n]) < (1 - tolerance) * best_before[n] for n in names)
+            settled = 0 if improved else settled + 1
+            if r + 1 >= min_rounds and settled >= patience:
+                break
+    return {
+        n: Timing(
+            min(cpu[n]) * 1e3, min(wall[n]) * 1e3, statistics.median(wall[n]) * 1e3, len(cpu[n])
+        )
+        for n in names
     }
-    numbers = {name: _iterations(timer, round_time) for name, timer in timers.items()}
-    samples: dict[str, list[float]] = {name: [] for name in runners}
-    names, settled = list(runners), 0
-    for r in range(max_rounds):
-        best_before = {n: min(s, default=math.inf) for n, s in samples.items()}
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            samples[name].append(timers[name].timeit(numbers[name]).median)
-        improved = any(min(samples[n]) < (1 - tolerance) * best_before[n] for n in names)
-        settled = 0 if improved else settled + 1
-        if r + 1 >= min_rounds and settled >= patience:
-            break
-    return {name: _summary(s) for name, s in samples.items()}
 
 
-def _iterations(timer: benchmark.Timer, round_time: float) -> int:
-    """Iterations per round so one round of this runner lasts about ``round_time`` seconds."""
-    once = min(timer.timeit(1).median for _ in range(3))  # also a warm-up
+def _one_round(run: Runner, number: int) -> tuple[float, float]:
+    """(process CPU seconds, wall seconds) per call over ``number`` calls of ``run``."""
+    c0, w0 = time.process_time(), time.perf_counter()
+    for _ in range(number):
+        run()
+    return (time.process_time() - c0) / number, (time.perf_counter() - w0) / number
+
+
+def _iterations(run: Runner, round_time: float) -> int:
+    """Calls per round so one round of this runner lasts about ``round_time`` seconds."""
+    once = min(_one_round(run, 1)[1] for _ in range(3))  # also a warm-up
     return max(1, min(1000, math.ceil(round_time / max(once, 1e-7))))
-
-
-def _summary(seconds: list[float]) -> Timing:
-    ordered = sorted(seconds)
-    q1, q3 = ordered[len(ordered) // 4], ordered[(3 * len(ordered)) // 4]
-    return Timing(ordered[0] * 1e3, statistics.median(ordered) * 1e3, (q3 - q1) * 1e3, len(ordered))
 
 
 def machine_key() -> str:
@@ -214,7 +242,7 @@ def time_models(
     interleaved; never cached (a whole model is timed to check the per-layer prediction)."""
     x = at_batch(example, deployment.batch)
     runners = {name: make_runner(m, x, deployment, forward_fn) for name, m in models.items()}
-    return time_interleaved(runners, deployment.threads, min_rounds=20)
+    return time_interleaved(runners, deployment.threads, min_rounds=12)
 
 
 def load_average() -> float:
