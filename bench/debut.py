@@ -14,9 +14,12 @@ LeNet-5 (the paper's setting): train lenet5 on Fashion-MNIST (weights cached), r
 fc1 and fc2 by DeBut chains (generated at two compression levels) through ``ts.plan`` with an
 explicit chain per layer, initialise them by ALS from the trained weights or randomly, fine-tune
 the same number of epochs, and record accuracy, the layers' ALS errors, layer and model
-compression.
+compression. Each run is repeated per conv unfolding order (``--orders``: the official
+position-major (kh, kw, C_in), the default, and the channel-major (C_in, kh, kw) tensorslim used
+before); only conv2 differs between them, with the same seed, chains and fine-tuning.
 
     python bench/debut.py [--skip-speed] [--skip-lenet] [--rounds 2] [--configs 2 2:passive 1]
+                          [--orders position channel]
 """
 
 from __future__ import annotations
@@ -52,7 +55,9 @@ from tensorslim.layers.debut_chain import (
     generate_chains,
     plan_segments,
 )
-from tensorslim.train.loop import evaluate, fit
+from tensorslim.methods import method_class
+from tensorslim.methods.presets import get_preset
+from tensorslim.train.loop import NonFiniteLossError, evaluate, fit
 
 VGG = (
     "2048 2304 8 9 1  2048 2048 2 2 8  2048 2048 2 2 16  2048 2048 2 2 32  "
@@ -260,14 +265,101 @@ def speed_configs(configs: list[str], rounds: int) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------------ LeNet
 
 
+def lenet_arms(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Initialisations compared at every ratio: ALS and random per conv order (defaults
+    otherwise), and the paper preset (the official initialisation, position-major)."""
+    arms = [
+        {"init": init, "order": order, "preset": None, "lr": args.ft_lr}
+        for init in ("als", "random")
+        for order in args.orders
+    ]
+    if args.paper:
+        # the paper's initialisation fine-tuned like the others, and at the preset's own rate
+        paper_lr = get_preset(method_class("debut"), "paper").training["lr"]
+        for lr in dict.fromkeys((args.ft_lr, paper_lr)):
+            arms.append({"init": "als", "order": "position", "preset": "paper", "lr": lr})
+        # the one paper setting that decides whether fine-tuning is stable: ALS's raw scales
+        arms.append(
+            {"init": "als", "order": "position", "preset": "paper", "lr": args.ft_lr,
+             "als_balance": True}
+        )  # fmt: skip
+    return arms
+
+
+def lenet_run(
+    model: torch.nn.Module,
+    chains: dict[str, str],
+    arm: dict[str, Any],
+    args: argparse.Namespace,
+    loaders: tuple[Any, Any],
+    example: torch.Tensor,
+) -> dict[str, Any]:
+    """One arm: plan + apply with explicit chains, evaluate, fine-tune, evaluate."""
+    train, test = loaders
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    settings: dict[str, Any] = {"init": arm["init"], "order": arm["order"]}
+    if arm["preset"] is None:
+        settings["als_sweeps"] = args.sweeps  # the paper preset keeps its own 10 sweeps
+    else:
+        settings["preset"] = arm["preset"]
+    if "als_balance" in arm:
+        settings["als_balance"] = arm["als_balance"]
+    plan = ts.plan(
+        model, "debut", None, example, layers=list(LENET_LAYERS), chain=chains, **settings
+    )
+    small = ts.apply(model, plan)
+    init_s = time.perf_counter() - started
+    before = evaluate(small, test)["accuracy"]
+    started = time.perf_counter()
+    diverged = None
+    try:
+        history = fit(small, train, epochs=args.ft_epochs, lr=arm["lr"], progress=False).epochs
+        after: float | None = evaluate(small, test)["accuracy"]
+    except NonFiniteLossError as exc:  # recorded, not hidden: the arm's fine-tuning diverged
+        history, after, diverged = [], None, str(exc)
+    layers = []
+    for fqn in LENET_LAYERS:
+        new = small.get_submodule(fqn)
+        assert isinstance(new, DeButLinear | DeButConv2d)
+        dense_params = model.get_submodule(fqn).weight.numel()
+        layers.append(
+            {
+                "layer": fqn,
+                "chain": new.chain.text,
+                "dense_weights": dense_params,
+                "debut_nnz": new.chain.nnz,
+                "layer_compression": dense_params / new.chain.nnz,
+                "init_error": new.init_info.get("error"),
+            }
+        )
+    return {
+        "init": arm["init"],
+        "order": arm["order"],
+        "preset": arm["preset"] or "default",
+        "finetune_lr": arm["lr"],
+        "als_balance_override": arm.get("als_balance"),
+        "accuracy_after_init": before,
+        "accuracy_after_finetune": after,
+        "diverged": diverged,
+        "params": sum(p.numel() for p in small.parameters()),
+        # analytic (2·cols·Σ p s per DeBut layer, as planned); the counter's figure is what the
+        # merged execution runs and what it can see (bmm, not the elementwise kernels)
+        "flops": plan.estimated_flops,
+        "flops_counter": count_flops(small, example[:1]),
+        "init_seconds": init_s,
+        "finetune_seconds": time.perf_counter() - started,
+        "history": history,
+        "layers": layers,
+    }
+
+
 def lenet_part(args: argparse.Namespace) -> dict[str, Any]:
     _, train, test = fashion_loaders(args.limit_train, batch_size=128)
     tag = f"fmnist-{args.limit_train or 'all'}-e{args.base_epochs}"
     model, meta = trained_model("lenet5", train, test, epochs=args.base_epochs, tag=tag)
     example = torch.stack([test.dataset[i][0] for i in range(8)])
-    base_acc = evaluate(model, test)["accuracy"]
     base_params = sum(p.numel() for p in model.parameters())
-    base_flops = count_flops(model, example[:1])
     runs = []
     for ratio in args.ratios:
         chains = {}
@@ -275,71 +367,23 @@ def lenet_part(args: argparse.Namespace) -> dict[str, Any]:
             w = model.get_submodule(fqn).weight
             out_f, in_f = w.shape[0], w[0].numel()
             chains[fqn] = generate_chains(out_f, in_f, ratio=ratio, limit=1)[0].text
-        for init in ("als", "random"):
-            torch.manual_seed(0)
-            started = time.perf_counter()
-            plan = ts.plan(
-                model,
-                "debut",
-                None,
-                example,
-                layers=list(LENET_LAYERS),
-                chain=chains,
-                init=init,
-                als_sweeps=args.sweeps,
-            )
-            small = ts.apply(model, plan)
-            init_s = time.perf_counter() - started
-            before = evaluate(small, test)["accuracy"]
-            started = time.perf_counter()
-            history = fit(small, train, epochs=args.ft_epochs, lr=args.ft_lr, progress=False).epochs
-            ft_s = time.perf_counter() - started
-            after = evaluate(small, test)["accuracy"]
-            layers = []
-            for fqn in LENET_LAYERS:
-                new = small.get_submodule(fqn)
-                assert isinstance(new, DeButLinear | DeButConv2d)
-                dense_params = model.get_submodule(fqn).weight.numel()
-                layers.append(
-                    {
-                        "layer": fqn,
-                        "chain": new.chain.text,
-                        "dense_weights": dense_params,
-                        "debut_nnz": new.chain.nnz,
-                        "layer_compression": dense_params / new.chain.nnz,
-                        "init_error": new.init_info.get("error"),
-                    }
-                )
-            params = sum(p.numel() for p in small.parameters())
-            runs.append(
-                {
-                    "target_ratio": ratio,
-                    "init": init,
-                    "accuracy_after_init": before,
-                    "accuracy_after_finetune": after,
-                    "params": params,
-                    "model_compression": base_params / params,
-                    # analytic (2·cols·Σ p s per DeBut layer, as planned); the counter's figure
-                    # is what the merged execution runs and what it can see (bmm, not the
-                    # elementwise kernels), kept for transparency
-                    "flops": plan.estimated_flops,
-                    "flops_counter": count_flops(small, example[:1]),
-                    "init_seconds": init_s,
-                    "finetune_seconds": ft_s,
-                    "history": history,
-                    "layers": layers,
-                }
-            )
+        for arm in lenet_arms(args):
+            run = lenet_run(model, chains, arm, args, (train, test), example)
+            run["target_ratio"] = ratio
+            run["model_compression"] = base_params / run["params"]
+            runs.append(run)
+            after = run["accuracy_after_finetune"]
             print(
-                f"lenet ratio {ratio} init {init}: acc after init {before:.4f}, "
-                f"after {args.ft_epochs} epochs {after:.4f}, model {base_params / params:.2f}×",
+                f"lenet ratio {ratio} {arm}: acc after init {run['accuracy_after_init']:.4f}, "
+                f"after {args.ft_epochs} epochs "
+                f"{'diverged' if after is None else f'{after:.4f}'}",
                 flush=True,
             )
     return {
         "base": {
-            "accuracy": base_acc,
+            "accuracy": evaluate(model, test)["accuracy"],
             "params": base_params,
-            "flops": base_flops,
+            "flops": count_flops(model, example[:1]),
             "train_epochs": meta["epochs"],
         },
         "runs": runs,
@@ -385,10 +429,17 @@ def plot(speed: list[dict[str, Any]], lenet: dict[str, Any] | None, path: Path) 
     if lenet:
         ax = axes[row][0]
         runs = lenet["runs"]
-        labels = [f"{r['init']} init, {r['model_compression']:.2f}× smaller model" for r in runs]
+        labels = [
+            f"{r['init']} init{' (paper)' if r.get('preset') == 'paper' else ''}"
+            f"{' + balance' if r.get('als_balance_override') else ''}, "
+            f"lr {r.get('finetune_lr', 0.02):g}, "
+            f"{r.get('order', 'channel')}-major conv, "
+            f"{r['model_compression']:.2f}× smaller"
+            for r in runs
+        ]
         ax.bar(
             range(len(runs)),
-            [r["accuracy_after_finetune"] for r in runs],
+            [r["accuracy_after_finetune"] or 0.0 for r in runs],
             color="tab:blue",
             label="after fine-tuning",
         )
@@ -401,7 +452,7 @@ def plot(speed: list[dict[str, Any]], lenet: dict[str, Any] | None, path: Path) 
         )
         ax.axhline(lenet["base"]["accuracy"], color="k", linestyle="--", label="dense LeNet-5")
         ax.set_xticks(range(len(runs)))
-        ax.set_xticklabels(labels, fontsize=8)
+        ax.set_xticklabels(labels, fontsize=7, rotation=20, ha="right")
         ax.set_ylim(0, 1)
         ax.set_ylabel("test accuracy")
         ax.set_title("LeNet-5 on Fashion-MNIST: conv2, fc1, fc2 as DeBut chains")
@@ -430,6 +481,12 @@ def main() -> None:
     parser.add_argument("--ft-lr", type=float, default=0.02)
     parser.add_argument("--sweeps", type=int, default=8)
     parser.add_argument("--ratios", type=float, nargs="+", default=[2.0, 4.0])
+    parser.add_argument(
+        "--orders", nargs="+", default=["position", "channel"], choices=["position", "channel"]
+    )
+    parser.add_argument(
+        "--no-paper", dest="paper", action="store_false", help="skip the preset='paper' arm"
+    )
     args = parser.parse_args()
     if args.speed_child is not None:  # a passive-wait configuration, run by the parent
         threads = int(args.configs[0])
@@ -517,8 +574,14 @@ def main() -> None:
                 {
                     "target": f"{r['target_ratio']:g}×",
                     "init": r["init"],
+                    "preset": r.get("preset", "default")
+                    + (" + als_balance" if r.get("als_balance_override") else ""),
+                    "conv order": r.get("order", "channel"),
+                    "fine-tune lr": r.get("finetune_lr", args.ft_lr),
                     "acc after init": f"{r['accuracy_after_init']:.4f}",
-                    "acc after fine-tune": f"{r['accuracy_after_finetune']:.4f}",
+                    "acc after fine-tune": "diverged (NaN loss)"
+                    if r["accuracy_after_finetune"] is None
+                    else f"{r['accuracy_after_finetune']:.4f}",
                     "params": r["params"],
                     "model compression": f"{r['model_compression']:.2f}×",
                     "FLOPs": r["flops"],
@@ -533,13 +596,24 @@ def main() -> None:
         notes.append(
             f"Dense LeNet-5: accuracy {base['accuracy']:.4f}, {base['params']} params, "
             f"{base['flops']} FLOPs, trained {base['train_epochs']} epochs. DeBut runs: same "
-            f"fine-tuning ({args.ft_epochs} epochs, SGD lr {args.ft_lr}, cosine) for both inits."
+            f"fine-tuning ({args.ft_epochs} epochs, SGD lr {args.ft_lr}, cosine) for every init "
+            "and conv order (only conv2 depends on the order; same seed and chains). 'paper': "
+            "preset='paper', the official initialisation (ALS from U[0, 1) factors, 10 sweeps "
+            "starting at the output side, no rescaling), position-major, fine-tuned at the "
+            "common rate and at the preset's own (0.01, the official train_lenet.sh; its "
+            "150-epoch step schedule is not run); 'paper + als_balance': the same with the "
+            "factors rescaled to equal norms after ALS (tensorslim's default). A 'diverged' run "
+            "hit a NaN loss in fine-tuning at its learning rate. Accuracies come from one seed "
+            "on a machine shared with other jobs (load average in the JSON; it affects time, "
+            "not accuracy)."
         )
         tables.append(("LeNet-5 on Fashion-MNIST, conv2/fc1/fc2 as DeBut", list(rows[0]), rows))
         chain_rows = [
             {"target": f"{r['target_ratio']:g}×", "layer": ly["layer"], "chain": ly["chain"]}
             for r in lenet["runs"]
             if r["init"] == "als"
+            and r.get("order", "channel") == lenet["runs"][0].get("order")
+            and r.get("preset", "default") == "default"
             for ly in r["layers"]
         ]
         tables.append(("LeNet chains", list(chain_rows[0]), chain_rows))

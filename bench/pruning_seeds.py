@@ -8,15 +8,20 @@ order, shared by the three methods — and reports mean ± standard deviation of
 the average δ-rank, plus how often RPG wins within a seed. "RPG one-shot" prunes to the
 target at step 0 as RigL does (then regrows with the rank loss until RPG's schedule end), to
 tell the rank loss's effect from the gradual schedule's; "RigL, regrowth ends at 25 %" stops
-RigL's mask changes where GMP's and RPG's pruning ends (their default). Writes
+RigL's mask changes where GMP's and RPG's pruning ends (their default). "RPG, paper preset" is
+``preset="paper"`` (the official code's exponential density, ΔT = 100 steps, pruning until 90 %,
+one global ranking over every conv and linear layer); "GMP, paper schedule" is the official code
+with α = λ = 0 (its GMP baseline: the same schedule without regrowth or rank loss). Writes
 bench/results/pruning_seeds.{json,md}.
 
     python bench/pruning_seeds.py [--seeds 0,1,2,3] [--sparsities 0.95,0.98] [--workers 2]
+        [--variants gmp,rigl,rpg,rpg-paper,gmp-paper]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -27,8 +32,9 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import facts, fashion_loaders, trained_model, write_results
+from common import RESULTS, facts, fashion_loaders, trained_model, write_results
 from pruning import METHODS, NAMES, prune_run
+from tensorslim.methods.pruning import RPG_PAPER
 
 # label → (method, settings). "RPG one-shot" is RPG with RigL's constant schedule (prune to the
 # target at once, then prune-and-regrow at constant sparsity until RPG's ``end``): it separates
@@ -39,8 +45,17 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # RigL with its drop/regrow ending where GMP's and RPG's pruning ends, so that all three
     # stop changing the mask at the same step
     "rigl-end": ("rigl", {"end": 0.25}),
+    # the authors' settings (huawei-noah/Efficient-Computing, Pruning/RPG)
+    "rpg-paper": ("rpg", {"preset": "paper"}),
+    "gmp-paper": ("gmp", {**RPG_PAPER.settings, "drop_fraction": 0.0}),
 }
-LABELS = {**NAMES, "rpg-oneshot": "RPG one-shot", "rigl-end": "RigL, regrowth ends at 25 %"}
+LABELS = {
+    **NAMES,
+    "rpg-oneshot": "RPG one-shot",
+    "rigl-end": "RigL, regrowth ends at 25 %",
+    "rpg-paper": "RPG, paper preset",
+    "gmp-paper": "GMP, paper schedule",
+}
 _STATE: dict[str, Any] = {}
 
 
@@ -105,6 +120,10 @@ def summarize(runs: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
             ("rpg", "rigl"),
             ("rpg", "rigl-end"),
             ("rpg-oneshot", "rigl"),
+            ("rpg-paper", "gmp-paper"),
+            ("rpg-paper", "gmp"),
+            ("rpg-paper", "rigl"),
+            ("rpg-paper", "rpg"),
         )
         for mine, other in comparisons:
             pairs = [a for a in by_seed.values() if mine in a and other in a]
@@ -130,7 +149,66 @@ def _end(method: str) -> float:
     return float(get_method(method).end)
 
 
-def main() -> None:
+def claims(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The seed claims, under this library's defaults and under the authors' settings.
+
+    Per sparsity: RPG's mean accuracy at or above GMP's and RigL's, and its mean δ-rank above
+    GMP's — with the defaults (rpg vs gmp, rigl) and with the paper preset (rpg-paper vs the
+    official code's own GMP baseline, gmp-paper, and vs RigL's default).
+    """
+    rows = []
+    arms = (
+        ("defaults", "rpg", (("GMP", "gmp"), ("RigL", "rigl"))),
+        ("paper preset", "rpg-paper", (("GMP, paper schedule", "gmp-paper"), ("RigL", "rigl"))),
+    )
+    for sparsity in sorted({r["sparsity_target"] for r in runs}):
+        at = [r for r in runs if r["sparsity_target"] == sparsity]
+        mean = {
+            (m, k): statistics.fmean(r[k] for r in at if r["method"] == m)
+            for m in {r["method"] for r in at}
+            for k in ("accuracy", "avg_delta_rank")
+        }
+        seeds = {r["seed"] for r in at}
+        for settings, rpg, others in arms:
+            if (rpg, "accuracy") not in mean:
+                continue
+            for name, other in others:
+                if (other, "accuracy") not in mean:
+                    continue
+                won = sum(
+                    _value(at, rpg, s, "accuracy") >= _value(at, other, s, "accuracy")
+                    for s in seeds
+                )
+                diff = 100 * (mean[(rpg, "accuracy")] - mean[(other, "accuracy")])
+                rows.append(
+                    {
+                        "sparsity": f"{sparsity:.0%}",
+                        "settings": settings,
+                        "claim": f"RPG accuracy ≥ {name}",
+                        "holds": "yes" if diff >= 0 else "no",
+                        "evidence": f"{diff:+.2f} points (mean), {won} of {len(seeds)} seeds",
+                    }
+                )
+            gmp = others[0][1]
+            if (gmp, "avg_delta_rank") in mean:
+                a, b = mean[(rpg, "avg_delta_rank")], mean[(gmp, "avg_delta_rank")]
+                rows.append(
+                    {
+                        "sparsity": f"{sparsity:.0%}",
+                        "settings": settings,
+                        "claim": f"RPG δ-rank > {others[0][0]}",
+                        "holds": "yes" if a > b else "no",
+                        "evidence": f"{a:.1f} vs {b:.1f} (mean)",
+                    }
+                )
+    return rows
+
+
+def _value(runs: list[dict], method: str, seed: int, key: str) -> float:
+    return next(r[key] for r in runs if r["method"] == method and r["seed"] == seed)
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", default="0,1,2,3")
     parser.add_argument("--sparsities", default="0.95,0.98")
@@ -140,7 +218,25 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--steps-per-epoch", type=int, default=100)
     parser.add_argument("--lr", type=float, default=0.02)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument(
+        "--summarize-only",
+        action="store_true",
+        help="Rewrite the report from bench/results/pruning_seeds.json (same arguments).",
+    )
     args = parser.parse_args()
+    unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variant {unknown[0]} (known: {', '.join(VARIANTS)})")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.summarize_only:
+        payload = json.loads((RESULTS / "pruning_seeds.json").read_text())
+        report(payload["runs"], args, payload["machine"], payload["seconds"])
+        return
     started = time.perf_counter()
     machine = facts()
     _setup(args.limit_train, args.base_epochs)  # trains and caches the base once, if needed
@@ -148,7 +244,7 @@ def main() -> None:
         (method, float(sparsity), int(seed), args.epochs, args.steps_per_epoch, args.lr)
         for sparsity in args.sparsities.split(",")
         for seed in args.seeds.split(",")
-        for method in VARIANTS
+        for method in args.variants.split(",")
     ]
     runs = []
     with ProcessPoolExecutor(
@@ -157,27 +253,48 @@ def main() -> None:
         for run in pool.map(_run, tasks):
             print(run, flush=True)
             runs.append(run)
+    machine["loadavg_end"] = facts()["loadavg"]
+    report(runs, args, machine, time.perf_counter() - started)
+
+
+def report(runs: list[dict], args: argparse.Namespace, machine: dict, seconds: float) -> None:
+    """bench/results/pruning_seeds.{json,md}: the table, the seed-by-seed wins, the claims."""
     table, wins = summarize(runs)
-    seconds = time.perf_counter() - started
+    claim_rows = claims(runs)
     notes = [
         "small_cnn on Fashion-MNIST, the settings of bench/pruning.py (base 3 epochs on 20000 "
         f"images; {args.epochs} × {args.steps_per_epoch} pruning steps, SGD lr {args.lr}; GMP "
         f"and RPG prune until {_end('gmp'):.0%} / {_end('rpg'):.0%} of the steps, RigL "
-        f"drops/regrows until {_end('rigl'):.0%}); "
+        f"drops/regrows until {_end('rigl'):.0%}; the paper preset prunes until "
+        f"{RPG_PAPER.settings['end']:.0%}, updating every {RPG_PAPER.settings['interval']} "
+        "steps, with one global ranking that includes the first conv); on mask-update steps "
+        "RigL and RPG do not step the optimizer (official); "
         f"seeds {args.seeds} (each fixes the initial RNG and the batch order, shared by the "
         "methods); full 10 000-image test set, whose standard error at 90 % accuracy is "
         "about 0.3 points.",
-        f"{len(runs)} runs in {seconds / 60:.1f} min ({args.workers} processes, 1 thread each).",
+        f"{len(runs)} runs in {seconds / 60:.1f} min ({args.workers} processes, 1 thread each; "
+        f"load average {machine.get('loadavg')} at the start, {machine.get('loadavg_end')} at "
+        "the end, on a machine shared with other jobs).",
     ]
     for w in wins:
         notes.append(
             f"{w['sparsity']}: {w['comparison']} in {w['seeds_won']} of {w['seeds']} seeds, "
             f"mean difference {w['mean_difference_points']:+.2f} points."
         )
+    payload = {
+        "runs": runs,
+        "table": table,
+        "wins": wins,
+        "claims": claim_rows,
+        "machine": machine,
+        "seconds": seconds,
+        "args": vars(args),
+    }
     write_results(
         "pruning_seeds",
-        {"runs": runs, "table": table, "wins": wins, "machine": machine, "seconds": seconds},
+        payload,
         [
+            ("Claims: defaults and the authors' settings", list(CLAIM_COLUMNS), claim_rows),
             (
                 "Mean ± standard deviation over seeds",
                 [
@@ -205,6 +322,9 @@ def main() -> None:
         notes,
     )
     print("\n".join(notes))
+
+
+CLAIM_COLUMNS = ("sparsity", "settings", "claim", "holds", "evidence")
 
 
 if __name__ == "__main__":

@@ -7,17 +7,25 @@ weights and the batch order, shared by the arms of that seed — and reports mea
 deviation and the per-seed gaps:
 
 - dense: resnet20 trained pre + stage-1 + fine-tune epochs;
-- pipeline (paper settings): SVD training with λo and λs, energy pruning to the target,
-  fine-tune with λo kept — bench/svd_training.py's defaults;
+- pipeline (default): the default preset (SGD with weight decay 5e-4, cosine) with the λo, λs and
+  learning rates below: SVD training, energy pruning to the target, fine-tune with λo kept —
+  bench/svd_training.py's defaults (called "paper settings" in results before the paper preset);
 - pipeline (tuned): the setting bench/svd_training_tune.py chose on a validation split of the
   training set (TUNED below; the test set played no part in choosing it);
-- post-hoc: SVD of the dense model after stage 1 + fine-tune, once at each pipeline's FLOPs
-  (the committed svd_training_seeds.json and _60k.json predate the second).
+- pipeline (paper preset): ``preset="paper"`` — the official code's training (Adam 1e-3 without
+  weight decay, ×0.1 at 81/164 and 122/164, λo = 1, no BatchNorm re-estimation) with the
+  official λs for resnet20 spatial-wise Hoyer (--decay 0.1), from the same pretrained model;
+- pipeline (paper preset, official flow): the same, but as the official scripts run it: from
+  scratch in SVD form with the orthogonality loss only for the pretraining epochs (no dense
+  training), then the sparsity stage, pruning and fine-tuning — the same number of epochs;
+- post-hoc: SVD of the dense model after stage 1 + fine-tune, at the default's and the tuned
+  pipeline's FLOPs.
 
-Writes bench/results/NAME.{json,md} (default svd_training_seeds).
+``--arms`` picks a subset (the dense arm always runs). Writes bench/results/NAME.{json,md}
+(default svd_training_seeds).
 
     python bench/svd_training_seeds.py [--seeds 0,1,2,3] [--workers 2] [--train-size 20000]
-        [--tuned '{"budget_gate_energy": 0.01}'] [--name svd_training_seeds]
+        [--tuned '{"budget_gate_energy": 0.01}'] [--arms ...] [--name svd_training_seeds]
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ import tensorslim as ts
 from common import RESULTS, facts, map_seeds, paired_loader, pretrained_resnet20, write_results
 from tensorslim.analysis.flops import count_flops
 from tensorslim.data import load_dataset
+from tensorslim.models import create_model
 from tensorslim.train.loop import evaluate, fit
 from tensorslim.train.svd_pipeline import svd_train_pipeline
 
@@ -45,27 +54,49 @@ TARGET = 0.5
 EXCLUDE = ["fc"]
 ARMS = (
     "dense",
-    "pipeline (paper settings)",
+    "pipeline (default)",
     "pipeline (tuned)",
-    "post-hoc SVD + fine-tune",  # at the paper-settings pipeline's FLOPs
+    "post-hoc SVD + fine-tune",  # at the default pipeline's FLOPs
     "post-hoc at the tuned FLOPs",
+    "pipeline (paper preset)",
+    "pipeline (paper preset, official flow)",
 )
-# overrides of the paper-settings arm (svd_train_pipeline keywords), the default of --tuned;
+# --arms names them by these keys
+KEYS = ("default", "tuned", "posthoc", "posthoc-tuned", "paper", "paper-official")
+ARM_KEYS = dict(zip(KEYS, ARMS[1:], strict=True))
+PIPELINES = (ARMS[1], ARMS[2], ARMS[5], ARMS[6])
+POSTHOC = {ARMS[3]: ARMS[1], ARMS[4]: ARMS[2]}  # post-hoc arm → the pipeline whose FLOPs it takes
+# overrides of the default arm (svd_train_pipeline keywords), the default of --tuned;
 # bench/svd_training_tune.py on 55 000 training images (validation split, seeds 10 and 11,
 # paired, 2 + 2 epochs) ranked the budget gate first: -0.28 points against dense, -1.57 without
 TUNED: dict[str, Any] = {"budget_gate_energy": 0.01}
 
 
+def arm_settings(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """svd_train_pipeline keywords of each pipeline arm."""
+    default = {
+        "lambda_o": cfg["lambda_o"],
+        "lambda_s": cfg["lambda_s"],
+        "lr": cfg["lr"],
+        "finetune_lr": cfg["lr_ft"],
+        "finetune_orthogonality": True,
+        "budget_gate_energy": None,
+        "bn_recalibration_batches": cfg["recal_batches"],
+    }
+    # the preset decides λo, the optimizer, the learning rates and BatchNorm (none)
+    paper = {"preset": "paper", "lambda_s": cfg["paper_lambda_s"]}
+    official = {**paper, "from_scratch": True, "epochs_orthogonal": cfg["pre_epochs"]}
+    tuned = {**default, **cfg["tuned"]}
+    return {ARMS[1]: default, ARMS[2]: tuned, ARMS[5]: paper, ARMS[6]: official}
+
+
 def run_seed(task: tuple[int, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Every arm for one seed (one thread: the workers share the machine)."""
+    """Every chosen arm for one seed (one thread: the workers share the machine)."""
     seed, cfg = task
     torch.set_num_threads(cfg["threads"])
     started = time.perf_counter()
     bundle = load_dataset("fashion-mnist", seed=0, limit_train=cfg["train_size"])
     pre, test = pretrained_resnet20(bundle, seed, cfg["pre_epochs"], cfg["lr"])
-    x = bundle.test[0][0].unsqueeze(0)
-    reference = count_flops(pre, x)
-
     train = paired_loader(bundle, seed)
     dense_s1 = copy.deepcopy(pre)
     fit(dense_s1, train, epochs=cfg["svd_epochs"], lr=cfg["lr"], progress=False)
@@ -73,54 +104,60 @@ def run_seed(task: tuple[int, dict[str, Any]]) -> list[dict[str, Any]]:
     dense = copy.deepcopy(dense_s1)
     fit(dense, train, epochs=cfg["ft_epochs"], lr=cfg["lr_ft"], progress=False)
     rows = [{"arm": ARMS[0], "accuracy": evaluate(dense, test)["accuracy"], "flops_fraction": 1.0}]
-
-    paper = {
-        "lambda_o": cfg["lambda_o"],
-        "lambda_s": cfg["lambda_s"],
-        "lr": cfg["lr"],
-        "finetune_lr": cfg["lr_ft"],
-        "finetune_orthogonality": True,
-        "budget_gate_energy": None,
-    }
+    settings = arm_settings(cfg)
     pipeline_flops: dict[str, float] = {}
-    for arm, settings in ((ARMS[1], paper), (ARMS[2], {**paper, **cfg["tuned"]})):
-        model, report = svd_train_pipeline(
-            copy.deepcopy(pre),
-            paired_loader(bundle, seed),
-            None,
-            scheme="spatial",
-            reg="hoyer",
-            target_flops=TARGET,
-            epochs_train=cfg["svd_epochs"],
-            epochs_finetune=cfg["ft_epochs"],
-            example_input=x,
-            progress=False,
-            bn_recalibration_batches=cfg["recal_batches"],
-            exclude=EXCLUDE,
-            **settings,
-        )
-        flops = count_flops(model, x) / reference
-        pipeline_flops[arm] = flops
-        rows.append(
-            {
-                "arm": arm,
-                "accuracy": evaluate(model, test)["accuracy"],
-                "flops_fraction": flops,
-                "energy": report["energy"],
-                "sparsity_on_share": [
-                    h.get("sparsity_on_share", 1.0) for h in report["history"]["svd_train"]
-                ],
-            }
-        )
-
+    for arm in (a for a in PIPELINES if a in cfg["arms"]):
+        row = pipeline_row(arm, settings[arm], pre, bundle, seed, cfg, test)
+        pipeline_flops[arm] = row["flops_fraction"]
+        rows.append(row)
     # post-hoc at each pipeline's FLOPs: equal budgets for both comparisons
-    for arm, flops in ((ARMS[3], pipeline_flops[ARMS[1]]), (ARMS[4], pipeline_flops[ARMS[2]])):
-        rows.append(posthoc_row(arm, flops, dense_s1, after_stage1, bundle, seed, cfg, test))
+    for arm, source in POSTHOC.items():
+        if arm in cfg["arms"] and source in pipeline_flops:
+            flops = pipeline_flops[source]
+            rows.append(posthoc_row(arm, flops, dense_s1, after_stage1, bundle, seed, cfg, test))
     seconds = time.perf_counter() - started
     for row in rows:
         row.update(seed=seed, seed_seconds=seconds)
     print(f"seed {seed}: " + ", ".join(f"{r['arm']} {r['accuracy']:.4f}" for r in rows), flush=True)
     return rows
+
+
+def pipeline_row(arm, settings, pre, bundle, seed, cfg, test) -> dict[str, Any]:
+    """One pipeline arm from the seed's pretrained model (or, from scratch, its initial one)."""
+    x = bundle.test[0][0].unsqueeze(0)
+    reference = count_flops(pre, x)
+    if settings.get("from_scratch"):
+        torch.manual_seed(seed)  # the initialisation the pretrained model started from
+        start = create_model("resnet20", in_channels=1, num_classes=10)
+    else:
+        start = copy.deepcopy(pre)
+    started = time.perf_counter()
+    model, report = svd_train_pipeline(
+        start,
+        paired_loader(bundle, seed),
+        None,
+        scheme="spatial",
+        reg="hoyer",
+        target_flops=TARGET,
+        epochs_train=cfg["svd_epochs"],
+        epochs_finetune=cfg["ft_epochs"],
+        example_input=x,
+        progress=False,
+        exclude=EXCLUDE,
+        **settings,
+    )
+    return {
+        "arm": arm,
+        "accuracy": evaluate(model, test)["accuracy"],
+        "flops_fraction": count_flops(model, x) / reference,
+        "energy": report["energy"],
+        "preset": report["preset"],
+        "training": report["training"],
+        "arm_seconds": time.perf_counter() - started,
+        "sparsity_on_share": [
+            h.get("sparsity_on_share", 1.0) for h in report["history"]["svd_train"]
+        ],
+    }
 
 
 def posthoc_row(arm, flops, dense_s1, after_stage1, bundle, seed, cfg, test) -> dict[str, Any]:
@@ -162,6 +199,8 @@ def summarize(runs: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
     dense = {r["seed"]: r["accuracy"] for r in runs if r["arm"] == ARMS[0]}
     for arm in ARMS:
         mine = [r for r in runs if r["arm"] == arm]
+        if not mine:  # not chosen by --arms
+            continue
         acc = [r["accuracy"] for r in mine]
         table.append(
             {
@@ -203,6 +242,17 @@ def main() -> None:
     parser.add_argument("--lambda-o", type=float, default=0.1)
     parser.add_argument("--recal-batches", type=int, default=5)
     parser.add_argument(
+        "--paper-lambda-s",
+        type=float,
+        default=0.1,
+        help="λs of the paper-preset arms (official: --decay 0.1 for resnet20 spatial Hoyer)",
+    )
+    parser.add_argument(
+        "--arms",
+        default=",".join(ARM_KEYS),
+        help=f"comma-separated arms besides dense, of {', '.join(ARM_KEYS)} (default: all)",
+    )
+    parser.add_argument(
         "--tuned",
         type=json.loads,
         default=TUNED,
@@ -218,6 +268,11 @@ def main() -> None:
     args = parser.parse_args()
     skip = ("seeds", "workers", "smoke", "name", "add_posthoc_at_tuned")
     cfg = {k: v for k, v in vars(args).items() if k not in skip}
+    keys = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = sorted(set(keys) - set(ARM_KEYS))
+    if unknown:
+        parser.error(f"unknown arm {unknown[0]!r}: choose from {', '.join(ARM_KEYS)}")
+    cfg["arms"] = [ARM_KEYS[k] for k in keys]
     cfg["threads"] = max(1, torch.get_num_threads() // max(1, args.workers))
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.smoke:
@@ -245,12 +300,18 @@ def main() -> None:
         f"full 10 000-image test set; spatial-wise, target {TARGET} FLOPs; {total} epochs per "
         f"arm ({cfg['pre_epochs']} dense + {cfg['svd_epochs']} stage 1 + {cfg['ft_epochs']} "
         f"fine-tune, lr {cfg['lr']} / {cfg['lr_ft']}); Hoyer λs = {cfg['lambda_s']:g}, λo = "
-        f"{cfg['lambda_o']:g} (paper settings; tuned: {cfg['tuned']}), BatchNorm re-estimated on "
-        f"{cfg['recal_batches']} batches after pruning (pipelines and post-hoc). Seeds "
-        f"{','.join(map(str, seeds))}: each fixes the initial weights and the batch order; "
-        "after the shared pretraining every arm sees the same batches in the same order.",
+        f"{cfg['lambda_o']:g} (default preset, SGD with weight decay 5e-4; tuned: "
+        f"{cfg['tuned']}), BatchNorm re-estimated on {cfg['recal_batches']} batches after "
+        "pruning (default pipelines and post-hoc). Paper preset: Adam 1e-3 without weight decay, "
+        f"×0.1 at 81/164 and 122/164 of each stage, λo = 1, λs = {cfg['paper_lambda_s']:g}, no "
+        "BatchNorm re-estimation; its official flow trains from scratch in SVD form with the "
+        f"orthogonality loss only for {cfg['pre_epochs']} epochs instead of dense pretraining. "
+        f"Seeds {','.join(map(str, seeds))}: each fixes the initial weights and the batch "
+        "order; after the shared pretraining every arm sees the same batches in the same order.",
         f"{len(seeds)} seeds in {seconds / 60:.1f} min ({args.workers} processes, "
-        f"{cfg['threads']} thread(s) each).",
+        f"{cfg['threads']} thread(s) each); load average at the start "
+        f"{', '.join(f'{v:.1f}' for v in machine['loadavg'])} — the machine is shared, so "
+        "times are not comparable across runs (accuracies are: one thread, fixed seeds).",
     ]
     for g in gaps:
         notes.append(

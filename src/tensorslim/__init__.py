@@ -9,28 +9,15 @@ again = ts.load("out/", base_model=fresh_model)
 
 __version__ = "0.1.0"
 
+from tensorslim import layers as _layers
 from tensorslim.errors import TensorslimError
 from tensorslim.io import load, save
-from tensorslim.layers import (
-    CPConv2d,
-    DeButChain,
-    DeButConv2d,
-    DeButFactor,
-    DeButLinear,
-    LowRankConv2d,
-    LowRankLinear,
-    SparseConv2d,
-    SparseLinear,
-    StructuredLayer,
-    SVDConv2d,
-    SVDLinear,
-    TTLinear,
-    TuckerConv2d,
-)
+from tensorslim.layers import *  # noqa: F403 (the structured layers, listed in layers.__all__)
 from tensorslim.methods import get_method, list_methods
 from tensorslim.plan import CompressionPlan, LayerPlan, apply, plan
 from tensorslim.rank.budget import Budget
-from tensorslim.train import evaluate, fit
+from tensorslim.refit import refit_right_factors
+from tensorslim.train import distill, evaluate, fit
 from tensorslim.train.batchnorm import recalibrate_batchnorm
 
 
@@ -50,26 +37,13 @@ def list_models() -> list[str]:
 
 __all__ = [
     "Budget",
-    "CPConv2d",
     "CompressionPlan",
-    "DeButChain",
-    "DeButConv2d",
-    "DeButFactor",
-    "DeButLinear",
     "LayerPlan",
-    "LowRankConv2d",
-    "LowRankLinear",
-    "SVDConv2d",
-    "SVDLinear",
-    "SparseConv2d",
-    "SparseLinear",
-    "StructuredLayer",
-    "TTLinear",
     "TensorslimError",
-    "TuckerConv2d",
     "__version__",
     "apply",
     "create_model",
+    "distill",
     "evaluate",
     "fit",
     "get_method",
@@ -78,5 +52,7 @@ __all__ = [
     "load",
     "plan",
     "recalibrate_batchnorm",
+    "refit_right_factors",
     "save",
+    *_layers.__all__,
 ]

@@ -28,7 +28,8 @@ class LayerInfo:
 
     ``input_shape``/``output_shape`` include the batch dimension of the example input (the planner
     uses a batch of 1). ``flops`` is the dense layer's FLOPs at that input (2 per multiply-add),
-    summed over its ``calls`` (a layer shared by two parents runs twice).
+    summed over its ``calls`` (a layer shared by two parents runs twice). ``other_shapes`` are
+    the shapes of the call's further tensor inputs (an attention layer's key and value).
     """
 
     fqn: str
@@ -38,6 +39,7 @@ class LayerInfo:
     params: int
     flops: int
     calls: int = 1
+    other_shapes: tuple[tuple[int, ...], ...] = ()
 
 
 @dataclass

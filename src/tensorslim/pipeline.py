@@ -10,25 +10,32 @@ import copy
 import platform
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from tensorslim.analysis.calibration import FISHER
 from tensorslim.analysis.flops import count_flops
 from tensorslim.analysis.latency import measure_latency
 from tensorslim.analysis.profile import count_params
 from tensorslim.errors import TensorslimError
 from tensorslim.inputs import take_samples
+from tensorslim.layers.linear_like import LinearLike
 from tensorslim.methods.base import Method
-from tensorslim.methods.registry import get_method
+from tensorslim.methods.presets import DEFAULT_PRESET, PRESET_KEY, resolve_training
+from tensorslim.methods.registry import get_method, method_class
 from tensorslim.plan import CompressionPlan, apply, plan, plans_of, refresh_plan, set_plans
 from tensorslim.rank.budget import Budget
 from tensorslim.train.batchnorm import recalibrate_batchnorm
 from tensorslim.train.loop import evaluate, fit
+from tensorslim.train.losses import DistillFn, LossFn, cross_entropy_loss
 from tensorslim.train.seeding import PhaseSeeds
+
+# the fine-tuning settings of compress_model when neither the caller nor a preset sets them
+TRAINING_DEFAULTS: dict[str, Any] = {"lr": 0.01, "optimizer": "sgd", "weight_decay": 5e-4}
 
 
 def machine_facts() -> dict[str, Any]:
@@ -89,7 +96,7 @@ def nonzero_counts(
     flops_of = {lp.fqn: lp.flops_before for p in compression_plans for lp in p.layers}
     zero_params, zero_flops = 0, 0.0
     for fqn, module in model.named_modules():
-        if fqn in flops_of and isinstance(module, nn.Linear | nn.Conv2d):
+        if fqn in flops_of and isinstance(module, (LinearLike, nn.Conv2d)):
             weight = module.weight.detach()
             zeros = int((weight == 0).sum())
             zero_params += zeros
@@ -124,6 +131,23 @@ def layer_rows(compression_plan: CompressionPlan) -> list[dict[str, Any]]:
 
 
 @dataclass
+class Objectives:
+    """How a model is calibrated and distilled when its batches are not (image, label) pairs.
+
+    ``calibration_loader``: batches for data-aware methods (default: the training loader);
+    ``calibration_loss_fn``: the loss whose squared gradients give the Fisher diagonal (default:
+    cross-entropy on the batch's targets); ``distill_fn`` and ``kd_alpha``: the distillation
+    loss and its weight when ``distill`` is on (default Hinton's KL at α = 0.5; α = 1 trains on
+    unlabeled batches).
+    """
+
+    calibration_loader: Iterable | None = None
+    calibration_loss_fn: LossFn | None = None
+    distill_fn: DistillFn | None = None
+    kd_alpha: float = 0.5
+
+
+@dataclass
 class _FineTuner:
     """How the pipeline trains: one configuration shared by its fine-tuning phases."""
 
@@ -132,12 +156,14 @@ class _FineTuner:
     test_loader: Iterable | None
     lr: float
     optimizer: str
+    weight_decay: float
     teacher: nn.Module | None
     resume: bool
     progress: bool
     log: Callable[[str], None] | None
     max_steps_per_epoch: int | None
     method: str
+    objectives: Objectives = field(default_factory=Objectives)
 
     def train(self, epochs: int, hooks: list, directory: Path | None, what: str) -> list[dict]:
         if epochs == 0:
@@ -150,9 +176,12 @@ class _FineTuner:
             epochs=epochs,
             lr=self.lr,
             optimizer=self.optimizer,
+            weight_decay=self.weight_decay,
             hooks=hooks,
             test_loader=self.test_loader,
             teacher=self.teacher,
+            kd_alpha=self.objectives.kd_alpha,
+            distill_fn=self.objectives.distill_fn,
             checkpoint_dir=directory,
             resume=self.resume,
             progress=self.progress,
@@ -168,12 +197,14 @@ def compress_model(
     method: str,
     budget: Budget | None,
     settings: dict[str, Any] | None = None,
+    preset: str | None = None,
     train_loader: Iterable | None,
     test_loader: Iterable | None,
     example_batch: Any,
     finetune_epochs: int = 1,
-    lr: float = 0.01,
-    optimizer: str = "sgd",
+    lr: float | None = None,
+    optimizer: str | None = None,
+    weight_decay: float | None = None,
     distill: bool = False,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
@@ -186,11 +217,15 @@ def compress_model(
     post_finalize_epochs: int = 0,
     bn_recalibration_batches: int = 0,
     seed: int | None = None,
+    objectives: Objectives | None = None,
     deployment: Any = None,
     allow_slower: bool | None = None,
     latency_cache: Any = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Compress ``model`` (left untouched) and return (compressed model, results dict).
+
+    ``objectives`` (:class:`Objectives`) say how to calibrate and distil a model whose batches
+    are unlabeled (a pretrained encoder on text).
 
     ``finetune_epochs`` train the applied model (with the method's hooks: regularizers or the
     pruning schedule); ``post_finalize_epochs`` then fine-tune the finalized model without hooks
@@ -201,6 +236,11 @@ def compress_model(
     With a ``seed``, the phases ``compress`` (plan, apply, BatchNorm), ``fine-tune`` and
     ``post-finalize`` each start from ``seed_phase(seed, phase)`` (results ``seeds``), so a
     ``resume`` that re-enters a phase draws what an uninterrupted run drew.
+
+    ``preset`` (or ``settings["preset"]``) names one of the method's presets, e.g. ``"paper"``
+    for the official code's settings; ``settings`` given explicitly override it. ``lr``,
+    ``optimizer`` and ``weight_decay`` left at ``None`` take the preset's training values, else
+    0.01, ``"sgd"`` and 5e-4.
 
     The results dict holds ``original`` and ``compressed`` (each: accuracy, params, flops,
     latency_ms), ``accuracy_before_finetune``, ``accuracy_after_finalize`` (before the
@@ -224,8 +264,20 @@ def compress_model(
         "allow_slower": allow_slower,
         "latency_cache": latency_cache,
     }
+    settings, preset, training = _preset_and_training(
+        method, settings, preset, lr=lr, optimizer=optimizer, weight_decay=weight_decay
+    )
+    objectives = objectives or Objectives()
     the_plan, method_obj, small = _plan_and_apply(
-        model, method, budget, example_batch, filter_fn, dict(settings or {}), timing
+        model,
+        method,
+        budget,
+        example_batch,
+        filter_fn,
+        {**settings, PRESET_KEY: preset},
+        objectives.calibration_loader or train_loader,
+        objectives.calibration_loss_fn,
+        timing,
     )
     if bn_recalibration_batches > 0:
         if train_loader is None:
@@ -239,9 +291,10 @@ def compress_model(
             f"method '{method}' works during training: give --finetune-epochs ≥ 1"
         )
     tuner = _FineTuner(
-        small, train_loader, test_loader, lr, optimizer,
+        small, train_loader, test_loader, training["lr"], training["optimizer"],
+        training["weight_decay"],
         copy.deepcopy(model).eval() if distill else None,
-        resume, progress, log, max_steps_per_epoch, method,
+        resume, progress, log, max_steps_per_epoch, method, objectives,
     )  # fmt: skip
     if finetune_epochs > 0:
         phases.start("fine-tune")
@@ -260,10 +313,15 @@ def compress_model(
     results = _results(method, method_obj, budget, original, compressed, latency)
     results.update(
         {
+            "preset": preset or DEFAULT_PRESET,
+            "training": training,
             "accuracy_before_finetune": before.get("accuracy"),
             "bn_recalibration_batches": bn_recalibration_batches,
             "accuracy_after_finalize": after_finalize.get("accuracy", compressed.get("accuracy")),
             "plan_notes": the_plan.notes,
+            # the plan's estimate in both metrics (the measured fractions are above)
+            "plan_summary": the_plan.summary(),
+            "plan_fractions": the_plan.fractions,
             "layers": layer_rows(plans_of(small)[-1]),
             "history": history,
             "seeds": phases.seeds,
@@ -304,6 +362,18 @@ def latency_check(
     }
 
 
+def _preset_and_training(
+    method: str, settings: dict[str, Any] | None, preset: str | None, **explicit: Any
+) -> tuple[dict[str, Any], str | None, dict[str, Any]]:
+    """(settings without the preset key, the preset, the fine-tuning values): ``preset`` or
+    ``settings["preset"]``; each training value is the caller's, else the preset's, else
+    :data:`TRAINING_DEFAULTS`."""
+    settings = dict(settings or {})
+    preset = settings.pop(PRESET_KEY, None) if preset is None else preset
+    training = resolve_training(method_class(method), preset, TRAINING_DEFAULTS, **explicit)
+    return settings, preset, training
+
+
 def _plan_and_apply(
     model: nn.Module,
     method: str,
@@ -311,10 +381,34 @@ def _plan_and_apply(
     example_batch: Any,
     filter_fn: Callable[[nn.Module, str], bool] | None,
     settings: dict[str, Any],
-    timing: dict[str, Any],
+    train_loader: Iterable | None = None,
+    calibration_loss_fn: LossFn | None = None,
+    timing: dict[str, Any] | None = None,
 ) -> tuple[CompressionPlan, Method, nn.Module]:
-    """Plan, refuse a plan that compresses nothing, apply; the method as the plan aimed it."""
-    the_plan = plan(model, method, budget, example_batch, filter_fn=filter_fn, **timing, **settings)
+    """Plan, refuse a plan that compresses nothing, apply; the method as the plan aimed it.
+
+    A method that declares calibration needs (ASVD, SVD-LLM, FWSVD) calibrates on the first
+    batches of ``train_loader`` (the Fisher diagonal from ``calibration_loss_fn``, by default
+    the cross-entropy of their targets).
+    """
+    calibration: dict[str, Any] = {}
+    needs = get_method(method, **settings).calibration_needs
+    if needs:
+        if train_loader is None:
+            raise TensorslimError(f"method '{method}' needs calibration batches (training data)")
+        calibration["calibration"] = train_loader
+        if FISHER in needs:
+            calibration["loss_fn"] = calibration_loss_fn or cross_entropy_loss
+    the_plan = plan(
+        model,
+        method,
+        budget,
+        example_batch,
+        filter_fn=filter_fn,
+        **calibration,
+        **(timing or {}),
+        **settings,
+    )
     # the plan's settings, not the caller's: the planner already aimed them at the budget
     method_obj = get_method(the_plan.method, **the_plan.settings)
     if not the_plan.compressed_layers:

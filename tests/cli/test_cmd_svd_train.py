@@ -70,6 +70,27 @@ def test_run_writes_the_compress_artefacts_and_ranks(tmp_path: Path) -> None:
     assert json.loads((out / "eval.json").read_text())["flops"] == results["compressed"]["flops"]
 
 
+def test_paper_preset_with_its_first_stage(tmp_path: Path) -> None:
+    """--preset paper trains as the official code (Adam, no weight decay, step schedule, no
+    BatchNorm re-estimation); an explicit --lr wins over the preset's."""
+    out = tmp_path / "run"
+    args = ["--preset", "paper", "--orthogonal-epochs", "1", "--energy", "0.1", "--lr", "0.002"]
+    result = runner.invoke(app, ["svd-train", *TINY, *args, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    settings = json.loads((out / "results.json").read_text())["settings"]
+    assert settings["preset"] == "paper" and settings["recalibrate_bn"] == 0
+    assert settings["training"] == {
+        "optimizer": "adam",
+        "lr": 0.002,
+        "finetune_lr": 1e-3,
+        "weight_decay": 0.0,
+        "schedule": "step",
+    }
+    history = json.loads((out / "results.json").read_text())["history"]
+    assert [h["stage"] for h in history] == ["orthogonal", "svd_train", "finetune"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -84,6 +105,8 @@ def test_run_writes_the_compress_artefacts_and_ranks(tmp_path: Path) -> None:
         (["--energy", "0.1", "--model", "resnet7"], "unknown model"),
         (["--energy", "0.1", "--exclude", "fc9"], "no layer of that name"),
         (["--energy", "0.1", "--budget-gate-energy", "0.01"], "needs target_flops"),
+        (["--energy", "0.1", "--preset", "official"], "unknown preset 'official'"),
+        (["--energy", "0.1", "--schedule", "linear"], "unknown schedule 'linear'"),
     ],
 )
 def test_bad_input_is_one_line_before_any_work(tmp_path: Path, extra: list[str], message) -> None:

@@ -122,3 +122,111 @@ def test_single_path_channel_grams_are_diagonal() -> None:
     for g in (gl, gr):
         off = g - torch.diag_embed(torch.diagonal(g, dim1=-2, dim2=-1))
         assert float(off.abs().max()) < 1e-12 * float(g.abs().max())
+
+
+# ------------------------------------------------------------- the official ALS procedure
+
+
+def official_pattern(spec: tuple[int, ...]) -> list[tuple[int, int]]:
+    """Nonzero positions of one factor, as ``Generate_Chain`` places them (row-major)."""
+    p, _, r, s, t = spec
+    return [
+        (j * r * t + m * t + d, j * s * t + n * t + d)
+        for j in range(p // (r * t))
+        for m in range(r)
+        for d in range(t)
+        for n in range(s)
+    ]
+
+
+def official_als(
+    target: torch.Tensor, specs_out_first: list[tuple[int, ...]], start: list[torch.Tensor], sweeps
+):
+    """ALS_Initialization/main.py (type ALS): factors B_0 … B_(K−1), output side first,
+    D ≈ B_0 ⋯ B_(K−1); each update solves vec(D) = [vec(A[:, o] C[c, :])]_(o,c) · b by
+    pseudo-inverse, sweeps alternate starting at B_0; the relative error after each sweep."""
+    factors = [m.clone() for m in start]
+    n = len(factors)
+    errors = []
+    for sweep in range(sweeps):
+        order = range(n) if sweep % 2 == 0 else range(n - 1, -1, -1)
+        for k in order:
+            a = torch.eye(target.shape[0], dtype=DT)
+            for m in factors[:k]:
+                a = a @ m
+            c = torch.eye(factors[k].shape[1], dtype=DT)
+            for m in factors[k + 1 :]:
+                c = c @ m
+            positions = official_pattern(specs_out_first[k])
+            design = torch.stack([torch.outer(a[:, o], c[q, :]).reshape(-1) for o, q in positions])
+            values = torch.linalg.pinv(design.T) @ target.reshape(-1)
+            new = torch.zeros_like(factors[k])
+            for (o, q), v in zip(positions, values, strict=True):
+                new[o, q] = v
+            factors[k] = new
+        product = factors[0]
+        for m in factors[1:]:
+            product = product @ m
+        errors.append(float(torch.linalg.norm(product - target) / torch.linalg.norm(target)))
+    return factors, errors
+
+
+@pytest.mark.parametrize("text", ["8 12 2 3 1  8 8 4 4 2", "12 12 3 3 1  12 12 2 2 3  12 12 2 2 6"])
+def test_paper_options_follow_the_official_als_sweep_for_sweep(text: str) -> None:
+    chain = DeButChain.parse(text)
+    gen = torch.Generator().manual_seed(0)
+    target = torch.randn(chain.out_features, chain.in_features, generator=gen, dtype=DT)
+    start = [torch.rand(spec.weight_shape, generator=gen, dtype=DT) for spec in chain]
+    dense_start = [spec.dense(w) for spec, w in zip(chain, start, strict=True)][::-1]
+    specs_out_first = [(f.p, f.q, f.r, f.s, f.t) for f in chain][::-1]
+    official_factors, official_errors = official_als(target, specs_out_first, dense_start, 3)
+    weights, errors = als_fit(target, chain, sweeps=3, init=start, first="output", balance=False)
+    assert errors == pytest.approx(official_errors, rel=1e-7, abs=1e-10)
+    for spec, w, m in zip(chain, weights, official_factors[::-1], strict=True):
+        torch.testing.assert_close(spec.dense(w), m)
+
+
+def test_uniform_start_is_the_official_generate_chain_draw() -> None:
+    chain = DeButChain.parse("8 12 2 3 1  8 8 4 4 2")
+    target = torch.randn(8, 12, dtype=DT)
+    drawn = als_fit(
+        target, chain, sweeps=2, start="uniform", generator=torch.Generator().manual_seed(3)
+    )
+    gen = torch.Generator().manual_seed(3)
+    start = [torch.rand(spec.weight_shape, generator=gen, dtype=DT) for spec in chain]
+    given_start = als_fit(target, chain, sweeps=2, init=start)
+    assert drawn[1] == pytest.approx(given_start[1], rel=1e-12)
+    with pytest.raises(TensorslimError, match="ALS start"):
+        als_fit(target, chain, start="zeros")
+    with pytest.raises(TensorslimError, match="first sweep"):
+        als_fit(target, chain, first="middle")
+
+
+def test_bp_fit_is_the_official_probe_gradient_step() -> None:
+    # re-implemented: dense factors (output side first), one U[0,1) probe per step, loss
+    # ‖Dx − B_0⋯B_(K−1) x‖ (not squared), w ← w − lr·grad on the pattern, lr 0.1 then 0.25
+    from tensorslim.decompose.debut_als import bp_fit
+
+    chain = DeButChain.parse("8 12 2 3 1  8 8 4 4 2")
+    target = torch.randn(8, 12, generator=torch.Generator().manual_seed(1), dtype=DT)
+    gen = torch.Generator().manual_seed(7)
+    start = [torch.rand(spec.weight_shape, generator=gen, dtype=DT) for spec in chain]
+    probes = [torch.rand(12, 1, generator=gen, dtype=DT) for _ in range(4)]
+    factors = [spec.dense(w).requires_grad_(True) for spec, w in zip(chain, start, strict=True)]
+    masks = [spec.dense(torch.ones(spec.weight_shape, dtype=DT)) != 0 for spec in chain]
+    for step, x in enumerate(probes):
+        out = x
+        for m in factors:  # input side first
+            out = m @ out
+        loss = torch.linalg.norm(target @ x - out)
+        grads = torch.autograd.grad(loss, factors)
+        lr = 0.1 if step == 0 else 0.25
+        factors = [
+            (m - lr * g * mask).detach().requires_grad_(True)
+            for m, g, mask in zip(factors, grads, masks, strict=True)
+        ]
+    gen = torch.Generator().manual_seed(7)
+    weights, errors = bp_fit(target, chain, steps=4, generator=gen)
+    for spec, w, m in zip(chain, weights, factors, strict=True):
+        torch.testing.assert_close(spec.dense(w), m.detach())
+    assert len(errors) == 4 and errors[-1] == pytest.approx(relative_error(target, chain, weights))

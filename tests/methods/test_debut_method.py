@@ -153,3 +153,95 @@ def test_chain_kind_setting_does_not_shadow_the_method_family() -> None:
     assert type(method).kind == "decomposition" and method.kind == "decomposition"
     with pytest.raises(TensorslimError, match="chain_kind"):
         get_method("debut", chain_kind="zigzag")
+
+
+def test_conv_order_is_part_of_the_plan_and_legacy_entries_load_channel_major() -> None:
+    torch.manual_seed(2)
+    conv = nn.Conv2d(3, 8, 3)
+    info = LayerInfo("c", "Conv2d", (1, 3, 8, 8), (1, 8, 6, 6), 224, 2 * 36 * 8 * 27)
+    method = get_method("debut", ratio=2, candidate_sweeps=1, als_sweeps=2)
+    (option,) = method.candidates(conv, info)
+    assert option.config["order"] == "position"
+    built = method.build(conv, option.config, info)
+    assert isinstance(built, DeButConv2d) and built.order == "position"
+    assert built.config()["order"] == "position"
+    # the error is the position-major kernel's: permute the kernel to (C_out, kh, kw, C_in)
+    matrix = conv.weight.detach().permute(0, 2, 3, 1).reshape(8, -1)
+    generator = torch.Generator().manual_seed(0)
+    chain = option.config["chain"]
+    _, errors = als_fit(matrix, chain, sweeps=1, generator=generator, dtype=torch.float32)
+    assert option.error == pytest.approx(errors[-1], rel=1e-6)
+    channel = get_method("debut", ratio=2, order="channel").candidates(conv, info)[0]
+    assert channel.config["order"] == "channel"
+    # a saved entry from before the order existed (no "order" key) was channel-major
+    legacy = method.build(conv, {"chain": option.config["chain"]}, info, init=False)
+    assert isinstance(legacy, DeButConv2d) and legacy.order == "channel"
+    with pytest.raises(TensorslimError, match="order"):
+        get_method("debut", order="rows")
+
+
+def test_explicit_padded_chain_per_layer() -> None:
+    torch.manual_seed(3)
+    layer = nn.Linear(13, 11)
+    info = linear_info("fc", layer)
+    with pytest.raises(TensorslimError, match="pad=True"):
+        get_method("debut", chain={"fc": "16 16 4 4 1  16 16 4 4 4"}).candidates(layer, info)
+    method = get_method("debut", chain={"fc": "16 16 4 4 1  16 16 4 4 4"}, pad=True)
+    (option,) = method.candidates(layer, info)
+    assert option.config["pad"] is True and option.params == 128 + 11
+    built = method.build(layer, option.config, info)
+    assert isinstance(built, DeButLinear) and built.padded
+    assert built(torch.randn(2, 13)).shape == (2, 11)
+
+
+def test_paper_preset_initialises_as_the_official_code() -> None:
+    torch.manual_seed(4)
+    layer = nn.Linear(48, 32)
+    info = linear_info("fc", layer)
+    method = get_method("debut", preset="paper", ratio=2, candidate_sweeps=1)
+    assert method.als_sweeps == 10 and method.als_start == "uniform"
+    assert method.als_first == "output" and method.als_balance is False
+    (option,) = method.candidates(layer, info)
+    built = method.build(layer, option.config, info)
+    assert built.init_info["als_start"] == "uniform" and built.init_info["balance"] is False
+    weights, errors = als_fit(
+        layer.weight,
+        option.config["chain"],
+        sweeps=10,
+        generator=torch.Generator().manual_seed(0),
+        start="uniform",
+        first="output",
+        balance=False,
+    )
+    for p, w in zip(built.factors, weights, strict=True):
+        torch.testing.assert_close(p.detach(), w.float())
+    assert built.init_info["error"] == pytest.approx(errors[-1], abs=1e-6)
+    random = get_method("debut", preset="paper", ratio=2, init="random")
+    made = random.build(layer, option.config, info)
+    values = torch.cat([p.detach().reshape(-1) for p in made.factors])
+    assert values.std().item() == pytest.approx(0.5**0.5, rel=0.15)
+
+
+def test_pad_generates_chains_for_the_padded_shape_of_rough_sizes() -> None:
+    from tensorslim.layers.debut_layout import padded_shape
+
+    # 127 is prime: padded to 128; 100 = 2²·5² and 9·6 factor into small primes: kept;
+    # a conv's channels grow (13 → 16), giving kh·kw·16 columns as the official rule
+    assert padded_shape(100, 127) == (100, 128)
+    assert padded_shape(12, 54, positions=9) == (12, 54)
+    assert padded_shape(22, 117, positions=9) == (32, 144)
+    torch.manual_seed(5)
+    layer = nn.Linear(127, 100)
+    info = linear_info("fc", layer)
+    plain = get_method("debut", ratio=4, candidate_sweeps=1).candidates(layer, info)
+    padded = get_method("debut", ratio=4, candidate_sweeps=1, pad=True).candidates(layer, info)
+    (option,) = padded
+    chain = DeButChain.parse(option.config["chain"])
+    assert (chain.out_features, chain.in_features) == (100, 128) and option.config["pad"]
+    assert option.extra["compression"] == pytest.approx(127 * 100 / chain.nnz, rel=1e-3)
+    built = get_method("debut", pad=True, als_sweeps=2).build(layer, option.config, info)
+    assert isinstance(built, DeButLinear) and built.padded
+    # the option's error is that of the layer's own block (what the layer computes)
+    error = dense_weight_error(layer, built)
+    assert 0 < error < 1 and option.error == pytest.approx(error, rel=0.3)
+    assert all(DeButChain.parse(o.config["chain"]).in_features == 127 for o in plain)

@@ -71,7 +71,9 @@ def test_supports() -> None:
     assert svd.supports(nn.Conv2d(3, 4, 3), "conv") is None
     assert "grouped" in svd.supports(nn.Conv2d(4, 4, 3, groups=4), "dw")
     assert "padding_mode" in svd.supports(nn.Conv2d(4, 4, 3, padding_mode="circular"), "c")
-    assert "not a Linear or Conv2d" in svd.supports(nn.Conv1d(3, 4, 3), "c1d")
+    assert svd.supports(nn.Conv1d(3, 4, 3), "c1d") is None
+    assert "grouped" in svd.supports(nn.Conv1d(4, 4, 3, groups=2), "c1d")
+    assert "Conv3d is not" in svd.supports(nn.Conv3d(3, 4, 3), "c3d")
 
 
 @pytest.mark.parametrize("scheme", ["channel", "spatial"])

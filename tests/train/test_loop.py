@@ -280,7 +280,7 @@ def test_evaluate_accuracy_and_loss() -> None:
     [
         ({"epochs": -1}, "epochs"),
         ({"epochs": 1, "lr": 0.0}, "learning rate"),
-        ({"epochs": 1, "schedule": "step"}, "schedule"),
+        ({"epochs": 1, "schedule": "linear"}, "schedule"),
         ({"epochs": 1, "optimizer": "lion"}, "optimizer"),
     ],
 )

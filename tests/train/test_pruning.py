@@ -272,7 +272,10 @@ def test_regrowth_follows_the_dense_gradient_and_restarts_at_zero() -> None:
 
 def test_rank_loss_enters_the_regrowth_gradient_at_update_steps_only() -> None:
     torch.manual_seed(0)
-    model, opt, hook = one_update_setup(drop_fraction=0.3, rank_weight=2.0, end=0.9, interval=4)
+    # a Linear-only model: the rank loss (convolutions only, officially) falls back to the pruned
+    # layers, with a warning that says so
+    with pytest.warns(UserWarning, match="covers convolutions only"):
+        model, opt, hook = one_update_setup(drop_fraction=0.3, rank_weight=2.0, end=0.9, interval=4)
     layer = model[0]
     holder = mask_of(layer)
     x = torch.randn(3, 6)
@@ -286,7 +289,13 @@ def test_rank_loss_enters_the_regrowth_gradient_at_update_steps_only() -> None:
     ref.backward()
     torch.testing.assert_close(holder.dense_grad, w.grad)
     assert hook.extra_loss(model, 1) is None  # not an update step
-    every = PruningHook(0.5, rank_weight=1.0, rank_loss_every_step=True, keep_first_dense=False)
+    every = PruningHook(
+        0.5,
+        rank_weight=1.0,
+        rank_loss_every_step=True,
+        keep_first_dense=False,
+        rank_loss_layers="pruned",
+    )
     other = nn.Sequential(nn.Linear(4, 4))
     add_masks(other)
     every.on_train_begin(other, opt, total_steps=10)

@@ -20,12 +20,13 @@ from tensorslim.train.rank_loss import (
 
 def test_choose_k_picks_the_tail_energy_closest_to_partial_k() -> None:
     sv = torch.tensor([0.5, 0.3, 0.15, 0.05]).sqrt()  # σ̄² sums to 1
-    # tails for k = 0..4: 1.0, 0.5, 0.2, 0.05, 0.0
+    # tails for k = 0..3: 1.0, 0.5, 0.2, 0.05 (k = 4 would discard nothing: never chosen, as
+    # in the official find_k)
     assert choose_k(sv, 0.1) == 3
     assert choose_k(sv, 0.2) == 2
     assert choose_k(sv, 0.3) == 2
     assert choose_k(sv, 0.4) == 1
-    assert choose_k(sv, 0.0) == 4
+    assert choose_k(sv, 0.0) == 3
     assert choose_k(sv, 1.0) == 0
     assert choose_k(sv, 0.125) == 3  # tie (0.05 vs 0.2 → gaps 0.075 both): larger k
     with pytest.raises(TensorslimError, match="partial_k"):

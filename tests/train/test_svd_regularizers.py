@@ -70,9 +70,9 @@ def test_orthogonality_loss_values() -> None:
 def test_sparsity_values_and_scale_invariance() -> None:
     s = torch.tensor([3.0, -4.0, 0.0], dtype=torch.float64)
     assert float(l1_sparsity(s)) == pytest.approx(7.0)
-    assert float(hoyer_sparsity(s)) == pytest.approx(7 / 5)
+    assert float(hoyer_sparsity(s)) == pytest.approx(7 / 5 - 1)  # official: ‖s‖₁/‖s‖₂ − 1
     assert float(hoyer_square_sparsity(s)) == pytest.approx(49 / 25)
-    assert float(hoyer_sparsity(10 * s)) == pytest.approx(7 / 5)
+    assert float(hoyer_sparsity(10 * s)) == pytest.approx(7 / 5 - 1)
     assert float(hoyer_square_sparsity(10 * s)) == pytest.approx(49 / 25)
     assert float(l1_sparsity(10 * s)) == pytest.approx(70.0)
     zero = torch.zeros(4, requires_grad=True)
@@ -80,6 +80,15 @@ def test_sparsity_values_and_scale_invariance() -> None:
     assert sparsity_function("Hoyer-Square") is hoyer_square_sparsity
     with pytest.raises(TensorslimError, match="unknown sparsity regularizer"):
         sparsity_function("l0")
+
+
+def test_hoyer_is_the_official_value_with_the_ratio_gradient() -> None:
+    s = torch.tensor([3.0, -1.0, 0.5, 0.0], requires_grad=True)
+    hoyer_sparsity(s).backward()
+    ratio = s.detach().clone().requires_grad_(True)
+    (ratio.abs().sum() / ratio.pow(2).sum().sqrt()).backward()
+    torch.testing.assert_close(s.grad, ratio.grad)
+    assert float(hoyer_sparsity(torch.tensor([2.0, 0.0, 0.0]))) == pytest.approx(0.0)
 
 
 def test_hoyer_gradient_shrinks_small_values_relative_to_large() -> None:
@@ -133,7 +142,7 @@ def test_hook_logs_both_terms_and_is_quiet_with_zero_weights() -> None:
     assert hook.extra_loss(model, 0) is None
     record = hook.on_epoch_end(model, 0)
     assert set(record) == {"reg_orthogonality", "reg_hoyer"}
-    assert record["reg_hoyer"] >= 1.0
+    assert record["reg_hoyer"] >= 0.0
 
 
 def test_sparsity_training_lowers_the_energy_rank() -> None:

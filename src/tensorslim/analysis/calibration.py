@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from tensorslim.errors import TensorslimError
 from tensorslim.facts import LayerStats
 from tensorslim.inputs import ForwardFn, call_on_batch, model_device, to_device
+from tensorslim.layers.linear_like import is_linear_like, is_transposed_linear
 
 GRAM = "gram"
 ABS_MEAN = "abs_mean"
@@ -53,35 +54,49 @@ def input_rows(module: nn.Module, x: torch.Tensor) -> Iterator[torch.Tensor]:
     """The rows the layer's weight matrix multiplies, in float64 chunks of (rows, d).
 
     Linear: every token of ``x`` (…, in). Conv2d: every unfolded patch (c·kh·kw), with the
-    conv's own padding (mode included), stride and dilation, so that output = M · row.
+    conv's own padding (mode included), stride and dilation, so that output = M · row. Conv1d:
+    the same with a height-1 patch (c·k), unfolded as a (1 × k) kernel over (B, c, 1, L).
     """
-    if isinstance(module, nn.Linear):
+    if is_linear_like(module):
         flat = x.detach().reshape(-1, x.shape[-1])
         step = max(1, CHUNK_ELEMENTS // flat.shape[1])
         for start in range(0, flat.shape[0], step):
             yield flat[start : start + step].double()
         return
-    if isinstance(module, nn.Conv2d):
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         x = _padded_conv_input(module, x.detach())
-        kh, kw = module.kernel_size
-        positions = _positions(module, x.shape[-2:])
-        per_sample = module.in_channels * kh * kw * positions
+        one_d = isinstance(module, nn.Conv1d)
+        if one_d:  # a 1-D conv is a 2-D conv of height 1
+            x = x.unsqueeze(-2)
+        kernel, stride, dilation = (
+            ((1, *module.kernel_size), (1, *module.stride), (1, *module.dilation))
+            if one_d
+            else (module.kernel_size, module.stride, module.dilation)
+        )
+        positions = _positions(module, x.shape[-len(module.kernel_size) :])
+        per_sample = module.in_channels * math.prod(kernel) * positions
         step = max(1, CHUNK_ELEMENTS // max(1, per_sample))
         for start in range(0, x.shape[0], step):
             patches = F.unfold(
-                x[start : start + step].double(),
-                module.kernel_size,
-                dilation=module.dilation,
-                stride=module.stride,
+                x[start : start + step].double(), kernel, dilation=dilation, stride=stride
             )  # (b, c·kh·kw, L)
             yield patches.transpose(1, 2).reshape(-1, patches.shape[1])
         return
     raise TensorslimError(
-        f"calibration covers Linear and Conv2d layers, not {type(module).__name__}"
+        f"calibration covers Linear, Conv1d and Conv2d layers, not {type(module).__name__}"
     )
 
 
-def _padded_conv_input(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+def has_input_rows(module: nn.Module) -> bool:
+    """Whether :func:`input_rows` defines the rows ``module``'s weight multiplies.
+
+    Composite layers (attention, recurrent) multiply several matrices by inputs that partly
+    arise inside them (the hidden state, the attention output), so they have no single Gram.
+    """
+    return is_linear_like(module) or isinstance(module, (nn.Conv1d, nn.Conv2d))
+
+
+def _padded_conv_input(conv: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """``x`` padded exactly as ``conv`` pads it (zeros, reflect, …; 'same' and 'valid' too)."""
     if isinstance(conv.padding, str):
         if conv.padding == "valid":
@@ -94,12 +109,12 @@ def _padded_conv_input(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         return F.pad(x, pads, mode=mode)
     if not any(conv.padding):
         return x
-    ph, pw = conv.padding
+    pads = [p for p in reversed(conv.padding) for _ in range(2)]  # (left, right) last dim first
     mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-    return F.pad(x, (pw, pw, ph, ph), mode=mode)
+    return F.pad(x, pads, mode=mode)
 
 
-def _positions(conv: nn.Conv2d, hw: torch.Size) -> int:
+def _positions(conv: nn.Conv1d | nn.Conv2d, hw: torch.Size) -> int:
     out = 1
     for size, k, s, d in zip(hw, conv.kernel_size, conv.stride, conv.dilation, strict=True):
         out *= (size - d * (k - 1) - 1) // s + 1
@@ -141,6 +156,8 @@ class _Accumulator:
         grad = grad.grad if grad is not None else None
         if grad is None:
             return
+        if is_transposed_linear(self.module):
+            grad = grad.t()  # the (out, in) orientation of linear_weight, like every Linear
         square = grad.detach().double().pow(2)
         s = self.stats
         s.fisher = square if s.fisher is None else s.fisher.add_(square)

@@ -12,6 +12,7 @@ from tensorslim.analysis.latency import measure_latency
 from tensorslim.analysis.profile import COMPRESSIBLE, collect_layer_info, count_params
 from tensorslim.decompose.svd import conv_weight_to_matrix, singular_values
 from tensorslim.inputs import batch_size, take_samples
+from tensorslim.layers.composite import composite_matrices, is_composite
 from tensorslim.rank.select import rank_from_energy
 
 
@@ -31,9 +32,7 @@ def inspect_model(
     rows = []
     for fqn, info in infos.items():
         module = model.get_submodule(fqn)
-        w = module.weight.detach()
-        matrix = w if w.dim() == 2 else conv_weight_to_matrix(w, "channel")
-        spectrum = singular_values(matrix)
+        spectra = [singular_values(m) for m in _matrices(module)]
         row: dict[str, Any] = {
             "layer": fqn,
             "type": info.type_name,
@@ -42,12 +41,12 @@ def inspect_model(
             "params": info.params,
             "flops": info.flops,
             "flops_share": info.flops / total_flops if total_flops else 0.0,
-            "full_rank": spectrum.numel(),
-            f"rank@{energy:g}": rank_from_energy(spectrum, energy),
+            # a composite layer (LSTM, …) states its largest matrix's ranks
+            "full_rank": max(s.numel() for s in spectra),
+            f"rank@{energy:g}": max(rank_from_energy(s, energy) for s in spectra),
         }
         if latency:
-            x = torch.randn((batch, *info.input_shape[1:]), dtype=w.dtype)
-            row["latency_ms"] = measure_latency(module, x, min_run_time=0.05)["median_ms"]
+            row["latency_ms"] = _layer_latency(module, info.input_shape, batch)
         rows.append(row)
     whole: dict[str, Any] = {"params": count_params(model), "flops": total_flops}
     if latency:
@@ -55,3 +54,22 @@ def inspect_model(
         whole["latency_batch"] = batch
         whole["threads"] = torch.get_num_threads()
     return {"layers": rows, "total": whole, "never_called": sorted(never_called)}
+
+
+def _matrices(module: nn.Module) -> list[torch.Tensor]:
+    """The weight matrices whose spectra describe the layer."""
+    if is_composite(module):
+        return composite_matrices(module)
+    w = module.weight.detach()
+    # Linear (out × in) and Conv1d (n, c, k) flatten to n × c·k; Conv2d uses the channel view
+    return [w.reshape(w.shape[0], -1) if w.dim() <= 3 else conv_weight_to_matrix(w, "channel")]
+
+
+def _layer_latency(module: nn.Module, input_shape: tuple[int, ...], batch: int) -> float | None:
+    """The layer's median latency on a random input of ``batch`` samples (None for composite
+    layers, whose inputs — several tensors, a batch axis not first — a shape cannot rebuild)."""
+    if is_composite(module):
+        return None
+    dtype = next(module.parameters()).dtype
+    x = torch.randn((batch, *input_shape[1:]), dtype=dtype)
+    return measure_latency(module, x, min_run_time=0.05)["median_ms"]

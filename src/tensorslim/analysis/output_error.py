@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from tensorslim.errors import TensorslimError
+from tensorslim.layers.linear_like import is_linear_like, linear_weight
 
 
 def weight_rows_matrix(module: nn.Module) -> torch.Tensor:
@@ -26,6 +27,8 @@ def weight_rows_matrix(module: nn.Module) -> torch.Tensor:
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor):
         raise TensorslimError(f"{type(module).__name__} has no weight to measure an error on")
+    if is_linear_like(module):
+        weight = linear_weight(module)  # (out, in) also for a weight stored (in, out)
     w = weight.detach().double()
     return w.reshape(w.shape[0], -1)
 
@@ -54,9 +57,15 @@ def svd_output_errors(matrix: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     """
     m = matrix.double()
     _, s, vh = torch.linalg.svd(m, full_matrices=False)
-    energy = s.pow(2) * ((vh @ gram) * vh).sum(dim=1)  # e_i
+    return errors_from_energies(s.pow(2) * ((vh @ gram) * vh).sum(dim=1))
+
+
+def errors_from_energies(energy: torch.Tensor) -> torch.Tensor:
+    """Entry r = sqrt(Σ_{i>r} e_i / Σ_i e_i) for r = 0 … len(e), from the components' output
+    energies e_i = σ_i² v_iᵀ G v_i (descending σ); all zeros when the output energy is 0."""
+    energy = energy.double()
     total = float(energy.sum())
     if total <= 0.0:
-        return torch.zeros(s.numel() + 1, dtype=torch.float64)
+        return torch.zeros(energy.numel() + 1, dtype=torch.float64)
     tail = torch.cat([energy.flip(0).cumsum(0).flip(0), energy.new_zeros(1)])
     return (tail.clamp_min(0.0) / total).sqrt()

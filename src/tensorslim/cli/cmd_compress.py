@@ -18,6 +18,7 @@ from tensorslim.cli.common import (
     save_run_model,
     say,
 )
+from tensorslim.cli.hf_setup import text_agreement, text_objectives, text_training
 from tensorslim.pipeline import compress_model
 from tensorslim.report.run import LAYER_COLUMNS, chosen_ranks, model_spectra, write_report
 from tensorslim.report.tables import print_table
@@ -32,6 +33,7 @@ def register(app: typer.Typer) -> None:
         method: str = option("method"),
         budget: str = option("budget"),
         setting: list[str] = option("setting"),
+        preset: str = option("preset"),
         finetune_epochs: int = typer.Option(
             1,
             min=0,
@@ -50,9 +52,13 @@ def register(app: typer.Typer) -> None:
             help="Re-estimate BatchNorm statistics on this many training batches after the "
             "layers are replaced (before fine-tuning).",
         ),
-        lr: float = typer.Option(0.01, min=0.0, help="Fine-tune learning rate."),
+        lr: float = typer.Option(
+            None, min=0.0, help="Fine-tune learning rate (default: the preset's, else 0.01)."
+        ),
         distill: bool = typer.Option(
-            False, help="Distil from the uncompressed model while fine-tuning."
+            False,
+            help="Distil from the uncompressed model while fine-tuning (hf:PATH models on text: "
+            "on unlabeled sentences, against the original's hidden states).",
         ),
         deployment: str = typer.Option(
             None,
@@ -73,7 +79,7 @@ def register(app: typer.Typer) -> None:
 
         Plans, replaces the layers, fine-tunes, measures and writes the report and the model.
         """
-        chosen = parse_method(method, budget, setting)  # bad input fails before any work
+        chosen = parse_method(method, budget, setting, preset)  # bad input fails before any work
         Deployment.coerce(deployment)
         cache = LatencyCache(latency_cache)
         if post_finalize_epochs is None:
@@ -81,17 +87,17 @@ def register(app: typer.Typer) -> None:
         with run.open(ctx):
             s = run.setup()
             base_history, original = run.prepare_base(s)
+            training = text_training(s.text, finetune_epochs, lr, distill)
             small, results = compress_model(
                 s.model,
                 method=method,
                 budget=chosen.budget,
                 settings=chosen.settings,
                 **s.data(),
-                finetune_epochs=finetune_epochs,
                 post_finalize_epochs=post_finalize_epochs,
                 bn_recalibration_batches=recalibrate_bn,
-                lr=lr,
                 distill=distill,
+                **training,
                 checkpoint_dir=run.out / "checkpoints",
                 resume=run.resume,
                 progress=run.progress,
@@ -101,9 +107,16 @@ def register(app: typer.Typer) -> None:
                 deployment=deployment,
                 allow_slower=allow_slower,
                 latency_cache=cache,
+                objectives=text_objectives(s.text),
             )
             cache.save()
-            if run.weights is None:  # the base was trained by this run (now or before a resume)
+            if s.text is not None:  # unlabeled text: how close the embeddings stay
+                results["embedding_agreement"] = text_agreement(s.model, small, s.text)
+                results["sentences"] = s.text.sentences
+                say(f"embedding agreement: {results['embedding_agreement']}")
+            if (
+                run.weights is None and s.text is None
+            ):  # the base was trained by this run (now or before a resume)
                 base_seed = derive_seed(run.seed, BASE_PHASE)
                 results["seeds"] = {BASE_PHASE: base_seed, **results["seeds"]}
             results["chosen_ranks"] = chosen_ranks(small)
@@ -117,6 +130,8 @@ def register(app: typer.Typer) -> None:
                 base_history=base_history,
             )
         print_table("layers", LAYER_COLUMNS, results["layers"])
+        if results.get("plan_summary"):  # (a run resumed from an older results.json has none)
+            typer.echo(f"plan: {results['plan_summary']}")
         print_result_table(original, results)
         check = results.get("latency_check")
         if check:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from tensorslim.methods import list_methods, method_class
+from tensorslim.methods.presets import preset_names
 
 
 def register(app: typer.Typer) -> None:
@@ -13,7 +14,9 @@ def register(app: typer.Typer) -> None:
         """List the registered compression methods."""
         for name in list_methods():
             cls = method_class(name)
-            typer.echo(f"{name:12s} [{cls.kind}] {cls.description}")
+            presets = preset_names(cls)
+            extra = f" (presets: {', '.join(presets)})" if len(presets) > 1 else ""
+            typer.echo(f"{name:12s} [{cls.kind}] {cls.description}{extra}")
 
     @app.command("models")
     def models() -> None:

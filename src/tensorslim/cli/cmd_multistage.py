@@ -39,13 +39,14 @@ def register(app: typer.Typer) -> None:
             "budget", help="Final flops=FRACTION or params=FRACTION of the original model."
         ),
         setting: list[str] = option("setting"),
+        preset: str = option("preset"),
         epochs_per_stage: int = typer.Option(1, min=0, help="Fine-tune epochs after each stage."),
         lr: float = typer.Option(0.01, min=0.0, help="Fine-tune learning rate."),
     ) -> None:
         """Compress a few layers at a time, fine-tuning in between."""
         from tensorslim.multistage import multistage
 
-        chosen = parse_method(method, budget, setting)  # bad input fails before any work
+        chosen = parse_method(method, budget, setting, preset)  # bad input fails before any work
         with run.open(ctx, resumable=False):
             s = run.setup()
             base_history, original = run.prepare_base(s)

@@ -125,6 +125,11 @@ SHARED_OPTIONS: dict[str, dict[str, Any]] = {
         "decls": ("--set",),
         "help": "Method setting KEY=VALUE (repeat), e.g. --set scheme=spatial.",
     },
+    "preset": {
+        "default": None,
+        "help": "A named preset of the method's settings, e.g. 'paper' for the official code's "
+        "(see README); --set values override it.",
+    },
     "trust_code": {
         "default": False,
         "help": "Allow importing the Python code (module:function) that a run directory or "
@@ -287,7 +292,8 @@ KEYWORD = inspect.Parameter.KEYWORD_ONLY
 
 @dataclass
 class MethodArgs:
-    """``--method``, ``--budget`` and ``--set`` parsed and checked (see :func:`parse_method`)."""
+    """``--method``, ``--budget``, ``--set`` and ``--preset`` parsed and checked (see
+    :func:`parse_method`)."""
 
     name: str
     budget: Any  # Budget | None
@@ -295,14 +301,28 @@ class MethodArgs:
     method: Any  # the Method instance: its settings are valid
 
 
-def parse_method(method: str, budget: str | None, setting: list[str] | None) -> MethodArgs:
-    """Parse and check a command's method options — before any directory or data exists."""
+def parse_method(
+    method: str, budget: str | None, setting: list[str] | None, preset: str | None = None
+) -> MethodArgs:
+    """Parse and check a command's method options — before any directory or data exists.
+
+    ``preset`` (``--preset paper``) goes into the settings under ``preset``, where every method
+    builder resolves it; ``--set`` values override the preset's.
+    """
     from tensorslim.methods import get_method
+    from tensorslim.methods.presets import PRESET_KEY
+    from tensorslim.planner.ties import check_tied_mode
     from tensorslim.rank.budget import Budget
 
     settings = parse_settings(setting)
+    if preset is not None:
+        settings[PRESET_KEY] = preset
     parsed = Budget.parse(budget) if budget else None
-    return MethodArgs(method, parsed, settings, get_method(method, **settings))
+    # --set tied=share is the planner's (how tied weights are treated), not the method's
+    if "tied" in settings:
+        check_tied_mode(settings["tied"])
+    method_settings = {k: v for k, v in settings.items() if k != "tied"}
+    return MethodArgs(method, parsed, settings, get_method(method, **method_settings))
 
 
 def parse_settings(items: list[str] | None) -> dict[str, Any]:
@@ -381,6 +401,8 @@ class Setup:
     train_loader: Any
     test_loader: Any
     example_batch: torch.Tensor
+    # a pretrained model on unlabeled text (hf:PATH --data fortunes): cli/hf_setup.TextRun
+    text: Any = None
 
     def data(self) -> dict[str, Any]:
         """``train_loader``, ``test_loader`` and ``example_batch``: the keyword arguments the
@@ -403,8 +425,17 @@ def setup(
     limit_test: int | None = None,
     latency_batch: int = 32,
 ) -> Setup:
-    """Load the data, build the model for it, and take an example batch for measurements."""
+    """Load the data, build the model for it, and take an example batch for measurements.
+
+    An ``hf:PATH`` model is pretrained and runs on text (:mod:`tensorslim.cli.hf_setup`).
+    """
     from tensorslim.data import load_dataset, make_loaders
+    from tensorslim.models.huggingface import hf_path
+
+    if hf_path(model_name) is not None:
+        from tensorslim.cli.hf_setup import setup_hf
+
+        return setup_hf(model_name, data, seed, batch_size, limit_train, limit_test, latency_batch)
 
     bundle = load_dataset(data, data_dir, seed=seed, limit_train=limit_train, limit_test=limit_test)
     train_loader, test_loader = make_loaders(bundle, batch_size, seed=seed)
@@ -477,6 +508,8 @@ def prepare_base(
     if weights is not None:
         load_weights(s.model, weights)
         return []
+    if s.text is not None:  # a pretrained model (hf:PATH): nothing to train
+        return []
     if resume and is_saved(out / "base" / "model"):
         load_weights(s.model, out / "base" / "model")
         return []
@@ -491,7 +524,9 @@ def measure_base(s: Setup, **kwargs: Any) -> dict[str, Any]:
     from tensorslim.pipeline import measure
 
     original = measure(s.model, s.example_batch, s.test_loader, **kwargs)
-    say(f"original: accuracy {original['accuracy']:.4f}, FLOPs {original['flops']}")
+    accuracy = original.get("accuracy")
+    quality = f"accuracy {accuracy:.4f}, " if accuracy is not None else ""
+    say(f"original: {quality}FLOPs {original['flops']}")
     return original
 
 

@@ -19,15 +19,6 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 from tensorslim.errors import TensorslimError
 from tensorslim.models.external import call_with_accepted_kwargs, import_callable, is_external_spec
 
-__all__ = [
-    "DataBundle",
-    "apply_limits",
-    "list_datasets",
-    "load_dataset",
-    "make_loaders",
-    "seeded_subset",
-]
-
 
 @dataclass
 class DataBundle:

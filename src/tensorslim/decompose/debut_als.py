@@ -19,7 +19,8 @@ update runs preconditioned conjugate gradients on the factor's full normal equat
 block solve as preconditioner, warm-started from the current factor — every CG step lowers the
 objective, so ALS never increases the error either way.
 
-Sweeps alternate direction: left to right (input side first), then right to left, … R (or L)
+Sweeps alternate direction: left to right (input side first), then right to left, … (or
+output side first, ``first="output"``, as the official code's list runs), R (or L)
 is updated incrementally along the sweep; the other side is precomputed for the sweep. Lᵀ W,
 L(·) and Lᵀ(·) are applied with the fast chain multiply (cost columns × nonzeros), never as
 dense products. After each sweep the relative Frobenius error ‖W − Ŵ‖_F / ‖W‖_F is recorded.
@@ -226,6 +227,34 @@ def _update_factor(
     weights[k] = w
 
 
+def _starting_factors(
+    chain: DeButChain,
+    init: Sequence[torch.Tensor] | None,
+    start: str,
+    generator: torch.Generator | None,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> list[torch.Tensor]:
+    """Copies of ``init``, or factors drawn by ``start`` ("normal" or "uniform")."""
+    if init is None and start == "uniform":
+        return [
+            torch.rand(spec.weight_shape, generator=generator, dtype=dtype).to(device)
+            for spec in chain
+        ]
+    if init is None:
+        return [
+            w.to(device) for w in random_factor_weights(chain, generator=generator, dtype=dtype)
+        ]
+    weights = [w.detach().to(device=device, dtype=dtype).clone() for w in init]
+    for spec, w in zip(chain, weights, strict=True):
+        if tuple(w.shape) != spec.weight_shape:
+            raise TensorslimError(
+                f"initial factor for ({spec.text}) has shape {tuple(w.shape)}, "
+                f"needs {spec.weight_shape}"
+            )
+    return weights
+
+
 def als_fit(
     weight: torch.Tensor,
     chain: DeButChain | str,
@@ -236,38 +265,38 @@ def als_fit(
     cg_iters: int = 25,
     tol: float = 0.0,
     dtype: torch.dtype = _DTYPE,
+    start: str = "normal",
+    first: str = "input",
+    balance: bool = True,
 ) -> tuple[list[torch.Tensor], list[float]]:
     """ALS fit of ``chain`` to ``weight`` (out × in).
 
     Returns the factors' nonzeros (float64, shapes (B, r, s, t), input side first) and the
     relative Frobenius error after each sweep (sweeps alternate left→right, right→left).
-    ``init``: starting factors (default: variance-preserving random). Stops early when a sweep
-    improves the error by less than ``tol`` (relative). ``dtype``: float64 (default) for
-    initialisation; float32 halves the time of quick error estimates.
+    ``init``: starting factors, else drawn by ``start``: "normal" (variance-preserving
+    N(0, 1/s_k), default) or "uniform" (U[0, 1), the official ``Generate_Chain``). ``first``:
+    the side the first sweep starts from ("input", or "output" as the official code).
+    ``balance``: rescale the factors to equal norms at the end (the product is unchanged; the
+    official code does not). Stops early when a sweep improves the error by less than ``tol``
+    (relative). ``dtype``: float64 (default) for initialisation; float32 halves the time of
+    quick error estimates.
     """
     chain = DeButChain.parse(chain)
     if sweeps < 1:
         raise TensorslimError(f"ALS needs at least one sweep, got {sweeps}")
+    if start not in ("normal", "uniform"):
+        raise TensorslimError(f"unknown ALS start '{start}': use normal or uniform")
+    if first not in ("input", "output"):
+        raise TensorslimError(f"unknown ALS first sweep '{first}': use input or output")
     target = _check_target(weight, chain, dtype)
-    device = target.device
-    if init is None:
-        weights = [
-            w.to(device) for w in random_factor_weights(chain, generator=generator, dtype=dtype)
-        ]
-    else:
-        weights = [w.detach().to(device=device, dtype=dtype).clone() for w in init]
-        for spec, w in zip(chain, weights, strict=True):
-            if tuple(w.shape) != spec.weight_shape:
-                raise TensorslimError(
-                    f"initial factor for ({spec.text}) has shape {tuple(w.shape)}, "
-                    f"needs {spec.weight_shape}"
-                )
+    weights = _starting_factors(chain, init, start, generator, dtype, target.device)
     n_factors = len(chain)
     # the identity ends of the sweep stay implicit (None): no in×in / out×out products with it
     norm = float(torch.linalg.vector_norm(target)) or 1.0
     errors: list[float] = []
+    parity = 0 if first == "input" else 1
     for sweep in range(sweeps):
-        if sweep % 2 == 0:  # left to right: Lᵀ for every k from the current factors
+        if sweep % 2 == parity:  # left to right: Lᵀ for every k from the current factors
             lts: list[torch.Tensor | None] = [None] * n_factors
             for k in range(n_factors - 2, -1, -1):
                 lts[k] = _times_t(chain[k + 1], weights[k + 1], lts[k + 1])
@@ -290,7 +319,8 @@ def als_fit(
         errors.append(float(torch.linalg.vector_norm(target - approx)) / norm)
         if tol > 0 and len(errors) > 1 and errors[-2] - errors[-1] < tol * errors[-2]:
             break
-    _balance(chain, weights)
+    if balance:
+        _balance(chain, weights)
     return weights, errors
 
 
@@ -358,3 +388,42 @@ def grad_fit(
     weights = [p.detach() for p in params]
     errors[-1] = relative_error(target, chain, weights)
     return weights, errors
+
+
+def bp_fit(
+    weight: torch.Tensor,
+    chain: DeButChain | str,
+    *,
+    steps: int = 300,
+    lr: float = 0.1,
+    lr_decay: float = 0.5,
+    init: Sequence[torch.Tensor] | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[list[torch.Tensor], list[float]]:
+    """The official gradient initialisation (``ALS_Initialization/main.py --type_init BP``).
+
+    From U[0, 1) factors (``Generate_Chain``), each step draws one probe x ~ U[0, 1)^in and
+    takes a plain gradient step w ← w − lr·∂‖Wx − F_K ⋯ F_1 x‖₂/∂w on the nonzeros. The first
+    step uses ``lr``; the official code then sets ``lr = 0.5 · lr_decay`` (its decay line
+    assigns instead of multiplying), which every later step uses. Returns the factors (float64)
+    and the relative Frobenius error after every step. ``grad_fit`` minimises the full
+    ‖W − Ŵ‖_F with Adam instead, which fits far better per step.
+    """
+    chain = DeButChain.parse(chain)
+    if steps < 1:
+        raise TensorslimError(f"gradient fit needs at least one step, got {steps}")
+    target = _check_target(weight, chain)
+    device = target.device
+    start = _starting_factors(chain, init, "uniform", generator, _DTYPE, device)
+    params = [w.clone().requires_grad_(True) for w in start]
+    errors: list[float] = []
+    for step in range(steps):
+        x = torch.rand(chain.in_features, 1, generator=generator, dtype=_DTYPE).to(device)
+        loss = torch.linalg.vector_norm(target @ x - chain_multiply(chain.factors, params, x))
+        grads = torch.autograd.grad(loss, params)
+        rate = lr if step == 0 else 0.5 * lr_decay
+        with torch.no_grad():
+            for p, g in zip(params, grads, strict=True):
+                p.sub_(rate * g)
+        errors.append(relative_error(target, chain, params))
+    return [p.detach() for p in params], errors

@@ -148,6 +148,7 @@ def tt_svd(
     eps: float | None = None,
     ranks: tuple[int, ...] | None = None,
     dtype: torch.dtype = torch.float64,
+    first: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> TTResult:
     """TT-SVD of ``matrix`` (Π out_modes × Π in_modes) with rank caps and/or δ-truncation.
 
@@ -156,6 +157,8 @@ def tt_svd(
     δ-truncation (see the module docstring). None of them → exact TT (full ranks). A bond never
     gets more rank than the unfolding has, so asking for more than that yields the exact TT.
     ``rel_error`` is measured by multiplying the cores out (exact, not the bound).
+    ``first``: the SVD of the first unfolding (:func:`first_unfolding_svd`), which does not
+    depend on the truncation, so a ladder of truncations computes it once.
     """
     d = len(out_modes)
     if d != len(in_modes) or d < 1:
@@ -174,8 +177,7 @@ def tt_svd(
         raise TensorslimError(f"TT accuracy eps must be ≥ 0, got {eps}")
     w = matrix.detach().to(device="cpu", dtype=dtype)
     norm = float(torch.linalg.vector_norm(w))
-    t = w.reshape(*out_modes, *in_modes)
-    t = t.permute([i for k in range(d) for i in (k, d + k)])
+    t = _interleaved(w, out_modes, in_modes)
     delta = (eps or 0.0) * norm / math.sqrt(max(d - 1, 1))
     cores = []
     rank = 1
@@ -183,7 +185,7 @@ def tt_svd(
     for k in range(d - 1):
         rows = rank * out_modes[k] * in_modes[k]
         c = c.reshape(rows, -1)
-        u, s, vh = torch.linalg.svd(c, full_matrices=False)
+        u, s, vh = first if k == 0 and first is not None else _svd(c)
         keep = s.shape[0]
         if eps is not None and eps > 0:
             # tail[i] = norm of s[i:], keep the smallest r with tail[r] ≤ δ.
@@ -203,6 +205,31 @@ def tt_svd(
     approx = tt_to_matrix(cores)
     err = float(torch.linalg.vector_norm(w - approx)) / norm if norm > 0 else 0.0
     return TTResult(cores, tuple(out_modes), tuple(in_modes), err)
+
+
+def _interleaved(
+    w: torch.Tensor, out_modes: tuple[int, ...], in_modes: tuple[int, ...]
+) -> torch.Tensor:
+    """The matrix as a tensor with modes (m₁, n₁, m₂, n₂, …)."""
+    d = len(out_modes)
+    t = w.reshape(*out_modes, *in_modes)
+    return t.permute([i for k in range(d) for i in (k, d + k)])
+
+
+def _svd(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.linalg.svd(c, full_matrices=False)
+
+
+def first_unfolding_svd(
+    matrix: torch.Tensor,
+    out_modes: tuple[int, ...],
+    in_modes: tuple[int, ...],
+    dtype: torch.dtype = torch.float64,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SVD of the first TT unfolding, (m₁·n₁) × (the rest), shared by every truncation."""
+    w = matrix.detach().to(device="cpu", dtype=dtype)
+    t = _interleaved(w, out_modes, in_modes)
+    return _svd(t.reshape(out_modes[0] * in_modes[0], -1))
 
 
 def full_tt_ranks(out_modes: tuple[int, ...], in_modes: tuple[int, ...]) -> tuple[int, ...]:

@@ -145,23 +145,92 @@ def partial_tucker(
     return TuckerResult(core, factors, modes, err, done)
 
 
-def tucker2_error_table(kernel: torch.Tensor) -> torch.Tensor:
-    """HOSVD relative errors of Tucker-2 on modes (0, 1) for every rank pair.
+@dataclass
+class Tucker2Bases:
+    """The full HOSVD of a kernel on modes (0, 1): X = core ×₀ U₀ ×₁ U₁ with U₀ (I₀ × I₀) and
+    U₁ (I₁ × I₁) orthogonal, columns ordered by singular value; ``norm2`` = ‖X‖².
 
-    Returns E of shape (I₀ + 1, I₁ + 1) with E[r₀, r₁] = ‖X − X̂_{r₀,r₁}‖/‖X‖ for the truncated
-    HOSVD at ranks (r₀, r₁) (row/column 0 mean rank 0, error 1). Cost: two Gram
-    eigendecompositions and one projection of X — the same as a single decomposition.
+    Every truncated HOSVD is a slice of it: ranks (r₀, r₁) keep U₀[:, :r₀], U₁[:, :r₁] and the
+    core block [:r₀, :r₁] — exactly what :func:`partial_tucker` computes at those ranks.
     """
+
+    u0: torch.Tensor
+    u1: torch.Tensor
+    core: torch.Tensor
+    norm2: float
+
+    def truncate(self, rank_out: int, rank_in: int) -> TuckerResult:
+        """The truncated HOSVD at (``rank_out``, ``rank_in``)."""
+        _check_ranks(self.core.shape, (0, 1), (rank_out, rank_in))
+        core = self.core[:rank_out, :rank_in].clone()
+        kept = float((core * core).sum())
+        err = math.sqrt(max(self.norm2 - kept, 0.0) / self.norm2) if self.norm2 > 0 else 0.0
+        factors = [self.u0[:, :rank_out].clone(), self.u1[:, :rank_in].clone()]
+        return TuckerResult(core, factors, (0, 1), err)
+
+
+def tucker2_bases(kernel: torch.Tensor) -> Tucker2Bases:
+    """Full HOSVD bases and core of ``kernel`` on modes (0, 1): two Gram eigendecompositions
+    and one projection (float64)."""
     x = kernel.detach().to(device="cpu", dtype=torch.float64)
     if x.ndim < 2:
         raise TensorslimError(f"Tucker-2 needs a tensor with ≥ 2 modes, got {tuple(x.shape)}")
     u0 = leading_left_singular(unfolding(x, 0))[0]
     u1 = leading_left_singular(unfolding(x, 1))[0]
     core = mode_product(mode_product(x, u0.T, 0), u1.T, 1)
+    return Tucker2Bases(u0, u1, core, float((x * x).sum()))
+
+
+def tucker2_error_table(kernel: torch.Tensor | Tucker2Bases) -> torch.Tensor:
+    """HOSVD relative errors of Tucker-2 on modes (0, 1) for every rank pair.
+
+    Returns E of shape (I₀ + 1, I₁ + 1) with E[r₀, r₁] = ‖X − X̂_{r₀,r₁}‖/‖X‖ for the truncated
+    HOSVD at ranks (r₀, r₁) (row/column 0 mean rank 0, error 1). Cost: two Gram
+    eigendecompositions and one projection of X — the same as a single decomposition (none
+    when given the :class:`Tucker2Bases`).
+    """
+    bases = kernel if isinstance(kernel, Tucker2Bases) else tucker2_bases(kernel)
+    core = bases.core
     energy = (core * core).reshape(core.shape[0], core.shape[1], -1).sum(-1)
     kept = torch.zeros(energy.shape[0] + 1, energy.shape[1] + 1, dtype=torch.float64)
     kept[1:, 1:] = energy.cumsum(0).cumsum(1)
-    total = float((x * x).sum())
-    if total == 0.0:
+    if bases.norm2 == 0.0:
         return torch.zeros_like(kept)
-    return ((total - kept).clamp_min(0) / total).sqrt()
+    return ((bases.norm2 - kept).clamp_min(0) / bases.norm2).sqrt()
+
+
+def tucker2_output_error_table(
+    bases: Tucker2Bases, gram: torch.Tensor, chunk_entries: int = 1 << 22
+) -> torch.Tensor:
+    """Relative output errors ‖(W − Ŵ_{r₀,r₁})X‖/‖WX‖ of every truncated HOSVD, from the input
+    Gram G = XᵀX over the kernel's unfolded patches (order (c, kh, kw)); shape (I₀+1, I₁+1).
+
+    With Δ = U₀ D ×₁ U₁ (D = the core with its kept block zeroed) and U₀ orthogonal,
+    tr(Δ G Δᵀ) = tr(D G' Dᵀ), G' = G rotated into U₁'s basis on the channel index. Per core row i,
+    B_i[j, k] = Σ_{t,u} C[i,j,t] G'[j,t,k,u] C[i,k,u] and its tail sums S_i(r₁) = Σ_{j,k≥r₁}
+    B_i[j,k] give E(r₀, r₁) = Σ_{i<r₀} S_i(r₁) + Σ_{i≥r₀} S_i(0) for all pairs at the cost of
+    one quadratic form. Rows are processed in chunks of ≤ ``chunk_entries`` intermediate entries.
+    """
+    core = bases.core
+    n, c = core.shape[:2]
+    s = core[0, 0].numel()
+    flat = core.reshape(n, c, s)
+    g = gram.detach().to(dtype=torch.float64).reshape(c, s, c, s)
+    rotated = torch.einsum("aj,atbu,bk->jtku", bases.u1, g, bases.u1)
+    step = max(1, chunk_entries // (c * c * s))
+    tails = []
+    for lo in range(0, n, step):
+        part = flat[lo : lo + step]
+        mixed = torch.einsum("ijt,jtku->ijku", part, rotated)
+        block = torch.einsum("ijku,iku->ijk", mixed, part)  # B_i[j, k]
+        tail = block.flip(1).flip(2).cumsum(1).cumsum(2).flip(1).flip(2)
+        tails.append(tail.diagonal(dim1=1, dim2=2))  # S_i(r₁) for r₁ = 0 … c − 1
+        del mixed, block, tail
+    per_row = torch.cat(tails)  # (n, c)
+    per_row = torch.cat([per_row, per_row.new_zeros(n, 1)], dim=1)  # S_i(c) = 0
+    total = float(per_row[:, 0].sum())
+    if total <= 0.0:
+        return torch.zeros(n + 1, c + 1, dtype=torch.float64)
+    head = torch.cat([per_row.new_zeros(1, c + 1), per_row.cumsum(0)])  # Σ_{i<r₀} S_i(r₁)
+    rest = total - torch.cat([per_row.new_zeros(1), per_row[:, 0].cumsum(0)])  # Σ_{i≥r₀} S_i(0)
+    return ((head + rest[:, None]).clamp_min(0.0) / total).sqrt()

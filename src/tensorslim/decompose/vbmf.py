@@ -160,21 +160,45 @@ def evbmf(matrix: torch.Tensor, sigma2: float | None = None, grid: int = 400) ->
     return VBMFResult(rank, float(sigma2), threshold, s, shrunk)
 
 
-def weaken_rank(full_rank: int, vbmf_rank: int, weaken: float = 1.0, min_rank: int = 1) -> int:
-    """rank = R − k·(R − R_vbmf), rounded up, clamped to [min_rank, R] (MUSCO's weakening).
+WEAKEN_RULES = ("tensorslim", "musco")
 
-    ``weaken`` = k: 1 keeps the VBMF rank, 0 keeps the full rank, values between interpolate.
+
+def check_weaken_rule(rule: str, what: str = "weaken_rule") -> str:
+    """``rule`` is one of :data:`WEAKEN_RULES`, else a one-line error."""
+    if rule not in WEAKEN_RULES:
+        raise TensorslimError(f"unknown {what} '{rule}': use {' or '.join(WEAKEN_RULES)}")
+    return rule
+
+
+def weaken_rank(
+    full_rank: int,
+    vbmf_rank: int,
+    weaken: float = 1.0,
+    min_rank: int = 1,
+    rule: str = "tensorslim",
+) -> int:
+    """The weakened rank R − k·(R − R_vbmf) of a mode of size R (k = ``weaken``).
+
+    ``rule="tensorslim"``: rounded up and clamped to [min(min_rank, R), R] (a VBMF rank of 0
+    gives ``min_rank``). ``rule="musco"`` (MUSCO's ``estimator.weaken_rank``): a mode with
+    R < ``min_rank`` (21 there) or a VBMF rank of 0 keeps the full rank R; otherwise the value is
+    rounded down (``int``), with no clamp. ``weaken`` = 1 keeps the VBMF rank, 0 the full rank.
     """
     if not 0.0 <= weaken <= 1.0:
         raise TensorslimError(f"weakening factor must be in [0, 1], got {weaken}")
     if min_rank < 1:
         raise TensorslimError(f"min_rank must be ≥ 1, got {min_rank}")
+    if check_weaken_rule(rule) == "musco":
+        if full_rank < min_rank or vbmf_rank == 0:
+            return full_rank
+        # a VBMF rank ≥ 1 keeps the value ≥ 1; the small guard absorbs float error at integers
+        return max(1, math.floor(full_rank - weaken * (full_rank - vbmf_rank) + 1e-9))
     rank = math.ceil(full_rank - weaken * (full_rank - vbmf_rank) - 1e-9)
     return max(min(rank, full_rank), min(min_rank, full_rank))
 
 
 def tucker2_vbmf_ranks(
-    kernel: torch.Tensor, weaken: float = 1.0, min_rank: int = 1
+    kernel: torch.Tensor, weaken: float = 1.0, min_rank: int = 1, rule: str = "tensorslim"
 ) -> tuple[int, int]:
     """(R_out, R_in) for Tucker-2 of a conv kernel (n, c, kh, kw) by EVBMF of its unfoldings.
 
@@ -186,6 +210,6 @@ def tucker2_vbmf_ranks(
     n, c = kernel.shape[0], kernel.shape[1]
     mode0 = kernel.detach().reshape(n, -1)
     mode1 = kernel.detach().movedim(1, 0).reshape(c, -1)
-    r_out = weaken_rank(min(mode0.shape), evbmf(mode0).rank, weaken, min_rank)
-    r_in = weaken_rank(min(mode1.shape), evbmf(mode1).rank, weaken, min_rank)
+    r_out = weaken_rank(min(mode0.shape), evbmf(mode0).rank, weaken, min_rank, rule)
+    r_in = weaken_rank(min(mode1.shape), evbmf(mode1).rank, weaken, min_rank, rule)
     return r_out, r_in

@@ -51,3 +51,19 @@ def dense_weight_error(dense: nn.Module, structured: StructuredLayer) -> float:
     w = dense.weight.detach()
     w_hat = structured.to_dense().weight.detach().to(w.dtype)
     return float(torch.linalg.vector_norm(w - w_hat) / torch.linalg.vector_norm(w).clamp_min(1e-30))
+
+
+def dense_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """The dense ``nn.Linear`` equivalent of a structured linear layer.
+
+    ``weight`` (out, in) and ``bias`` (out) are copied into the new layer (same device and dtype).
+    """
+    out_features, in_features = weight.shape
+    dense = nn.Linear(
+        in_features, out_features, bias is not None, device=weight.device, dtype=weight.dtype
+    )
+    with torch.no_grad():
+        dense.weight.copy_(weight)
+        if bias is not None:
+            dense.bias.copy_(bias)
+    return dense

@@ -27,20 +27,20 @@ def conv_output_hw(
     """Spatial output size of a convolution (PyTorch's formula; 'same' keeps the size)."""
     if padding == "same":
         return in_hw
-    pad = (0, 0) if padding == "valid" else padding
+    pad = (0,) * len(in_hw) if padding == "valid" else padding
     return tuple(  # type: ignore[return-value]
         (size + 2 * p - d * (k - 1) - 1) // s + 1
         for size, k, s, p, d in zip(in_hw, kernel, stride, pad, dilation, strict=True)
     )
 
 
-def unsupported_conv_reason(conv: nn.Conv2d) -> str | None:
-    """Why a conv cannot be factorized channel-/spatial-wise, or None if it can."""
+def unsupported_conv_reason(conv: nn.Conv1d | nn.Conv2d) -> str | None:
+    """Why a Conv1d/Conv2d cannot be factorized channel-/spatial-wise, or None if it can."""
     if conv.groups != 1:
         return f"grouped conv (groups={conv.groups}) is kept dense"
     if conv.padding_mode != "zeros":
         return f"padding_mode '{conv.padding_mode}' is kept dense (only zero padding factorizes)"
-    if conv.padding == "same" and tuple(conv.stride) != (1, 1):
+    if conv.padding == "same" and any(s != 1 for s in conv.stride):
         return "padding='same' with stride > 1 is kept dense"
     return None
 

@@ -2,8 +2,9 @@
 
 A dense weight W (out × in) is replaced by a DeBut chain F_K ⋯ F_1 (see
 ``tensorslim.layers.debut_chain`` for factors, chains and their text form). A conv kernel is the
-matrix C_out × (C_in·kh·kw) in the order ``F.unfold`` produces (channel, kernel row, kernel
-column), applied to the unfolded input.
+matrix C_out × (kh·kw·C_in), by default position-major as in the official ``DeBut_2dConv``
+(``tensorslim.layers.debut_layout``: the orders, and zero-padding of sizes that do not factor),
+applied to the unfolded input.
 
 **Fast multiply.** Activations are kept *feature-major*: X is (features × columns), columns being
 the rows of a Linear input or the (image, position) pairs of a conv. A factor (p, q, r, s, t)
@@ -47,6 +48,15 @@ from tensorslim.layers.debut_chain import (
     Segment,
     merge_specs,
     plan_segments,
+)
+from tensorslim.layers.debut_layout import (
+    check_order,
+    check_padded,
+    kernel_to_matrix,
+    matrix_to_kernel,
+    pad_rows,
+    padded_target,
+    unfolded_features,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -216,16 +226,19 @@ def random_factor_weights(
     generator: torch.Generator | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
+    std: float | None = None,
 ) -> list[torch.Tensor]:
     """Variance-preserving random nonzeros: w ~ N(0, 1/s_k) in every factor.
 
     Each output of a factor sums s_k inputs, so each factor keeps the activation variance and a
     single-path chain's product has entries of variance Π 1/s_k = 1/in (LeCun scaling).
+    ``std`` instead draws every nonzero from N(0, std²) (the official layers use 1/√2).
     """
     out = []
     for spec in chain:
         w = torch.randn(spec.weight_shape, generator=generator, dtype=dtype, device="cpu")
-        out.append((w / math.sqrt(spec.s)).to(device=device))
+        scale = std if std is not None else 1.0 / math.sqrt(spec.s)
+        out.append((w * scale).to(device=device))
     return out
 
 
@@ -233,8 +246,13 @@ def random_factor_weights(
 # the multiply as a module part: plan per column count, merged weights cached at inference
 
 
-def _cols_bucket(cols: int) -> int:
-    return 1 << max(0, (max(1, cols) - 1).bit_length())
+def _cols_bucket(cols: int | torch.Tensor) -> int:
+    """The power of two ≥ ``cols`` that plans are made for.
+
+    Under ``torch.jit.trace`` (ONNX export) a shape entry is a 0-d tensor: ``int`` reads its
+    value; the plan only picks kernels, the result is the same for every column count.
+    """
+    return 1 << max(0, (max(1, int(cols)) - 1).bit_length())
 
 
 class _DeButCore(nn.Module):
@@ -343,12 +361,20 @@ class _DeButCore(nn.Module):
 
 
 def _check_chain(
-    chain: DeButChain | str, out_features: int, in_features: int, what: str
+    chain: DeButChain | str, out_features: int, in_features: int, what: str, pad: bool
 ) -> DeButChain:
     chain = DeButChain.parse(chain)
-    chain.check_shape(out_features, in_features, what)
+    check_padded(chain.out_features, chain.in_features, out_features, in_features, pad, what)
     chain.check_qualified()
     return chain
+
+
+def _structure_config(layer: DeButLinear | DeButConv2d) -> dict[str, Any]:
+    """What rebuilds ``layer``: its chain, how it was initialised, and padding if any."""
+    config: dict[str, Any] = {"chain": layer.chain.text, "init": dict(layer.init_info)}
+    if layer.padded:
+        config["pad"] = True
+    return config
 
 
 # --------------------------------------------------------------------------------------------
@@ -358,6 +384,8 @@ def _check_chain(
 class DeButLinear(StructuredLayer):
     """x (…, in) → F_K ⋯ F_1 x + b for a qualified DeBut chain (in → out).
 
+    ``pad=True`` accepts a larger chain in_pad → out_pad (the official zero-padding): x gets
+    in_pad − in zeros appended and the first ``out`` outputs are kept.
     FLOPs 2·rows·Σ_k p_k s_k; parameters Σ_k p_k s_k (+ out for the bias).
     """
 
@@ -369,11 +397,13 @@ class DeButLinear(StructuredLayer):
         bias: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        pad: bool = False,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.chain = _check_chain(
-            chain, out_features, in_features, f"Linear({in_features}, {out_features})"
+            chain, out_features, in_features, f"Linear({in_features}, {out_features})", pad
         )
         self.core = _DeButCore(self.chain, device=device, dtype=dtype)
         self.bias = (
@@ -401,6 +431,21 @@ class DeButLinear(StructuredLayer):
     def factors(self) -> nn.ParameterList:
         return self.core.factors
 
+    @property
+    def padded(self) -> bool:
+        """True when the chain is larger than the layer (zero-padded input, cropped output)."""
+        return (self.chain.out_features, self.chain.in_features) != (
+            self.out_features,
+            self._matrix_columns(),
+        )
+
+    def _matrix_columns(self) -> int:
+        return self.in_features
+
+    def weight_matrix(self) -> torch.Tensor:
+        """The dense weight the layer computes, (out × in): the chain's product, cropped."""
+        return self.core.dense_weight()[: self.out_features, : self._matrix_columns()]
+
     @classmethod
     def from_dense(
         cls,
@@ -411,8 +456,11 @@ class DeButLinear(StructuredLayer):
         sweeps: int = 6,
         steps: int = 300,
         seed: int = 0,
+        pad: bool = False,
+        **fit: Any,
     ) -> DeButLinear:
-        """A DeBut layer fitted to ``layer.weight`` (``init``: "als", "grad" or "random")."""
+        """A DeBut layer fitted to ``layer.weight`` (``init``: one of ``INITS``;
+        ``fit``: the options of ``init_from_weight``)."""
         w = layer.weight.detach()
         new = cls(
             layer.in_features,
@@ -421,8 +469,9 @@ class DeButLinear(StructuredLayer):
             layer.bias is not None,
             device=w.device,
             dtype=w.dtype,
+            pad=pad,
         )
-        new.init_from_weight(w, init, sweeps=sweeps, steps=steps, seed=seed)
+        new.init_from_weight(w, init, sweeps=sweeps, steps=steps, seed=seed, **fit)
         if layer.bias is not None:
             with torch.no_grad():
                 new.bias.copy_(layer.bias)  # type: ignore[union-attr]
@@ -436,10 +485,18 @@ class DeButLinear(StructuredLayer):
         sweeps: int = 6,
         steps: int = 300,
         seed: int = 0,
+        **fit: Any,
     ) -> list[float]:
-        """Fit the factors to a dense (out × in) weight; returns the errors it reports."""
-        errors = _fit_core(self.core, weight, init, sweeps=sweeps, steps=steps, seed=seed)
-        self.init_info = _init_info(init, errors, sweeps, steps)
+        """Fit the factors to a dense (out × in) weight; returns the errors it reports.
+
+        ``fit``: ``als_start`` ("normal" / "uniform"), ``als_first`` ("input" / "output"),
+        ``balance`` (see ``als_fit``) and ``random_std`` (see ``random_factor_weights``).
+        A padded chain is fitted to the weight at the top left of zeros (the official
+        ``PaddingMatrix``), so the reported error is that of the padded matrix.
+        """
+        target = padded_target(weight, self.chain.out_features, self.chain.in_features)
+        errors = _fit_core(self.core, target, init, sweeps=sweeps, steps=steps, seed=seed, **fit)
+        self.init_info = _init_info(init, errors, sweeps, steps, fit)
         return errors
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -449,7 +506,8 @@ class DeButLinear(StructuredLayer):
             )
         lead = x.shape[:-1]
         cols = x.reshape(-1, self.in_features).t()  # feature-major view, no copy
-        y = self.core.multiply(cols).t().reshape(*lead, self.out_features)
+        y = self.core.multiply(pad_rows(cols, self.chain.in_features))
+        y = y[: self.out_features].t().reshape(*lead, self.out_features)
         if self.bias is not None:
             y = y + self.bias
         return y
@@ -464,7 +522,7 @@ class DeButLinear(StructuredLayer):
             dtype=w.dtype,
         )
         with torch.no_grad():
-            dense.weight.copy_(self.core.dense_weight())
+            dense.weight.copy_(self.weight_matrix())
             if self.bias is not None:
                 dense.bias.copy_(self.bias)
         return dense
@@ -476,7 +534,7 @@ class DeButLinear(StructuredLayer):
         return self.chain.nnz + (self.out_features if self.bias is not None else 0)
 
     def config(self) -> dict[str, Any]:
-        return {"chain": self.chain.text, "init": dict(self.init_info)}
+        return _structure_config(self)
 
     def extra_repr(self) -> str:
         return (
@@ -487,11 +545,15 @@ class DeButLinear(StructuredLayer):
 
 
 class DeButConv2d(StructuredLayer):
-    """A Conv2d whose kernel, viewed C_out × (C_in·kh·kw) in unfold order, is a DeBut chain.
+    """A Conv2d whose kernel, viewed C_out × (kh·kw·C_in), is a DeBut chain.
 
-    unfold x → (N, C_in·kh·kw, L) → the chain on every column (one feature-major matrix) →
-    (N, C_out, Ho, Wo) + b; stride, padding (ints, pairs, "same", "valid") and dilation as in
-    nn.Conv2d.
+    ``order="position"`` (default, the official ``DeBut_2dConv``): the kernel is
+    ``W.view(C_out, kh, kw, C_in).permute(0, 3, 1, 2)`` for the chain's product W;
+    ``order="channel"``: ``W.view(C_out, C_in, kh, kw)`` (``F.unfold``'s order; see
+    ``debut_layout``). ``pad=True`` accepts a larger chain (the official zero-padding).
+    unfold x → (N, C_in·kh·kw, L) → columns in ``order``, feature-major → the chain on every
+    column → (N, C_out, Ho, Wo) + b; stride, padding (ints, pairs, "same", "valid") and
+    dilation as in nn.Conv2d.
     FLOPs 2·N·Ho·Wo·Σ_k p_k s_k; parameters Σ_k p_k s_k (+ C_out).
     """
 
@@ -507,8 +569,12 @@ class DeButConv2d(StructuredLayer):
         bias: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        order: str = "position",
+        pad: bool = False,
     ) -> None:
         super().__init__()
+        self.order = check_order(order)
         kh, kw = pair(kernel_size)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size = (kh, kw)
@@ -522,12 +588,13 @@ class DeButConv2d(StructuredLayer):
             if padding == "same" and self.stride != (1, 1):
                 raise TensorslimError("padding='same' needs stride 1 (as in nn.Conv2d)")
         self.padding: tuple[int, int] | str = padding if isinstance(padding, str) else pair(padding)
-        fan_in = in_channels * kh * kw
+        self.fan_in = in_channels * kh * kw
         self.chain = _check_chain(
             chain,
             out_channels,
-            fan_in,
+            self.fan_in,
             f"Conv2d({in_channels}→{out_channels}, {kh}×{kw}) as a matrix",
+            pad,
         )
         self.core = _DeButCore(self.chain, device=device, dtype=dtype)
         self.bias = (
@@ -540,11 +607,22 @@ class DeButConv2d(StructuredLayer):
 
     @property
     def in_features(self) -> int:
-        return self.chain.in_features
+        """Inputs of one kernel application, kh·kw·C_in (fan-in; the bias bound uses it)."""
+        return self.fan_in
+
+    @property
+    def out_features(self) -> int:
+        return self.out_channels
+
+    def _matrix_columns(self) -> int:
+        return self.fan_in
 
     @property
     def factors(self) -> nn.ParameterList:
         return self.core.factors
+
+    padded = DeButLinear.padded
+    weight_matrix = DeButLinear.weight_matrix
 
     @classmethod
     def from_dense(
@@ -556,8 +634,12 @@ class DeButConv2d(StructuredLayer):
         sweeps: int = 6,
         steps: int = 300,
         seed: int = 0,
+        order: str = "position",
+        pad: bool = False,
+        **fit: Any,
     ) -> DeButConv2d:
-        """A DeBut conv fitted to ``layer``'s kernel (``init``: "als", "grad" or "random")."""
+        """A DeBut conv fitted to ``layer``'s kernel (``init``: one of ``INITS``),
+        viewed as a matrix in ``order``."""
         reason = unsupported_conv_reason(layer)
         if reason is not None:
             raise TensorslimError(f"cannot make a DeBut conv from this Conv2d: {reason}")
@@ -573,8 +655,11 @@ class DeButConv2d(StructuredLayer):
             layer.bias is not None,
             device=w.device,
             dtype=w.dtype,
+            order=order,
+            pad=pad,
         )
-        new.init_from_weight(w.reshape(w.shape[0], -1), init, sweeps=sweeps, steps=steps, seed=seed)
+        matrix = kernel_to_matrix(w, order)
+        new.init_from_weight(matrix, init, sweeps=sweeps, steps=steps, seed=seed, **fit)
         if layer.bias is not None:
             with torch.no_grad():
                 new.bias.copy_(layer.bias)  # type: ignore[union-attr]
@@ -606,10 +691,10 @@ class DeButConv2d(StructuredLayer):
             (x.shape[2], x.shape[3]), self.kernel_size, self.stride, self.padding, self.dilation
         )
         cols = self._unfold(x)  # (N, C·kh·kw, L), L = Ho·Wo
-        positions = cols.shape[-1]
-        feature_major = cols.transpose(0, 1).reshape(self.in_features, n * positions)
-        y = self.core.multiply(feature_major)  # (C_out, N·L)
-        y = y.reshape(self.out_channels, n, ho, wo).transpose(0, 1)
+        kh, kw = self.kernel_size
+        feature_major = unfolded_features(cols, self.in_channels, kh * kw, self.order)
+        y = self.core.multiply(pad_rows(feature_major, self.chain.in_features))  # (C_out, N·L)
+        y = y[: self.out_channels].reshape(self.out_channels, n, ho, wo).transpose(0, 1)
         if self.bias is not None:
             y = y + self.bias.view(1, -1, 1, 1)
         return y.contiguous()
@@ -628,7 +713,10 @@ class DeButConv2d(StructuredLayer):
             dtype=w.dtype,
         )
         with torch.no_grad():
-            dense.weight.copy_(self.core.dense_weight().reshape(dense.weight.shape))
+            kernel = matrix_to_kernel(
+                self.weight_matrix(), self.in_channels, self.kernel_size, self.order
+            )
+            dense.weight.copy_(kernel)
             if self.bias is not None:
                 dense.bias.copy_(self.bias)
         return dense
@@ -644,13 +732,14 @@ class DeButConv2d(StructuredLayer):
         return self.chain.nnz + (self.out_channels if self.bias is not None else 0)
 
     def config(self) -> dict[str, Any]:
-        return {"chain": self.chain.text, "init": dict(self.init_info)}
+        return {**_structure_config(self), "order": self.order}
 
     def extra_repr(self) -> str:
         kh, kw = self.kernel_size
         return (
             f"{self.in_channels} → {self.out_channels}, {kh}×{kw}, stride {self.stride}, "
-            f"padding {self.padding}, {len(self.chain)} factors, {self.chain.nnz} nonzeros, "
+            f"padding {self.padding}, {self.order}-major, {len(self.chain)} factors, "
+            f"{self.chain.nnz} nonzeros, "
             f"chain '{self.chain.text}'"
         )
 
@@ -658,25 +747,48 @@ class DeButConv2d(StructuredLayer):
 # --------------------------------------------------------------------------------------------
 # initialisation from a dense weight
 
-INITS = ("als", "grad", "random")
+# "bp": the official gradient initialisation (one random probe per plain gradient step)
+INITS = ("als", "grad", "bp", "random")
 
 
 def _fit_core(
-    core: _DeButCore, weight: torch.Tensor, init: str, *, sweeps: int, steps: int, seed: int
+    core: _DeButCore,
+    weight: torch.Tensor,
+    init: str,
+    *,
+    sweeps: int,
+    steps: int,
+    seed: int,
+    als_start: str = "normal",
+    als_first: str = "input",
+    balance: bool = True,
+    random_std: float | None = None,
 ) -> list[float]:
     """Fill ``core``'s factors from ``weight`` (out × in) by ``init``; the fit's error list."""
     # imported here: the fitting module builds on this module's multiply
-    from tensorslim.decompose.debut_als import als_fit, grad_fit
+    from tensorslim.decompose.debut_als import als_fit, bp_fit, grad_fit
 
     if init not in INITS:
         raise TensorslimError(f"unknown DeBut init '{init}': use {', '.join(INITS)}")
     generator = torch.Generator().manual_seed(seed)
     target = weight.detach()
     if init == "random":
-        weights = random_factor_weights(core.chain, generator=generator, dtype=torch.float64)
+        weights = random_factor_weights(
+            core.chain, generator=generator, dtype=torch.float64, std=random_std
+        )
         errors: list[float] = []
     elif init == "als":
-        weights, errors = als_fit(target, core.chain, sweeps=sweeps, generator=generator)
+        weights, errors = als_fit(
+            target,
+            core.chain,
+            sweeps=sweeps,
+            generator=generator,
+            start=als_start,
+            first=als_first,
+            balance=balance,
+        )
+    elif init == "bp":
+        weights, errors = bp_fit(target, core.chain, steps=steps, generator=generator)
     else:
         weights, errors = grad_fit(target, core.chain, steps=steps, generator=generator)
     with torch.no_grad():
@@ -685,11 +797,19 @@ def _fit_core(
     return errors
 
 
-def _init_info(init: str, errors: list[float], sweeps: int, steps: int) -> dict[str, Any]:
+def _init_info(
+    init: str, errors: list[float], sweeps: int, steps: int, fit: dict[str, Any]
+) -> dict[str, Any]:
     info: dict[str, Any] = {"method": init}
     if init == "als":
         info["sweeps"] = sweeps
-    elif init == "grad":
+        # options that differ from the defaults are part of the record
+        for key, default in (("als_start", "normal"), ("als_first", "input"), ("balance", True)):
+            if fit.get(key, default) != default:
+                info[key] = fit[key]
+    elif init == "random" and fit.get("random_std") is not None:
+        info["random_std"] = fit["random_std"]
+    if init in ("grad", "bp"):
         info["steps"] = steps
     if errors:
         info["error"] = round(float(errors[-1]), 6)

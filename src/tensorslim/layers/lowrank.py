@@ -33,7 +33,7 @@ from tensorslim.decompose.svd import (
     matrix_to_conv_weight,
 )
 from tensorslim.errors import TensorslimError
-from tensorslim.layers.base import StructuredLayer
+from tensorslim.layers.base import StructuredLayer, dense_linear
 from tensorslim.layers.conv_geometry import (
     conv_output_hw,
     dense_conv,
@@ -72,7 +72,24 @@ class LowRankLinear(StructuredLayer):
         cls, layer: nn.Linear, rank: int, scheme: str = "channel", driver: SvdDriver = "auto"
     ) -> LowRankLinear:
         """Truncated SVD of ``layer.weight`` (``scheme``: accepted for symmetry)."""
+        _check_rank(
+            rank,
+            min(layer.in_features, layer.out_features),
+            f"Linear({layer.in_features}, {layer.out_features})",
+        )
+        a, b = balanced_factors(layer.weight.detach(), rank, driver)
+        return cls.from_factors(layer, a, b)
+
+    @classmethod
+    def from_factors(cls, layer: nn.Linear, a: torch.Tensor, b: torch.Tensor) -> LowRankLinear:
+        """The layer W ≈ A Bᵀ for given factors A (out × r), B (in × r); ``layer``'s bias."""
         w = layer.weight.detach()
+        rank = a.shape[1]
+        if a.shape != (layer.out_features, rank) or b.shape != (layer.in_features, rank):
+            raise TensorslimError(
+                f"factors {tuple(a.shape)} and {tuple(b.shape)} do not fit Linear"
+                f"({layer.in_features}, {layer.out_features}) at one rank"
+            )
         new = cls(
             layer.in_features,
             layer.out_features,
@@ -81,10 +98,9 @@ class LowRankLinear(StructuredLayer):
             device=w.device,
             dtype=w.dtype,
         )
-        a, b = balanced_factors(w, rank, driver)
         with torch.no_grad():
-            new.up.weight.copy_(a)
-            new.down.weight.copy_(b.T)
+            new.up.weight.copy_(a.to(w.dtype))
+            new.down.weight.copy_(b.T.to(w.dtype))
             if layer.bias is not None:
                 new.up.bias.copy_(layer.bias)
         return new
@@ -93,19 +109,7 @@ class LowRankLinear(StructuredLayer):
         return self.up(self.down(x))
 
     def to_dense(self) -> nn.Linear:
-        w = self.down.weight
-        dense = nn.Linear(
-            self.in_features,
-            self.out_features,
-            self.up.bias is not None,
-            device=w.device,
-            dtype=w.dtype,
-        )
-        with torch.no_grad():
-            dense.weight.copy_(self.up.weight @ self.down.weight)
-            if self.up.bias is not None:
-                dense.bias.copy_(self.up.bias)
-        return dense
+        return dense_linear(self.up.weight @ self.down.weight, self.up.bias)
 
     def analytic_flops(self, input_shape: tuple[int, ...]) -> int:
         tokens = math.prod(input_shape[:-1])
@@ -177,9 +181,15 @@ class LowRankConv2d(StructuredLayer):
 
     @classmethod
     def from_dense(
-        cls, layer: nn.Conv2d, rank: int, scheme: Scheme = "channel", driver: SvdDriver = "auto"
+        cls,
+        layer: nn.Conv2d,
+        rank: int,
+        scheme: Scheme = "channel",
+        driver: SvdDriver = "auto",
+        factors: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> LowRankConv2d:
-        """Factorize ``layer``'s kernel by a truncated SVD of its ``scheme`` matrix view."""
+        """Factorize ``layer``'s kernel by a truncated SVD of its ``scheme`` matrix view, or
+        load given balanced ``factors`` (A, B with A Bᵀ ≈ that matrix view)."""
         reason = unsupported_conv_reason(layer)
         if reason is not None:
             raise TensorslimError(f"cannot factorize this Conv2d: {reason}")
@@ -198,7 +208,9 @@ class LowRankConv2d(StructuredLayer):
             dtype=w.dtype,
         )
         n, c, kh, kw = w.shape
-        a, b = balanced_factors(conv_weight_to_matrix(w, scheme), rank, driver)
+        if factors is None:
+            factors = balanced_factors(conv_weight_to_matrix(w, scheme), rank, driver)
+        a, b = factors
         with torch.no_grad():
             if scheme == "channel":
                 new.down.weight.copy_(b.T.reshape(rank, c, kh, kw))

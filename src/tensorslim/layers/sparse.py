@@ -40,7 +40,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from tensorslim.errors import TensorslimError
-from tensorslim.layers.base import StructuredLayer
+from tensorslim.layers.base import StructuredLayer, dense_linear
 from tensorslim.layers.conv_geometry import conv_output_hw, dense_conv, pair
 
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
@@ -423,18 +423,7 @@ class SparseLinear(_CsrWeight):
         return y.reshape(*lead, self.out_features)
 
     def to_dense(self) -> nn.Linear:
-        dense = nn.Linear(
-            self.in_features,
-            self.out_features,
-            self.bias is not None,
-            device=self.values.device,
-            dtype=self.values.dtype,
-        )
-        with torch.no_grad():
-            dense.weight.copy_(self.dense_matrix())
-            if self.bias is not None:
-                dense.bias.copy_(self.bias)
-        return dense
+        return dense_linear(self.dense_matrix(), self.bias)
 
     def analytic_flops(self, input_shape: tuple[int, ...]) -> int:
         return 2 * math.prod(input_shape[:-1]) * self.nnz()

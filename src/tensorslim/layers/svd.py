@@ -49,8 +49,13 @@ from tensorslim.decompose.svd import (
     truncated_svd,
 )
 from tensorslim.errors import TensorslimError
-from tensorslim.layers.base import StructuredLayer
-from tensorslim.layers.conv_geometry import conv_output_hw, pair, unsupported_conv_reason
+from tensorslim.layers.base import StructuredLayer, dense_linear
+from tensorslim.layers.conv_geometry import (
+    conv_output_hw,
+    dense_conv,
+    pair,
+    unsupported_conv_reason,
+)
 from tensorslim.layers.lowrank import LowRankConv2d, LowRankLinear
 
 
@@ -299,19 +304,7 @@ class SVDLinear(SVDLayer):
         return new
 
     def to_dense(self) -> nn.Linear:
-        w = self.U
-        dense = nn.Linear(
-            self.in_features,
-            self.out_features,
-            self.bias is not None,
-            device=w.device,
-            dtype=w.dtype,
-        )
-        with torch.no_grad():
-            dense.weight.copy_(self.weight_matrix())
-            if self.bias is not None:
-                dense.bias.copy_(self.bias)
-        return dense
+        return dense_linear(self.weight_matrix(), self.bias)
 
     def extra_repr(self) -> str:
         return (
@@ -526,23 +519,7 @@ class SVDConv2d(SVDLayer):
         return matrix_to_conv_weight(self.weight_matrix(), self._kernel_shape(), self.scheme)
 
     def to_dense(self) -> nn.Conv2d:
-        w = self.U
-        dense = nn.Conv2d(
-            self.in_channels,
-            self.out_channels,
-            self.kernel_size,
-            self.stride,
-            self.padding,
-            self.dilation,
-            bias=self.bias is not None,
-            device=w.device,
-            dtype=w.dtype,
-        )
-        with torch.no_grad():
-            dense.weight.copy_(self.dense_weight())
-            if self.bias is not None:
-                dense.bias.copy_(self.bias)
-        return dense
+        return dense_conv(self, self.dense_weight(), self.bias)
 
     def extra_repr(self) -> str:
         return (

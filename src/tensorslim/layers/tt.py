@@ -39,7 +39,7 @@ from torch.nn import functional as F
 
 from tensorslim.decompose.tt import TTResult, choose_modes, full_tt_ranks, tt_svd, tt_to_matrix
 from tensorslim.errors import TensorslimError
-from tensorslim.layers.base import StructuredLayer
+from tensorslim.layers.base import StructuredLayer, dense_linear
 
 
 def tt_modes_for(
@@ -207,19 +207,7 @@ class TTLinear(StructuredLayer):
         return full[: self.out_features, : self.in_features]
 
     def to_dense(self) -> nn.Linear:
-        w = self.cores[0]
-        dense = nn.Linear(
-            self.in_features,
-            self.out_features,
-            self.bias is not None,
-            device=w.device,
-            dtype=w.dtype,
-        )
-        with torch.no_grad():
-            dense.weight.copy_(self.weight_matrix())
-            if self.bias is not None:
-                dense.bias.copy_(self.bias)
-        return dense
+        return dense_linear(self.weight_matrix(), self.bias)
 
     def analytic_flops(self, input_shape: tuple[int, ...]) -> int:
         return math.prod(input_shape[:-1]) * tt_flops_per_row(

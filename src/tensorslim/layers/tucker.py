@@ -95,9 +95,10 @@ class TuckerConv2d(StructuredLayer):
         rank_in: int,
         hooi_iters: int = 0,
         result: TuckerResult | None = None,
+        hooi_tol: float = 1e-7,
     ) -> TuckerConv2d:
-        """Tucker-2 (HOSVD + ``hooi_iters`` HOOI sweeps) of ``layer.weight`` on modes (0, 1),
-        or the given precomputed ``result``."""
+        """Tucker-2 (HOSVD + ≤ ``hooi_iters`` HOOI sweeps, stopping once a sweep gains less than
+        ``hooi_tol``) of ``layer.weight`` on modes (0, 1), or the given precomputed ``result``."""
         reason = conv_structure_reason(layer)
         if reason is not None:
             raise TensorslimError(f"cannot Tucker-decompose this layer: {reason}")
@@ -117,7 +118,9 @@ class TuckerConv2d(StructuredLayer):
             dtype=w.dtype,
         )
         if result is None:
-            result = partial_tucker(w, (rank_out, rank_in), (0, 1), hooi_iters=hooi_iters)
+            result = partial_tucker(
+                w, (rank_out, rank_in), (0, 1), hooi_iters=hooi_iters, tol=hooi_tol
+            )
         u_out, u_in = result.factors
         if tuple(u_out.shape) != (w.shape[0], rank_out) or tuple(u_in.shape) != (
             w.shape[1],

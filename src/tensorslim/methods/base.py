@@ -17,24 +17,49 @@ A method answers, for one layer of a model:
 Methods are classes registered by name; their constructor keyword arguments are their settings,
 which the plan stores so that ``apply`` can build the same method again. A method also declares
 the structured layer types it builds (``builds``), the calibration statistics it needs, the
-settings the demo uses, and may add a ``summary`` of what training did to the results.
+settings the demo uses, its named ``presets`` (``preset="paper"``: the authors' official settings,
+see :mod:`tensorslim.methods.presets`), and may add a ``summary`` of what training did to the
+results.
+
+Linear-like layers that are not ``nn.Linear`` (transformers' ``Conv1D``, weight stored (in, out))
+reach a method as an equivalent ``nn.Linear``: the base class wraps each subclass's ``supports``,
+``candidates``, ``output_errors`` and ``build`` so that their ``module`` argument goes through
+:func:`tensorslim.layers.linear_like.as_linear` first. A method therefore handles Linear once and
+covers every Linear-like layer.
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor, nn
 
 from tensorslim.errors import TensorslimError
 from tensorslim.facts import OUTPUT_ERROR, Config, LayerInfo, LayerStats, Option
+from tensorslim.layers.linear_like import as_linear
+from tensorslim.methods.presets import Preset
 
 if TYPE_CHECKING:
     from tensorslim.planner.records import CompressionPlan
     from tensorslim.rank.budget import Budget
     from tensorslim.train.hooks import TrainHook
+
+# the per-layer entry points whose first argument is the layer (see the module docstring)
+_LAYER_ENTRY_POINTS = ("supports", "candidates", "output_errors", "build")
+
+
+def _sees_linear_like_as_linear(function: Callable[..., Any]) -> Callable[..., Any]:
+    """``function(self, module, ...)`` called with ``as_linear(module)`` instead of ``module``."""
+
+    @functools.wraps(function)
+    def wrapper(self: Method, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return function(self, as_linear(module), *args, **kwargs)
+
+    return wrapper
 
 
 class Method(abc.ABC):
@@ -55,11 +80,19 @@ class Method(abc.ABC):
     builds: ClassVar[tuple[type[nn.Module], ...]] = ()
     # calibration statistics ``candidates`` wants (names in tensorslim.analysis.calibration)
     calibration_needs: ClassVar[frozenset[str]] = frozenset()
+    # True when ``build(..., init=True)`` needs the layer's calibration statistics (passed as
+    # ``stats=``): the weights depend on the data, not on the dense weight alone
+    needs_statistics_to_build: ClassVar[bool] = False
     # settings the demo runs this method with (None: the demo uses the defaults)
     demo_settings: ClassVar[dict[str, Any] | None] = None
+    # named presets (e.g. "paper": the official code's settings); "default" changes nothing
+    presets: ClassVar[Mapping[str, Preset]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        for entry in _LAYER_ENTRY_POINTS:
+            if entry in cls.__dict__:
+                setattr(cls, entry, _sees_linear_like_as_linear(cls.__dict__[entry]))
         if cls.name and not getattr(cls, "__abstractmethods__", None):
             from tensorslim.methods.registry import _register
 

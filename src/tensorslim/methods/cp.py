@@ -16,8 +16,14 @@ Rank rules (setting ``rank_rule``):
   the (weakened) EVBMF ranks, R = (c·R_in + R_in·R_out·kh·kw + R_out·n)/(c + kh + kw + n):
   VBMF measures how much of the kernel is signal, the CP rank then spends the same storage;
 - ``"budget"``: the ladder only — ``ladder`` fractions of the rank whose CP layer would cost
-  as many FLOPs as the dense conv (each rank is a real CP-ALS run, cached by kernel content);
+  as many FLOPs as the dense conv;
 - ``"fixed"``: ``rank``.
+
+Planning solves a layer's ranks along one warm-started ALS path, smallest first, each rank
+starting from the previous solution plus components of its residual
+(:func:`tensorslim.decompose.cp_path.cp_als_path`); a single rank is exactly :func:`cp_als`.
+The instance that planned keeps the path for ``build`` (``apply`` then decomposes nothing);
+without it ``build`` replays the path up to the chosen rank, which gives the same factors.
 
 The error of an option is the relative Frobenius error of the CP-ALS result itself. When ALS
 meets a degenerate problem (diverging, cancelling components) the ``on_degenerate`` policy of
@@ -26,6 +32,7 @@ meets a degenerate problem (diverging, cancelling components) the ``on_degenerat
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -33,16 +40,18 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from tensorslim.decompose.cp import CPDegeneracyWarning, CPResult, cp_als
+from tensorslim.analysis.output_error import relative_output_error, weight_rows_matrix
+from tensorslim.decompose.cp import CPDegeneracyWarning, CPResult, cp_als, cp_to_tensor
+from tensorslim.decompose.cp_path import cp_als_path
 from tensorslim.errors import TensorslimError
-from tensorslim.facts import Config, LayerStats
+from tensorslim.facts import OUTPUT_ERROR, Config, LayerStats
 from tensorslim.layers.cp import CPConv2d, conv_structure_reason
 from tensorslim.methods.base import LayerInfo, Method, Option
+from tensorslim.methods.planned import Factorizations
+from tensorslim.methods.registry import get_method
 from tensorslim.methods.tucker import (
-    LRUCache,
     TuckerMethod,
     effective_rule,
-    fingerprint,
     is_pointwise,
     pick_default,
     svd_fallback,
@@ -50,7 +59,6 @@ from tensorslim.methods.tucker import (
 )
 
 DEFAULT_LADDER = (0.04, 0.08, 0.13, 0.2, 0.3, 0.45, 0.65)
-_RESULTS = LRUCache(512)
 
 
 @dataclass
@@ -79,6 +87,10 @@ class CPMethod(Method):
     tol: float = 1e-4
     on_degenerate: str = "stabilize"
     seed: int = 0
+    # the planning instance's decompositions, for its own build (see methods/planned.py)
+    factorizations: Factorizations = field(
+        default_factory=Factorizations, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         validate_rank_settings(self.name, self.rank_rule, self.rank, self.weaken, self.min_rank)
@@ -108,25 +120,57 @@ class CPMethod(Method):
             return conv_structure_reason(module)
         return f"{type(module).__name__} is not a Linear or Conv2d"
 
-    # ----- decompositions (cached by kernel content and solver settings) ----------------------
-    def decompose(self, weight: torch.Tensor, rank: int) -> tuple[CPResult, list[str]]:
-        """CP-ALS of ``weight`` at ``rank`` with this method's settings, and its warnings."""
-        key = (fingerprint(weight), rank, self.max_iter, self.tol, self.on_degenerate, self.seed)
+    # ----- decompositions (one warm-started path per layer, kept for build) ------------------
+    def decompose_ranks(self, weight: torch.Tensor, ranks: list[int]) -> dict[int, CPResult]:
+        """CP-ALS of ``weight`` at every rank of ``ranks`` with this method's settings.
 
-        def run() -> tuple[CPResult, list[str]]:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", CPDegeneracyWarning)
-                result = cp_als(
-                    weight,
-                    rank,
-                    max_iter=self.max_iter,
-                    tol=self.tol,
-                    on_degenerate=self.on_degenerate,  # type: ignore[arg-type]
-                    seed=self.seed,
-                )
-            return result, [str(w.message) for w in caught]
+        One warm-started path (:func:`tensorslim.decompose.cp_path.cp_als_path`): each rank
+        starts from the previous one's solution; a single rank is exactly :func:`cp_als`.
+        ``on_degenerate="reduce_rank"`` solves each rank on its own (a path cannot drop
+        components). Degeneracy warnings are recorded on the results (``degenerate``,
+        ``stabilized``), not shown.
+        """
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CPDegeneracyWarning)
+            if self.on_degenerate == "reduce_rank":
+                return {r: self._cp_als(weight, r) for r in sorted(set(ranks))}
+            return cp_als_path(
+                weight,
+                ranks,
+                max_iter=self.max_iter,
+                tol=self.tol,
+                on_degenerate=self.on_degenerate,  # type: ignore[arg-type]
+                seed=self.seed,
+            )
 
-        return _RESULTS.get_or_compute(key, run)
+    def _cp_als(self, weight: torch.Tensor, rank: int) -> CPResult:
+        return cp_als(
+            weight,
+            rank,
+            max_iter=self.max_iter,
+            tol=self.tol,
+            on_degenerate=self.on_degenerate,  # type: ignore[arg-type]
+            seed=self.seed,
+        )
+
+    def _layer_results(
+        self, module: nn.Conv2d, info: LayerInfo | None, up_to: int | None = None
+    ) -> dict[int, CPResult]:
+        """The path of ``module``'s ranks (all, or those ≤ ``up_to`` plus ``up_to`` itself).
+
+        Served from this instance's planning store when it holds them; the path is a pure
+        function of the weight, the ranks and the settings, so recomputing it (a plan loaded
+        in another process) gives the same factors.
+        """
+        weight = module.weight.detach()
+        fqn = info.fqn if info is not None else None
+        stored = self.factorizations.get(fqn, weight)
+        if stored is not None and (up_to is None or up_to in stored):
+            return stored
+        ranks = self._ranks(module, info)[0] if info is not None else []
+        if up_to is not None:
+            ranks = [r for r in ranks if r < up_to] + [up_to]
+        return self.decompose_ranks(weight, ranks)
 
     def vbmf_rank(self, module: nn.Conv2d) -> int:
         """CP rank with the parameter count of Tucker-2 at the weakened EVBMF ranks."""
@@ -158,6 +202,27 @@ class CPMethod(Method):
             dtype=dtype,
         )
 
+    def _ranks(self, module: nn.Conv2d, info: LayerInfo) -> tuple[list[int], int | None, int, int]:
+        """(ranks to offer, the rule's default rank or None, FLOPs per unit rank, the rank
+        whose CP layer costs as many FLOPs as the dense conv)."""
+        rule = effective_rule(self.rank_rule, self.rank)
+        per_rank = (
+            self._skeleton(module, 1, torch.device("meta")).analytic_flops(info.input_shape)
+            * info.calls
+        )
+        equal_rank = max(1, info.flops // max(per_rank, 1))  # info.flops: summed over calls
+        if rule == "fixed":
+            assert self.rank is not None
+            return [self.rank], self.rank, per_rank, equal_rank
+        if rule == "vbmf":
+            rank = self.vbmf_rank(module)
+            return [rank], rank, per_rank, equal_rank
+        ranks = sorted({max(1, round(f * equal_rank)) for f in self.ladder})
+        default = self.vbmf_rank(module) if rule == "auto" else None
+        if default is not None and default not in ranks:
+            ranks = sorted({*ranks, default})
+        return ranks, default, per_rank, equal_rank
+
     def candidates(
         self, module: nn.Module, info: LayerInfo, stats: LayerStats | None = None
     ) -> list[Option]:
@@ -165,39 +230,20 @@ class CPMethod(Method):
         if is_pointwise(module):
             return svd_fallback(module, info, rule, self.rank, self.weaken, self.min_rank)
         assert isinstance(module, nn.Conv2d)
-        weight = module.weight.detach()
-        n, c, kh, kw = weight.shape
-        per_rank = (
-            self._skeleton(module, 1, torch.device("meta")).analytic_flops(info.input_shape)
-            * info.calls
-        )
-        dense_flops = info.flops  # already summed over all calls
-        equal_rank = max(1, dense_flops // max(per_rank, 1))
-        default: int | None
-        if rule == "fixed":
-            assert self.rank is not None
-            ranks = [self.rank]
-            default = self.rank
-        elif rule == "vbmf":
-            ranks = [self.vbmf_rank(module)]
-            default = ranks[0]
-        else:
-            ranks = sorted({max(1, round(f * equal_rank)) for f in self.ladder})
-            default = None
-            if rule == "auto":
-                default = self.vbmf_rank(module)
-                if default not in ranks:
-                    ranks = sorted({*ranks, default})
+        n, c, kh, kw = module.weight.shape
+        ranks, default, per_rank, equal_rank = self._ranks(module, info)
+        results = self.decompose_ranks(module.weight.detach(), ranks)
+        self.factorizations.put(info.fqn, module.weight, results)
         bias = module.bias.numel() if module.bias is not None else 0
         options = []
         for rank in ranks:
-            result, caught = self.decompose(weight, rank)
+            result = results[rank]
             extra: dict[str, Any] = {
                 "iterations": result.iterations,
                 "converged": result.converged,
                 "equal_flops_rank": int(equal_rank),
             }
-            if result.degenerate or result.stabilized or caught:
+            if result.degenerate or result.stabilized:
                 extra.update(
                     degenerate=True, stabilized=result.stabilized, effective_rank=result.rank
                 )
@@ -215,6 +261,24 @@ class CPMethod(Method):
                 )
             )
         return options
+
+    def output_errors(
+        self, module: nn.Module, info: LayerInfo, options: list[Option], stats: LayerStats
+    ) -> list[Option]:
+        """Output-space errors of the planned decompositions (no second decomposition)."""
+        if is_pointwise(module):
+            return get_method("svd").output_errors(module, info, options, stats)
+        assert isinstance(module, nn.Conv2d) and stats.gram is not None
+        results = self._layer_results(module, info)
+        reference = weight_rows_matrix(module)
+        measured = []
+        for option in options:
+            rank = int(option.config["rank"])
+            result = results.get(rank) or self._layer_results(module, info, rank)[rank]
+            approx = cp_to_tensor(result.weights, result.factors)
+            error = relative_output_error(reference, approx, stats.gram)
+            measured.append(dataclasses.replace(option, error=error, error_space=OUTPUT_ERROR))
+        return measured
 
     def choose_without_budget(self, options: list[Option], info: LayerInfo) -> Option | None:
         chosen = pick_default(options)
@@ -243,7 +307,12 @@ class CPMethod(Method):
             raise TensorslimError(f"cp rank must be ≥ 1, got {rank}")
         if not init:
             return self._skeleton(module, rank, module.weight.device, module.weight.dtype)
-        result, _ = self.decompose(module.weight.detach(), rank)
+        fqn = info.fqn if info is not None else None
+        stored = self.factorizations.take(fqn, module.weight)
+        if stored is not None and rank in stored:
+            result = stored[rank]
+        else:
+            result = self._layer_results(module, info, rank)[rank]
         return CPConv2d.from_dense(module, rank, result=result)
 
 

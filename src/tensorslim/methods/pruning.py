@@ -30,6 +30,7 @@ from tensorslim.errors import TensorslimError
 from tensorslim.facts import Config, LayerStats
 from tensorslim.layers.sparse import PRUNABLE_TYPES, add_mask, finalize, mask_of, masked_modules
 from tensorslim.methods.base import LayerInfo, Method, Option
+from tensorslim.methods.presets import Preset
 from tensorslim.train.hooks import TrainHook, unwrap
 from tensorslim.train.pruning import (
     SCHEDULE_KINDS,
@@ -101,8 +102,10 @@ class _PruningMethod(Method):
     exponential, constant), ``start``/``end`` (fractions of training), ``interval`` (ΔT in steps;
     None = about 25 updates), ``initial_sparsity``, ``drop_fraction`` (RigL α), ``rank_weight``
     (λ of the adversarial rank loss), ``partial_k`` (its tail-energy fraction),
-    ``rank_loss_every_step``, ``scope`` (global or layer ranking), ``keep_first_dense``,
-    ``keep_last_dense``, ``delta`` (δ of the δ-rank reports).
+    ``rank_loss_every_step``, ``rank_loss_layers`` ("conv": every convolution, as in RPG's code;
+    "pruned": the ranked layers), ``scope`` (the layer sparsity distribution: "global" ranking,
+    "layer"/"uniform" or "erk"), ``keep_first_dense``, ``keep_last_dense``, ``delta`` (δ of the
+    δ-rank reports).
     """
 
     kind: ClassVar[str] = "training"
@@ -121,6 +124,7 @@ class _PruningMethod(Method):
     rank_weight: float = 0.0
     partial_k: float = 0.1
     rank_loss_every_step: bool = False
+    rank_loss_layers: str = "conv"
     scope: str = "global"
     keep_first_dense: bool = True
     keep_last_dense: bool = False
@@ -155,6 +159,7 @@ class _PruningMethod(Method):
             rank_weight=self.rank_weight,
             partial_k=self.partial_k,
             rank_loss_every_step=self.rank_loss_every_step,
+            rank_loss_layers=self.rank_loss_layers,
             scope=self.scope,
             keep_first_dense=self.keep_first_dense,
             keep_last_dense=self.keep_last_dense,
@@ -247,12 +252,36 @@ class _PruningMethod(Method):
         return finalize(model)
 
     def summary(self, model: nn.Module) -> dict[str, Any]:
-        """Sparsity reached, per-layer sparsity and δ-ranks (see ``pruning_summary``)."""
+        """Sparsity reached, per-layer sparsity, δ-ranks and the RPG code's energy ranks at
+        ``partial_k`` (see ``pruning_summary``)."""
         layers = self._pruned_layers
         named = dict(unwrap(model).named_modules())
         if layers is not None:
             layers = [n for n in layers if n in named]
-        return pruning_summary(model, self.delta, layers or None)
+        return pruning_summary(model, self.delta, layers or None, self.partial_k)
+
+
+# The official RPG runs (huawei-noah/Efficient-Computing, Pruning/RPG/train.sh, ResNet-50 on
+# ImageNet): --distribution magnitude-exponential (density D^(j/U) at the j-th of U updates, one
+# global magnitude ranking over every conv and linear weight, the first conv included),
+# --delta 100 (an update every 100 steps), --iterative_T_end_percent 0.9 (the density reaches D at
+# 90 % of training), --alpha 0.3; λ (--lamb) and partial_k vary with the sparsity (0.5 / 0.2 at
+# 80 %, 0.5 / 0.1 at 90 %, 3 / 0.2 at 95 %, 4 / 0.2 at 98 %): λ stays this library's.
+RPG_PAPER = Preset(
+    settings={
+        "schedule": "exponential",
+        "interval": 100,
+        "start": 0.0,
+        "end": 0.9,
+        "scope": "global",
+        "keep_first_dense": False,
+        "keep_last_dense": False,
+        "drop_fraction": 0.3,
+    },
+    description="the official code's schedule: exponential density, ΔT = 100, until 90 %, "
+    "global ranking over all conv and linear layers",
+    source="huawei-noah/Efficient-Computing Pruning/RPG (train.sh, rigl_torch/RigL.py)",
+)
 
 
 @dataclass
@@ -268,6 +297,7 @@ class RPGMethod(_PruningMethod):
     # δ-rank over GMP's 57.2 to 58.5 / 61.0 / 65.0 at accuracy 0.871 / 0.872 / 0.864 (GMP 0.871);
     # 10 keeps the accuracy (bench/pruning.py, pilot runs).
     rank_weight: float = 10.0
+    presets: ClassVar[dict[str, Preset]] = {"paper": RPG_PAPER}
 
 
 @dataclass

@@ -7,6 +7,7 @@ import difflib
 from typing import TYPE_CHECKING, Any
 
 from tensorslim.errors import TensorslimError
+from tensorslim.methods.presets import resolve_settings
 
 if TYPE_CHECKING:
     from tensorslim.methods.base import Method
@@ -57,13 +58,22 @@ def builder_of(layer: object, prefer: str | None = None) -> str | None:
         return prefer
     builders = sorted(n for n, cls in _METHODS.items() if type(layer) in cls.builds)
     if len(builders) > 1:
+        # data-aware methods build the same layers as the method that needs only the weights;
+        # a structure read back (init=False) is the same whichever built it: name that one
+        builders = [n for n in builders if not _METHODS[n].needs_statistics_to_build]
+    if len(builders) > 1:
         raise RuntimeError(f"{type(layer).__name__} is built by several methods: {builders}")
     return builders[0] if builders else None
 
 
 def get_method(name: str, **settings: Any) -> Method:
-    """An instance of the method ``name`` with the given settings (validated by the method)."""
+    """An instance of the method ``name`` with the given settings (validated by the method).
+
+    ``preset="paper"`` (or any preset the method declares) fills in the preset's settings under
+    the explicit ones (:func:`tensorslim.methods.presets.resolve_settings`).
+    """
     cls = method_class(name)
+    settings = resolve_settings(cls, settings)
     valid = setting_names(cls)
     unknown = sorted(set(settings) - set(valid)) if valid is not None else []
     if unknown:
@@ -71,7 +81,7 @@ def get_method(name: str, **settings: Any) -> Method:
         hint = f" — did you mean '{close[0]}'?" if close else ""
         raise TensorslimError(
             f"bad settings for method '{cls.name}': no setting '{unknown[0]}'{hint} (its "
-            f"settings: {', '.join(valid) if valid else 'none'})"
+            f"settings: {', '.join(valid) if valid else 'none'}; or preset=NAME)"
         )
     try:
         return cls(**settings)

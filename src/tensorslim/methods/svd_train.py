@@ -5,7 +5,8 @@ Planning gives every supported layer one option, its full-rank SVD form (``SVDLi
 the orthogonality and sparsity regularizers (``train_hooks``). ``finalize`` prunes singular
 values by energy — with the plan's budget, the energy threshold is searched so the whole model
 meets it — merges layers whose rank left does not pay back to dense, and converts the rest to
-``LowRankLinear``/``LowRankConv2d``. The three-stage pipeline with low-rank fine-tuning is
+``LowRankLinear``/``LowRankConv2d``. The pipeline that fine-tunes in SVD form between pruning
+and conversion composes these stages (``prune``, ``orthogonality_hooks``):
 ``tensorslim.train.svd_pipeline.svd_train_pipeline`` (CLI: ``tensorslim svd-train``).
 """
 
@@ -22,6 +23,7 @@ from tensorslim.facts import Config, LayerStats
 from tensorslim.layers.conv_geometry import unsupported_conv_reason
 from tensorslim.layers.svd import SVDConv2d, SVDLayer, SVDLinear
 from tensorslim.methods.base import LayerInfo, Method, Option
+from tensorslim.methods.presets import Preset
 
 if TYPE_CHECKING:
     from tensorslim.plan import CompressionPlan
@@ -33,6 +35,30 @@ def _zeros_input(model: nn.Module, plan: CompressionPlan) -> torch.Tensor:
     costs only)."""
     first = next(iter(model.parameters()))
     return torch.zeros(plan.input_shape, device=first.device, dtype=first.dtype)
+
+
+# The official code (yanghr/SVD_Prune_EDLCV, CNN/cifar10/cifar10_resnet20.py and its "Start up
+# code.md"): Adam at lr 1e-3 with no weight decay (its --decay is λs, not a weight decay), the
+# learning rate ×0.1 at epochs 81 and 122 of 164, --perp_weight (λo) 1.0 in every stage, no
+# BatchNorm re-estimation; and three runs: from scratch in SVD form with the orthogonality loss
+# only (--reg_type None --decay 0), then with the sparsity term, prune, fine-tune with λo only.
+# λs (--decay) and the pruning energy (-e) vary with the network and the scheme: they stay the
+# caller's. The first run is the pipeline's orthogonality stage (epochs_orthogonal, CLI
+# --orthogonal-epochs); compress trains in one phase and reads lr, optimizer, weight_decay only.
+SVD_TRAIN_PAPER = Preset(
+    settings={"lambda_o": 1.0, "budget_gate_energy": None},
+    training={
+        "optimizer": "adam",
+        "lr": 1e-3,
+        "finetune_lr": 1e-3,
+        "weight_decay": 0.0,
+        "schedule": "step",
+        "bn_recalibration_batches": 0,
+    },
+    description="the official code's training: Adam 1e-3 without weight decay, ×0.1 at 81/164 "
+    "and 122/164, λo = 1, no BatchNorm re-estimation (first stage: --orthogonal-epochs)",
+    source="yanghr/SVD_Prune_EDLCV (CNN/cifar10/cifar10_resnet20.py, Start up code.md)",
+)
 
 
 @dataclass
@@ -62,6 +88,8 @@ class SVDTrainMethod(Method):
         "lambda_o": 1.0,
         "lambda_s": 0.02,
     }
+
+    presets: ClassVar[dict[str, Preset]] = {"paper": SVD_TRAIN_PAPER}
 
     scheme: str = "channel"
     reg: str = "hoyer"
@@ -193,7 +221,7 @@ class SVDTrainMethod(Method):
         target = self._target(plan)
         if self.budget_gate_energy is not None and target is not None:
             from tensorslim.train.hooks import unwrap
-            from tensorslim.train.svd_pipeline import BudgetGate
+            from tensorslim.train.svd_prune import BudgetGate
 
             net = unwrap(model)
             metric, fraction = target
@@ -209,16 +237,18 @@ class SVDTrainMethod(Method):
             )
         return [SVDRegularizerHook(self.lambda_o, self.lambda_s, self.reg, sparsity_gate=gate)]
 
-    def finalize(self, model: nn.Module, plan: CompressionPlan) -> nn.Module:
-        """Energy pruning (budget search when the plan has one) and conversion to low rank."""
-        from tensorslim.train.svd_pipeline import finalize_svd_model
+    def prune(self, model: nn.Module, plan: CompressionPlan) -> dict[str, Any]:
+        """Energy pruning (the threshold searched for the plan's budget when it has one, else
+        ``energy``) and the merge of layers whose rank left does not pay; survivors stay in SVD
+        form. Returns the pruning report (``tensorslim.train.svd_prune.prune_svd_model``)."""
+        from tensorslim.train.svd_prune import prune_and_merge
 
         target = self._target(plan)
         if target is None and self.energy is None:
             raise TensorslimError(
                 "svd_train needs a budget or energy=… to prune singular values (see train_hooks)"
             )
-        self._last_report = finalize_svd_model(
+        self._last_report = prune_and_merge(
             model,
             _zeros_input(model, plan),
             energy=None if target is not None else self.energy,
@@ -226,7 +256,27 @@ class SVDTrainMethod(Method):
             reference=(plan.model_flops, plan.model_params),
             merge_dense=self.merge_dense,
         )
+        return self._last_report
+
+    def finalize(self, model: nn.Module, plan: CompressionPlan) -> nn.Module:
+        """:meth:`prune`, then every surviving SVD layer becomes its ``LowRank*`` layer."""
+        from tensorslim.train.svd_prune import svd_to_lowrank
+
+        self.prune(model, plan)
+        svd_to_lowrank(model)
         return model
+
+    def orthogonality_hooks(self, model: nn.Module, *, keep: bool = True) -> list[TrainHook]:
+        """The regularizer of training in SVD form without sparsity: λo·Σ L_o (0 without
+        ``keep``), no sparsity term — the authors' first run and their fine-tuning both run
+        with ``--reg_type None`` and the same orthogonality weight. None without SVD layers."""
+        from tensorslim.layers.svd import svd_layers
+        from tensorslim.train.hooks import unwrap
+        from tensorslim.train.svd_regularizers import SVDRegularizerHook
+
+        if not svd_layers(unwrap(model)):
+            return []
+        return [SVDRegularizerHook(self.lambda_o if keep else 0.0, 0.0, self.reg)]
 
     def summary(self, model: nn.Module) -> dict[str, Any]:
         """The energy threshold used and each layer's rank before/after pruning."""

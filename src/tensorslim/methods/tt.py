@@ -18,20 +18,19 @@ Each option's error is measured on the multiplied-out TT-matrix (exact, not a bo
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from torch import nn
 
-from tensorslim.decompose.tt import TTResult, full_tt_ranks, tt_svd
+from tensorslim.decompose.tt import TTResult, first_unfolding_svd, full_tt_ranks, tt_svd
 from tensorslim.errors import TensorslimError
 from tensorslim.facts import Config, LayerStats
 from tensorslim.layers.tt import TTLinear, padded_weight, tt_flops_per_row, tt_modes_for, tt_params
 from tensorslim.methods.base import LayerInfo, Method, Option
-from tensorslim.methods.tucker import LRUCache, fingerprint
+from tensorslim.methods.planned import Factorizations
 
 TT_RULES = ("auto", "budget", "fixed", "eps")
-_RESULTS = LRUCache(256)
 
 
 def rank_ladder(max_rank: int) -> list[int]:
@@ -56,6 +55,10 @@ class TTMethod(Method):
     rank: int | None = None
     eps: float | None = None
     d: int = 3
+    # the planning instance's TT-SVDs, for its own build (see methods/planned.py)
+    factorizations: Factorizations = field(
+        default_factory=Factorizations, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         if self.rank_rule not in TT_RULES:
@@ -103,21 +106,22 @@ class TTMethod(Method):
         eps: float | None = None,
         ranks: tuple[int, ...] | None = None,
     ) -> TTResult:
-        """TT-SVD of the (padded) weight, cached by content and truncation."""
+        """TT-SVD of the (padded) weight at one truncation."""
         out_modes, in_modes = self.modes(module)
-        weight = module.weight.detach()
-        key = (fingerprint(weight), out_modes, in_modes, max_rank, eps, ranks)
-        return _RESULTS.get_or_compute(
-            key,
-            lambda: tt_svd(
-                padded_weight(weight, out_modes, in_modes),
-                out_modes,
-                in_modes,
-                max_rank=max_rank,
-                eps=eps,
-                ranks=ranks,
-            ),
-        )
+        padded = padded_weight(module.weight.detach(), out_modes, in_modes)
+        return tt_svd(padded, out_modes, in_modes, max_rank=max_rank, eps=eps, ranks=ranks)
+
+    def ladder(self, module: nn.Linear) -> list[TTResult]:
+        """TT-SVDs at every rank cap of :func:`rank_ladder`, sharing the first unfolding's SVD
+        (the truncations differ only from the second bond on)."""
+        out_modes, in_modes = self.modes(module)
+        padded = padded_weight(module.weight.detach(), out_modes, in_modes)
+        first = first_unfolding_svd(padded, out_modes, in_modes)
+        top = max(full_tt_ranks(out_modes, in_modes))
+        return [
+            tt_svd(padded, out_modes, in_modes, max_rank=cap, first=first)
+            for cap in rank_ladder(top)
+        ]
 
     def candidates(
         self, module: nn.Module, info: LayerInfo, stats: LayerStats | None = None
@@ -130,8 +134,8 @@ class TTMethod(Method):
         elif rule == "eps":
             results = [self.decompose(module, eps=float(self.eps))]  # type: ignore[arg-type]
         else:
-            top = max(full_tt_ranks(out_modes, in_modes))
-            results = [self.decompose(module, max_rank=cap) for cap in rank_ladder(top)]
+            results = self.ladder(module)
+        self.factorizations.put(info.fqn, module.weight, {r.ranks: r for r in results})
         tokens = math.prod(info.input_shape[:-1]) * info.calls
         bias = module.out_features if module.bias is not None else 0
         options, seen = [], set()
@@ -189,10 +193,13 @@ class TTMethod(Method):
                 device=w.device,
                 dtype=w.dtype,
             )
-        weight = module.weight.detach()
-        result = tt_svd(
-            padded_weight(weight, out_modes, in_modes), out_modes, in_modes, ranks=ranks
-        )
+        stored = self.factorizations.take(info.fqn if info else None, module.weight)
+        result = stored.get(ranks) if stored is not None else None
+        if result is None:
+            weight = module.weight.detach()
+            result = tt_svd(
+                padded_weight(weight, out_modes, in_modes), out_modes, in_modes, ranks=ranks
+            )
         if result.ranks != ranks:
             raise TensorslimError(
                 f"tt: the weight supports TT ranks {result.ranks}, the config asks {ranks}"

@@ -13,35 +13,49 @@ Rank rules (setting ``rank_rule``):
 - ``"auto"`` (default): with ``rank`` set, as ``"fixed"``; otherwise the budget ladder, with
   the VBMF ranks marked as the choice when the plan has no budget;
 - ``"vbmf"``: the single option with EVBMF ranks of the mode-0/mode-1 unfoldings, weakened by
-  ``weaken`` = k: rank = R − k·(R − R_vbmf), at least ``min_rank``;
+  ``weaken`` = k: rank = R − k·(R − R_vbmf), at least ``min_rank`` (``weaken_rule="musco"``:
+  MUSCO's own rule, see :func:`tensorslim.decompose.vbmf.weaken_rank`);
 - ``"budget"``: only the ladder — the Pareto front of (FLOPs, HOSVD error) over all rank pairs,
   read off one HOSVD (:func:`tensorslim.decompose.tucker.tucker2_error_table`), thinned to at
   most ``max_options`` — for the global allocator;
 - ``"fixed"``: ``rank`` = R (both modes, capped by the channel counts) or [R_out, R_in].
 
 The error of an option is the HOSVD relative error of the kernel (an upper bound when
-``hooi_iters`` > 0, since HOOI only lowers it).
+``hooi_iters`` > 0, since HOOI only lowers it); with calibration, the output error of the same
+truncation, every pair from one table. One full HOSVD per layer prices every pair; the planning
+instance keeps it, so ``build`` (at ``hooi_iters`` = 0) slices it instead of decomposing again.
+
+Presets: ``paper`` — the reference code of Kim et al. (jacobgil/pytorch-tensor-decompositions:
+EVBMF ranks, unweakened, then TensorLy's ``partial_tucker``, i.e. HOOI with ≤ 100 sweeps and
+tolerance 1e-4); ``musco`` — MUSCO (Gusak et al. 2019, musco-ai/musco-pytorch): EVBMF ranks
+weakened with k = 0.8 by MUSCO's rule (modes under 21 and VBMF rank 0 keep the full rank, rounding
+down), then HOOI.
 """
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import math
-from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from tensorslim.decompose.tucker import tucker2_error_table
-from tensorslim.decompose.vbmf import evbmf, tucker2_vbmf_ranks, weaken_rank
+from tensorslim.decompose.tucker import (
+    Tucker2Bases,
+    tucker2_bases,
+    tucker2_error_table,
+    tucker2_output_error_table,
+)
+from tensorslim.decompose.vbmf import check_weaken_rule, evbmf, tucker2_vbmf_ranks, weaken_rank
 from tensorslim.errors import TensorslimError
-from tensorslim.facts import Config, LayerStats
+from tensorslim.facts import OUTPUT_ERROR, Config, LayerStats
 from tensorslim.layers.cp import conv_structure_reason
 from tensorslim.layers.tucker import TuckerConv2d
 from tensorslim.methods.base import LayerInfo, Method, Option
+from tensorslim.methods.planned import Factorizations
+from tensorslim.methods.presets import Preset
 from tensorslim.methods.registry import get_method
 
 RANK_RULES = ("auto", "vbmf", "budget", "fixed")
@@ -49,34 +63,6 @@ MAX_OPTIONS = 48
 
 
 # ----- helpers shared with the cp method -------------------------------------------------------
-def fingerprint(tensor: torch.Tensor) -> str:
-    """A content hash of a tensor (shape, dtype and values) to key caches of decompositions."""
-    t = tensor.detach().to("cpu")
-    digest = hashlib.sha1(t.to(torch.float64).contiguous().numpy().tobytes()).hexdigest()
-    return f"{tuple(t.shape)}:{t.dtype}:{digest}"
-
-
-class LRUCache:
-    """A small least-recently-used cache (decompositions are reused between candidates/build)."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._data: OrderedDict[Any, Any] = OrderedDict()
-
-    def get_or_compute(self, key: Any, compute: Callable[[], Any]) -> Any:
-        if key in self._data:
-            self._data.move_to_end(key)
-            return self._data[key]
-        value = compute()
-        self._data[key] = value
-        while len(self._data) > self.size:
-            self._data.popitem(last=False)
-        return value
-
-    def clear(self) -> None:
-        self._data.clear()
-
-
 def is_pointwise(module: nn.Module) -> bool:
     """Linear layers and 1×1 convs: their weight is a matrix, so SVD is the decomposition."""
     return isinstance(module, nn.Linear) or (
@@ -112,6 +98,7 @@ def svd_fallback(
     rank: int | None,
     weaken: float,
     min_rank: int,
+    weaken_rule: str = "tensorslim",
 ) -> list[Option]:
     """Options of the ``svd`` method for a Linear / 1×1 conv, under the same rank rule.
 
@@ -124,7 +111,7 @@ def svd_fallback(
     if rule == "fixed":
         assert rank is not None
         return get_method("svd", rank=min(int(rank), full)).candidates(module, info)
-    vbmf_rank = weaken_rank(full, evbmf(matrix).rank, weaken, min_rank)
+    vbmf_rank = weaken_rank(full, evbmf(matrix).rank, weaken, min_rank, weaken_rule)
     if rule == "vbmf":
         return get_method("svd", rank=vbmf_rank).candidates(module, info)
     options = get_method("svd").candidates(module, info)
@@ -144,8 +131,6 @@ def pick_default(options: list[Option]) -> Option | None:
 
 
 # ----- tucker ----------------------------------------------------------------------------------
-_TABLES = LRUCache(64)
-_VBMF = LRUCache(256)
 
 
 def _bias(module: nn.Module) -> int:
@@ -228,6 +213,29 @@ def pareto_ladder(
     return [(i // width, i % width) for i in front]
 
 
+# HOOI as TensorLy's partial_tucker runs it by default (n_iter_max=100, tol=1e-4), which the
+# reference codes call (jacobgil/pytorch-tensor-decompositions; MUSCO uses sktensor's hooi)
+_HOOI = {"hooi_iters": 100, "hooi_tol": 1e-4}
+TUCKER_PRESETS = {
+    "paper": Preset(
+        settings={"rank_rule": "vbmf", "weaken": 1.0, **_HOOI},
+        description="Kim et al.'s reference code: EVBMF ranks, HOOI refinement",
+        source="jacobgil/pytorch-tensor-decompositions (decompositions.py, VBMF.py)",
+    ),
+    "musco": Preset(
+        settings={
+            "rank_rule": "vbmf",
+            "weaken": 0.8,
+            "min_rank": 21,
+            "weaken_rule": "musco",
+            **_HOOI,
+        },
+        description="MUSCO's weakened VBMF (k = 0.8; modes < 21 and rank 0 keep full rank)",
+        source="musco-ai/musco-pytorch (rank_selection/estimator.py weaken_rank)",
+    ),
+}
+
+
 @dataclass
 class TuckerMethod(Method):
     """Tucker-2 decomposition of convolutions (see the module docstring)."""
@@ -240,11 +248,21 @@ class TuckerMethod(Method):
     rank: int | list[int] | None = None
     weaken: float = 1.0
     min_rank: int = 1
+    weaken_rule: str = "tensorslim"
     hooi_iters: int = 0
+    hooi_tol: float = 1e-7
     max_options: int = MAX_OPTIONS
+    presets: ClassVar[dict[str, Preset]] = TUCKER_PRESETS
+    # the planning instance's HOSVDs, for its own build (see methods/planned.py)
+    factorizations: Factorizations = field(
+        default_factory=Factorizations, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         validate_rank_settings(self.name, self.rank_rule, self.rank, self.weaken, self.min_rank)
+        check_weaken_rule(self.weaken_rule, "tucker weaken_rule")
+        if not isinstance(self.hooi_tol, int | float) or self.hooi_tol < 0:
+            raise TensorslimError(f"tucker: hooi_tol must be a number ≥ 0, got {self.hooi_tol!r}")
         if self.rank is not None:
             ranks = self.rank if isinstance(self.rank, list | tuple) else [self.rank]
             if len(ranks) not in (1, 2) or any(
@@ -279,11 +297,14 @@ class TuckerMethod(Method):
         return min(int(ranks[0]), n), min(int(ranks[1]), c)
 
     def vbmf_ranks(self, weight: torch.Tensor) -> tuple[int, int]:
-        """Weakened EVBMF ranks (R_out, R_in) of a kernel (cached by content)."""
-        key = (fingerprint(weight), self.weaken, self.min_rank)
-        return _VBMF.get_or_compute(
-            key, lambda: tucker2_vbmf_ranks(weight, self.weaken, self.min_rank)
-        )
+        """Weakened EVBMF ranks (R_out, R_in) of a kernel."""
+        return tucker2_vbmf_ranks(weight, self.weaken, self.min_rank, self.weaken_rule)
+
+    def bases(self, module: nn.Conv2d, info: LayerInfo | None) -> Tucker2Bases:
+        """The layer's full HOSVD: from this instance's planning store, else computed."""
+        fqn = info.fqn if info is not None else None
+        stored = self.factorizations.get(fqn, module.weight)
+        return stored if stored is not None else tucker2_bases(module.weight)
 
     def candidates(
         self, module: nn.Module, info: LayerInfo, stats: LayerStats | None = None
@@ -294,11 +315,15 @@ class TuckerMethod(Method):
             fixed = None
             if rule == "fixed" and self.rank is not None:
                 fixed = min(self.rank) if isinstance(self.rank, list) else int(self.rank)
-            return svd_fallback(module, info, rule, fixed, self.weaken, self.min_rank)
+            return svd_fallback(
+                module, info, rule, fixed, self.weaken, self.min_rank, self.weaken_rule
+            )
         assert isinstance(module, nn.Conv2d)
         weight = module.weight.detach()
         n, c = weight.shape[:2]
-        table = _TABLES.get_or_compute(fingerprint(weight), lambda: tucker2_error_table(weight))
+        bases = tucker2_bases(weight)
+        self.factorizations.put(info.fqn, module.weight, bases)
+        table = tucker2_error_table(bases)
         flops, params = tucker_cost_grids(module, info.input_shape, info.calls)
         errors = table[1:, 1:]
         dense_flops = info.flops  # already summed over all calls
@@ -336,6 +361,24 @@ class TuckerMethod(Method):
             )
         return options
 
+    def output_errors(
+        self, module: nn.Module, info: LayerInfo, options: list[Option], stats: LayerStats
+    ) -> list[Option]:
+        """Output-space HOSVD errors of every option from one table
+        (:func:`tensorslim.decompose.tucker.tucker2_output_error_table`)."""
+        if is_pointwise(module):
+            return get_method("svd").output_errors(module, info, options, stats)
+        assert isinstance(module, nn.Conv2d) and stats.gram is not None
+        table = tucker2_output_error_table(self.bases(module, info), stats.gram)
+        return [
+            dataclasses.replace(
+                o,
+                error=float(table[o.config["rank_out"], o.config["rank_in"]]),
+                error_space=OUTPUT_ERROR,
+            )
+            for o in options
+        ]
+
     def choose_without_budget(self, options: list[Option], info: LayerInfo) -> Option | None:
         chosen = pick_default(options)
         if chosen is not None:
@@ -362,7 +405,15 @@ class TuckerMethod(Method):
                 f"tucker config needs integer rank_out and rank_in, got {config}"
             ) from None
         if init:
-            return TuckerConv2d.from_dense(module, ro, ri, hooi_iters=self.hooi_iters)
+            result = None
+            if self.hooi_iters == 0:
+                # the planned HOSVD sliced at the chosen ranks (= partial_tucker at them)
+                stored = self.factorizations.take(info.fqn if info else None, module.weight)
+                if stored is not None:
+                    result = stored.truncate(ro, ri)
+            return TuckerConv2d.from_dense(
+                module, ro, ri, hooi_iters=self.hooi_iters, hooi_tol=self.hooi_tol, result=result
+            )
         w = module.weight
         return TuckerConv2d(
             module.in_channels,

@@ -46,7 +46,7 @@ def is_user_code(name: str) -> bool:
     form ``module:function`` (a dotted module or a ``.py`` file) executes that module.
     """
     name = name.strip()
-    return is_external_spec(name) and not name.startswith("torchvision:")
+    return is_external_spec(name) and not name.startswith(("torchvision:", "hf:"))
 
 
 def _import_module_from_spec(module_name: str) -> ModuleType:

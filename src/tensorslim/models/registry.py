@@ -1,7 +1,8 @@
 """Model registry: ``@register_model``, :func:`create_model` and :func:`list_models`.
 
 Names resolve in this order: a registered zoo name (``lenet5``, ``resnet20``, ...), then
-``torchvision:NAME``, then the user's own ``module:function`` builder.
+``hf:PATH`` (a local Hugging Face model directory, offline), then ``torchvision:NAME``, then the
+user's own ``module:function`` builder.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from tensorslim.models.external import (
     build_user_model,
     is_external_spec,
 )
+from tensorslim.models.huggingface import hf_path, load_hf_model
 
 __all__ = ["create_model", "list_models", "register_model"]
 
@@ -124,6 +126,13 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
             raise TensorslimError(
                 f"model {key!r} cannot be built with {kwargs} ({exc}); fix the arguments"
             ) from exc
+    directory = hf_path(key)
+    if directory is not None:
+        # a pretrained model keeps its own architecture: the zoo's shape arguments do not apply
+        other = sorted(set(kwargs) - {"in_channels", "num_classes"})
+        if other:
+            raise TensorslimError(f"model {key!r} takes no arguments (got {', '.join(other)})")
+        return load_hf_model(directory)
     if key.startswith("torchvision:"):
         tv_name = key.split(":", 1)[1].strip()
         if not tv_name:

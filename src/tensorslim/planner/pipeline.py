@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from tensorslim.analysis.calibration import GRAM, LossFn, collect_statistics
+from tensorslim.analysis.calibration import GRAM, LossFn, collect_statistics, has_input_rows
 from tensorslim.analysis.deployment import Deployment
 from tensorslim.analysis.timing import LatencyCache
 from tensorslim.errors import TensorslimError
@@ -20,7 +20,10 @@ from tensorslim.facts import LayerStats
 from tensorslim.fold import fold_batchnorm
 from tensorslim.inputs import ForwardFn, batch_inputs
 from tensorslim.methods.base import Method
+from tensorslim.methods.planned import carry_factorizations
 from tensorslim.methods.registry import get_method
+from tensorslim.planner.apply import DEFAULT_CALIBRATION_BATCHES as DEFAULT_BATCHES
+from tensorslim.planner.apply import attach_statistics
 from tensorslim.planner.assemble import assemble_plan
 from tensorslim.planner.candidates import gather_candidates
 from tensorslim.planner.choose import choose_options
@@ -34,11 +37,13 @@ from tensorslim.planner.survey import (
     is_selected,
     resolve_names,
     survey_model,
+    weight_read_reason,
 )
+from tensorslim.planner.ties import TiePlan, check_tied_mode, decide_ties
 from tensorslim.rank.budget import Budget
 from tensorslim.surgery import FilterFn
 
-DEFAULT_CALIBRATION_BATCHES = 16
+DEFAULT_CALIBRATION_BATCHES = DEFAULT_BATCHES
 # plan(allow_slower=None) means this: structured layers measured slower than dense are refused
 ALLOW_SLOWER_BY_DEFAULT = False
 
@@ -61,6 +66,7 @@ def plan(
     allow_slower: bool | None = None,
     latency_cache: LatencyCache | None = None,
     fold_bn: bool = False,
+    tied: str = "dense",
     **settings: Any,
 ) -> CompressionPlan:
     """Compute a compression plan for ``model``.
@@ -75,6 +81,9 @@ def plan(
     ``calibration``: a loader of real batches; the first ``calibration_batches`` are run once to
     collect what the method needs (and input Grams, so errors are measured in output space).
     ``loss_fn(output, batch)`` is needed by methods that use the Fisher diagonal.
+    ``tied``: layers whose weight another module also holds (an LM head tied to its
+    embedding) stay dense with ``"dense"``; ``"share"`` compresses them where the tie can be
+    kept exactly (see :mod:`tensorslim.planner.ties`). A plan never unties a weight.
     ``deployment``: the setting latencies are measured in (``Deployment(batch=8, threads=1,
     memory_format="channels_last", backend="onnxruntime")`` or ``"batch=8,threads=1"``; default:
     the example's batch size, ``torch.get_num_threads()``, NCHW, eager). Under any budget a
@@ -90,13 +99,15 @@ def plan(
     ``settings`` are the method's own (e.g. ``scheme="spatial"``).
     """
     budget = Budget.coerce(budget)
+    check_tied_mode(tied)
     folded: list[str] = []
     if fold_bn:
         model, folded = fold_batchnorm(model)
     chosen = _method(method, budget, settings)
     example = _example(example_input, calibration, forward_fn)
     survey = survey_model(model, example, forward_fn)
-    selected, reasons = select_layers(survey, layers, exclude, filter_fn)
+    ties = decide_ties(tied, survey.modules, survey.tied, survey.order, chosen.name)
+    selected, reasons = select_layers(survey, layers, exclude, filter_fn, ties)
     stats = calibrate(
         model,
         chosen,
@@ -110,7 +121,7 @@ def plan(
     )
     # a latency budget prices options once they are measured (planner.latency); FLOPs until then
     metric = budget.metric if budget is not None and budget.metric != "latency" else "flops"
-    candidates = gather_candidates(chosen, survey, selected, stats, metric)
+    candidates = gather_candidates(chosen, survey, selected, stats, metric, progress)
     totals = {"flops": survey.model_flops, "params": survey.model_params}
     where = Deployment.coerce(deployment, example)
     slower = ALLOW_SLOWER_BY_DEFAULT if allow_slower is None else bool(allow_slower)
@@ -120,7 +131,10 @@ def plan(
     else:
         choice = choose_options(chosen, budget, candidates, survey.infos, totals)
     record = _calibration_record(stats, calibration_batches) if stats else None
-    result = assemble_plan(chosen, budget, survey, reasons, candidates, choice, record)
+    result = assemble_plan(chosen, budget, survey, reasons, candidates, choice, record, ties)
+    if stats:
+        attach_statistics(result, stats)
+    carry_factorizations(result, chosen)
     result.folded_batchnorm = folded
     return result
 
@@ -177,8 +191,14 @@ def select_layers(
     layers: list[str] | None,
     exclude: list[str] | None,
     filter_fn: FilterFn | None,
+    ties: TiePlan | None = None,
 ) -> tuple[list[str], dict[str, str]]:
-    """The layers to offer the method, and why each of the others stays dense."""
+    """The layers to offer the method, and why each of the others stays dense.
+
+    A tie's followers are never offered (they take their leader's structure when it is
+    compressed); a layer whose tie cannot be kept stays dense with ``ties.dense``'s reason.
+    """
+    ties = ties or TiePlan()
     wanted = resolve_names(survey, layers, "layers")
     excluded = resolve_names(survey, exclude, "exclude")
     selected: list[str] = []
@@ -186,6 +206,12 @@ def select_layers(
     for fqn in survey.order:
         if fqn in survey.never_called:
             reasons[fqn] = NEVER_CALLED
+        elif fqn in survey.weight_readers:
+            reasons[fqn] = weight_read_reason(survey.weight_readers[fqn])
+        elif fqn in ties.dense:
+            reasons[fqn] = ties.dense[fqn]
+        elif fqn in ties.leader_of:
+            reasons[fqn] = f"weight tied with {ties.leader_of[fqn]}, which stays dense"
         elif is_selected(survey, fqn, wanted, excluded, filter_fn):
             selected.append(fqn)
         else:
@@ -216,10 +242,14 @@ def calibrate(
         needs.add(GRAM)
     if not needs:
         return None
+    # attention and recurrent layers have no single input Gram: their errors stay in weight space
+    layers = {fqn: survey.modules[fqn] for fqn in selected if has_input_rows(survey.modules[fqn])}
+    if not layers:
+        return None
     return collect_statistics(
         model,
         calibration,
-        {fqn: survey.modules[fqn] for fqn in selected},
+        layers,
         needs,
         batches=batches,
         loss_fn=loss_fn,

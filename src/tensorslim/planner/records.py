@@ -7,6 +7,7 @@ a typed :class:`~tensorslim.rank.budget.Budget`; on disk it is ``{"flops": 0.5}`
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -21,6 +22,10 @@ from tensorslim.errors import TensorslimError
 from tensorslim.facts import WEIGHT_ERROR, LayerInfo
 from tensorslim.methods.registry import get_method
 from tensorslim.rank.budget import Budget
+
+# the method instance that made a plan, carried (not saved) so apply can reuse its factorizations
+PLANNER_ATTRIBUTE = "_planner"
+ESTIMATE_KEY = "estimate"  # plan.json's derived params/FLOPs fractions (not a field)
 
 
 @dataclass
@@ -51,6 +56,7 @@ class LayerPlan:
             params=self.params_before,
             flops=self.flops_before,
             calls=int(self.extra.get("calls", 1)),
+            other_shapes=tuple(tuple(s) for s in self.extra.get("other_shapes", ())),
         )
 
 
@@ -106,6 +112,26 @@ class CompressionPlan:
             lp.flops_before - lp.flops_after for lp in self.compressed_layers
         )
 
+    @property
+    def fractions(self) -> dict[str, float]:
+        """The estimated ``params`` and ``flops`` of the compressed model, as fractions."""
+        return {
+            "params": self.estimated_params / max(1, self.model_params),
+            "flops": self.estimated_flops / max(1, self.model_flops),
+        }
+
+    def summary(self) -> str:
+        """One line with both budgets: what the plan compresses and the params/FLOPs it keeps."""
+        budget = f"budget {self.budget}" if self.budget is not None else "per-layer rule"
+        covered = [lp for lp in self.layers if lp.input_shape or lp.method is not None]
+        f = self.fractions
+        return (
+            f"{self.method} ({budget}): {len(self.compressed_layers)}/{len(covered)} layers "
+            f"compressed; params {f['params']:.3f}, FLOPs {f['flops']:.3f} of the model "
+            f"({self.estimated_params:,} / {self.model_params:,} params, "
+            f"{self.estimated_flops:,} / {self.model_flops:,} FLOPs)"
+        )
+
     def layer(self, fqn: str) -> LayerPlan:
         for layer in self.layers:
             if layer.fqn == fqn:
@@ -116,12 +142,15 @@ class CompressionPlan:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["budget"] = self.budget.to_dict() if self.budget is not None else None
+        # for a reader of plan.json; derived from the layers, so from_dict ignores it
+        data[ESTIMATE_KEY] = {f"{m}_fraction": v for m, v in self.fractions.items()}
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CompressionPlan:
         if not isinstance(data, dict):
             raise TensorslimError("a plan must be a mapping with 'method' and 'layers'")
+        data = {k: v for k, v in data.items() if k != ESTIMATE_KEY}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -199,6 +228,28 @@ class CompressionPlan:
             self.method_for(lp)
 
     def method_for(self, lp: LayerPlan):
+        """The method that builds ``lp``: the instance that planned it when this plan still
+        carries it (its stored factorizations spare ``apply`` a second decomposition), else a
+        new one from the stored settings."""
         assert lp.method is not None
         settings = self.methods.get(lp.method, self.settings if lp.method == self.method else {})
+        planner = self.__dict__.get(PLANNER_ATTRIBUTE)
+        if planner is not None and planner.name == lp.method and planner.settings() == settings:
+            return planner
         return get_method(lp.method, **settings)
+
+    def attach_planner(self, method: Any) -> None:
+        """Carry ``method`` (the instance that made this plan) for ``apply`` to reuse.
+
+        Not part of the plan's data: it is never saved and a copy of the plan drops it.
+        """
+        self.__dict__[PLANNER_ATTRIBUTE] = method
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> CompressionPlan:
+        # the planning instance (and its factorizations) is transient: copies are plain data
+        fresh = object.__new__(type(self))
+        memo[id(self)] = fresh
+        for key, value in self.__dict__.items():
+            if key != PLANNER_ATTRIBUTE:
+                fresh.__dict__[key] = copy.deepcopy(value, memo)
+        return fresh

@@ -9,7 +9,7 @@ transposed or 1-D convolutions, …) with the reason no method touches them.
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
@@ -20,13 +20,23 @@ from tensorslim.errors import TensorslimError
 from tensorslim.facts import LayerInfo
 from tensorslim.inputs import ForwardFn, take_samples
 from tensorslim.layers.base import StructuredLayer
+from tensorslim.planner.ties import shared_parameters
+from tensorslim.planner.weight_reads import watch_weight_reads
 from tensorslim.surgery import FilterFn
 
 NEVER_CALLED = (
-    "its forward never runs (the parent reads .weight directly, e.g. "
-    "nn.MultiheadAttention.out_proj): replacing it would be unsafe"
+    "its forward never runs (its parent reads .weight directly, or the example does not reach "
+    "it): replacing it would be unsafe"
 )
 NOT_SELECTED = "not selected"
+
+
+def weight_read_reason(reader: str) -> str:
+    """Why a layer whose weight other code reads directly stays dense."""
+    return (
+        f"{reader} reads its .weight directly (outside the layer's forward): a structured "
+        "layer has no weight, so replacing it would break the model"
+    )
 
 
 @dataclass
@@ -35,7 +45,8 @@ class ModelSurvey:
 
     ``order`` lists the Linear/Conv2d fqns a plan covers, in module order (first names of shared
     modules, nothing inside a structured layer); ``other_weights`` the remaining modules that
-    hold a weight matrix; ``infos`` the layers that ran (``never_called`` the ones that did not).
+    hold a weight matrix; ``infos`` the layers that ran (``never_called`` the ones that did not);
+    ``tied`` the modules that hold a parameter another module holds too (see planner.ties).
     """
 
     example: Any
@@ -47,6 +58,9 @@ class ModelSurvey:
     other_weights: list[str]
     model_params: int
     model_flops: int
+    tied: dict[str, list[str]] = field(default_factory=dict)  # fqn → modules sharing a param
+    # fqn → the class of the module that read its .weight outside its forward
+    weight_readers: dict[str, str] = field(default_factory=dict)
 
 
 def survey_model(
@@ -54,9 +68,11 @@ def survey_model(
 ) -> ModelSurvey:
     """Run the first sample of ``example_input`` once and gather the model's facts."""
     example = take_samples(example_input, 1)
-    infos, never_called = collect_layer_info(
-        model, example, types=COMPRESSIBLE, forward_fn=forward_fn
-    )
+    watched = {f: m for f, m in model.named_modules() if f and isinstance(m, COMPRESSIBLE)}
+    with watch_weight_reads(watched) as weight_readers:
+        infos, never_called = collect_layer_info(
+            model, example, types=COMPRESSIBLE, forward_fn=forward_fn
+        )
     modules = dict(model.named_modules())
     first_name = {id(m): fqn for fqn, m in modules.items()}
     aliases = {
@@ -74,6 +90,8 @@ def survey_model(
         other_weights=_other_weight_holders(model),
         model_params=count_params(model),
         model_flops=count_flops(model, example, forward_fn),
+        tied=shared_parameters(model),
+        weight_readers=weight_readers,
     )
 
 

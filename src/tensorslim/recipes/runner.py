@@ -160,6 +160,11 @@ def _filter(layers: list[str] | None, exclude: list[str] | None):
     return lambda module, fqn: (chosen is None or fqn in chosen) and fqn not in skipped
 
 
+def _written(stage: Any, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The training values the recipe sets in ``stage`` itself (not pydantic defaults)."""
+    return {key: getattr(stage, key) for key in keys if key in stage.model_fields_set}
+
+
 def _structure_stage(run: RecipeRun, stage: Any, sdir: Path, seed: int) -> dict[str, Any]:
     run.capture_reference()
     method = stage.method if stage.stage in {"compress", "prune"} else "svd_train"
@@ -169,13 +174,14 @@ def _structure_stage(run: RecipeRun, stage: Any, sdir: Path, seed: int) -> dict[
         method=method,
         budget=Budget.parse(stage.budget) if stage.budget else None,
         settings=stage.settings,
+        preset=stage.preset,
         train_loader=run.train_loader,
         test_loader=run.test_loader,
         example_batch=run.example,
         finetune_epochs=epochs,
         bn_recalibration_batches=getattr(stage, "recalibrate_bn", 0),
-        lr=getattr(stage, "lr", 0.01),
-        optimizer=getattr(stage, "optimizer", "sgd"),
+        # what the recipe wrote wins; unwritten values come from the preset, else the defaults
+        **_written(stage, ("lr", "optimizer", "weight_decay")),
         checkpoint_dir=sdir / "checkpoints",
         resume=run.resume,
         progress=run.progress,

@@ -40,7 +40,8 @@ class _Strict(BaseModel):
 
 
 class ModelSpec(_Strict):
-    """The base model: a zoo name, ``torchvision:NAME`` or ``module:function``; optional weights."""
+    """The base model: a zoo name, ``hf:PATH`` (a local pretrained Hugging Face directory),
+    ``torchvision:NAME`` or ``module:function``; optional weights."""
 
     name: str
     weights: str | None = None
@@ -81,17 +82,33 @@ def _check_method_name(method: str, kind: str | None = None) -> str:
     return method
 
 
-def _check_settings(method: str | None, settings: dict[str, Any]) -> dict[str, Any]:
-    """The method accepts these settings: built exactly as the stage will build it, so a typo
-    fails when the recipe is read — before the first stage trains."""
+def _check_settings(
+    method: str | None, settings: dict[str, Any], preset: str | None = None
+) -> dict[str, Any]:
+    """The method accepts these settings (under ``preset``): built exactly as the stage will
+    build it, so a typo fails when the recipe is read — before the first stage trains."""
+    from tensorslim.methods.presets import PRESET_KEY
     from tensorslim.methods.registry import get_method
 
     if method is not None:  # an unknown method has its own error already
         try:
-            get_method(method, **settings)
+            get_method(method, **({PRESET_KEY: preset} if preset else {}), **settings)
         except TensorslimError as exc:
             raise ValueError(str(exc)) from None
     return settings
+
+
+def _check_preset(method: str | None, preset: str | None) -> str | None:
+    """``preset`` is one the method declares (``default``, ``paper``, ...)."""
+    from tensorslim.methods.presets import get_preset
+    from tensorslim.methods.registry import method_class
+
+    if method is not None and preset is not None:
+        try:
+            get_preset(method_class(method), preset)
+        except TensorslimError as exc:
+            raise ValueError(str(exc)) from None
+    return preset
 
 
 def _check_budget(value: str | None) -> str | None:
@@ -116,6 +133,8 @@ class CompressStage(_Strict):
     stage: Literal["compress"]
     method: str
     budget: str | None = None
+    # a named preset of the method's settings ("paper": the official code's); settings override
+    preset: str | None = None
     settings: dict[str, Any] = Field(default_factory=dict)
     layers: list[str] | None = None
     exclude: list[str] | None = None
@@ -144,10 +163,15 @@ class CompressStage(_Strict):
     def _method(cls, value: str) -> str:
         return _check_method_name(value, kind="decomposition")
 
+    @field_validator("preset")
+    @classmethod
+    def _preset(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return _check_preset(info.data.get("method"), value)
+
     @field_validator("settings")
     @classmethod
     def _settings(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        return _check_settings(info.data.get("method"), value)
+        return _check_settings(info.data.get("method"), value, info.data.get("preset"))
 
 
 class SvdTrainStage(_Optim):
@@ -157,13 +181,19 @@ class SvdTrainStage(_Optim):
     stage: Literal["svd_train"]
     finetune_epochs: int = Field(default=1, ge=0)
     budget: str | None = None
+    preset: str | None = None
     settings: dict[str, Any] = Field(default_factory=dict)
     _budget = field_validator("budget")(_check_budget)
 
+    @field_validator("preset")
+    @classmethod
+    def _preset(cls, value: str | None) -> str | None:
+        return _check_preset("svd_train", value)
+
     @field_validator("settings")
     @classmethod
-    def _settings(cls, value: dict[str, Any]) -> dict[str, Any]:
-        return _check_settings("svd_train", value)
+    def _settings(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        return _check_settings("svd_train", value, info.data.get("preset"))
 
 
 class PruneStage(_Optim):
@@ -172,13 +202,19 @@ class PruneStage(_Optim):
     stage: Literal["prune"]
     method: Literal["rpg", "gmp", "rigl"] = "rpg"
     budget: str = "params=0.1"
+    preset: str | None = None
     settings: dict[str, Any] = Field(default_factory=dict)
     _budget = field_validator("budget")(_check_budget)
+
+    @field_validator("preset")
+    @classmethod
+    def _preset(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return _check_preset(info.data.get("method"), value)
 
     @field_validator("settings")
     @classmethod
     def _settings(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        return _check_settings(info.data.get("method"), value)
+        return _check_settings(info.data.get("method"), value, info.data.get("preset"))
 
 
 class FinetuneStage(_Optim):
@@ -232,7 +268,8 @@ class Recipe(_Strict):
 
     def order_problem(self) -> tuple[int, str] | None:
         """(stage index, why) for the first stage that cannot run where it stands, else None."""
-        trained = self.model.weights is not None
+        # an hf:PATH model comes with its pretrained weights
+        trained = self.model.weights is not None or self.model.name.strip().startswith("hf:")
         for i, stage in enumerate(self.stages):
             kind = stage.stage
             if kind == "train" or (kind == "svd_train" and stage.settings.get("from_scratch")):

@@ -175,6 +175,8 @@ def training_curves_figure(
         if not history:
             continue
         key = "test_accuracy" if "test_accuracy" in history[0] else "train_accuracy"
+        if key not in history[0]:  # unlabeled training (distillation): no accuracy to draw
+            continue
         ys = [100 * h[key] for h in history]
         shown += ys
         ax.plot([h["epoch"] for h in history], ys, "-", marker=MARKERS[i % len(MARKERS)],

@@ -29,6 +29,7 @@ SUMMARY_COLUMNS = [
     "accuracy_before_ft",
     "accuracy",
     "params",
+    "params_fraction",
     "flops",
     "flops_fraction",
     "latency_ms",
@@ -39,6 +40,8 @@ LAYER_COLUMNS = [
     "type",
     "method",
     "choice",
+    "params",
+    "params_after",
     "flops",
     "flops_after",
     "flops_kept",
@@ -76,6 +79,7 @@ def summary_row(result: Mapping[str, Any]) -> dict[str, Any]:
         "accuracy": comp.get("accuracy"),
         # pruned weights are stored compactly (values + indices): count what is kept
         "params": comp.get("params_nonzero", comp["params"]),
+        "params_fraction": result.get("params_nonzero_fraction", result.get("params_fraction")),
         "flops": comp["flops"],
         "flops_fraction": result.get("flops_fraction"),
         "latency_ms": comp.get("latency_ms"),
@@ -90,6 +94,7 @@ def original_row(original: Mapping[str, Any]) -> dict[str, Any]:
         "budget": "–",
         "accuracy": original.get("accuracy"),
         "params": original["params"],
+        "params_fraction": 1.0,
         "flops": original["flops"],
         "flops_fraction": 1.0,
         "latency_ms": original.get("latency_ms"),
@@ -229,6 +234,8 @@ def write_report(
             lines += [f"## {label}", "", f"![{label}]({files[name].name})", ""]
     for r in results:
         lines += [f"## Layers: {r['method']} {summary_row(r)['budget']}", ""]
+        if r.get("plan_summary"):
+            lines += [f"Plan: {r['plan_summary']}", ""]
         lines += [markdown_table(LAYER_COLUMNS, r["layers"]), ""]
         for note in r.get("plan_notes", []):
             lines += [f"> note: {note}", ""]
@@ -260,11 +267,12 @@ def write_report(
 def model_spectra(model: nn.Module, limit: int = 12) -> dict[str, torch.Tensor]:
     """Singular values of each Linear / non-grouped Conv2d weight (channel-wise view)."""
     from tensorslim.decompose.svd import conv_weight_to_matrix, singular_values
+    from tensorslim.layers.linear_like import is_linear_like, linear_weight
 
     spectra = {}
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1):
-            w = module.weight.detach()
+        if is_linear_like(module) or (isinstance(module, nn.Conv2d) and module.groups == 1):
+            w = (linear_weight(module) if is_linear_like(module) else module.weight).detach()
             matrix = w if w.dim() == 2 else conv_weight_to_matrix(w, "channel")
             if min(matrix.shape) > 1:
                 spectra[name] = singular_values(matrix)

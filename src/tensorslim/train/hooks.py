@@ -5,7 +5,8 @@ The reference loop (``tensorslim.train.loop.fit``) calls, for each step::
     loss = task_loss + sum(h.extra_loss(model, step) for h in hooks)
     loss.backward()
     for h in hooks: h.after_backward(model, optimizer, step)   # gradients are available
-    optimizer.step()
+    if not any(h.skips_optimizer_step(step) for h in hooks):
+        optimizer.step()                                       # (RigL/RPG mask updates skip it)
     for h in hooks: h.after_step(model, optimizer, step)        # e.g. re-apply masks, prune
 
 and ``on_epoch_end`` after every epoch (its dict is logged). A hook's ``state_dict`` goes into
@@ -41,8 +42,12 @@ class TrainHook:
     def after_backward(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
         """Called with gradients available, before ``optimizer.step()``."""
 
+    def skips_optimizer_step(self, step: int) -> bool:
+        """True when this step's gradient must not be applied (e.g. it only scores a regrowth)."""
+        return False
+
     def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
-        """Called after ``optimizer.step()``."""
+        """Called after ``optimizer.step()`` (also when a hook skipped it)."""
 
     def on_epoch_end(self, model: nn.Module, epoch: int) -> dict[str, float]:
         """Metrics to log for the epoch that just ended."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,8 +161,15 @@ def make_optimizer(
     raise TensorslimError(f"unknown optimizer '{name}': use 'sgd' or 'adam'")
 
 
+SCHEDULES = ("cosine", "constant", "step")
+# "step": ×0.1 at these fractions of the steps — the CIFAR ResNet schedule (epochs 81 and 122 of
+# 164) that the official SVD-training code trains with (yanghr/SVD_Prune_EDLCV, --schedule)
+STEP_MILESTONES = (81 / 164, 122 / 164)
+
+
 def lr_schedule(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    """Factor of the base learning rate at each step: linear warm-up, then cosine to 0 (or 1)."""
+    """Factor of the base learning rate at each step: linear warm-up, then cosine to 0,
+    constant 1, or ``step`` (×0.1 at each of :data:`STEP_MILESTONES` of the steps after it)."""
 
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -169,6 +177,8 @@ def lr_schedule(schedule: str, warmup_steps: int, total_steps: int) -> Callable[
         if schedule == "constant":
             return 1.0
         progress_frac = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if schedule == "step":
+            return 0.1 ** sum(progress_frac >= m for m in STEP_MILESTONES)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress_frac)))
 
     return factor
@@ -231,7 +241,8 @@ def fit(
     :mod:`tensorslim.train.losses` for hidden-state MSE + cosine); at α = 1 batches need no
     targets. Batches take any structure :mod:`tensorslim.inputs` accepts (``forward_fn(model,
     batch)`` for the rest). The learning rate follows a cosine decay from ``lr`` to 0 over all
-    steps (``schedule="constant"`` keeps it fixed), after an optional linear warm-up.
+    steps (``schedule="constant"`` keeps it fixed, ``"step"`` divides it by 10 at 81/164 and
+    122/164 of the steps), after an optional linear warm-up.
     With ``checkpoint_dir`` the state after each epoch is saved atomically to ``last.pt``;
     ``resume=True`` continues from it (model, optimizer, schedule, hooks, history, RNG).
     Inside an initialised ``torch.distributed`` process group (``ddp=None`` → automatic) the model
@@ -300,8 +311,8 @@ def _check_fit_arguments(epochs: int, lr: float, schedule: str, alpha: float) ->
         raise TensorslimError(f"epochs must be ≥ 0, got {epochs}")
     if lr <= 0:
         raise TensorslimError(f"learning rate must be > 0, got {lr}")
-    if schedule not in {"cosine", "constant"}:
-        raise TensorslimError(f"unknown schedule '{schedule}': use 'cosine' or 'constant'")
+    if schedule not in SCHEDULES:
+        raise TensorslimError(f"unknown schedule '{schedule}': use {', '.join(SCHEDULES)}")
     if not 0 <= alpha <= 1:
         raise TensorslimError(f"kd_alpha must be in [0, 1], got {alpha}")
 
@@ -390,8 +401,15 @@ def _train_step(run: _Run, batch: Any, epoch: int, batch_index: int) -> dict[str
     loss.backward()
     for hook in run.hooks:
         hook.after_backward(run.net, run.opt, step)
-    run.opt.step()
-    run.scheduler.step()
+    if any(hook.skips_optimizer_step(step) for hook in run.hooks):
+        # the learning-rate schedule still advances (it is a function of the step, as in the
+        # official RigL/RPG loops); torch warns when the very first step is such a step
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            run.scheduler.step()
+    else:
+        run.opt.step()
+        run.scheduler.step()
     for hook in run.hooks:
         hook.after_step(run.net, run.opt, step)
     return logged

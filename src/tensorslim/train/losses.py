@@ -13,7 +13,7 @@ Signatures (so encoders and language models are first-class, not only classifier
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -72,23 +72,87 @@ def hidden_state_distillation(cosine_weight: float = 1.0, what: str = "hidden") 
     """MSE + ``cosine_weight`` · (1 − cos) between student and teacher hidden states.
 
     ``what="hidden"`` reads ``last_hidden_state`` (or a tensor output); ``"logits"`` the logits.
-    Both terms are means over tokens; the MSE is per element, so it is scale-aware while the
-    cosine term keeps directions (what similarity search reads) aligned.
+    Both terms are means over tokens — over the real tokens only when the batch is a mapping
+    with an ``attention_mask`` (padding carries nothing to learn); the MSE is per element, so it
+    is scale-aware while the cosine term keeps directions (what similarity search reads) aligned.
     """
 
     def distill(student: Any, teacher: Any, batch: Any) -> torch.Tensor:
         s, t = output_tensor(student, what), output_tensor(teacher, what).detach()
+        s, t = s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1])
+        mask = _token_mask(batch, s.shape[0])
+        if mask is not None:
+            s, t = s[mask], t[mask]
         mse = F.mse_loss(s, t)
-        cos = F.cosine_similarity(s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1]), dim=1)
-        return mse + cosine_weight * (1.0 - cos).mean()
+        return mse + cosine_weight * (1.0 - F.cosine_similarity(s, t, dim=1)).mean()
 
     return distill
 
 
+def pooled_embedding_distillation(cosine_weight: float = 1.0) -> DistillFn:
+    """MSE + ``cosine_weight`` · (1 − cos) between mean-pooled sentence embeddings.
+
+    The embedding is sentence-transformers' mean pooling, Σ_t m_t h_t / Σ_t m_t over the
+    ``attention_mask`` m of the batch (a mapping) and the last hidden states h.
+    """
+
+    def distill(student: Any, teacher: Any, batch: Any) -> torch.Tensor:
+        mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+        if mask is None:
+            raise TensorslimError("pooled distillation needs batches with an attention_mask")
+        s = _mean_pool(output_tensor(student, "hidden"), mask)
+        t = _mean_pool(output_tensor(teacher, "hidden").detach(), mask)
+        mse = F.mse_loss(s, t)
+        return mse + cosine_weight * (1.0 - F.cosine_similarity(s, t, dim=1)).mean()
+
+    return distill
+
+
+def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    weights = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1e-9)
+
+
+def _token_mask(batch: Any, tokens: int) -> torch.Tensor | None:
+    """The batch's attention mask flattened to (tokens,) booleans, if it has a matching one."""
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    if not isinstance(mask, torch.Tensor) or mask.numel() != tokens:
+        return None
+    return mask.reshape(-1).bool()
+
+
+def sampled_gaussian_loss(seed: int = 0) -> LossFn:
+    """A label-free loss whose squared gradients estimate the Fisher information of the output.
+
+    For the output model y ~ N(f(x), I) with y drawn from the model itself, ½‖f(x) − y‖² has
+    gradient −εᵀ ∂f/∂θ (ε = y − f(x) ~ N(0, I)), so E[grad²] is the diagonal of JᵀJ, the
+    Fisher of f. f is the mean-pooled last hidden state when the batch is a mapping with an
+    ``attention_mask`` (a sentence embedding), else the output's main tensor. One fresh ε per
+    call, from a generator seeded by ``seed``.
+    """
+    generator = torch.Generator().manual_seed(seed)
+
+    def loss(output: Any, batch: Any) -> torch.Tensor:
+        mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+        if isinstance(mask, torch.Tensor):
+            f = _mean_pool(
+                output_tensor(output, "hidden"), mask.to(output_tensor(output, "hidden").device)
+            )
+        else:
+            f = output_tensor(output)
+        noise = torch.randn(f.shape, generator=generator, dtype=f.dtype).to(f.device)
+        return 0.5 * (f - (f.detach() + noise)).pow(2).sum()
+
+    return loss
+
+
 def named_distillation(name: str, temperature: float = 4.0) -> DistillFn:
-    """A distillation loss by name: ``"kl"`` (logits) or ``"hidden"`` (MSE + cosine)."""
+    """A distillation loss by name: ``"kl"`` (logits), ``"hidden"`` (token hidden states) or
+    ``"pooled"`` (mean-pooled embeddings), the last two MSE + cosine."""
     if name == "kl":
         return kl_distillation(temperature)
     if name == "hidden":
         return hidden_state_distillation()
-    raise TensorslimError(f"unknown distillation loss '{name}': use kl or hidden")
+    if name == "pooled":
+        return pooled_embedding_distillation()
+    raise TensorslimError(f"unknown distillation loss '{name}': use kl, hidden or pooled")

@@ -13,13 +13,22 @@ At every update step t ∈ {t₀, t₀ + ΔT, …} ∪ {end}:
 
 1. **global magnitude ranking**: over all ranked layers together, keep the ⌊(1 − s_t)·N⌉ active
    weights of largest |w| (one threshold for the whole network; each layer's sparsity is read
-   back from it). ``scope="layer"`` applies s_t to every layer separately instead;
+   back from it). ``scope="layer"`` (or ``"uniform"``) applies s_t to every layer separately
+   instead, ``scope="erk"`` gives each layer its Erdős–Rényi-kernel share
+   (:mod:`tensorslim.train.sparsity_distribution`);
 2. **prune and regrow** (RigL, Evci et al. 2020), if ``drop_fraction`` α > 0: in each layer drop
    the fraction α_t = α/2·(1 + cos(π·t/T_end)) of its active weights with the smallest |w| and
    regrow as many where the *dense* gradient |∂L/∂W| is largest among the inactive positions.
-   Regrown weights start at zero and their optimizer state (momentum, Adam moments) is cleared;
+   Newly grown weights start at zero and their optimizer state (momentum, Adam moments) is
+   cleared; a weight dropped and regrown in the same update keeps its value (as in the official
+   RigL / RPG code). **The optimizer does not step on a regrowth step** (the official codes'
+   ``if pruner(): optimizer.step()``): that step's gradient only scores the regrowth, so the
+   parameters change there only through the new mask;
 3. with a rank loss (RPG, Tian et al. 2023), the gradient that scores regrowth is that of
-   task + λ·L_rank, so regrowth prefers positions that raise the rank of the sparse weight.
+   task + λ·L_rank, so regrowth prefers positions that raise the rank of the sparse weight. As
+   in the official code the rank loss covers every convolution (the first included, even when it
+   is kept dense) and no Linear layer (``rank_loss_layers="conv"``; a model without convolutions
+   falls back to its pruned layers with a warning; ``"pruned"`` = the ranked layers).
 
 Under DistributedDataParallel the dense gradients are all-reduced (averaged) before scoring, so
 every process computes the same mask from the same numbers.
@@ -51,9 +60,11 @@ from tensorslim.layers.sparse import (
 from tensorslim.train.distributed import is_distributed, world_size
 from tensorslim.train.hooks import TrainHook, unwrap
 from tensorslim.train.rank_loss import adversarial_rank_loss
+from tensorslim.train.sparsity_distribution import DISTRIBUTIONS, erk_densities, layer_sparsities
 
 SCHEDULE_KINDS = ("cubic", "exponential", "constant")
-SCOPES = ("global", "layer")
+SCOPES = DISTRIBUTIONS
+RANK_LOSS_LAYERS = ("conv", "pruned")
 # Number of mask updates aimed at when the interval ΔT is not given.
 AUTO_UPDATES = 25
 
@@ -264,6 +275,31 @@ def _first_conv_and_classifier(
     return first, last
 
 
+def _check_choices(
+    drop_fraction: float,
+    rank_weight: float,
+    partial_k: float,
+    scope: str,
+    rank_loss_layers: str,
+    delta: float,
+) -> None:
+    """One-line errors for the regrowth, rank-loss and reporting settings of the hook."""
+    if not 0.0 <= drop_fraction <= 1.0:
+        raise TensorslimError(f"drop_fraction α must be in [0, 1], got {drop_fraction}")
+    if rank_weight < 0:
+        raise TensorslimError(f"rank_weight λ must be ≥ 0, got {rank_weight}")
+    if not 0.0 <= partial_k <= 1.0:
+        raise TensorslimError(f"partial_k must be in [0, 1], got {partial_k}")
+    if scope not in SCOPES:
+        raise TensorslimError(f"unknown pruning scope '{scope}': use {', '.join(SCOPES)}")
+    if rank_loss_layers not in RANK_LOSS_LAYERS:
+        raise TensorslimError(
+            f"unknown rank_loss_layers '{rank_loss_layers}': use {', '.join(RANK_LOSS_LAYERS)}"
+        )
+    if not 0.0 <= delta < 1.0:
+        raise TensorslimError(f"δ must be in [0, 1), got {delta}")
+
+
 class PruningHook(TrainHook):
     """Gradual magnitude pruning with optional prune-and-regrow and adversarial rank loss.
 
@@ -277,6 +313,8 @@ class PruningHook(TrainHook):
     (:func:`add_masks`, or ``apply`` of a gmp/rigl/rpg plan); ``layers`` names the ones to prune
     (default: every masked layer). ``keep_first_dense`` leaves the first Conv2d and
     ``keep_last_dense`` the last Linear out of the ranking (their masks stay all ones).
+    ``scope`` spreads the sparsity (global, layer/uniform, erk); ``rank_loss_layers`` picks the
+    rank loss's layers ("conv": every masked Conv2d, as in RPG's code; "pruned").
     """
 
     def __init__(
@@ -295,6 +333,7 @@ class PruningHook(TrainHook):
         scope: str = "global",
         keep_first_dense: bool = True,
         keep_last_dense: bool = False,
+        rank_loss_layers: str = "conv",
         layers: Sequence[str] | None = None,
         delta: float = DEFAULT_DELTA,
         track_delta_rank: bool = True,
@@ -321,26 +360,19 @@ class PruningHook(TrainHook):
             raise TensorslimError(
                 f"the update interval ΔT must be a positive int, got {interval!r}"
             )
-        if not 0.0 <= drop_fraction <= 1.0:
-            raise TensorslimError(f"drop_fraction α must be in [0, 1], got {drop_fraction}")
-        if rank_weight < 0:
-            raise TensorslimError(f"rank_weight λ must be ≥ 0, got {rank_weight}")
-        if not 0.0 <= partial_k <= 1.0:
-            raise TensorslimError(f"partial_k must be in [0, 1], got {partial_k}")
-        if scope not in SCOPES:
-            raise TensorslimError(f"unknown pruning scope '{scope}': use {', '.join(SCOPES)}")
-        if not 0.0 <= delta < 1.0:
-            raise TensorslimError(f"δ must be in [0, 1), got {delta}")
+        _check_choices(drop_fraction, rank_weight, partial_k, scope, rank_loss_layers, delta)
         self.kind, self.start, self.end, self.interval = schedule, start, end, interval
         self.drop_fraction, self.rank_weight, self.partial_k = drop_fraction, rank_weight, partial_k
         self.rank_loss_every_step = rank_loss_every_step
-        self.scope = scope
+        self.scope, self.rank_loss_layers = scope, rank_loss_layers
         self.keep_first_dense, self.keep_last_dense = keep_first_dense, keep_last_dense
         self.requested_layers = list(layers) if layers is not None else None
         self.delta, self.track_delta_rank = delta, track_delta_rank
         self._fixed_schedule = steps
         self.schedule: SparsitySchedule | None = None
         self.layers: list[tuple[str, nn.Module]] = []
+        self.rank_layers: list[tuple[str, nn.Module]] = []
+        self._erk_finals: list[float] | None = None
         self.kept_dense: list[str] = []
         self._optimizer: torch.optim.Optimizer | None = None
         self._next_step = 0
@@ -395,7 +427,23 @@ class PruningHook(TrainHook):
                 "keep_first_dense / keep_last_dense to False)"
             )
         self.layers = layers
+        self.rank_layers = self._rank_layers(chosen)
+        self._erk_finals = None
         return layers
+
+    def _rank_layers(self, chosen: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+        """The layers of the rank loss: every masked Conv2d (kept-dense ones too), as officially."""
+        if self.rank_loss_layers == "pruned":
+            return list(self.layers)
+        convs = [(n, m) for n, m in chosen if isinstance(m, nn.Conv2d)]
+        if not convs and self.rank_weight > 0:
+            self._warn_once(
+                "noconv",
+                "pruning: the rank loss covers convolutions only (as in RPG's code) and the model "
+                "has none; it covers the pruned Linear layers instead (rank_loss_layers='pruned')",
+            )
+            return list(self.layers)
+        return convs
 
     def resolve_schedule(self, total_steps: int) -> SparsitySchedule:
         """The absolute-step schedule for a run of ``total_steps`` steps."""
@@ -452,9 +500,13 @@ class PruningHook(TrainHook):
         if not (self.rank_loss_every_step or self._schedule().is_update_step(step)):
             return None
         started = time.perf_counter()
-        loss = adversarial_rank_loss(self.layers, self.partial_k)
+        loss = adversarial_rank_loss(self.rank_layers, self.partial_k)
         self.rank_loss_seconds += time.perf_counter() - started
         return self.rank_weight * loss
+
+    def skips_optimizer_step(self, step: int) -> bool:
+        """True on regrowth steps: their gradient scores the regrowth and is not applied."""
+        return self._regrows_at(step)
 
     def after_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
         if self._schedule().is_update_step(step):
@@ -509,7 +561,7 @@ class PruningHook(TrainHook):
     def update_masks(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Prune to s_t by magnitude, then drop and regrow (see the module docstring)."""
         schedule = self._schedule()
-        target = schedule.sparsity_at(step)
+        target = schedule.sparsity_at(step)  # the overall target (named in the warnings)
         weights: dict[str, torch.Tensor] = {}
         masks: dict[str, torch.Tensor] = {}
         for name, module in self.layers:
@@ -527,10 +579,7 @@ class PruningHook(TrainHook):
                     f"pruning: {name} has all weights zero at step {step}; the magnitude "
                     "ranking removes it entirely",
                 )
-        if self.scope == "global":
-            new_masks = global_magnitude_masks(weights, masks, target)
-        else:
-            new_masks = {n: layer_magnitude_mask(weights[n], masks[n], target) for n in weights}
+        new_masks = self._magnitude_masks(weights, masks, step)
         fraction = 0.0
         grown: dict[str, torch.Tensor] = {}
         if self._regrows_at(step):
@@ -540,9 +589,12 @@ class PruningHook(TrainHook):
                 grad = grads[name]
                 if grad is None or not bool(grad.any()):
                     continue
-                new_masks[name], grown[name] = drop_and_regrow(
+                pruned = new_masks[name] > 0
+                new_masks[name], regrown = drop_and_regrow(
                     weights[name], new_masks[name], grad, fraction
                 )
+                # only positions inactive before the drop start afresh (official RigL/RPG)
+                grown[name] = regrown & ~pruned
         for name, module in self.layers:
             holder = mask_of(module)
             assert holder is not None
@@ -565,6 +617,27 @@ class PruningHook(TrainHook):
                 )
         self.updates += 1
 
+    def _magnitude_masks(
+        self, weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], step: int
+    ) -> dict[str, torch.Tensor]:
+        """The masks after magnitude pruning to this step's target, per the ``scope``."""
+        schedule = self._schedule()
+        if self.scope == "global":
+            return global_magnitude_masks(weights, masks, schedule.sparsity_at(step))
+        if self.scope == "erk":
+            if self._erk_finals is None:
+                shapes = [tuple(weights[n].shape) for n in weights]
+                densities = erk_densities(shapes, 1.0 - schedule.final_sparsity)
+                self._erk_finals = [max(0.0, 1.0 - d) for d in densities]
+            finals = self._erk_finals
+        else:
+            finals = [schedule.final_sparsity] * len(weights)
+        targets = layer_sparsities(self.scope, schedule, step, finals)
+        return {
+            n: layer_magnitude_mask(weights[n], masks[n], t)
+            for n, t in zip(weights, targets, strict=True)
+        }
+
     # ----- reporting and checkpoints -------------------------------------------------------
     def current_sparsity(self) -> float:
         """Sparsity of the ranked layers' effective weights right now."""
@@ -583,7 +656,7 @@ class PruningHook(TrainHook):
             "mask_update_seconds": self.update_seconds,
         }
         if self.track_delta_rank:
-            ranks = average_delta_rank(unwrap(model), self.delta, self.layer_names)
+            ranks = average_delta_rank(unwrap(model), self.delta, self.layer_names, self.partial_k)
             record.update({k: float(v) for k, v in ranks.items()})
         return record
 
@@ -605,7 +678,10 @@ class PruningHook(TrainHook):
 
 
 def pruning_summary(
-    model: nn.Module, delta: float = DEFAULT_DELTA, layers: Sequence[str] | None = None
+    model: nn.Module,
+    delta: float = DEFAULT_DELTA,
+    layers: Sequence[str] | None = None,
+    partial_k: float | None = None,
 ) -> dict[str, Any]:
     """Sparsity reached and δ-ranks, JSON-ready.
 
@@ -613,7 +689,8 @@ def pruning_summary(
     ``sparsity`` (zeros / weights over those layers), ``all_layers_sparsity`` (over every
     Linear/Conv2d), ``nonzero_weights``, ``pruned_layer_weights``, ``avg_delta_rank``,
     ``avg_relative_delta_rank``, ``delta`` and per-layer ``layers`` {sparsity, nonzero, weights,
-    delta_rank, full_rank}.
+    delta_rank, full_rank}; with ``partial_k`` also the RPG code's own rank measure
+    (``avg_energy_rank``, per layer ``energy_rank``: the k its rank loss keeps).
     """
     net = unwrap(model)
     named = dict(net.named_modules())
@@ -622,7 +699,7 @@ def pruning_summary(
     missing = [n for n in layers if n not in named]
     if missing:
         raise TensorslimError(f"pruning summary: the model has no layer named {missing[0]!r}")
-    ranks = layer_delta_ranks(net, delta, layers)
+    ranks = layer_delta_ranks(net, delta, layers, partial_k)
     per_layer: dict[str, dict[str, float]] = {}
     zeros = total = 0
     for name in layers:
@@ -637,12 +714,14 @@ def pruning_summary(
             "delta_rank": ranks[name]["delta_rank"],
             "full_rank": ranks[name]["full_rank"],
         }
+        if partial_k is not None:
+            per_layer[name]["energy_rank"] = ranks[name]["energy_rank"]
     all_zeros = all_total = 0
     for _, module in prunable_modules(net):
         w = module.weight.detach()
         all_zeros += int((w == 0).sum())
         all_total += w.numel()
-    averages = average_delta_rank(net, delta, layers)
+    averages = average_delta_rank(net, delta, layers, partial_k)
     return {
         "sparsity": zeros / max(1, total),
         "all_layers_sparsity": all_zeros / max(1, all_total),

@@ -5,7 +5,9 @@ For one layer with weight W viewed as (C_out, rest) and W̄ = W / ‖W‖_F (so 
 - take the SVD of W̄ *detached*: W̄ = U diag(σ̄) Vᵀ (computed through the smaller Gram matrix,
   see :func:`best_rank_k`);
 - choose k, the number of leading singular values kept, such that the discarded tail energy
-  T_k = Σ_{i>k} σ̄_i² is closest to ``partial_k`` (k ∈ {0, …, r}, r = min(C_out, rest));
+  T_k = Σ_{i>k} σ̄_i² is closest to ``partial_k`` (k ∈ {0, …, r − 1}, r = min(C_out, rest): at
+  least one direction is discarded, as in the official ``find_k``;
+  :func:`tensorslim.analysis.delta_rank.partial_energy_rank`, exported here as ``choose_k``);
 - W̄_k = U_k diag(σ̄_1..k) V_kᵀ is the best rank-k approximation (a constant for autograd);
 - L_rank(W) = −‖W̄ − W̄_k‖²_F.
 
@@ -29,31 +31,9 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from tensorslim.analysis.delta_rank import partial_energy_rank as choose_k
 from tensorslim.analysis.delta_rank import single_threaded
 from tensorslim.errors import TensorslimError
-
-
-def choose_k(normalized_sv: torch.Tensor, partial_k: float) -> int:
-    """k ∈ {0, …, r} whose tail energy Σ_{i>k} σ̄_i² is closest to ``partial_k`` (ties: larger k).
-
-    ``normalized_sv`` are the singular values of W̄, descending, with Σ σ̄_i² = 1.
-    """
-    if not 0.0 <= partial_k <= 1.0:
-        raise TensorslimError(
-            f"partial_k (tail energy fraction) must be in [0, 1], got {partial_k}"
-        )
-    if not bool(torch.isfinite(normalized_sv).all()):
-        raise TensorslimError("rank loss: the spectrum has NaN/Inf (the SVD failed)")
-    energy = normalized_sv.double() ** 2
-    # tails[k] = Σ_{i>k} σ̄_i² for k = 0..r (tails[0] = total, tails[r] = 0).
-    suffix = torch.flip(torch.cumsum(torch.flip(energy, [0]), 0), [0])
-    tails = torch.cat([suffix, suffix.new_zeros(1)])
-    gaps = (tails - partial_k).abs()
-    best = float(gaps.min())
-    # Ties go to the larger k (smaller discarded tail): the loss then targets the smallest
-    # directions, which is the conservative choice.
-    candidates = (gaps <= best + 1e-15).nonzero().reshape(-1)
-    return int(candidates.max())
 
 
 def layer_rank_loss(weight: torch.Tensor, partial_k: float, name: str = "layer") -> torch.Tensor:

@@ -4,7 +4,8 @@ For a layer held as U (m × r), s (r), V (n × r):
 
 - orthogonality  L_o(U, V) = (‖UᵀU − I‖²_F + ‖VᵀV − I‖²_F) / r²  — keeps U and V (near)
   orthonormal so that |s| stay the layer's singular values and energy pruning is meaningful;
-- sparsity on s:  L1 ‖s‖₁,  Hoyer ‖s‖₁ / ‖s‖₂,  Hoyer-square ‖s‖₁² / ‖s‖₂².  Hoyer and
+- sparsity on s:  L1 ‖s‖₁,  Hoyer ‖s‖₁ / ‖s‖₂ − 1 (the official form),  Hoyer-square
+  ‖s‖₁² / ‖s‖₂².  Hoyer and
   Hoyer-square are scale-invariant (they push towards few large values without shrinking all of
   them, unlike L1).
 
@@ -53,8 +54,9 @@ def l1_sparsity(s: torch.Tensor) -> torch.Tensor:
 
 
 def hoyer_sparsity(s: torch.Tensor) -> torch.Tensor:
-    """‖s‖₁ / ‖s‖₂ (between 1 for one nonzero and √r for a flat s)."""
-    return s.abs().sum() / torch.linalg.vector_norm(s).clamp_min(_EPS)
+    """‖s‖₁ / ‖s‖₂ − 1, as the official code reports it (0 for one nonzero, √r − 1 for a flat s;
+    the constant leaves the gradient that of ‖s‖₁ / ‖s‖₂)."""
+    return s.abs().sum() / torch.linalg.vector_norm(s).clamp_min(_EPS) - 1.0
 
 
 def hoyer_square_sparsity(s: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,89 @@
+"""Recovery by distillation on unlabeled data: the compressed model learns the original's outputs.
+
+``distill(student, teacher, loader, ...)`` is :func:`tensorslim.train.loop.fit` with the
+teacher's outputs as the only target (``kd_alpha = 1``: batches need no labels), a distillation
+loss chosen by name — ``"hidden"`` (token hidden states, MSE + cosine over real tokens),
+``"pooled"`` (mean-pooled sentence embeddings, MSE + cosine) or ``"kl"`` (logits) — or given as
+a function, AdamW and a cosine schedule. It keeps the loop's atomic per-epoch checkpoints and
+``resume``. The teacher is never changed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from torch import nn
+
+from tensorslim.errors import TensorslimError
+from tensorslim.inputs import ForwardFn
+from tensorslim.layers.base import StructuredLayer
+from tensorslim.train.loop import History, fit
+from tensorslim.train.losses import DistillFn, named_distillation
+
+
+def distill(
+    student: nn.Module,
+    teacher: nn.Module,
+    loader: Iterable,
+    *,
+    epochs: int = 1,
+    loss: str | DistillFn = "hidden",
+    lr: float = 1e-4,
+    optimizer: str = "adam",
+    weight_decay: float = 0.0,
+    temperature: float = 4.0,
+    max_steps_per_epoch: int | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    forward_fn: ForwardFn | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+    only_structured: bool = False,
+) -> History:
+    """Train ``student`` in place to reproduce ``teacher``'s outputs on ``loader``'s batches.
+
+    Batches are whatever both models take (a tokenizer's ``BatchEncoding``, tensors, …);
+    labels, if present, are ignored. ``only_structured=True`` trains only the parameters of the
+    structured layers (the factors the compression made; embeddings, norms and dense layers stay
+    as they were). Returns the per-epoch history (``train_distill_loss``).
+    """
+    if student is teacher:
+        raise TensorslimError("distill: the student and the teacher are the same module")
+    distill_fn = named_distillation(loss, temperature) if isinstance(loss, str) else loss
+    frozen = _freeze_unstructured(student) if only_structured else []
+    try:
+        return fit(
+            student,
+            loader,
+            epochs=epochs,
+            lr=lr,
+            optimizer=optimizer,
+            weight_decay=weight_decay,
+            teacher=teacher,
+            kd_alpha=1.0,
+            distill_fn=distill_fn,
+            checkpoint_dir=checkpoint_dir,
+            resume=resume,
+            progress=progress,
+            log=log,
+            max_steps_per_epoch=max_steps_per_epoch,
+            description="distill",
+            forward_fn=forward_fn,
+        )
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+def _freeze_unstructured(model: nn.Module) -> list[nn.Parameter]:
+    """Turn off gradients outside structured layers; the parameters turned off."""
+    inside = {
+        id(p) for m in model.modules() if isinstance(m, StructuredLayer) for p in m.parameters()
+    }
+    if not inside:
+        raise TensorslimError("only_structured: the student has no structured layer")
+    frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in inside]
+    for p in frozen:
+        p.requires_grad_(False)
+    return frozen
