@@ -11,7 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tensorslim.errors import TensorslimError
-from tensorslim.facts import OUTPUT_ERROR, WEIGHT_ERROR, LayerStats, Option
+from tensorslim.facts import OUTPUT_ERROR, WEIGHT_ERROR, LayerStats
 from tensorslim.layers.base import StructuredLayer
 from tensorslim.methods.base import Method
 from tensorslim.planner.survey import ModelSurvey
@@ -103,8 +103,3 @@ def check_finite_weight(module: nn.Module, fqn: str) -> None:
             f"layer {fqn}: its weight holds {bad} NaN/Inf value(s); a decomposition of it is "
             "meaningless — fix the checkpoint (or exclude the layer)"
         )
-
-
-def option_cost(option: Option, metric: str) -> int:
-    """What ``option`` costs in the budget's ``metric``."""
-    return option.flops if metric == "flops" else option.params
