@@ -277,9 +277,9 @@ def als_fit(
     N(0, 1/s_k), default) or "uniform" (U[0, 1), the official ``Generate_Chain``). ``first``:
     the side the first sweep starts from ("input", or "output" as the official code).
     ``balance``: rescale per intermediate feature, then to equal factor norms at the end (the
-    product is unchanged; the official code does not). Stops early when a sweep improves the error by less than ``tol``
-    (relative). ``dtype``: float64 (default) for initialisation; float32 halves the time of
-    quick error estimates.
+    product is unchanged; the official code does not). Stops early when a sweep improves the
+    error by less than ``tol`` (relative). ``dtype``: float64 (default) for initialisation;
+    float32 halves the time of quick error estimates.
     """
     chain = DeButChain.parse(chain)
     if sweeps < 1:
@@ -338,11 +338,15 @@ def _balance_features(chain: DeButChain, weights: list[torch.Tensor], passes: in
             first, second = chain[k], chain[k + 1]
             rows, _ = first.indices(weights[k].device)
             _, cols = second.indices(weights[k + 1].device)
-            row_sq = weights[k].new_zeros(first.p).index_add_(
-                0, rows.reshape(-1), weights[k].reshape(-1) ** 2
+            row_sq = (
+                weights[k]
+                .new_zeros(first.p)
+                .index_add_(0, rows.reshape(-1), weights[k].reshape(-1) ** 2)
             )
-            col_sq = weights[k + 1].new_zeros(second.q).index_add_(
-                0, cols.reshape(-1), weights[k + 1].reshape(-1) ** 2
+            col_sq = (
+                weights[k + 1]
+                .new_zeros(second.q)
+                .index_add_(0, cols.reshape(-1), weights[k + 1].reshape(-1) ** 2)
             )
             ok = (row_sq > 0) & (col_sq > 0)
             scale = torch.where(ok, (col_sq / row_sq.where(ok, 1.0)) ** 0.25, 1.0)
