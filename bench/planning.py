@@ -27,7 +27,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tensorslim as ts
-from common import WEIGHTS, facts, fashion_loaders, trained_model, write_results
+from common import RESULTS, WEIGHTS, facts, fashion_loaders, trained_model, write_results
 from tensorslim.models import create_model
 
 TAG = "planning-2k-1ep"
@@ -59,6 +59,7 @@ COLUMNS = [
     "case",
     "threads",
     "plan_cpu_s",
+    "candidates_cpu_s",
     "plan_wall_s",
     "apply_cpu_s",
     "apply_wall_s",
@@ -106,6 +107,25 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def _time_candidates_stage() -> dict[str, float]:
+    """Time the planner's candidates stage (the decompositions) inside ``plan``: the rest of
+    planning is the survey, the per-layer latency measurements and the allocator."""
+    from tensorslim.planner import pipeline
+
+    spent = {"cpu": 0.0}
+    inner = pipeline.gather_candidates
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        start = time.process_time()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            spent["cpu"] += time.process_time() - start
+
+    pipeline.gather_candidates = timed  # this worker process only
+    return spent
+
+
 def worker(case: str) -> dict[str, Any]:
     """Run one case in this (fresh) process; its measurements."""
     model_name, method, threads, _ = CASES[case]
@@ -113,6 +133,7 @@ def worker(case: str) -> dict[str, Any]:
     model, example = build(model_name)
     settings, budget = METHODS[method]
     model_mb = _peak_mb()
+    stage = _time_candidates_stage()
     cpu, wall = time.process_time(), time.perf_counter()
     plan = ts.plan(model, method, budget, example, **settings)
     plan_cpu, plan_wall = time.process_time() - cpu, time.perf_counter() - wall
@@ -128,6 +149,7 @@ def worker(case: str) -> dict[str, Any]:
         "total_wall_s": plan_wall + apply_wall,
         "peak_mb": _peak_mb(),
         "model_mb": model_mb,
+        "candidates_cpu_s": stage["cpu"],
         "layers": len(plan.compressed_layers),
         "flops_fraction": plan.estimated_flops / max(plan.model_flops, 1),
     }
@@ -153,11 +175,11 @@ def run_case(case: str) -> dict[str, Any]:
     return row
 
 
-def ensure_weights() -> None:
-    """Train resnet20/resnet56 one epoch on 2000 Fashion-MNIST images, once (cached): weights
+def ensure_weights(names: set[str]) -> None:
+    """Train the named resnets one epoch on 2000 Fashion-MNIST images, once (cached): weights
     with a trained layer's structure, which is what CP-ALS and the spectra see."""
     bundle, train, test = fashion_loaders(limit_train=2000)
-    for name in ("resnet20", "resnet56"):
+    for name in sorted(names):
         trained_model(name, train, test, epochs=1, tag=TAG)
     del bundle
 
@@ -166,13 +188,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument(
+        "--append", action="store_true", help="keep the rows of other cases already written"
+    )
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker)))
         return
-    ensure_weights()
+    wanted = args.cases.split(",")
+    resnets = {CASES[c][0] for c in wanted if CASES[c][0].startswith("resnet")}
+    if resnets:
+        ensure_weights(resnets)
     rows = []
-    for case in args.cases.split(","):
+    previous = RESULTS / "planning.json"
+    if args.append and previous.is_file():
+        rows = [r for r in json.loads(previous.read_text())["rows"] if r["case"] not in wanted]
+    for case in wanted:
         row = run_case(case)
         print(json.dumps(row), flush=True)
         rows.append(row)
@@ -187,6 +218,10 @@ def report(rows: list[dict[str, Any]]) -> None:
         "(`python bench/planning.py`). CPU seconds are the process's own (all threads); "
         "wall seconds suffer from the shared machine — `load` is the 1-minute load average "
         "before → after the case, on 2 cores shared with other jobs.",
+        "plan_cpu_s is the whole `ts.plan` call: the survey, the candidates stage "
+        "(`candidates_cpu_s`: the decompositions, this benchmark's subject) and choosing, which "
+        "by default times every candidate layer against its dense form (never slower; issue 17 "
+        "parts 1–3). Rows without candidates_cpu_s were measured before that column existed.",
         "Budgets: flops=0.5 (tt: params=0.5); settings as bench/compare.py. "
         "peak_mb is ru_maxrss of the whole process, model_mb the peak before planning.",
     ]
