@@ -289,18 +289,25 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="resnet18 b1 + resnet20, NCHW only")
     parser.add_argument("--accuracy", action="store_true", help="train/fine-tune on F-MNIST")
     parser.add_argument("--methods", default=None, help="comma list (default svd,tucker[,cp])")
+    parser.add_argument("--models", default="resnet18,resnet20,resnet56")
+    parser.add_argument("--settings", default=None, help="of nchw,channels_last,ort")
+    parser.add_argument("--budgets", default=",".join(BUDGETS))
+    parser.add_argument("--name", default=None, help="results name (default latency[_quick])")
+    parser.add_argument("--update-readme", action="store_true", help="only rewrite the table")
     args = parser.parse_args()
+    if args.update_readme:
+        update_readme()
+        return
     torch.set_num_threads(1)
-    methods = (
-        args.methods.split(",")
-        if args.methods
-        else (["svd", "tucker"] if args.quick else ["svd", "tucker", "cp"])
-    )
+    default_methods = "svd,tucker" if args.quick else "svd,tucker,cp"
+    args.methods = (args.methods or default_methods).split(",")
+    args.models, args.budgets = args.models.split(","), args.budgets.split(",")
+    args.settings = (args.settings or ("nchw" if args.quick else ",".join(SETTINGS))).split(",")
     machine = facts()
     started = time.perf_counter()
-    rows = run(args.quick, args.accuracy, methods)
+    rows = run(args)
     machine["loadavg_end"] = facts()["loadavg"]
-    name = "latency_quick" if args.quick else "latency"
+    name = args.name or ("latency_quick" if args.quick else "latency")
     payload = {
         "machine": machine,
         "seconds": time.perf_counter() - started,
