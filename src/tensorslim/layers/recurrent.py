@@ -79,7 +79,14 @@ class GateMatrices(nn.Module):
 
 
 class LowRankRNN(StructuredLayer):
-    """A recurrent module (``mode`` RNN_TANH, RNN_RELU, LSTM or GRU) with rank-r gate matrices."""
+    """A recurrent module (``mode`` RNN_TANH, RNN_RELU, LSTM or GRU) with rank-r gate matrices.
+
+    It keeps the torch module's public attributes (``input_size``, ``hidden_size``,
+    ``num_layers``, ``batch_first``, ``bidirectional``, ``dropout``, ``proj_size``) and accepts
+    ``flatten_parameters()``, so code written against the torch module keeps working.
+    """
+
+    proj_size = 0  # an LSTM with a projection stays dense (unsupported_rnn_reason)
 
     def __init__(
         self,
@@ -164,6 +171,9 @@ class LowRankRNN(StructuredLayer):
         h_n = torch.stack(finals_h)
         c_n = torch.stack(finals_c) if self.mode == "LSTM" else None
         return self._outputs(rows, h_n, c_n, layout)
+
+    def flatten_parameters(self) -> None:
+        """No-op: there is no fused weight buffer to compact (torch modules need it for cuDNN)."""
 
     def _rows(self, input: torch.Tensor | PackedSequence) -> tuple[torch.Tensor, list[int], dict]:
         """Time-major rows (Σ_t B_t, in) and the batch size B_t of every step."""
