@@ -188,6 +188,8 @@ def _structure_stage(run: RecipeRun, stage: Any, sdir: Path, seed: int) -> dict[
         log=run.log,
         seed=seed,
         filter_fn=_filter(getattr(stage, "layers", None), getattr(stage, "exclude", None)),
+        deployment=getattr(stage, "deployment", None),
+        allow_slower=getattr(stage, "allow_slower", None),
     )
     broadcast_model(small)
     if stage.stage == "svd_train" and stage.finetune_epochs > 0:
