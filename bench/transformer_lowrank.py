@@ -10,7 +10,14 @@ Spearman ρ of the pairwise-similarity matrix, top-1 nearest-neighbour agreement
 dense model, interleaved, medians. Calibration, distillation and evaluation sentences never
 overlap (``tensorslim.data.text.split_texts``).
 
-    python bench/transformer_lowrank.py            # the full run (~40 min on a busy 2-core box)
+The committed results (36.5 min at load 13-16 on the shared 2-core machine):
+
+    python bench/transformer_lowrank.py --calibration 128 --distill-sentences 256 \
+        --evaluation 256 --latency-reps 3 --only-structured --lr 2e-4
+    # transformer_lowrank_refit: the same plus --methods svd_llm asvd --fractions 0.5 --refit
+    #   --latency-method none --name transformer_lowrank_refit
+    # transformer_lowrank_long: --methods svd_llm --fractions 0.5 --extra-distill 1792
+    #   --latency-method none --name transformer_lowrank_long
     python bench/transformer_lowrank.py --quick    # a smoke run of the same code
 """
 
