@@ -108,7 +108,7 @@ class DeButMethod(Method):
       may be larger than their layer (zero-padded input, cropped output);
     - ``als_start`` ("normal": N(0, 1/s_k); "uniform": U[0, 1) as the official code),
       ``als_first`` (the side the first ALS sweep starts from, "input" or "output"),
-      ``als_balance`` (equalise the factors' norms after ALS), ``random_std`` (std of every
+      ``als_balance`` (rescale per feature and per factor after ALS), ``random_std`` (std of every
       nonzero for ``init="random"``; default N(0, 1/s_k)).
 
     ``preset="paper"``: the official code's initialisation (see ``DEBUT_PAPER``).

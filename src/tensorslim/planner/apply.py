@@ -17,6 +17,7 @@ from tensorslim.analysis.flops import dense_layer_flops
 from tensorslim.analysis.profile import COMPRESSIBLE, count_params
 from tensorslim.errors import TensorslimError
 from tensorslim.facts import LayerStats
+from tensorslim.fold import fold_batchnorm
 from tensorslim.inputs import ForwardFn
 from tensorslim.layers.base import StructuredLayer
 from tensorslim.methods.registry import builder_of
@@ -51,8 +52,11 @@ def apply(
     A tie's followers take their leader's new structure (:func:`share_followers`). A plan that
     would leave the model with more parameters than before is refused when it unties a weight
     (the other holders would keep the dense copy) and warned about otherwise, naming the layers.
+    A plan made with ``fold_bn=True`` first folds the same BatchNorms into their convs.
     """
     target = model if inplace else copy.deepcopy(model)
+    if plan.folded_batchnorm:
+        fold_batchnorm(target, inplace=True, only=plan.folded_batchnorm)
     plan.validate(target)
     before, tied = count_params(target), shared_parameters(target)
     stats = _build_statistics(target, plan, init, calibration, loss_fn, forward_fn)

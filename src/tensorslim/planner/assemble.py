@@ -62,6 +62,8 @@ def compressed_entry(
     entry.flops_after = option.flops
     entry.error = float(option.error)
     entry.extra.update(option.extra)
+    if option.latency is not None:
+        entry.extra["latency_ms"] = option.latency
     return entry
 
 
@@ -95,6 +97,9 @@ def assemble_plan(
             continue
         layers.append(compressed_entry(fqn, module, info, option, choice.reasons[fqn]))
         methods_used.setdefault(option.method, {})
+    for entry in layers:
+        if entry.fqn in choice.measured:  # the dense layer's measured time, kept or replaced
+            entry.extra["dense_latency_ms"] = choice.measured[entry.fqn]["dense_ms"]
     for fqn in survey.other_weights:
         module = survey.modules[fqn]
         if fqn in ties.leader_of:
@@ -115,6 +120,7 @@ def assemble_plan(
         error_space=candidates.error_space,
         input_spec=describe(survey.example),
         calibration=calibration,
+        latency=choice.latency,
     )
 
 

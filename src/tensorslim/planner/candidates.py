@@ -11,8 +11,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tensorslim.errors import TensorslimError
-from tensorslim.facts import OUTPUT_ERROR, WEIGHT_ERROR, LayerStats, Option
+from tensorslim.facts import OUTPUT_ERROR, WEIGHT_ERROR, LayerStats
 from tensorslim.layers.base import StructuredLayer
+from tensorslim.layers.composite import composite_matrices, is_composite
 from tensorslim.methods.base import Method
 from tensorslim.planner.survey import ModelSurvey
 from tensorslim.rank.allocate import LayerChoices
@@ -95,16 +96,15 @@ def _unsupported_reason(method: Method, module: nn.Module, fqn: str) -> str | No
 
 
 def check_finite_weight(module: nn.Module, fqn: str) -> None:
-    """A clear error naming the layer when its weight holds NaN or Inf."""
+    """A clear error naming the layer when its weight (or, for an attention or recurrent layer,
+    one of its weight matrices) holds NaN or Inf."""
     weight = getattr(module, "weight", None)
-    if isinstance(weight, torch.Tensor) and not bool(torch.isfinite(weight.detach()).all()):
-        bad = int((~torch.isfinite(weight.detach())).sum())
+    matrices = composite_matrices(module) if is_composite(module) else [weight]
+    bad = sum(
+        int((~torch.isfinite(w.detach())).sum()) for w in matrices if isinstance(w, torch.Tensor)
+    )
+    if bad:
         raise TensorslimError(
             f"layer {fqn}: its weight holds {bad} NaN/Inf value(s); a decomposition of it is "
             "meaningless — fix the checkpoint (or exclude the layer)"
         )
-
-
-def option_cost(option: Option, metric: str) -> int:
-    """What ``option`` costs in the budget's ``metric``."""
-    return option.flops if metric == "flops" else option.params

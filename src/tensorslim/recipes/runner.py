@@ -218,6 +218,8 @@ def _structure_stage(run: RecipeRun, stage: Any, sdir: Path, seed: int) -> dict[
         seed=seed,
         filter_fn=_filter(getattr(stage, "layers", None), getattr(stage, "exclude", None)),
         objectives=text_objectives(run.text),
+        deployment=getattr(stage, "deployment", None),
+        allow_slower=getattr(stage, "allow_slower", None),
     )
     broadcast_model(small)
     if stage.stage == "svd_train" and stage.finetune_epochs > 0:
