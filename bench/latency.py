@@ -210,15 +210,17 @@ def _finetuned_accuracy(small: nn.Module, loaders: Any) -> float:
     return float(evaluate(small, test)["accuracy"])
 
 
-def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+def run(args: argparse.Namespace, save: Any) -> list[dict[str, Any]]:
+    """Every selected (model, batch, setting); ``save(rows)`` after each setting's rows."""
     rows: list[dict[str, Any]] = []
     for entry in base_models(args.quick, args.accuracy):
         if entry["name"] not in args.models:
             continue
-        for batch in entry["batches"]:
+        for batch in [b for b in entry["batches"] if args.batches is None or b in args.batches]:
             for name in args.settings:
                 where = Deployment(**{**SETTINGS[name].to_dict(), "batch": batch})
                 rows += _setting_rows(entry, where, args.methods, args.budgets)
+                save(rows)  # a long run keeps what it measured
     return rows
 
 
@@ -292,6 +294,7 @@ def main() -> None:
     parser.add_argument("--models", default="resnet18,resnet20,resnet56")
     parser.add_argument("--settings", default=None, help="of nchw,channels_last,ort")
     parser.add_argument("--budgets", default=",".join(BUDGETS))
+    parser.add_argument("--batches", default=None, help="comma list (default: each model's)")
     parser.add_argument("--name", default=None, help="results name (default latency[_quick])")
     parser.add_argument("--update-readme", action="store_true", help="only rewrite the table")
     args = parser.parse_args()
@@ -302,12 +305,18 @@ def main() -> None:
     default_methods = "svd,tucker" if args.quick else "svd,tucker,cp"
     args.methods = (args.methods or default_methods).split(",")
     args.models, args.budgets = args.models.split(","), args.budgets.split(",")
+    args.batches = [int(b) for b in args.batches.split(",")] if args.batches else None
     args.settings = (args.settings or ("nchw" if args.quick else ",".join(SETTINGS))).split(",")
     machine = facts()
     started = time.perf_counter()
-    rows = run(args)
-    machine["loadavg_end"] = facts()["loadavg"]
     name = args.name or ("latency_quick" if args.quick else "latency")
+    rows = run(args, lambda rows: save(name, machine, started, rows))
+    machine["loadavg_end"] = facts()["loadavg"]
+    save(name, machine, started, rows)
+    print(f"wrote bench/results/{name}.json, .md, .png in {time.perf_counter() - started:.0f} s")
+
+
+def save(name: str, machine: dict[str, Any], started: float, rows: list[dict[str, Any]]) -> None:
     payload = {
         "machine": machine,
         "seconds": time.perf_counter() - started,
@@ -316,14 +325,13 @@ def main() -> None:
     }
     notes = [
         "Dense vs compressed, BatchNorm folded in both, timed interleaved in the same setting "
-        "(best of many short rounds; the machine is shared — see the load column). `measured` "
-        "and `predicted` are latency / dense latency; `pred_err` = predicted / measured − 1; "
-        "`speedup_2t` re-times the same models at 2 threads; `plan_mb` is RSS growth while "
-        "planning.",
+        "(best CPU-time round of many short rounds; the machine is shared — see the load "
+        "column). `measured` and `predicted` are latency / dense latency; `pred_err` = "
+        "predicted / measured − 1; `speedup_2t` re-times the same models at 2 threads; "
+        "`plan_mb` is RSS growth while planning.",
     ]
     write_results(name, payload, [("plans", COLUMNS, [r for r in rows if "measured" in r])], notes)
     plot(rows, RESULTS / f"{name}.png")
-    print(f"wrote bench/results/{name}.json, .md, .png in {payload['seconds']:.0f} s")
 
 
 if __name__ == "__main__":
