@@ -21,6 +21,7 @@ bench/results/pruning_seeds.{json,md}.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -31,7 +32,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import facts, fashion_loaders, trained_model, write_results
+from common import RESULTS, facts, fashion_loaders, trained_model, write_results
 from pruning import METHODS, NAMES, prune_run
 from tensorslim.methods.pruning import RPG_PAPER
 
@@ -148,7 +149,66 @@ def _end(method: str) -> float:
     return float(get_method(method).end)
 
 
-def main() -> None:
+def claims(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The seed claims, under this library's defaults and under the authors' settings.
+
+    Per sparsity: RPG's mean accuracy at or above GMP's and RigL's, and its mean δ-rank above
+    GMP's — with the defaults (rpg vs gmp, rigl) and with the paper preset (rpg-paper vs the
+    official code's own GMP baseline, gmp-paper, and vs RigL's default).
+    """
+    rows = []
+    arms = (
+        ("defaults", "rpg", (("GMP", "gmp"), ("RigL", "rigl"))),
+        ("paper preset", "rpg-paper", (("GMP, paper schedule", "gmp-paper"), ("RigL", "rigl"))),
+    )
+    for sparsity in sorted({r["sparsity_target"] for r in runs}):
+        at = [r for r in runs if r["sparsity_target"] == sparsity]
+        mean = {
+            (m, k): statistics.fmean(r[k] for r in at if r["method"] == m)
+            for m in {r["method"] for r in at}
+            for k in ("accuracy", "avg_delta_rank")
+        }
+        seeds = {r["seed"] for r in at}
+        for settings, rpg, others in arms:
+            if (rpg, "accuracy") not in mean:
+                continue
+            for name, other in others:
+                if (other, "accuracy") not in mean:
+                    continue
+                won = sum(
+                    _value(at, rpg, s, "accuracy") >= _value(at, other, s, "accuracy")
+                    for s in seeds
+                )
+                diff = 100 * (mean[(rpg, "accuracy")] - mean[(other, "accuracy")])
+                rows.append(
+                    {
+                        "sparsity": f"{sparsity:.0%}",
+                        "settings": settings,
+                        "claim": f"RPG accuracy ≥ {name}",
+                        "holds": "yes" if diff >= 0 else "no",
+                        "evidence": f"{diff:+.2f} points (mean), {won} of {len(seeds)} seeds",
+                    }
+                )
+            gmp = others[0][1]
+            if (gmp, "avg_delta_rank") in mean:
+                a, b = mean[(rpg, "avg_delta_rank")], mean[(gmp, "avg_delta_rank")]
+                rows.append(
+                    {
+                        "sparsity": f"{sparsity:.0%}",
+                        "settings": settings,
+                        "claim": f"RPG δ-rank > {others[0][0]}",
+                        "holds": "yes" if a > b else "no",
+                        "evidence": f"{a:.1f} vs {b:.1f} (mean)",
+                    }
+                )
+    return rows
+
+
+def _value(runs: list[dict], method: str, seed: int, key: str) -> float:
+    return next(r[key] for r in runs if r["method"] == method and r["seed"] == seed)
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", default="0,1,2,3")
     parser.add_argument("--sparsities", default="0.95,0.98")
@@ -159,11 +219,24 @@ def main() -> None:
     parser.add_argument("--steps-per-epoch", type=int, default=100)
     parser.add_argument("--lr", type=float, default=0.02)
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument(
+        "--summarize-only",
+        action="store_true",
+        help="Rewrite the report from bench/results/pruning_seeds.json (same arguments).",
+    )
     args = parser.parse_args()
-    variants = args.variants.split(",")
-    unknown = sorted(set(variants) - set(VARIANTS))
+    unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
     if unknown:
         parser.error(f"unknown variant {unknown[0]} (known: {', '.join(VARIANTS)})")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.summarize_only:
+        payload = json.loads((RESULTS / "pruning_seeds.json").read_text())
+        report(payload["runs"], args, payload["machine"], payload["seconds"])
+        return
     started = time.perf_counter()
     machine = facts()
     _setup(args.limit_train, args.base_epochs)  # trains and caches the base once, if needed
@@ -171,7 +244,7 @@ def main() -> None:
         (method, float(sparsity), int(seed), args.epochs, args.steps_per_epoch, args.lr)
         for sparsity in args.sparsities.split(",")
         for seed in args.seeds.split(",")
-        for method in variants
+        for method in args.variants.split(",")
     ]
     runs = []
     with ProcessPoolExecutor(
@@ -180,31 +253,60 @@ def main() -> None:
         for run in pool.map(_run, tasks):
             print(run, flush=True)
             runs.append(run)
+    machine["loadavg_end"] = facts()["loadavg"]
+    report(runs, args, machine, time.perf_counter() - started)
+
+
+def report(runs: list[dict], args: argparse.Namespace, machine: dict, seconds: float) -> None:
+    """bench/results/pruning_seeds.{json,md}: the table, the seed-by-seed wins, the claims."""
     table, wins = summarize(runs)
-    seconds = time.perf_counter() - started
+    claim_rows = claims(runs)
     notes = [
         "small_cnn on Fashion-MNIST, the settings of bench/pruning.py (base 3 epochs on 20000 "
         f"images; {args.epochs} × {args.steps_per_epoch} pruning steps, SGD lr {args.lr}; GMP "
         f"and RPG prune until {_end('gmp'):.0%} / {_end('rpg'):.0%} of the steps, RigL "
         f"drops/regrows until {_end('rigl'):.0%}; the paper preset prunes until "
         f"{RPG_PAPER.settings['end']:.0%}, updating every {RPG_PAPER.settings['interval']} "
-        "steps); on mask-update steps RigL and RPG do not step the optimizer (official); "
+        "steps, with one global ranking that includes the first conv); on mask-update steps "
+        "RigL and RPG do not step the optimizer (official); "
         f"seeds {args.seeds} (each fixes the initial RNG and the batch order, shared by the "
         "methods); full 10 000-image test set, whose standard error at 90 % accuracy is "
         "about 0.3 points.",
         f"{len(runs)} runs in {seconds / 60:.1f} min ({args.workers} processes, 1 thread each; "
-        f"load average {machine.get('loadavg')} at the start, on a machine shared with "
-        "other jobs).",
+        f"load average {machine.get('loadavg')} at the start, {machine.get('loadavg_end')} at "
+        "the end, on a machine shared with other jobs).",
     ]
+    if any(r["method"] == "rpg-paper" for r in runs):
+        steps = args.epochs * args.steps_per_epoch
+        notes.append(
+            f"Reading the paper preset: its ΔT = {RPG_PAPER.settings['interval']} steps is fixed "
+            f"in steps, so a {steps}-step run makes only a handful of mask updates and the "
+            "exponential density falls in a few large jumps (the last near the end of pruning, "
+            "with little training left to recover), over a ranking that may also empty the small "
+            "first conv. The authors' runs had thousands of updates (100 ImageNet epochs); these "
+            "numbers show the preset outside that regime, not the method at its best. Under the "
+            "same schedule the rank loss and regrowth still beat plain GMP (the official code "
+            "with α = λ = 0)."
+        )
     for w in wins:
         notes.append(
             f"{w['sparsity']}: {w['comparison']} in {w['seeds_won']} of {w['seeds']} seeds, "
             f"mean difference {w['mean_difference_points']:+.2f} points."
         )
+    payload = {
+        "runs": runs,
+        "table": table,
+        "wins": wins,
+        "claims": claim_rows,
+        "machine": machine,
+        "seconds": seconds,
+        "args": vars(args),
+    }
     write_results(
         "pruning_seeds",
-        {"runs": runs, "table": table, "wins": wins, "machine": machine, "seconds": seconds},
+        payload,
         [
+            ("Claims: defaults and the authors' settings", list(CLAIM_COLUMNS), claim_rows),
             (
                 "Mean ± standard deviation over seeds",
                 [
@@ -232,6 +334,9 @@ def main() -> None:
         notes,
     )
     print("\n".join(notes))
+
+
+CLAIM_COLUMNS = ("sparsity", "settings", "claim", "holds", "evidence")
 
 
 if __name__ == "__main__":

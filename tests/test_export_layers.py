@@ -123,3 +123,18 @@ def test_keyword_inputs_and_several_outputs_export(tmp_path) -> None:
     traced = torch.jit.load(str(tmp_path / "model.pt"))
     got = traced(other["input_ids"], other["scale"])
     torch.testing.assert_close(got[0], want["logits"])
+
+
+def test_export_leaves_a_batchnorm_model_in_eval_mode(tmp_path) -> None:
+    pytest.importorskip("onnxruntime", reason="the ONNX check needs onnxruntime")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    model[1].running_mean.normal_()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        before = model(x)
+    export_onnx(model, {"input": x}, tmp_path / "model.onnx")
+    export_torchscript(model, (x,), tmp_path / "model.pt")
+    assert not any(m.training for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(x), before)

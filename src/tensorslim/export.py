@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from tensorslim.analysis.latency import measure_latency
+from tensorslim.analysis.deployment import Deployment, make_runner
+from tensorslim.analysis.timing import LatencyCache, time_against_reference, time_interleaved
 from tensorslim.errors import TensorslimError
 from tensorslim.inputs import Inputs, as_inputs, call_model, map_tensors, tensors_in
 from tensorslim.layers.base import StructuredLayer
@@ -80,7 +81,9 @@ def export_onnx(
         ) from None
     path = Path(path)
     model = model.eval()
-    flat = _FlatCall(model, example)
+    # eval: the exporter restores the wrapper's mode afterwards, and a wrapper in train mode
+    # would leave the model training (BatchNorm on batch statistics) after the export
+    flat = _FlatCall(model, example).eval()
     inputs, outputs = _input_names(example), len(_outputs(model, example))
     names = ["logits", *(f"output_{i}" for i in range(1, outputs))]
     buffer = io.BytesIO()
@@ -142,7 +145,7 @@ def export_torchscript(model: nn.Module, example: Any, path: str | Path) -> dict
     with the example's tensors as flat positional arguments, returning every output tensor.
     """
     model = model.eval()
-    target = model if isinstance(example, torch.Tensor) else _FlatCall(model, example)
+    target = model if isinstance(example, torch.Tensor) else _FlatCall(model, example).eval()
     flat = tuple(tensors_in(example))
     with torch.no_grad():
         traced = torch.jit.trace(target, flat, check_trace=False, strict=False)
@@ -155,15 +158,67 @@ def export_torchscript(model: nn.Module, example: Any, path: str | Path) -> dict
     return {"bytes": float(path.stat().st_size), "max_abs_diff": diff}
 
 
-def merge_slow_layers(model: nn.Module, example: torch.Tensor) -> list[dict[str, Any]]:
+def merge_slow_layers(
+    model: nn.Module,
+    example: torch.Tensor,
+    *,
+    deployment: Deployment | str | dict | None = None,
+    cache: LatencyCache | None = None,
+) -> list[dict[str, Any]]:
     """Fold structured layers back to dense where the dense layer measures faster.
 
-    Each structured layer is timed on the input it sees in ``model(example)`` against its
-    ``to_dense()`` form; the slower form loses. Returns one decision row per layer. The model's
-    plans are refreshed so ``save``/``load`` rebuild the merged structure.
+    Uses the measurements the plan recorded (each layer timed against its dense form at the
+    plan's deployment, see :mod:`tensorslim.planner.latency`) when the plan was measured at
+    ``deployment`` (default: the plan's own, else ``example``'s batch size); other layers are
+    timed the same way now — interleaved with their ``to_dense()`` form, at the input shape they
+    see in ``model(example)`` (a composite layer with several inputs, e.g. attention, on those
+    inputs themselves). A composite layer holding structured parts is merged as a whole.
+    Returns one decision row per layer; the model's plans are refreshed so ``save``/``load``
+    rebuild the merged structure.
     """
+    planned, where = _planned_latencies(model, deployment, example)
+    cache = cache if cache is not None else LatencyCache()
+    decisions = []
+    for name, inputs in _layer_inputs(model, example).items():
+        module = model.get_submodule(name)
+        dense = module.to_dense()
+        if name in planned:
+            (t_struct, t_dense), source = planned[name], "plan"
+        else:
+            t_struct, t_dense = _time_pair(module, dense, inputs, where, cache)
+            source = "measured"
+        merged = t_dense < t_struct
+        if merged:
+            replace_module(model, name, dense)
+        decisions.append(
+            {
+                "layer": name,
+                "structured_ms": t_struct,
+                "dense_ms": t_dense,
+                "merged": merged,
+                "source": source,
+            }
+        )
+    set_plans(model, [refresh_plan(model, p) for p in plans_of(model)])
+    return decisions
+
+
+def _time_pair(
+    module: nn.Module, dense: nn.Module, inputs: Inputs, where: Deployment, cache: LatencyCache
+) -> tuple[float, float]:
+    """(structured ms, dense ms), interleaved: by shape for one tensor input, else on it."""
+    if len(inputs.args) == 1 and isinstance(inputs.args[0], torch.Tensor) and not inputs.kwargs:
+        shape = tuple(inputs.args[0].shape)
+        t_dense, timed = time_against_reference(dense, {"s": module}, shape, where, cache)
+        return timed["s"], t_dense
+    runners = {"s": make_runner(module, inputs, where), "d": make_runner(dense, inputs, where)}
+    timed = time_interleaved(runners, where.threads)
+    return timed["s"].ms, timed["d"].ms
+
+
+def _layer_inputs(model: nn.Module, example: Any) -> dict[str, Inputs]:
+    """The inputs every outermost structured layer sees in ``model(example)`` (those that ran)."""
     inputs: dict[str, Inputs] = {}
-    handles = []
     structured = {n: m for n, m in model.named_modules() if isinstance(m, StructuredLayer)}
     # a composite layer (attention, recurrent) holds structured parts: it is merged as a whole
     layers = {
@@ -180,24 +235,33 @@ def merge_slow_layers(model: nn.Module, example: torch.Tensor) -> list[dict[str,
 
         return hook
 
-    for name, module in layers.items():
-        handles.append(module.register_forward_hook(recorder(name)))
-    with torch.no_grad():
-        model.eval()(example)
-    for handle in handles:
-        handle.remove()
-    decisions = []
-    for name, module in layers.items():
-        if name not in inputs:
+    handles = [m.register_forward_hook(recorder(n)) for n, m in layers.items()]
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return inputs
+
+
+def _planned_latencies(
+    model: nn.Module, deployment: Deployment | str | dict | None, example: Any
+) -> tuple[dict[str, tuple[float, float]], Deployment]:
+    """(structured ms, dense ms) per layer the plans measured at the deployment, and it."""
+    records = [p for p in plans_of(model) if p.latency is not None]
+    if deployment is None and records:
+        where = Deployment(**records[-1].latency["deployment"])  # type: ignore[index]
+    else:
+        where = Deployment.coerce(deployment, example)
+    planned = {}
+    for p in records:
+        if Deployment(**p.latency["deployment"]) != where:  # type: ignore[index]
             continue
-        dense = module.to_dense()
-        t_struct = measure_latency(module, inputs[name], min_run_time=0.1)["median_ms"]
-        t_dense = measure_latency(dense, inputs[name], min_run_time=0.1)["median_ms"]
-        merged = t_dense < t_struct
-        if merged:
-            replace_module(model, name, dense)
-        decisions.append(
-            {"layer": name, "structured_ms": t_struct, "dense_ms": t_dense, "merged": merged}
-        )
-    set_plans(model, [refresh_plan(model, p) for p in plans_of(model)])
-    return decisions
+        for lp in p.compressed_layers:
+            if "latency_ms" in lp.extra and "dense_latency_ms" in lp.extra:
+                planned[lp.fqn] = (
+                    float(lp.extra["latency_ms"]),
+                    float(lp.extra["dense_latency_ms"]),
+                )
+    return planned, where

@@ -79,7 +79,9 @@ class Option:
     ``"weight"``, ‖W − Ŵ‖_F / ‖W‖_F, or ``"output"``, ‖(W − Ŵ)X‖_F / ‖WX‖_F over the calibration
     inputs. ``params`` and ``flops`` are the replacement's (FLOPs for the layer's input).
     ``method`` lets a method delegate a layer to another method (e.g. Tucker falls back to SVD on
-    1×1 convs); ``label`` is a short human description ("rank 8").
+    1×1 convs); ``label`` is a short human description ("rank 8"). ``latency`` is the
+    replacement's measured latency in ms at the plan's deployment setting (``None``: not
+    measured), summed over the layer's calls.
     """
 
     method: str
@@ -90,3 +92,4 @@ class Option:
     label: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
     error_space: str = WEIGHT_ERROR
+    latency: float | None = None

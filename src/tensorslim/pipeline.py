@@ -218,6 +218,9 @@ def compress_model(
     bn_recalibration_batches: int = 0,
     seed: int | None = None,
     objectives: Objectives | None = None,
+    deployment: Any = None,
+    allow_slower: bool | None = None,
+    latency_cache: Any = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Compress ``model`` (left untouched) and return (compressed model, results dict).
 
@@ -243,6 +246,12 @@ def compress_model(
     latency_ms), ``accuracy_before_finetune``, ``accuracy_after_finalize`` (before the
     post-finalize epochs), the per-layer ``layers`` rows, the ``history`` of every epoch and
     whatever the method's ``summary(model)`` adds.
+
+    ``deployment``, ``allow_slower`` and ``latency_cache`` go to :func:`tensorslim.plan.plan`
+    (by default the plan times layers at ``example_batch``'s batch size and never picks a
+    structured layer slower than its dense form); when the plan measured latency, the results'
+    ``latency_check`` compares its predicted latency with the whole compressed model measured
+    against the original, interleaved, at the plan's deployment.
     """
     if post_finalize_epochs < 0:
         raise TensorslimError(f"post_finalize_epochs must be ≥ 0, got {post_finalize_epochs}")
@@ -250,12 +259,14 @@ def compress_model(
     original = measure_original or measure(model, example_batch, test_loader, latency=latency)
     phases = PhaseSeeds(seed, loaders=(train_loader, test_loader))
     phases.start("compress")
-    settings = dict(settings or {})
-    preset = settings.pop(PRESET_KEY, None) if preset is None else preset
-    training = resolve_training(
-        method_class(method), preset, TRAINING_DEFAULTS,
-        lr=lr, optimizer=optimizer, weight_decay=weight_decay,
-    )  # fmt: skip
+    timing = {
+        "deployment": deployment,
+        "allow_slower": allow_slower,
+        "latency_cache": latency_cache,
+    }
+    settings, preset, training = _preset_and_training(
+        method, settings, preset, lr=lr, optimizer=optimizer, weight_decay=weight_decay
+    )
     objectives = objectives or Objectives()
     the_plan, method_obj, small = _plan_and_apply(
         model,
@@ -266,6 +277,7 @@ def compress_model(
         {**settings, PRESET_KEY: preset},
         objectives.calibration_loader or train_loader,
         objectives.calibration_loss_fn,
+        timing,
     )
     if bn_recalibration_batches > 0:
         if train_loader is None:
@@ -316,10 +328,50 @@ def compress_model(
             "seconds": {"decompose": applied_at - started, "total": time.perf_counter() - started},
         }
     )
+    if latency and the_plan.latency is not None:
+        results["latency_check"] = latency_check(model, small, the_plan, example_batch)
     summary = method_obj.summary(small)
     if summary:
         results["method_summary"] = summary
     return small, results
+
+
+def latency_check(
+    original: nn.Module, compressed: nn.Module, the_plan: CompressionPlan, example: Any
+) -> dict[str, Any]:
+    """The plan's predicted latency against both whole models measured, interleaved, at the
+    plan's deployment: ``measured_fraction`` = compressed / original, ``prediction_error`` =
+    predicted / measured − 1 (as planned, before fine-tuning changed nothing structural)."""
+    from tensorslim.analysis.deployment import Deployment
+    from tensorslim.analysis.timing import load_average, time_models
+
+    record = the_plan.latency or {}
+    where = Deployment(**record["deployment"])
+    timed = time_models({"original": original, "compressed": compressed}, example, where)
+    dense, small = timed["original"].ms, timed["compressed"].ms
+    return {
+        "deployment": where.to_dict(),
+        "original_ms": dense,
+        "compressed_ms": small,
+        "speedup": dense / small,
+        "measured_fraction": small / dense,
+        "predicted_fraction": record["predicted_fraction"],
+        "predicted_ms": record["predicted_fraction"] * dense,
+        "prediction_error": record["predicted_fraction"] * dense / small - 1.0,
+        "load_average": load_average(),
+    }
+
+
+def _preset_and_training(
+    method: str, settings: dict[str, Any] | None, preset: str | None, **explicit: Any
+) -> tuple[dict[str, Any], str | None, dict[str, Any]]:
+    """(settings without the preset key, the preset, the fine-tuning values): ``preset`` or
+    ``settings["preset"]``; each training value is the caller's, else the preset's, else
+    :data:`TRAINING_DEFAULTS`."""
+    settings = dict(settings or {})
+    preset = settings.pop(PRESET_KEY, None) if preset is None else preset
+    training = resolve_training(method_class(method), preset, TRAINING_DEFAULTS, **explicit)
+    return settings, preset, training
 
 
 def _plan_and_apply(
@@ -331,6 +383,7 @@ def _plan_and_apply(
     settings: dict[str, Any],
     train_loader: Iterable | None = None,
     calibration_loss_fn: LossFn | None = None,
+    timing: dict[str, Any] | None = None,
 ) -> tuple[CompressionPlan, Method, nn.Module]:
     """Plan, refuse a plan that compresses nothing, apply; the method as the plan aimed it.
 
@@ -347,7 +400,14 @@ def _plan_and_apply(
         if FISHER in needs:
             calibration["loss_fn"] = calibration_loss_fn or cross_entropy_loss
     the_plan = plan(
-        model, method, budget, example_batch, filter_fn=filter_fn, **calibration, **settings
+        model,
+        method,
+        budget,
+        example_batch,
+        filter_fn=filter_fn,
+        **calibration,
+        **(timing or {}),
+        **settings,
     )
     # the plan's settings, not the caller's: the planner already aimed them at the budget
     method_obj = get_method(the_plan.method, **the_plan.settings)

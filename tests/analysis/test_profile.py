@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -84,3 +85,32 @@ def test_inspect_model_of_a_compressed_model(tiny_cnn, tiny_input) -> None:
     assert isinstance(small.fc1, LowRankLinear)
     facts = inspect_model(small, tiny_input, latency=False)
     assert [row["layer"] for row in facts["layers"]] == ["conv1", "conv2", "fc2"]
+
+
+class Sequence(nn.Module):
+    """Conv1d → LSTM → self-attention → Linear: every kind of layer a plan covers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(3, 8, 3, padding=1)
+        self.lstm = nn.LSTM(8, 12, batch_first=True)
+        self.attn = nn.MultiheadAttention(12, 2, batch_first=True)
+        self.head = nn.Linear(12, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, _ = self.lstm(self.conv(x).transpose(1, 2))
+        return self.head(self.attn(h, h, h)[0].mean(1))
+
+
+def test_inspect_model_covers_conv1d_recurrent_and_attention_layers() -> None:
+    torch.manual_seed(0)
+    facts = inspect_model(Sequence().eval(), torch.randn(2, 3, 10), latency=True)
+    rows = {row["layer"]: row for row in facts["layers"]}
+    assert list(rows) == ["conv", "lstm", "attn", "head"]  # no attn.out_proj row of its own
+    assert rows["lstm"]["full_rank"] == 12 and rows["attn"]["full_rank"] == 12
+    assert rows["lstm"]["flops"] == 2 * 10 * (48 * 8 + 48 * 12)
+    assert rows["attn"]["flops"] == 2 * 10 * 12 * 12 * 4
+    assert all(row["latency_ms"] > 0 for row in rows.values())
+    # the rest of the model's FLOPs: the attention products Q·Kᵀ and A·V, 2·2·(10·10·12)
+    core = 1.0 - sum(r["flops_share"] for r in rows.values())
+    assert core * facts["total"]["flops"] == pytest.approx(4 * 10 * 10 * 12)

@@ -230,3 +230,24 @@ def test_bp_fit_is_the_official_probe_gradient_step() -> None:
     for spec, w, m in zip(chain, weights, factors, strict=True):
         torch.testing.assert_close(spec.dense(w), m.detach())
     assert len(errors) == 4 and errors[-1] == pytest.approx(relative_error(target, chain, weights))
+
+
+@pytest.mark.parametrize("text", ["8 12 2 3 1  8 8 4 4 2", "6 6 3 3 1  6 6 2 2 1  6 6 3 3 1"])
+def test_balance_undoes_a_per_feature_rescaling_without_changing_the_product(text: str) -> None:
+    from tensorslim.decompose.debut_als import _balance
+
+    chain = DeButChain.parse(text)
+    gen = torch.Generator().manual_seed(2)
+    weights = random_factor_weights(chain, generator=gen, dtype=DT)
+    product = chain_dense(chain.factors, weights)
+    # feature 1 between factors 0 and 1: its row in F_0 ×1e3, its column in F_1 ×1e-3
+    rows, _ = chain[0].indices()
+    _, cols = chain[1].indices()
+    skewed = [w.clone() for w in weights]
+    skewed[0][rows == 1] *= 1e3
+    skewed[1][cols == 1] *= 1e-3
+    torch.testing.assert_close(chain_dense(chain.factors, skewed), product)
+    _balance(chain, skewed)
+    torch.testing.assert_close(chain_dense(chain.factors, skewed), product)
+    biggest = max(float(w.abs().max()) for w in weights)
+    assert max(float(w.abs().max()) for w in skewed) < 10 * biggest

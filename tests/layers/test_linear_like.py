@@ -99,3 +99,22 @@ def test_every_linear_method_builds_conv1d_exactly_as_the_equivalent_linear(
         torch.testing.assert_close(built(x), layer(x), rtol=1e-4, atol=1e-5)
     skeleton = method.build(layer, chosen, info, init=False)
     assert skeleton(x).shape == (2, 3, 16)
+
+
+def test_calibration_fisher_of_a_conv1d_is_in_the_linear_orientation() -> None:
+    from tensorslim.analysis.calibration import collect_statistics
+
+    layer = conv1d(nx=6, nf=4)
+    linear = as_linear(layer)
+    x = torch.randn(5, 6)
+    loader = [(x, torch.zeros(5))]
+
+    def loss_fn(out: torch.Tensor, batch: object) -> torch.Tensor:
+        return (out**2).sum()
+
+    needs = {"fisher", "gram"}
+    got = collect_statistics(layer, loader, {"": layer}, needs, loss_fn=loss_fn, progress=False)
+    want = collect_statistics(linear, loader, {"": linear}, needs, loss_fn=loss_fn, progress=False)
+    assert got[""].fisher.shape == (4, 6)
+    torch.testing.assert_close(got[""].fisher, want[""].fisher, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[""].gram, want[""].gram)

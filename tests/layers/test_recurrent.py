@@ -108,6 +108,15 @@ def test_training_mode_backpropagates_and_applies_dropout_between_layers() -> No
     torch.testing.assert_close(low(x)[0], low(x)[0])  # no dropout in eval
 
 
+def test_code_written_for_the_torch_module_keeps_working() -> None:
+    module = nn.LSTM(5, 6, num_layers=2, batch_first=True, bidirectional=True)
+    low = LowRankRNN.from_dense(module, 2)
+    low.flatten_parameters()  # LM code calls this before every forward
+    for name in ("input_size", "hidden_size", "num_layers", "batch_first", "bidirectional"):
+        assert getattr(low, name) == getattr(module, name)
+    assert low.proj_size == 0 and low.mode == "LSTM"
+
+
 def test_bad_input_and_unsupported_modules_are_clear_errors() -> None:
     low = LowRankRNN("GRU", 5, 6, 2)
     with pytest.raises(TensorslimError, match="initial hidden state"):

@@ -43,6 +43,7 @@ def _quiet():
 CASES = [
     ("cp", {"rank_rule": "budget", "ladder": [0.2, 0.4, 0.6], "max_iter": 30}),
     ("tucker", {"rank_rule": "budget"}),
+    ("svd", {"scheme": "best"}),
 ]
 
 
@@ -110,3 +111,24 @@ def test_output_errors_are_the_built_layers_errors(method: str, settings: dict) 
         approx = built.to_dense().weight.detach()
         expected = relative_output_error(reference, approx, stats.gram)
         assert option.error == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("method", "settings"),
+    [*CASES, ("debut", {"ratios": [2, 4], "candidate_sweeps": 1, "order": "position"})],
+)
+def test_identity_gram_output_errors_are_the_weight_errors(method: str, settings: dict) -> None:
+    # with G = I the output error ‖ΔX‖/‖WX‖ is the weight error: the fast paths (tables, stored
+    # fits, column orders) must agree with the candidates' own weight-space errors
+    torch.manual_seed(2)
+    model = Net().eval()
+    conv = model.conv2
+    stats = LayerStats(gram=torch.eye(72, dtype=torch.float64))
+    plan = ts.plan(model, method, "flops=0.5", torch.randn(1, 3, 6, 6), **settings)
+    info = next(lp for lp in plan.layers if lp.fqn == "conv2").info()
+    chosen = get_method(method, **settings)
+    options = chosen.candidates(conv, info, stats)
+    measured = chosen.output_errors(conv, info, options, stats)
+    assert len(chosen.factorizations) == (0 if method == "debut" else 1)
+    for before, after in zip(options, measured, strict=True):
+        assert after.error == pytest.approx(before.error, abs=1e-5)

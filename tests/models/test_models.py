@@ -243,3 +243,13 @@ def test_torchvision_builder_with_fake_module(monkeypatch: pytest.MonkeyPatch) -
     assert rgb.stem[0].in_channels == 3
     with pytest.raises(TensorslimError, match="Unknown model"):
         create_model("torchvision:nosuchnet")
+
+
+def test_torchvision_layouts_have_torchvisions_parameter_counts() -> None:
+    # torchvision.models.resnet18 / resnet50 / mobilenet_v2 (weights=None), 3 channels, 1000 classes
+    counts = {"resnet18": 11_689_512, "resnet50": 25_557_032, "mobilenet_v2": 3_504_872}
+    for name, count in counts.items():
+        assert n_params(create_model(name, in_channels=3, num_classes=1000)) == count, name
+    convs = [m for m in create_model("mobilenet_v2").modules() if isinstance(m, nn.Conv2d)]
+    depthwise = [m for m in convs if m.groups > 1]
+    assert len(depthwise) == 17 and all(m.groups == m.in_channels for m in depthwise)

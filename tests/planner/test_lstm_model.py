@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import tensorslim as ts
 from tensorslim.analysis.flops import count_flops
+from tensorslim.errors import TensorslimError
 from tensorslim.layers.recurrent import LowRankRNN
 
 
@@ -75,4 +77,13 @@ def test_calibrated_plan_keeps_weight_errors_for_recurrent_layers() -> None:
     plan = ts.plan(model, "svd", "flops=0.5", calibration=batches)
     assert plan.error_space == "output"  # the decoder's error is measured on the data
     assert plan.layer("lstm").method == "svd" or plan.layer("gru").method == "svd"
+    assert any("lstm, gru have no single input Gram" in note for note in plan.notes)
     assert torch.isfinite(ts.apply(model, plan)(batches[0][0])).all()
+
+
+def test_a_nan_in_a_gate_matrix_is_an_error_naming_the_layer() -> None:
+    model = LSTMLanguageModel().eval()
+    with torch.no_grad():
+        model.lstm.weight_hh_l1[0, 0] = float("nan")
+    with pytest.raises(TensorslimError, match="layer lstm: its weight holds 1 NaN"):
+        ts.plan(model, "svd", "params=0.5", torch.randint(0, 60, (1, 5)))

@@ -102,7 +102,7 @@ model: {name: lenet5}
 data: {name: synthetic, batch_size: 16}
 stages:
   - {stage: train, epochs: 6, lr: 0.05}
-  - {stage: compress, method: svd, budget: flops=0.5}
+  - {stage: compress, method: svd, budget: flops=0.5, allow_slower: true}
   - {stage: evaluate, latency: false}
 """
 
@@ -208,7 +208,7 @@ model: {name: small_cnn, kwargs: {width: 0.25}}
 data: {name: digits, batch_size: 32, limit_train: 256, limit_test: 64}
 stages:
   - {stage: train, epochs: 1, lr: 0.05}
-  - {stage: compress, method: svd, budget: flops=0.5, recalibrate_bn: 4}
+  - {stage: compress, method: svd, budget: flops=0.5, recalibrate_bn: 4, allow_slower: true}
   - {stage: finetune, epochs: 1, lr: 0.01}
   - {stage: evaluate, latency: false}
 """

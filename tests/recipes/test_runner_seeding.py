@@ -38,7 +38,8 @@ data: {{name: digits, batch_size: 64, limit_train: 256, limit_test: 128, shuffle
 seed: 3
 stages:
   - {{stage: train, epochs: 1, lr: 0.05}}
-  - {{stage: compress, method: svd, budget: flops=0.3, settings: {{driver: randomized}}}}
+  - {{stage: compress, method: svd, budget: flops=0.3, allow_slower: true,
+     settings: {{driver: randomized}}}}
   - {{stage: finetune, epochs: 2, lr: 0.01}}
   - {{stage: evaluate, latency: false}}
 """

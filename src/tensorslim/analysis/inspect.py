@@ -11,7 +11,8 @@ from tensorslim.analysis.flops import count_flops
 from tensorslim.analysis.latency import measure_latency
 from tensorslim.analysis.profile import COMPRESSIBLE, collect_layer_info, count_params
 from tensorslim.decompose.svd import conv_weight_to_matrix, singular_values
-from tensorslim.inputs import batch_size, take_samples
+from tensorslim.facts import LayerInfo
+from tensorslim.inputs import Inputs, batch_size, take_samples
 from tensorslim.layers.composite import composite_matrices, is_composite
 from tensorslim.rank.select import rank_from_energy
 
@@ -46,7 +47,7 @@ def inspect_model(
             f"rank@{energy:g}": max(rank_from_energy(s, energy) for s in spectra),
         }
         if latency:
-            row["latency_ms"] = _layer_latency(module, info.input_shape, batch)
+            row["latency_ms"] = _layer_latency(module, info, batch)
         rows.append(row)
     whole: dict[str, Any] = {"params": count_params(model), "flops": total_flops}
     if latency:
@@ -65,11 +66,17 @@ def _matrices(module: nn.Module) -> list[torch.Tensor]:
     return [w.reshape(w.shape[0], -1) if w.dim() <= 3 else conv_weight_to_matrix(w, "channel")]
 
 
-def _layer_latency(module: nn.Module, input_shape: tuple[int, ...], batch: int) -> float | None:
-    """The layer's median latency on a random input of ``batch`` samples (None for composite
-    layers, whose inputs — several tensors, a batch axis not first — a shape cannot rebuild)."""
-    if is_composite(module):
-        return None
+def _layer_latency(module: nn.Module, info: LayerInfo, batch: int) -> float:
+    """The layer's median latency on random inputs of ``batch`` samples (an attention layer
+    gets its query, key and value; its own query as key and value in self-attention)."""
     dtype = next(module.parameters()).dtype
-    x = torch.randn((batch, *input_shape[1:]), dtype=dtype)
-    return measure_latency(module, x, min_run_time=0.05)["median_ms"]
+
+    def sample(shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.randn((batch, *shape[1:]), dtype=dtype)
+
+    x = sample(info.input_shape)
+    example: Any = x
+    if isinstance(module, nn.MultiheadAttention):
+        keys = [sample(s) for s in info.other_shapes[:2]] or [x, x]
+        example = Inputs((x, *keys), {})
+    return measure_latency(module, example, min_run_time=0.05)["median_ms"]

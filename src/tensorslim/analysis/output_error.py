@@ -57,9 +57,15 @@ def svd_output_errors(matrix: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     """
     m = matrix.double()
     _, s, vh = torch.linalg.svd(m, full_matrices=False)
-    energy = s.pow(2) * ((vh @ gram) * vh).sum(dim=1)  # e_i
+    return errors_from_energies(s.pow(2) * ((vh @ gram) * vh).sum(dim=1))
+
+
+def errors_from_energies(energy: torch.Tensor) -> torch.Tensor:
+    """Entry r = sqrt(Σ_{i>r} e_i / Σ_i e_i) for r = 0 … len(e), from the components' output
+    energies e_i = σ_i² v_iᵀ G v_i (descending σ); all zeros when the output energy is 0."""
+    energy = energy.double()
     total = float(energy.sum())
     if total <= 0.0:
-        return torch.zeros(s.numel() + 1, dtype=torch.float64)
+        return torch.zeros(energy.numel() + 1, dtype=torch.float64)
     tail = torch.cat([energy.flip(0).cumsum(0).flip(0), energy.new_zeros(1)])
     return (tail.clamp_min(0.0) / total).sqrt()

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from tensorslim.analysis.deployment import Deployment
+from tensorslim.analysis.timing import LatencyCache
 from tensorslim.cli.common import (
     BASE_PHASE,
     RunArgs,
@@ -58,12 +60,28 @@ def register(app: typer.Typer) -> None:
             help="Distil from the uncompressed model while fine-tuning (hf:PATH models on text: "
             "on unlabeled sentences, against the original's hidden states).",
         ),
+        deployment: str = typer.Option(
+            None,
+            help="Where latency is measured, e.g. batch=1,threads=1,format=channels_last,"
+            "backend=onnxruntime (default: the evaluation batch, current threads, NCHW, eager).",
+        ),
+        allow_slower: bool = typer.Option(
+            None,
+            "--allow-slower/--never-slower",
+            help="Allow structured layers measured slower than dense at the deployment "
+            "(FLOPs/params regardless); by default such layers stay dense.",
+        ),
+        latency_cache: Path = typer.Option(
+            None, help="JSON file of measured layer latencies, read and updated (reuse timings)."
+        ),
     ) -> None:
         """Compress a model with one method at one budget.
 
         Plans, replaces the layers, fine-tunes, measures and writes the report and the model.
         """
         chosen = parse_method(method, budget, setting, preset)  # bad input fails before any work
+        Deployment.coerce(deployment)
+        cache = LatencyCache(latency_cache)
         if post_finalize_epochs is None:
             post_finalize_epochs = chosen.method.post_finalize_epochs
         with run.open(ctx):
@@ -86,8 +104,12 @@ def register(app: typer.Typer) -> None:
                 log=say,
                 measure_original=original,
                 seed=run.seed,
+                deployment=deployment,
+                allow_slower=allow_slower,
+                latency_cache=cache,
                 objectives=text_objectives(s.text),
             )
+            cache.save()
             if s.text is not None:  # unlabeled text: how close the embeddings stay
                 results["embedding_agreement"] = text_agreement(s.model, small, s.text)
                 results["sentences"] = s.text.sentences
@@ -111,4 +133,12 @@ def register(app: typer.Typer) -> None:
         if results.get("plan_summary"):  # (a run resumed from an older results.json has none)
             typer.echo(f"plan: {results['plan_summary']}")
         print_result_table(original, results)
+        check = results.get("latency_check")
+        if check:
+            typer.echo(
+                f"latency at {Deployment(**check['deployment']).key}: "
+                f"{check['original_ms']:.3g} → {check['compressed_ms']:.3g} ms "
+                f"(×{check['speedup']:.2f}); predicted {check['predicted_fraction']:.3f} of dense, "
+                f"measured {check['measured_fraction']:.3f}"
+            )
         typer.echo(f"wrote {run.out}/results.json, report.md, plan.json, model/")

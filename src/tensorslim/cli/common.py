@@ -117,8 +117,8 @@ SHARED_OPTIONS: dict[str, dict[str, Any]] = {
     "method": {"default": "svd", "help": "A registered method (see `tensorslim methods`)."},
     "budget": {
         "default": None,
-        "help": "flops=FRACTION or params=FRACTION of the original model (default: the "
-        "method's own per-layer rule).",
+        "help": "flops=, params= or latency=FRACTION of the original model (latency: measured "
+        "at --deployment; default: the method's own per-layer rule).",
     },
     "setting": {
         "default": None,

@@ -276,10 +276,10 @@ def als_fit(
     ``init``: starting factors, else drawn by ``start``: "normal" (variance-preserving
     N(0, 1/s_k), default) or "uniform" (U[0, 1), the official ``Generate_Chain``). ``first``:
     the side the first sweep starts from ("input", or "output" as the official code).
-    ``balance``: rescale the factors to equal norms at the end (the product is unchanged; the
-    official code does not). Stops early when a sweep improves the error by less than ``tol``
-    (relative). ``dtype``: float64 (default) for initialisation; float32 halves the time of
-    quick error estimates.
+    ``balance``: rescale per intermediate feature, then to equal factor norms at the end (the
+    product is unchanged; the official code does not). Stops early when a sweep improves the
+    error by less than ``tol`` (relative). ``dtype``: float64 (default) for initialisation;
+    float32 halves the time of quick error estimates.
     """
     chain = DeButChain.parse(chain)
     if sweeps < 1:
@@ -324,12 +324,44 @@ def als_fit(
     return weights, errors
 
 
+def _balance_features(chain: DeButChain, weights: list[torch.Tensor], passes: int = 3) -> None:
+    """Equalise, for every intermediate feature, its row in F_k and its column in F_(k+1).
+
+    F_(k+1) F_k = (F_(k+1) D⁻¹)(D F_k) for any positive diagonal D, so the product is unchanged;
+    D_ii = √(‖column i of F_(k+1)‖ / ‖row i of F_k‖) makes both norms their geometric mean.
+    ALS leaves this split arbitrary per feature, and a feature with a huge row and a tiny
+    column (seen at 4× on LeNet's 5-factor fc1: nonzeros up to 94 at std 3) makes fine-tuning
+    unstable.
+    """
+    for _ in range(passes):
+        for k in range(len(chain) - 1):
+            first, second = chain[k], chain[k + 1]
+            rows, _ = first.indices(weights[k].device)
+            _, cols = second.indices(weights[k + 1].device)
+            row_sq = (
+                weights[k]
+                .new_zeros(first.p)
+                .index_add_(0, rows.reshape(-1), weights[k].reshape(-1) ** 2)
+            )
+            col_sq = (
+                weights[k + 1]
+                .new_zeros(second.q)
+                .index_add_(0, cols.reshape(-1), weights[k + 1].reshape(-1) ** 2)
+            )
+            ok = (row_sq > 0) & (col_sq > 0)
+            scale = torch.where(ok, (col_sq / row_sq.where(ok, 1.0)) ** 0.25, 1.0)
+            weights[k] = weights[k] * scale[rows]
+            weights[k + 1] = weights[k + 1] / scale[cols]
+
+
 def _balance(chain: DeButChain, weights: list[torch.Tensor]) -> None:
-    """Rescale factors to equal Frobenius-norm-per-√nonzero (the product is unchanged).
+    """Rescale per feature (``_balance_features``), then factors to equal
+    Frobenius-norm-per-√nonzero; the product is unchanged.
 
     ALS leaves the scale split between factors arbitrary; equal scales keep gradients of
     later fine-tuning balanced across the chain.
     """
+    _balance_features(chain, weights)
     norms = [float(torch.linalg.vector_norm(w)) / math.sqrt(w.numel()) for w in weights]
     if any(n == 0.0 or not math.isfinite(n) for n in norms):
         return

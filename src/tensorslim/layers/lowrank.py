@@ -181,9 +181,15 @@ class LowRankConv2d(StructuredLayer):
 
     @classmethod
     def from_dense(
-        cls, layer: nn.Conv2d, rank: int, scheme: Scheme = "channel", driver: SvdDriver = "auto"
+        cls,
+        layer: nn.Conv2d,
+        rank: int,
+        scheme: Scheme = "channel",
+        driver: SvdDriver = "auto",
+        factors: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> LowRankConv2d:
-        """Factorize ``layer``'s kernel by a truncated SVD of its ``scheme`` matrix view."""
+        """Factorize ``layer``'s kernel by a truncated SVD of its ``scheme`` matrix view, or
+        load given balanced ``factors`` (A, B with A Bᵀ ≈ that matrix view)."""
         reason = unsupported_conv_reason(layer)
         if reason is not None:
             raise TensorslimError(f"cannot factorize this Conv2d: {reason}")
@@ -202,7 +208,9 @@ class LowRankConv2d(StructuredLayer):
             dtype=w.dtype,
         )
         n, c, kh, kw = w.shape
-        a, b = balanced_factors(conv_weight_to_matrix(w, scheme), rank, driver)
+        if factors is None:
+            factors = balanced_factors(conv_weight_to_matrix(w, scheme), rank, driver)
+        a, b = factors
         with torch.no_grad():
             if scheme == "channel":
                 new.down.weight.copy_(b.T.reshape(rank, c, kh, kw))

@@ -62,8 +62,15 @@ class LowRankConv1d(StructuredLayer):
         self.up = nn.Conv1d(rank, out_channels, 1, bias=bias, **factory)
 
     @classmethod
-    def from_dense(cls, layer: nn.Conv1d, rank: int, driver: SvdDriver = "auto") -> LowRankConv1d:
-        """Factorize ``layer``'s kernel by a truncated SVD of its (n × c·k) matrix view."""
+    def from_dense(
+        cls,
+        layer: nn.Conv1d,
+        rank: int,
+        driver: SvdDriver = "auto",
+        factors: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> LowRankConv1d:
+        """Factorize ``layer``'s kernel by a truncated SVD of its (n × c·k) matrix view, or
+        load given balanced ``factors`` (A (n × r), B (c·k × r), A Bᵀ ≈ the matrix)."""
         reason = unsupported_conv_reason(layer)
         if reason is not None:
             raise TensorslimError(f"cannot factorize this Conv1d: {reason}")
@@ -81,7 +88,9 @@ class LowRankConv1d(StructuredLayer):
             device=w.device,
             dtype=w.dtype,
         )
-        a, b = balanced_factors(w.reshape(n, c * k), rank, driver)
+        if factors is None:
+            factors = balanced_factors(w.reshape(n, c * k), rank, driver)
+        a, b = factors
         with torch.no_grad():
             new.down.weight.copy_(b.T.reshape(rank, c, k))
             new.up.weight.copy_(a.reshape(n, rank, 1))

@@ -12,18 +12,18 @@ a saved conv entry without one predates the setting and was channel-major, and l
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import math
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from tensorslim.analysis.output_error import relative_output_error, weight_rows_matrix
 from tensorslim.decompose.debut_als import als_fit
 from tensorslim.errors import TensorslimError
-from tensorslim.facts import Config, LayerStats
+from tensorslim.facts import OUTPUT_ERROR, Config, LayerStats
 from tensorslim.layers.conv_geometry import unsupported_conv_reason
 from tensorslim.layers.debut import INITS, DeButConv2d, DeButLinear, chain_dense
 from tensorslim.layers.debut_chain import DeButChain, generate_chains
@@ -31,10 +31,12 @@ from tensorslim.layers.debut_layout import (
     check_order,
     check_padded,
     kernel_to_matrix,
+    matrix_to_kernel,
     padded_shape,
     padded_target,
 )
 from tensorslim.methods.base import LayerInfo, Method, Option
+from tensorslim.methods.planned import Factorizations
 from tensorslim.methods.presets import Preset
 
 DEFAULT_RATIOS = (2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0)
@@ -61,8 +63,6 @@ DEBUT_PAPER = Preset(
     source="rlin27/DeBut (ALS_Initialization/main.py, utils_init.py, script/init_lenet.sh; "
     "Fine_tuning/debut/debut.py, bash_files/train_lenet.sh)",
 )
-_ERROR_CACHE: OrderedDict[tuple[Any, ...], float] = OrderedDict()
-_ERROR_CACHE_SIZE = 2048
 
 
 def _weight_matrix(module: nn.Module, order: str) -> torch.Tensor:
@@ -83,11 +83,6 @@ def _columns(module: nn.Module, info: LayerInfo) -> int:
     if isinstance(module, nn.Linear):
         return math.prod(info.input_shape[:-1])
     return info.output_shape[0] * math.prod(info.output_shape[2:])
-
-
-def _fingerprint(weight: torch.Tensor) -> str:
-    data = weight.detach().to("cpu", torch.float64).contiguous().numpy().tobytes()
-    return hashlib.sha1(data).hexdigest()
 
 
 @dataclass
@@ -113,7 +108,7 @@ class DeButMethod(Method):
       may be larger than their layer (zero-padded input, cropped output);
     - ``als_start`` ("normal": N(0, 1/s_k); "uniform": U[0, 1) as the official code),
       ``als_first`` (the side the first ALS sweep starts from, "input" or "output"),
-      ``als_balance`` (equalise the factors' norms after ALS), ``random_std`` (std of every
+      ``als_balance`` (rescale per feature and per factor after ALS), ``random_std`` (std of every
       nonzero for ``init="random"``; default N(0, 1/s_k)).
 
     ``preset="paper"``: the official code's initialisation (see ``DEBUT_PAPER``).
@@ -149,6 +144,10 @@ class DeButMethod(Method):
     als_balance: bool = True
     random_std: float | None = None
     presets: ClassVar[dict[str, Preset]] = {"paper": DEBUT_PAPER}
+    # candidates' quick fits, kept for output_errors only (see methods/planned.py)
+    factorizations: Factorizations = field(
+        default_factory=Factorizations, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         check_order(self.order)
@@ -252,8 +251,9 @@ class DeButMethod(Method):
         cols = _columns(module, info)
         bias = module.bias.numel() if module.bias is not None else 0
         options = []
+        fits: dict[str, list[torch.Tensor]] = {}
         for chain in self._chains(module, info.fqn, cols):
-            error = self._cached_error(weight, chain)
+            error, fits[chain.text] = self._quick_fit(weight, chain)
             config: dict[str, Any] = {"chain": chain.text}
             if (chain.out_features, chain.in_features) != tuple(weight.shape):
                 config["pad"] = True
@@ -275,21 +275,19 @@ class DeButMethod(Method):
                     },
                 )
             )
+        if stats is not None and stats.gram is not None:
+            # output_errors measures these same fits against the Gram (and frees them)
+            self.factorizations.put(info.fqn, module.weight, fits)
         return options
 
-    def _cached_error(self, weight: torch.Tensor, chain: DeButChain) -> float:
-        key = (
-            _fingerprint(weight),
-            chain.text,
-            self.candidate_sweeps,
-            self.seed,
-            self.als_start,
-            self.als_first,
-        )
-        hit = _ERROR_CACHE.get(key)
-        if hit is not None:
-            _ERROR_CACHE.move_to_end(key)
-            return hit
+    def _quick_fit(
+        self, weight: torch.Tensor, chain: DeButChain
+    ) -> tuple[float, list[torch.Tensor]]:
+        """The candidate estimate: ``candidate_sweeps`` float32 ALS sweeps of ``chain`` on the
+        layer matrix; (relative error of the part the layer uses, the factors' nonzeros).
+
+        The full fit (``als_sweeps``, float64) runs once, in ``build``, for the chosen chain.
+        """
         generator = torch.Generator().manual_seed(self.seed)
         # float32 is plenty for an estimate that ranks options, and twice as fast
         target = padded_target(weight, chain.out_features, chain.in_features)
@@ -308,10 +306,29 @@ class DeButMethod(Method):
             error = float(
                 torch.linalg.vector_norm(weight - approx) / weight.norm().clamp_min(1e-30)
             )
-        _ERROR_CACHE[key] = error
-        if len(_ERROR_CACHE) > _ERROR_CACHE_SIZE:
-            _ERROR_CACHE.popitem(last=False)
-        return error
+        return error, weights
+
+    def output_errors(
+        self, module: nn.Module, info: LayerInfo, options: list[Option], stats: LayerStats
+    ) -> list[Option]:
+        """Output-space errors of the candidates' own quick fits (kept by ``candidates``, freed
+        here), not of a full ALS per option."""
+        assert stats.gram is not None
+        weight = _weight_matrix(module, self.order)
+        fits = self.factorizations.take(info.fqn, module.weight) or {}
+        reference = weight_rows_matrix(module)
+        measured = []
+        for option in options:
+            chain = DeButChain.parse(option.config["chain"])
+            weights = fits.get(chain.text) or self._quick_fit(weight, chain)[1]
+            approx = chain_dense(chain.factors, weights)[: weight.shape[0], : weight.shape[1]]
+            if isinstance(module, nn.Conv2d):  # back to the kernel's own column order
+                approx = matrix_to_kernel(
+                    approx, module.in_channels, tuple(module.kernel_size), self.order
+                )
+            error = relative_output_error(reference, approx, stats.gram)
+            measured.append(dataclasses.replace(option, error=error, error_space=OUTPUT_ERROR))
+        return measured
 
     def choose_without_budget(self, options: list[Option], info: LayerInfo) -> Option | None:
         if len(options) == 1:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import ClassVar
 
@@ -12,11 +12,17 @@ import torch
 from torch import nn
 
 from tensorslim.analysis.output_error import (
+    errors_from_energies,
     relative_output_error,
-    svd_output_errors,
     weight_rows_matrix,
 )
-from tensorslim.decompose.svd import conv_weight_to_matrix, matrix_to_conv_weight, singular_values
+from tensorslim.decompose.svd import (
+    GramFactorization,
+    conv_weight_to_matrix,
+    gram_factorization,
+    matrix_to_conv_weight,
+    singular_values,
+)
 from tensorslim.errors import TensorslimError
 from tensorslim.facts import OUTPUT_ERROR, Config, LayerStats
 from tensorslim.layers.attention import LowRankMultiheadAttention
@@ -30,6 +36,7 @@ from tensorslim.layers.lowrank import LowRankConv2d, LowRankLinear
 from tensorslim.layers.lowrank_conv1d import LowRankConv1d
 from tensorslim.layers.recurrent import LowRankRNN
 from tensorslim.methods.base import LayerInfo, Method, Option
+from tensorslim.methods.planned import Factorizations
 from tensorslim.methods.svd_composite import build_composite, composite_candidates
 from tensorslim.rank.select import (
     energy_kept,
@@ -51,10 +58,17 @@ class SVDMethod(Method):
     choose); one optional per-layer rule — ``rank`` (fixed), ``ratio`` (of the full rank) or
     ``energy`` (fraction of Σσ² to keep); ``driver`` for the SVD ("auto", "full",
     "randomized"). With a global budget the rule is ignored and ranks come from the allocator.
+
+    With ``driver="auto"`` one factorization per layer and scheme (the eigendecomposition of the
+    smaller Gram matrix, float32 for large layers: :class:`~tensorslim.decompose.svd.
+    GramFactorization`) gives every rank's error, the output-space errors and the factors
+    ``build`` uses; the planning instance keeps it, so ``apply`` does not factorize again.
     """
 
     name: ClassVar[str] = "svd"
-    description: ClassVar[str] = "low-rank SVD (channel-/spatial-wise for convs)"
+    description: ClassVar[str] = (
+        "low-rank SVD (channel-/spatial-wise for convs; attention and LSTM/GRU matrices too)"
+    )
     builds: ClassVar[tuple[type[nn.Module], ...]] = (
         LowRankLinear,
         LowRankConv2d,
@@ -67,6 +81,10 @@ class SVDMethod(Method):
     ratio: float | None = None
     energy: float | None = None
     driver: str = "auto"
+    # the planning instance's factorizations, for its own build (see methods/planned.py)
+    factorizations: Factorizations = field(
+        default_factory=Factorizations, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -109,8 +127,10 @@ class SVDMethod(Method):
         if is_composite(module):
             return composite_candidates(self, module, info, _ladder(_largest_full_rank(module)))
         options: list[Option] = []
-        for scheme in self._schemes(module):
-            spectrum = _spectrum(module, scheme)
+        factorizations = {s: _factorize(module, s) for s in self._schemes(module)}
+        self.factorizations.put(info.fqn, module.weight, factorizations)
+        for scheme, factorization in factorizations.items():
+            spectrum = factorization.singular_values
             full = spectrum.numel()
             kept = energy_kept(spectrum)
             ranks = [self._rule_rank(spectrum, info.fqn)] if self.has_rule else _ladder(full)
@@ -143,10 +163,13 @@ class SVDMethod(Method):
         rank is multiplied out once and measured against the Gram.
         """
         assert stats.gram is not None
+        if is_composite(module):
+            return super().output_errors(module, info, options, stats)
         errors: dict[tuple[str, int], float] = {}
         for scheme in {o.config["scheme"] for o in options}:
             ranks = sorted({o.config["rank"] for o in options if o.config["scheme"] == scheme})
-            errors.update(_scheme_output_errors(module, scheme, ranks, stats.gram))
+            factorization = self._factorization(module, scheme, info)
+            errors.update(_scheme_output_errors(module, scheme, ranks, stats.gram, factorization))
         return [
             dataclasses.replace(
                 o,
@@ -173,13 +196,31 @@ class SVDMethod(Method):
         # an edited plan may hold anything here: int() would turn 2.5 into 2 without a word
         if isinstance(rank, bool) or not isinstance(rank, int):
             raise TensorslimError(f"rank {rank!r} in the plan is not a positive integer")
-        if init:
-            if isinstance(module, nn.Linear):
-                return LowRankLinear.from_dense(module, rank, driver=self.driver)  # type: ignore[arg-type]
-            if isinstance(module, nn.Conv1d):
-                return LowRankConv1d.from_dense(module, rank, driver=self.driver)
-            return LowRankConv2d.from_dense(module, rank, scheme, driver=self.driver)  # type: ignore[arg-type]
-        return self._skeleton(module, rank, scheme)
+        if not init:
+            return self._skeleton(module, rank, scheme)
+        factors = None
+        if self.driver == "auto":
+            # the plan's factorization at the chosen rank (the same one a fresh instance makes)
+            factorization = self._factorization(module, scheme, info, take=True)
+            factors = factorization.balanced(_scheme_matrix(module, scheme), rank)
+        if isinstance(module, nn.Linear):
+            if factors is not None:
+                return LowRankLinear.from_factors(module, *factors)
+            return LowRankLinear.from_dense(module, rank, driver=self.driver)  # type: ignore[arg-type]
+        if isinstance(module, nn.Conv1d):
+            return LowRankConv1d.from_dense(module, rank, driver=self.driver, factors=factors)  # type: ignore[arg-type]
+        return LowRankConv2d.from_dense(module, rank, scheme, driver=self.driver, factors=factors)  # type: ignore[arg-type]
+
+    def _factorization(
+        self, module: nn.Module, scheme: str, info: LayerInfo | None, take: bool = False
+    ) -> GramFactorization:
+        """The scheme matrix's factorization: from the planning store, else computed now."""
+        fqn = info.fqn if info is not None else None
+        store = self.factorizations
+        stored = store.take(fqn, module.weight) if take else store.get(fqn, module.weight)
+        if stored is not None and scheme in stored:
+            return stored[scheme]
+        return _factorize(module, scheme)
 
     @staticmethod
     def _skeleton(module: nn.Module, rank: int, scheme: str, meta: bool = False) -> nn.Module:
@@ -224,18 +265,23 @@ class SVDMethod(Method):
 
 
 def _scheme_output_errors(
-    module: nn.Module, scheme: str, ranks: list[int], gram: torch.Tensor
+    module: nn.Module,
+    scheme: str,
+    ranks: list[int],
+    gram: torch.Tensor,
+    factorization: GramFactorization,
 ) -> dict[tuple[str, int], float]:
     """(scheme, rank) → ‖(W − Ŵ_r)X‖ / ‖WX‖ for the truncated SVD of the scheme's matrix."""
     matrix = weight_rows_matrix(module)
-    if isinstance(module, nn.Linear) or scheme == "channel":
-        table = svd_output_errors(matrix, gram)
+    if not isinstance(module, nn.Conv2d) or scheme == "channel":
+        table = errors_from_energies(factorization.output_energies(matrix, gram))
         return {(scheme, r): float(table[r]) for r in ranks}
     kernel = module.weight.detach().double()
-    u, s, vh = torch.linalg.svd(conv_weight_to_matrix(kernel, "spatial"), full_matrices=False)
+    spatial = conv_weight_to_matrix(kernel, "spatial")
     result = {}
     for r in ranks:
-        approx = matrix_to_conv_weight((u[:, :r] * s[:r]) @ vh[:r], kernel.shape, "spatial")
+        a, b = factorization.balanced(spatial, r)
+        approx = matrix_to_conv_weight(a @ b.T, kernel.shape, "spatial")
         result[(scheme, r)] = relative_output_error(matrix, approx, gram)
     return result
 
@@ -253,11 +299,20 @@ def _params(module: nn.Module, rank: int, scheme: str) -> int:
     return rank * (c * kh + n * kw) + bias
 
 
-def _spectrum(module: nn.Module, scheme: str) -> torch.Tensor:
+def _scheme_matrix(module: nn.Module, scheme: str) -> torch.Tensor:
     weight = module.weight.detach()
     if weight.dim() <= 3:  # Linear (out × in), Conv1d (n, c, k) → n × c·k
-        return singular_values(weight.reshape(weight.shape[0], -1))
-    return singular_values(conv_weight_to_matrix(weight, scheme))
+        return weight.reshape(weight.shape[0], -1)
+    return conv_weight_to_matrix(weight, scheme)  # type: ignore[arg-type]
+
+
+def _factorize(module: nn.Module, scheme: str) -> GramFactorization:
+    """One factorization of the scheme matrix: every rank's spectrum, error and factors."""
+    return gram_factorization(_scheme_matrix(module, scheme))
+
+
+def _spectrum(module: nn.Module, scheme: str) -> torch.Tensor:
+    return singular_values(_scheme_matrix(module, scheme))
 
 
 def _largest_full_rank(module: nn.Module) -> int:

@@ -13,9 +13,11 @@ from collections.abc import Iterable
 from torch import nn
 
 from tensorslim.analysis.calibration import GRAM, LossFn, collect_statistics
+from tensorslim.analysis.flops import dense_layer_flops
 from tensorslim.analysis.profile import COMPRESSIBLE, count_params
 from tensorslim.errors import TensorslimError
 from tensorslim.facts import LayerStats
+from tensorslim.fold import fold_batchnorm
 from tensorslim.inputs import ForwardFn
 from tensorslim.layers.base import StructuredLayer
 from tensorslim.methods.registry import builder_of
@@ -50,8 +52,11 @@ def apply(
     A tie's followers take their leader's new structure (:func:`share_followers`). A plan that
     would leave the model with more parameters than before is refused when it unties a weight
     (the other holders would keep the dense copy) and warned about otherwise, naming the layers.
+    A plan made with ``fold_bn=True`` first folds the same BatchNorms into their convs.
     """
     target = model if inplace else copy.deepcopy(model)
+    if plan.folded_batchnorm:
+        fold_batchnorm(target, inplace=True, only=plan.folded_batchnorm)
     plan.validate(target)
     before, tied = count_params(target), shared_parameters(target)
     stats = _build_statistics(target, plan, init, calibration, loss_fn, forward_fn)
@@ -164,7 +169,8 @@ def refresh_plan(model: nn.Module, plan: CompressionPlan) -> CompressionPlan:
                 lp.params_after = module.analytic_params()
                 if lp.input_shape:
                     calls = int(lp.extra.get("calls", 1))
-                    lp.flops_after = module.analytic_flops(tuple(lp.input_shape)) * calls
+                    shape, others = tuple(lp.input_shape), lp.info().other_shapes
+                    lp.flops_after = dense_layer_flops(module, shape, others) * calls
             continue
         if isinstance(module, COMPRESSIBLE) and not getattr(module, "parametrizations", None):
             lp.extra["finalized_from"] = lp.method

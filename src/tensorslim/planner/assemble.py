@@ -62,6 +62,8 @@ def compressed_entry(
     entry.flops_after = option.flops
     entry.error = float(option.error)
     entry.extra.update(option.extra)
+    if option.latency is not None:
+        entry.extra["latency_ms"] = option.latency
     return entry
 
 
@@ -95,6 +97,9 @@ def assemble_plan(
             continue
         layers.append(compressed_entry(fqn, module, info, option, choice.reasons[fqn]))
         methods_used.setdefault(option.method, {})
+    for entry in layers:
+        if entry.fqn in choice.measured:  # the dense layer's measured time, kept or replaced
+            entry.extra["dense_latency_ms"] = choice.measured[entry.fqn]["dense_ms"]
     for fqn in survey.other_weights:
         module = survey.modules[fqn]
         if fqn in ties.leader_of:
@@ -111,10 +116,11 @@ def assemble_plan(
         model_flops=survey.model_flops,
         layers=layers,
         methods=methods_used,
-        notes=[*choice.notes, *_warnings(layers, survey)],
+        notes=[*choice.notes, *_warnings(layers, survey), *_error_space_notes(candidates)],
         error_space=candidates.error_space,
         input_spec=describe(survey.example),
         calibration=calibration,
+        latency=choice.latency,
     )
 
 
@@ -154,6 +160,18 @@ def _uncovered_reason(module: nn.Module) -> str:
     if isinstance(module, nn.Conv3d):
         return "3-D convolution: no method factorizes Conv3d yet; kept dense"
     return f"no method compresses {kind} layers yet: kept dense"
+
+
+def _error_space_notes(candidates: Candidates) -> list[str]:
+    """Say which layers the allocator compared by weight error in an output-error plan."""
+    if not candidates.weight_space_layers:
+        return []
+    names = ", ".join(candidates.weight_space_layers)
+    return [
+        f"note: {names} have no single input Gram (attention/recurrent): their errors are "
+        "weight errors ‖W − Ŵ‖/‖W‖, usually larger than output errors, so the allocator "
+        "compresses them less readily"
+    ]
 
 
 def _warnings(layers: list[LayerPlan], survey: ModelSurvey) -> list[str]:

@@ -3,14 +3,17 @@ calibration statistics are there), or the reason the layer stays dense."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from tensorslim.errors import TensorslimError
-from tensorslim.facts import OUTPUT_ERROR, WEIGHT_ERROR, LayerStats, Option
+from tensorslim.facts import OUTPUT_ERROR, WEIGHT_ERROR, LayerStats
 from tensorslim.layers.base import StructuredLayer
+from tensorslim.layers.composite import composite_matrices, is_composite
 from tensorslim.methods.base import Method
 from tensorslim.planner.survey import ModelSurvey
 from tensorslim.rank.allocate import LayerChoices
@@ -23,6 +26,8 @@ class Candidates:
     choices: list[LayerChoices] = field(default_factory=list)
     dense_reasons: dict[str, str] = field(default_factory=dict)
     error_space: str = WEIGHT_ERROR
+    # layers whose options kept weight-space errors in an output-space plan (no input Gram)
+    weight_space_layers: list[str] = field(default_factory=list)
 
 
 def gather_candidates(
@@ -31,16 +36,27 @@ def gather_candidates(
     selected: list[str],
     stats: dict[str, LayerStats] | None,
     cost_metric: str,
+    progress: bool = False,
 ) -> Candidates:
     """Ask ``method`` for options on every selected layer (``cost_metric`` prices them).
 
     With an input Gram in ``stats`` the options' errors are measured in output space, so the
-    allocator spends the budget where the data says the error matters.
+    allocator spends the budget where the data says the error matters. ``progress`` shows a bar
+    per layer on stderr (only when stderr is a terminal).
     """
     found = Candidates(
         error_space=OUTPUT_ERROR if _measures_output(method, stats) else WEIGHT_ERROR
     )
-    for fqn in selected:
+    bar = tqdm(
+        selected,
+        desc=f"plan {method.name}",
+        unit="layer",
+        leave=False,
+        file=sys.stderr,
+        disable=None if progress else True,  # None: tqdm stays quiet when stderr is no TTY
+    )
+    for fqn in bar:
+        bar.set_postfix_str(fqn[-40:], refresh=False)
         module, info = survey.modules[fqn], survey.infos[fqn]
         reason = _unsupported_reason(method, module, fqn)
         if reason is not None:
@@ -55,6 +71,8 @@ def gather_candidates(
         )
         if found.error_space == OUTPUT_ERROR and options and layer_stats is not None:
             options = method.output_errors(module, info, options, layer_stats)
+        elif found.error_space == OUTPUT_ERROR and options:
+            found.weight_space_layers.append(fqn)
         if not options:
             found.dense_reasons[fqn] = f"{method.name} offers no option for this layer"
             continue
@@ -78,16 +96,15 @@ def _unsupported_reason(method: Method, module: nn.Module, fqn: str) -> str | No
 
 
 def check_finite_weight(module: nn.Module, fqn: str) -> None:
-    """A clear error naming the layer when its weight holds NaN or Inf."""
+    """A clear error naming the layer when its weight (or, for an attention or recurrent layer,
+    one of its weight matrices) holds NaN or Inf."""
     weight = getattr(module, "weight", None)
-    if isinstance(weight, torch.Tensor) and not bool(torch.isfinite(weight.detach()).all()):
-        bad = int((~torch.isfinite(weight.detach())).sum())
+    matrices = composite_matrices(module) if is_composite(module) else [weight]
+    bad = sum(
+        int((~torch.isfinite(w.detach())).sum()) for w in matrices if isinstance(w, torch.Tensor)
+    )
+    if bad:
         raise TensorslimError(
             f"layer {fqn}: its weight holds {bad} NaN/Inf value(s); a decomposition of it is "
             "meaningless — fix the checkpoint (or exclude the layer)"
         )
-
-
-def option_cost(option: Option, metric: str) -> int:
-    """What ``option`` costs in the budget's ``metric``."""
-    return option.flops if metric == "flops" else option.params

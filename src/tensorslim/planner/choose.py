@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from tensorslim.facts import LayerInfo, Option
 from tensorslim.methods.base import Method
-from tensorslim.planner.candidates import Candidates, option_cost
-from tensorslim.rank.allocate import allocate
+from tensorslim.planner.candidates import Candidates
+from tensorslim.rank.allocate import allocate, option_cost
 from tensorslim.rank.budget import Budget
 
 CHOSEN_BY_ALLOCATOR = "chosen by the allocator"
@@ -18,11 +19,17 @@ PER_LAYER_RULE = "per-layer rule"
 
 @dataclass
 class Choice:
-    """The picked option per layer (None: dense), why, and notes for the whole plan."""
+    """The picked option per layer (None: dense), why, and notes for the whole plan.
+
+    With measured latency, ``measured`` holds each timed layer's facts (dense ms, fastest
+    option) and ``latency`` the plan's latency record (deployment, prediction).
+    """
 
     picked: dict[str, Option | None] = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    measured: dict[str, dict[str, Any]] = field(default_factory=dict)
+    latency: dict[str, Any] | None = None
 
 
 def choose_options(
@@ -34,18 +41,25 @@ def choose_options(
 ) -> Choice:
     """Pick an option per layer. ``totals`` holds the whole model's ``flops`` and ``params``."""
     if budget is not None and method.kind != "training":
-        return _by_budget(budget, candidates, totals)
+        return by_budget(budget, candidates, totals)
     return _by_rule(method, budget, candidates, infos)
 
 
-def saving_needed(total: int, fraction: float) -> int:
-    """Cost to remove from ``total`` so at most ``fraction`` of it is left (≤ 0: none)."""
+def saving_needed(total: float, fraction: float) -> float:
+    """Cost to remove from ``total`` so at most ``fraction`` of it is left (≤ 0: none).
+
+    Counts (FLOPs, parameters) are integers: the saving is rounded up. A latency (ms) is not.
+    """
+    if isinstance(total, float):
+        return total - fraction * total
     # round up: saving floor(total − target) can leave the model just above the target;
     # round(…, 6) first so that float noise in fraction·total does not add a unit
     return math.ceil(round(total - fraction * total, 6))
 
 
-def _by_budget(budget: Budget, candidates: Candidates, totals: dict[str, int]) -> Choice:
+def by_budget(budget: Budget, candidates: Candidates, totals: dict[str, Any]) -> Choice:
+    """The allocator's choice for ``budget``; ``totals`` holds the model's ``flops``,
+    ``params`` (and, for a latency budget, its measured ``latency`` in ms)."""
     metric, total = budget.metric, totals[budget.metric]
     need = max(0, saving_needed(total, budget.fraction))
     caps = {m: saving_needed(totals[m], cap) for m, cap in budget.caps.items()}
@@ -62,14 +76,21 @@ def _by_budget(budget: Budget, candidates: Candidates, totals: dict[str, int]) -
         if option is not None:
             choice.reasons[layer.fqn] = CHOSEN_BY_ALLOCATOR
             continue
+        if not layer.options:
+            choice.reasons[layer.fqn] = "kept dense: no option left for this layer"
+            continue
         cheapest = min(option_cost(o, metric) for o in layer.options)
         choice.reasons[layer.fqn] = (
             f"kept dense: no option is cheaper than the dense layer "
-            f"({cheapest} ≥ {layer.dense_cost} {metric})"
+            f"({_amount(cheapest, metric)} ≥ {_amount(layer.dense_cost, metric)})"
             if cheapest >= layer.dense_cost
             else "kept dense: the budget was met with less error by compressing other layers"
         )
     return choice
+
+
+def _amount(value: float, metric: str) -> str:
+    return f"{value:.3g} ms" if metric == "latency" else f"{value} {metric}"
 
 
 def _cap_notes(

@@ -13,8 +13,11 @@ from typing import Any
 from torch import nn
 
 from tensorslim.analysis.calibration import GRAM, LossFn, collect_statistics, has_input_rows
+from tensorslim.analysis.deployment import Deployment
+from tensorslim.analysis.timing import LatencyCache
 from tensorslim.errors import TensorslimError
 from tensorslim.facts import LayerStats
+from tensorslim.fold import fold_batchnorm
 from tensorslim.inputs import ForwardFn, batch_inputs
 from tensorslim.methods.base import Method
 from tensorslim.methods.planned import carry_factorizations
@@ -24,6 +27,8 @@ from tensorslim.planner.apply import attach_statistics
 from tensorslim.planner.assemble import assemble_plan
 from tensorslim.planner.candidates import gather_candidates
 from tensorslim.planner.choose import choose_options
+from tensorslim.planner.choose_measured import choose_measured
+from tensorslim.planner.latency import LatencySetting
 from tensorslim.planner.records import CompressionPlan
 from tensorslim.planner.survey import (
     NEVER_CALLED,
@@ -39,6 +44,8 @@ from tensorslim.rank.budget import Budget
 from tensorslim.surgery import FilterFn
 
 DEFAULT_CALIBRATION_BATCHES = DEFAULT_BATCHES
+# plan(allow_slower=None) means this: structured layers measured slower than dense are refused
+ALLOW_SLOWER_BY_DEFAULT = False
 
 
 def plan(
@@ -55,6 +62,10 @@ def plan(
     loss_fn: LossFn | None = None,
     forward_fn: ForwardFn | None = None,
     progress: bool = False,
+    deployment: Deployment | str | dict | None = None,
+    allow_slower: bool | None = None,
+    latency_cache: LatencyCache | None = None,
+    fold_bn: bool = False,
     tied: str = "dense",
     **settings: Any,
 ) -> CompressionPlan:
@@ -73,10 +84,25 @@ def plan(
     ``tied``: layers whose weight another module also holds (an LM head tied to its
     embedding) stay dense with ``"dense"``; ``"share"`` compresses them where the tie can be
     kept exactly (see :mod:`tensorslim.planner.ties`). A plan never unties a weight.
+    ``deployment``: the setting latencies are measured in (``Deployment(batch=8, threads=1,
+    memory_format="channels_last", backend="onnxruntime")`` or ``"batch=8,threads=1"``; default:
+    the example's batch size, ``torch.get_num_threads()``, NCHW, eager). Under any budget a
+    decomposition method's compressed layers are timed there against their dense form and an
+    option measured slower is never chosen
+    (the layer stays dense, its reason gives the times) unless ``allow_slower=True``
+    (``None``: :data:`ALLOW_SLOWER_BY_DEFAULT`, False);
+    ``budget="latency=0.5"`` spends measured per-layer latency. ``latency_cache`` (a
+    :class:`~tensorslim.analysis.timing.LatencyCache`, optionally on disk) reuses timings.
+    ``fold_bn``: fold every BatchNorm that follows a conv into it first (:mod:`tensorslim.fold`;
+    the plan records them and ``apply`` folds them again), so the dense baseline and the
+    decomposed layers both run without them.
     ``settings`` are the method's own (e.g. ``scheme="spatial"``).
     """
     budget = Budget.coerce(budget)
     check_tied_mode(tied)
+    folded: list[str] = []
+    if fold_bn:
+        model, folded = fold_batchnorm(model)
     chosen = _method(method, budget, settings)
     example = _example(example_input, calibration, forward_fn)
     survey = survey_model(model, example, forward_fn)
@@ -93,20 +119,54 @@ def plan(
         forward_fn,
         progress,
     )
-    metric = budget.metric if budget is not None else "flops"
-    candidates = gather_candidates(chosen, survey, selected, stats, metric)
+    # a latency budget prices options once they are measured (planner.latency); FLOPs until then
+    metric = budget.metric if budget is not None and budget.metric != "latency" else "flops"
+    candidates = gather_candidates(chosen, survey, selected, stats, metric, progress)
     totals = {"flops": survey.model_flops, "params": survey.model_params}
-    choice = choose_options(chosen, budget, candidates, survey.infos, totals)
+    where = Deployment.coerce(deployment, example)
+    slower = ALLOW_SLOWER_BY_DEFAULT if allow_slower is None else bool(allow_slower)
+    setting = _latency_setting(chosen, budget, where, slower, latency_cache, forward_fn)
+    if setting is not None and budget is not None:
+        choice = choose_measured(model, chosen, budget, candidates, survey, setting)
+    else:
+        choice = choose_options(chosen, budget, candidates, survey.infos, totals)
     record = _calibration_record(stats, calibration_batches) if stats else None
     result = assemble_plan(chosen, budget, survey, reasons, candidates, choice, record, ties)
     if stats:
         attach_statistics(result, stats)
     carry_factorizations(result, chosen)
+    result.folded_batchnorm = folded
     return result
+
+
+def _latency_setting(
+    method: Method,
+    budget: Budget | None,
+    deployment: Deployment,
+    allow_slower: bool,
+    cache: LatencyCache | None,
+    forward_fn: ForwardFn | None,
+) -> LatencySetting | None:
+    """How this plan measures latency, or ``None`` when it does not measure at all."""
+    if budget is None or method.kind == "training":
+        return None
+    if allow_slower and budget.metric != "latency":
+        return None
+    return LatencySetting(
+        deployment=deployment,
+        cache=cache if cache is not None else LatencyCache(),
+        allow_slower=allow_slower,
+        forward_fn=forward_fn,
+    )
 
 
 def _method(name: str, budget: Budget | None, settings: dict[str, Any]) -> Method:
     method = get_method(name, **settings)
+    if budget is not None and budget.metric == "latency" and method.kind == "training":
+        raise TensorslimError(
+            f"method '{name}' reaches its structure in training: a latency budget needs a "
+            "decomposition method (svd, tucker, cp, debut, tt)"
+        )
     if budget is not None and method.kind == "training":
         # training methods reach the budget during training; let the plan say where they aim
         method = method.with_budget(budget)

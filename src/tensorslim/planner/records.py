@@ -68,7 +68,11 @@ class CompressionPlan:
     whole example's structure (see :func:`tensorslim.inputs.describe`), from which a zero input
     of the right form can be rebuilt. ``error_space`` says which error the layers' ``error``
     values and the allocator used: ``"weight"`` (‖W − Ŵ‖/‖W‖) or ``"output"`` (‖(W − Ŵ)X‖/‖WX‖
-    on calibration data). ``notes`` are warnings and facts a reader should see.
+    on calibration data). ``notes`` are warnings and facts a reader should see. ``latency``
+    holds what the planner measured: the deployment setting, the dense model's time and the
+    predicted time of the compressed model (``None`` when nothing was timed).
+    ``folded_batchnorm`` names the BatchNorms folded into their convs before planning
+    (:mod:`tensorslim.fold`); ``apply`` folds them again before it swaps layers.
     """
 
     method: str
@@ -83,6 +87,8 @@ class CompressionPlan:
     error_space: str = WEIGHT_ERROR
     input_spec: Any = None
     calibration: dict[str, Any] | None = None
+    latency: dict[str, Any] | None = None
+    folded_batchnorm: list[str] = field(default_factory=list)
     version: str = __version__
 
     def __post_init__(self) -> None:

@@ -36,20 +36,24 @@ class LayerChoices:
     """The options of one layer plus its dense cost (the implicit 'keep dense' option).
 
     ``dense_cost`` is in the allocation's target metric; ``dense_costs`` holds the dense layer's
-    cost in every metric (needed for caps; defaults to ``dense_cost``).
+    cost in every metric (needed for caps; defaults to ``dense_cost``). Latencies are ms.
     """
 
     fqn: str
-    dense_cost: int
+    dense_cost: float
     options: list[Option]
-    dense_costs: dict[str, int] = field(default_factory=dict)
+    dense_costs: dict[str, float] = field(default_factory=dict)
 
-    def dense(self, metric: str) -> int:
+    def dense(self, metric: str) -> float:
         return self.dense_costs.get(metric, self.dense_cost)
 
 
-def option_cost(option: Option, metric: str) -> int:
-    """What ``option`` costs in ``metric`` ("flops" or "params")."""
+def option_cost(option: Option, metric: str) -> float:
+    """What ``option`` costs in ``metric`` ("flops", "params" or "latency", measured ms)."""
+    if metric == "latency":
+        if option.latency is None:
+            raise TensorslimError(f"option {option.label or option.config} has no measured latency")
+        return option.latency
     return option.flops if metric == "flops" else option.params
 
 

@@ -1,4 +1,4 @@
-"""The budget of a plan: a target fraction of the model's FLOPs or parameters, and caps.
+"""The budget of a plan: a target fraction of the model's FLOPs, parameters or latency, and caps.
 
 ``Budget(flops=0.5)`` keeps half the FLOPs of the original model (counted over the example input,
 2 FLOPs per multiply-add); ``Budget(params=0.1)`` keeps a tenth of its parameters. A budget may
@@ -6,6 +6,11 @@ also cap the other metric: ``Budget(params=0.5, max_flops=0.8)`` (text ``"params
 Without an explicit cap the other metric is capped at 1.0 — a plan never makes the model larger
 or slower to compute than it was — and the allocator drops any option that costs more than its
 dense layer in a capped metric.
+
+``Budget(latency=0.5)`` asks for half the dense model's *measured* latency in the plan's
+deployment setting (batch, threads, memory format, backend — see
+:class:`tensorslim.analysis.deployment.Deployment`); the allocator then spends per-layer latencies
+measured at each layer's real input shape. FLOPs and parameters are capped at 1.0 beside it.
 """
 
 from __future__ import annotations
@@ -16,16 +21,18 @@ from typing import Any
 
 from tensorslim.errors import TensorslimError
 
-METRICS = ("flops", "params")
+METRICS = ("flops", "params", "latency")  # what a budget may target
+CAPPED = ("flops", "params")  # what a budget may cap (latency is always checked per layer)
 
 
 @dataclass(frozen=True)
 class Budget:
-    """Exactly one target (``flops`` or ``params``, a fraction in (0, 1]) and optional caps
-    (``max_flops`` / ``max_params``, fractions > 0) on the other metric."""
+    """Exactly one target (``flops``, ``params`` or ``latency``, a fraction in (0, 1]) and
+    optional caps (``max_flops`` / ``max_params``, fractions > 0) on the other metrics."""
 
     flops: float | None = None
     params: float | None = None
+    latency: float | None = None
     max_flops: float | None = None
     max_params: float | None = None
 
@@ -33,12 +40,12 @@ class Budget:
         given = {m: getattr(self, m) for m in METRICS if getattr(self, m) is not None}
         if len(given) != 1:
             raise TensorslimError(
-                "a budget needs exactly one of flops=… or params=… (e.g. flops=0.5)"
+                "a budget needs exactly one of flops=…, params=… or latency=… (e.g. flops=0.5)"
             )
         key, value = next(iter(given.items()))
         if not _is_number(value) or not 0 < value <= 1:
             raise TensorslimError(f"budget {key}={value} must be a fraction in (0, 1]")
-        for m in METRICS:
+        for m in CAPPED:
             cap = getattr(self, f"max_{m}")
             if cap is None:
                 continue
@@ -49,7 +56,7 @@ class Budget:
 
     @property
     def metric(self) -> str:
-        return "flops" if self.flops is not None else "params"
+        return next(m for m in METRICS if getattr(self, m) is not None)
 
     @property
     def fraction(self) -> float:
@@ -59,7 +66,7 @@ class Budget:
     def caps(self) -> dict[str, float]:
         """Metric → the largest fraction of the original allowed (1.0 unless capped lower)."""
         caps = {}
-        for m in METRICS:
+        for m in CAPPED:
             if m != self.metric:
                 cap = getattr(self, f"max_{m}")
                 caps[m] = 1.0 if cap is None else float(cap)
@@ -73,17 +80,17 @@ class Budget:
             cap = "<=" in part
             key, sep, value = part.partition("<=" if cap else "=")
             key = key.strip().lower()
-            if not sep or key not in METRICS:
+            if not sep or key not in (CAPPED if cap else METRICS):
                 raise TensorslimError(
-                    f"bad budget '{text}': write flops=FRACTION or params=FRACTION, optionally "
-                    "with a cap on the other metric, e.g. params=0.5,flops<=1"
+                    f"bad budget '{text}': write flops=, params= or latency=FRACTION, optionally "
+                    "with a cap on flops or params, e.g. params=0.5,flops<=1"
                 )
             fields[f"max_{key}" if cap else key] = _fraction(value.strip(), text)
         return cls(**fields)
 
     def to_dict(self) -> dict[str, float]:
         data = {self.metric: self.fraction}
-        for m in METRICS:
+        for m in CAPPED:
             cap = getattr(self, f"max_{m}")
             if cap is not None:
                 data[f"max_{m}"] = float(cap)
@@ -95,7 +102,7 @@ class Budget:
             return None
         if not isinstance(data, dict):
             raise TensorslimError(f"a budget must be a mapping like {{'flops': 0.5}}, got {data!r}")
-        known = {*METRICS, *(f"max_{m}" for m in METRICS)}
+        known = {*METRICS, *(f"max_{m}" for m in CAPPED)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise TensorslimError(
@@ -119,7 +126,7 @@ class Budget:
 
     def __str__(self) -> str:
         text = f"{self.metric}={self.fraction:g}"
-        for m in METRICS:
+        for m in CAPPED:
             cap = getattr(self, f"max_{m}")
             if cap is not None:
                 text += f",{m}<={cap:g}"

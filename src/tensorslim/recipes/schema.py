@@ -140,7 +140,23 @@ class CompressStage(_Strict):
     exclude: list[str] | None = None
     # BatchNorm statistics re-estimated on this many training batches after the layers change
     recalibrate_bn: int = Field(default=10, ge=0)
+    # where latency is measured ("batch=1,threads=1,format=channels_last"), and whether layers
+    # measured slower than dense may be chosen (default: never)
+    deployment: str | None = None
+    allow_slower: bool | None = None
     _budget = field_validator("budget")(_check_budget)
+
+    @field_validator("deployment")
+    @classmethod
+    def _deployment(cls, value: str | None) -> str | None:
+        if value is not None:
+            from tensorslim.analysis.deployment import Deployment
+
+            try:
+                Deployment.parse(value)
+            except TensorslimError as exc:
+                raise ValueError(str(exc)) from None
+        return value
 
     @field_validator("method")
     @classmethod

@@ -275,6 +275,31 @@ def _first_conv_and_classifier(
     return first, last
 
 
+def _check_choices(
+    drop_fraction: float,
+    rank_weight: float,
+    partial_k: float,
+    scope: str,
+    rank_loss_layers: str,
+    delta: float,
+) -> None:
+    """One-line errors for the regrowth, rank-loss and reporting settings of the hook."""
+    if not 0.0 <= drop_fraction <= 1.0:
+        raise TensorslimError(f"drop_fraction α must be in [0, 1], got {drop_fraction}")
+    if rank_weight < 0:
+        raise TensorslimError(f"rank_weight λ must be ≥ 0, got {rank_weight}")
+    if not 0.0 <= partial_k <= 1.0:
+        raise TensorslimError(f"partial_k must be in [0, 1], got {partial_k}")
+    if scope not in SCOPES:
+        raise TensorslimError(f"unknown pruning scope '{scope}': use {', '.join(SCOPES)}")
+    if rank_loss_layers not in RANK_LOSS_LAYERS:
+        raise TensorslimError(
+            f"unknown rank_loss_layers '{rank_loss_layers}': use {', '.join(RANK_LOSS_LAYERS)}"
+        )
+    if not 0.0 <= delta < 1.0:
+        raise TensorslimError(f"δ must be in [0, 1), got {delta}")
+
+
 class PruningHook(TrainHook):
     """Gradual magnitude pruning with optional prune-and-regrow and adversarial rank loss.
 
@@ -288,6 +313,8 @@ class PruningHook(TrainHook):
     (:func:`add_masks`, or ``apply`` of a gmp/rigl/rpg plan); ``layers`` names the ones to prune
     (default: every masked layer). ``keep_first_dense`` leaves the first Conv2d and
     ``keep_last_dense`` the last Linear out of the ranking (their masks stay all ones).
+    ``scope`` spreads the sparsity (global, layer/uniform, erk); ``rank_loss_layers`` picks the
+    rank loss's layers ("conv": every masked Conv2d, as in RPG's code; "pruned").
     """
 
     def __init__(
@@ -333,20 +360,7 @@ class PruningHook(TrainHook):
             raise TensorslimError(
                 f"the update interval ΔT must be a positive int, got {interval!r}"
             )
-        if not 0.0 <= drop_fraction <= 1.0:
-            raise TensorslimError(f"drop_fraction α must be in [0, 1], got {drop_fraction}")
-        if rank_weight < 0:
-            raise TensorslimError(f"rank_weight λ must be ≥ 0, got {rank_weight}")
-        if not 0.0 <= partial_k <= 1.0:
-            raise TensorslimError(f"partial_k must be in [0, 1], got {partial_k}")
-        if scope not in SCOPES:
-            raise TensorslimError(f"unknown pruning scope '{scope}': use {', '.join(SCOPES)}")
-        if rank_loss_layers not in RANK_LOSS_LAYERS:
-            raise TensorslimError(
-                f"unknown rank_loss_layers '{rank_loss_layers}': use {', '.join(RANK_LOSS_LAYERS)}"
-            )
-        if not 0.0 <= delta < 1.0:
-            raise TensorslimError(f"δ must be in [0, 1), got {delta}")
+        _check_choices(drop_fraction, rank_weight, partial_k, scope, rank_loss_layers, delta)
         self.kind, self.start, self.end, self.interval = schedule, start, end, interval
         self.drop_fraction, self.rank_weight, self.partial_k = drop_fraction, rank_weight, partial_k
         self.rank_loss_every_step = rank_loss_every_step

@@ -1,0 +1,197 @@
+"""Planning in seconds (issue 17, part 5): plan and apply CPU and wall time and peak memory.
+
+Every case runs in a fresh subprocess, so its peak resident memory (``ru_maxrss``) is its own;
+the model is built (and trained weights loaded) before the clock starts. Cases: every method on
+resnet20 and resnet56 (Fashion-MNIST 28×28, trained one epoch on 2000 images, cached under
+bench/results/weights), SVD on BERT-base (``BertConfig()`` defaults, random weights, 128 tokens,
+2 threads) and on a VGG-11-style classifier (25088 → 4096 → 4096 → 1000). Targets from the issue
+are checked beside the numbers. The machine is shared: the load average is recorded per case.
+
+    python bench/planning.py [--cases resnet20-cp,bert-svd] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import tensorslim as ts
+from common import WEIGHTS, facts, fashion_loaders, trained_model, write_results
+from tensorslim.models import create_model
+
+TAG = "planning-2k-1ep"
+# method → (settings, budget) as the cross-method comparison runs them (bench/compare.py)
+METHODS: dict[str, tuple[dict[str, Any], str]] = {
+    "svd": ({"scheme": "best"}, "flops=0.5"),
+    "tucker": ({"rank_rule": "budget"}, "flops=0.5"),
+    "cp": ({"rank_rule": "budget"}, "flops=0.5"),
+    "tt": ({}, "params=0.5"),  # Linear-only: budgeted on the parameters the classifier holds
+    "debut": ({"candidate_sweeps": 1, "als_sweeps": 4}, "flops=0.5"),
+}
+# case → (model, method, threads, targets: {"plan_cpu_s" | "total_cpu_s" | "peak_mb": limit})
+# (the targeted cases first: a shared machine may not leave time for all)
+CASES: dict[str, tuple[str, str, int, dict[str, float]]] = {
+    "resnet20-svd": ("resnet20", "svd", 1, {"plan_cpu_s": 5, "peak_mb": 1024}),
+    "resnet20-tucker": ("resnet20", "tucker", 1, {"plan_cpu_s": 5, "peak_mb": 1024}),
+    "resnet20-cp": ("resnet20", "cp", 1, {"plan_cpu_s": 20, "peak_mb": 1024}),
+    "resnet56-svd": ("resnet56", "svd", 1, {"total_cpu_s": 1}),
+    "bert-svd": ("bert-base", "svd", 2, {"total_wall_s": 60}),
+    "vgg11-classifier-svd": ("vgg11-classifier", "svd", 1, {}),
+    "resnet20-tt": ("resnet20", "tt", 1, {}),
+    "resnet20-debut": ("resnet20", "debut", 1, {}),
+    "resnet56-tucker": ("resnet56", "tucker", 1, {}),
+    "resnet56-cp": ("resnet56", "cp", 1, {}),
+    "resnet56-tt": ("resnet56", "tt", 1, {}),
+    "resnet56-debut": ("resnet56", "debut", 1, {}),
+}
+COLUMNS = [
+    "case",
+    "threads",
+    "plan_cpu_s",
+    "plan_wall_s",
+    "apply_cpu_s",
+    "apply_wall_s",
+    "peak_mb",
+    "model_mb",
+    "layers",
+    "targets",
+    "met",
+    "load",
+]
+
+
+class VGGClassifier(nn.Sequential):
+    """The classifier of a VGG-11 (torchvision layout) on its 512×7×7 feature map."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            nn.Linear(512 * 7 * 7, 4096),
+            nn.ReLU(),
+            nn.Dropout(),
+            nn.Linear(4096, 4096),
+            nn.ReLU(),
+            nn.Dropout(),
+            nn.Linear(4096, 1000),
+        )
+
+
+def build(name: str) -> tuple[nn.Module, Any]:
+    """The model of a case (eval mode) and its example input."""
+    torch.manual_seed(0)
+    if name == "bert-base":
+        from transformers import BertConfig, BertModel
+
+        return BertModel(BertConfig()).eval(), {"input_ids": torch.randint(0, 1000, (1, 128))}
+    if name == "vgg11-classifier":
+        return VGGClassifier().eval(), torch.randn(1, 512 * 7 * 7)
+    model = create_model(name, in_channels=1, num_classes=10)
+    import safetensors.torch
+
+    safetensors.torch.load_model(model, str(WEIGHTS / f"{name}-{TAG}.safetensors"))
+    return model.eval(), torch.randn(1, 1, 28, 28)
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def worker(case: str) -> dict[str, Any]:
+    """Run one case in this (fresh) process; its measurements."""
+    model_name, method, threads, _ = CASES[case]
+    torch.set_num_threads(threads)
+    model, example = build(model_name)
+    settings, budget = METHODS[method]
+    model_mb = _peak_mb()
+    cpu, wall = time.process_time(), time.perf_counter()
+    plan = ts.plan(model, method, budget, example, **settings)
+    plan_cpu, plan_wall = time.process_time() - cpu, time.perf_counter() - wall
+    cpu, wall = time.process_time(), time.perf_counter()
+    ts.apply(model, plan)
+    apply_cpu, apply_wall = time.process_time() - cpu, time.perf_counter() - wall
+    return {
+        "plan_cpu_s": plan_cpu,
+        "plan_wall_s": plan_wall,
+        "apply_cpu_s": apply_cpu,
+        "apply_wall_s": apply_wall,
+        "total_cpu_s": plan_cpu + apply_cpu,
+        "total_wall_s": plan_wall + apply_wall,
+        "peak_mb": _peak_mb(),
+        "model_mb": model_mb,
+        "layers": len(plan.compressed_layers),
+        "flops_fraction": plan.estimated_flops / max(plan.model_flops, 1),
+    }
+
+
+def run_case(case: str) -> dict[str, Any]:
+    """``case`` in a fresh subprocess, with its targets checked and the load recorded."""
+    load = os.getloadavg()[0]
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", case],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    if proc.returncode != 0:
+        return {"case": case, "note": f"failed: {proc.stderr.strip()[-300:]}"}
+    row = {"case": case, **json.loads(proc.stdout.strip().splitlines()[-1])}
+    targets = CASES[case][3]
+    row["threads"] = CASES[case][2]
+    row["targets"] = ", ".join(f"{k} ≤ {v:g}" for k, v in targets.items()) or "—"
+    row["met"] = all(row[k] <= v for k, v in targets.items()) if targets else "—"
+    row["load"] = f"{load:.1f}→{os.getloadavg()[0]:.1f}"
+    return row
+
+
+def ensure_weights() -> None:
+    """Train resnet20/resnet56 one epoch on 2000 Fashion-MNIST images, once (cached): weights
+    with a trained layer's structure, which is what CP-ALS and the spectra see."""
+    bundle, train, test = fashion_loaders(limit_train=2000)
+    for name in ("resnet20", "resnet56"):
+        trained_model(name, train, test, epochs=1, tag=TAG)
+    del bundle
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--cases", default=",".join(CASES))
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker)))
+        return
+    ensure_weights()
+    rows = []
+    for case in args.cases.split(","):
+        row = run_case(case)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        report(rows)  # after every case: a run cut short still leaves its numbers
+
+
+def report(rows: list[dict[str, Any]]) -> None:
+    """bench/results/planning.{json,md} from the rows so far."""
+    payload = {"machine": facts(), "cases": CASES, "rows": rows}
+    notes = [
+        "Planning and apply time and peak memory per case, each in a fresh subprocess "
+        "(`python bench/planning.py`). CPU seconds are the process's own (all threads); "
+        "wall seconds suffer from the shared machine — `load` is the 1-minute load average "
+        "before → after the case, on 2 cores shared with other jobs.",
+        "Budgets: flops=0.5 (tt: params=0.5); settings as bench/compare.py. "
+        "peak_mb is ru_maxrss of the whole process, model_mb the peak before planning.",
+    ]
+    write_results("planning", payload, [("Planning", COLUMNS, rows)], notes)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""The setting a latency is measured for, and how one module is run in it.
+
+A latency means nothing without its setting: on a CPU it depends on the batch size, the number
+of threads, the memory format (NCHW or channels_last), the dtype and the backend (PyTorch eager,
+or ONNX Runtime). :class:`Deployment` names that setting; :func:`make_runner` turns a module and
+an input into a zero-argument callable that runs one forward pass there, which
+:mod:`tensorslim.analysis.timing` times.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from tensorslim.errors import TensorslimError
+from tensorslim.inputs import ForwardFn, batch_size, call_model, map_tensors
+
+FORMATS = ("nchw", "channels_last")
+BACKENDS = ("eager", "onnxruntime")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+Runner = Callable[[], Any]
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """Where a model will run: ``batch`` size, ``threads``, ``memory_format`` ("nchw" or
+    "channels_last", applied to 4-D inputs and conv weights), ``dtype`` ("float32",
+    "bfloat16") and ``backend`` ("eager" or "onnxruntime"; ONNX Runtime picks its own layouts, so
+    the memory format does not apply there)."""
+
+    batch: int = 1
+    threads: int = 1
+    memory_format: str = "nchw"
+    backend: str = "eager"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        for name in ("batch", "threads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise TensorslimError(f"deployment {name}={value!r} must be a positive integer")
+        checks = (("memory_format", FORMATS), ("backend", BACKENDS), ("dtype", tuple(DTYPES)))
+        for name, allowed in checks:
+            if getattr(self, name) not in allowed:
+                raise TensorslimError(
+                    f"deployment {name}={getattr(self, name)!r}: use one of {', '.join(allowed)}"
+                )
+        if self.backend == "onnxruntime" and self.dtype != "float32":
+            raise TensorslimError("deployment backend=onnxruntime runs float32 only: drop dtype")
+
+    @property
+    def key(self) -> str:
+        """A stable text naming the setting (part of every latency cache key)."""
+        return f"b{self.batch}-t{self.threads}-{self.memory_format}-{self.backend}-{self.dtype}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def parse(cls, text: str) -> Deployment:
+        """``"batch=8,threads=1,format=channels_last,backend=onnxruntime"`` (any subset)."""
+        fields: dict[str, Any] = {}
+        aliases = {"format": "memory_format", "memory_format": "memory_format"}
+        for part in (p for p in text.split(",") if p.strip()):
+            key, sep, value = (s.strip() for s in part.partition("="))
+            key = aliases.get(key, key)
+            if not sep or key not in {"batch", "threads", "memory_format", "backend", "dtype"}:
+                raise TensorslimError(
+                    f"bad deployment '{text}': write e.g. batch=8,threads=1,"
+                    "format=channels_last,backend=eager"
+                )
+            try:
+                fields[key] = int(value) if key in {"batch", "threads"} else value
+            except ValueError:
+                raise TensorslimError(
+                    f"bad deployment '{text}': {key} must be an integer"
+                ) from None
+        return cls(**fields)
+
+    @classmethod
+    def coerce(
+        cls, value: Deployment | str | dict[str, Any] | None, example: Any = None
+    ) -> Deployment:
+        """A ``Deployment``, its text form, a mapping, or ``None``: the example's batch size
+        (1 without one) at the current ``torch.get_num_threads()``, NCHW, eager."""
+        if value is None:
+            return cls(batch=_batch_or_one(example), threads=torch.get_num_threads())
+        if isinstance(value, Deployment):
+            return value
+        if isinstance(value, str):
+            return cls.parse(value)
+        if isinstance(value, dict):
+            return cls(**value)
+        raise TensorslimError(
+            f"a deployment is Deployment(...) or 'batch=1,threads=1', not {value!r}"
+        )
+
+
+def _batch_or_one(example: Any) -> int:
+    try:
+        return batch_size(example) if example is not None else 1
+    except TensorslimError:  # an input without a batched tensor (a forward_fn's own object)
+        return 1
+
+
+def at_batch(example: Any, batch: int) -> Any:
+    """``example`` with its first sample repeated to ``batch`` samples (dimension 0)."""
+    return map_tensors(
+        example, lambda t: t[:1].expand(batch, *t.shape[1:]).contiguous() if t.dim() else t
+    )
+
+
+def prepare(module: nn.Module, example: Any, deployment: Deployment) -> tuple[nn.Module, Any]:
+    """A copy of ``module`` in eval mode and ``example``, in the deployment's dtype and layout."""
+    dtype = DTYPES[deployment.dtype]
+    module = copy.deepcopy(module).eval().to(dtype)
+
+    def convert(t: torch.Tensor) -> torch.Tensor:
+        t = t.to(dtype) if t.is_floating_point() else t
+        if deployment.memory_format == "channels_last" and t.dim() == 4:
+            t = t.contiguous(memory_format=torch.channels_last)
+        return t
+
+    if deployment.memory_format == "channels_last":
+        module = module.to(memory_format=torch.channels_last)
+    return module, map_tensors(example, convert)
+
+
+def make_runner(
+    module: nn.Module,
+    example: Any,
+    deployment: Deployment,
+    forward_fn: ForwardFn | None = None,
+) -> Runner:
+    """A callable running one forward pass of ``module`` on ``example`` in ``deployment``.
+
+    ``example`` already has the deployment's batch size. Eager runners run under
+    ``torch.inference_mode``; the caller sets the thread count (see ``timing.threads``).
+    """
+    if deployment.backend == "onnxruntime":
+        return _onnx_runner(module, example, deployment)
+    module, x = prepare(module, example, deployment)
+
+    def run() -> Any:
+        with torch.inference_mode():
+            return call_model(module, x, forward_fn)
+
+    run()  # warm-up: oneDNN primitive creation, allocator
+    return run
+
+
+def _onnx_runner(module: nn.Module, example: Any, deployment: Deployment) -> Runner:
+    """Export ``module`` to ONNX in memory and run it in an ONNX Runtime CPU session."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise TensorslimError(
+            "backend=onnxruntime needs onnxruntime: pip install 'tensorslim[onnx]'"
+        ) from None
+    if not isinstance(example, torch.Tensor):
+        raise TensorslimError("backend=onnxruntime times models with one tensor input only")
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            copy.deepcopy(module).eval(), (example,), buffer, input_names=["x"], dynamo=False
+        )
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = deployment.threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+    feed = {"x": example.detach().numpy()}
+
+    def run() -> Any:
+        return session.run(None, feed)
+
+    run()
+    return run

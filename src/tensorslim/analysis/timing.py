@@ -1,0 +1,253 @@
+"""Honest, stable latency: interleaved repeated timing, and a latency cache.
+
+Timing a variant once, alone, on a shared machine measures the machine as much as the variant.
+:func:`time_interleaved` runs the variants of one comparison in rounds — every round runs each
+variant once (enough iterations to last ``round_time``) in a rotated order, so no variant always
+follows the same other one and pays for its cache misses — until no variant's best round has
+improved for ``patience`` rounds. Decisions use the best round's process CPU time (see
+:class:`Timing`): on this project's shared 2-core machine at load 13-16 a conv's wall-clock
+median was 3-10× its best round, and a 90 ms whole ResNet-18 rarely ran one round untouched,
+while its best CPU-time round was stable within a few per cent.
+
+:func:`time_against_reference` times structured variants of one layer interleaved with the
+layer's dense form; a variant's latency is its ratio to the dense layer in that run times
+the dense layer's reference latency (its first measurement), so variants timed in different runs,
+under a different machine load, stay comparable. :class:`LatencyCache` keeps those numbers keyed
+by the module's structure, the input shape, the deployment, the machine and the library versions
+— passed explicitly, never global — and can live in a JSON file so replanning is cheap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tensorslim.analysis.deployment import Deployment, Runner, at_batch, make_runner
+from tensorslim.errors import TensorslimError
+from tensorslim.inputs import ForwardFn
+
+REFERENCE = "dense"
+
+
+@dataclass(frozen=True)
+class Timing:
+    """ms per forward pass over ``rounds`` interleaved rounds.
+
+    ``cpu_ms``: the best round's process CPU time per pass divided by the thread count — the
+    estimate decisions use (:attr:`ms`). Other processes on a shared CPU add wall time to a run
+    whenever they take its core; CPU time only counts the time the run was on one, and the best
+    round is the one least slowed by a neighbour sharing the core's caches. With one thread it
+    is the latency of an idle machine; with more, it assumes the threads stay busy (OpenMP
+    threads spin while they wait, so they do). ``wall_ms`` / ``wall_median_ms``: the best and
+    median round by the wall clock, recorded beside it (on a quiet machine all three agree).
+    """
+
+    cpu_ms: float
+    wall_ms: float
+    wall_median_ms: float
+    rounds: int
+
+    @property
+    def ms(self) -> float:
+        return self.cpu_ms
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """``torch.set_num_threads(threads)`` for the block, the previous count restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def time_interleaved(
+    runners: dict[str, Runner],
+    threads: int,
+    *,
+    min_rounds: int = 8,
+    max_rounds: int = 40,
+    patience: int = 6,
+    tolerance: float = 0.01,
+    round_time: float = 0.001,
+) -> dict[str, Timing]:
+    """Per-runner latency, the runners timed in interleaved, rotated rounds.
+
+    A round runs every runner once (``number`` iterations lasting about ``round_time``). After
+    ``min_rounds`` it stops once no runner's best round improved by more than ``tolerance`` in
+    the last ``patience`` rounds (at most ``max_rounds``). Our own loop rather than
+    ``torch.utils.benchmark.Timer``: each round is read on two clocks (CPU and wall) at once.
+    """
+    if not runners:
+        return {}
+    names = list(runners)
+    cpu: dict[str, list[float]] = {n: [] for n in names}
+    wall: dict[str, list[float]] = {n: [] for n in names}
+    with torch_threads(threads):
+        numbers = {n: _iterations(runners[n], round_time) for n in names}
+        settled = 0
+        for r in range(max_rounds):
+            best_before = {n: min(cpu[n], default=math.inf) for n in names}
+            shift = r % len(names)
+            for n in names[shift:] + names[:shift]:
+                c, w = _one_round(runners[n], numbers[n])
+                cpu[n].append(c / threads)
+                wall[n].append(w)
+            improved = any(min(cpu[n]) < (1 - tolerance) * best_before[n] for n in names)
+            settled = 0 if improved else settled + 1
+            if r + 1 >= min_rounds and settled >= patience:
+                break
+    return {
+        n: Timing(
+            min(cpu[n]) * 1e3, min(wall[n]) * 1e3, statistics.median(wall[n]) * 1e3, len(cpu[n])
+        )
+        for n in names
+    }
+
+
+def _one_round(run: Runner, number: int) -> tuple[float, float]:
+    """(process CPU seconds, wall seconds) per call over ``number`` calls of ``run``."""
+    c0, w0 = time.process_time(), time.perf_counter()
+    for _ in range(number):
+        run()
+    return (time.process_time() - c0) / number, (time.perf_counter() - w0) / number
+
+
+def _iterations(run: Runner, round_time: float) -> int:
+    """Calls per round so one round of this runner lasts about ``round_time`` seconds."""
+    once = min(_one_round(run, 1)[1] for _ in range(3))  # also a warm-up
+    return max(1, min(1000, math.ceil(round_time / max(once, 1e-7))))
+
+
+def machine_key() -> str:
+    """The CPU and library versions a latency was measured with."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if "model name" in ln), cpu)
+    except OSError:
+        pass
+    try:
+        import onnxruntime
+
+        ort = onnxruntime.__version__
+    except ImportError:
+        ort = "none"
+    return f"{cpu}|{os.cpu_count()}cpu|torch{torch.__version__}|ort{ort}"
+
+
+class LatencyCache:
+    """Latencies (ms) keyed by module structure, input shape, deployment and machine.
+
+    In memory by default; with ``path`` it is read from and :meth:`save` d to a JSON file. One
+    instance is passed explicitly to whatever measures (the planner, export's merge-back).
+    """
+
+    def __init__(self, path: str | Path | None = None) -> None:
+        self.path = Path(path) if path is not None else None
+        self.entries: dict[str, float] = {}
+        self._machine = machine_key()
+        if self.path is not None and self.path.is_file():
+            try:
+                data = json.loads(self.path.read_text())
+            except json.JSONDecodeError as exc:
+                raise TensorslimError(
+                    f"latency cache {self.path} is not valid JSON ({exc}): delete it"
+                ) from None
+            self.entries = {str(k): float(v) for k, v in data.get("entries", {}).items()}
+
+    def key(self, module: nn.Module, shape: tuple[int, ...], deployment: Deployment) -> str:
+        """A digest of everything the latency depends on."""
+        text = "|".join(
+            (type(module).__qualname__, repr(module), str(tuple(shape)), deployment.key)
+        )
+        return hashlib.sha1(f"{text}|{self._machine}".encode()).hexdigest()
+
+    def get(self, key: str) -> float | None:
+        return self.entries.get(key)
+
+    def put(self, key: str, ms: float) -> None:
+        self.entries[key] = float(ms)
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        from tensorslim.train.checkpoint import atomic_write_text
+
+        atomic_write_text(
+            self.path, json.dumps({"machine": self._machine, "entries": self.entries})
+        )
+
+
+def layer_input(shape: tuple[int, ...], deployment: Deployment) -> torch.Tensor:
+    """A random input of a layer's recorded shape at the deployment's batch size."""
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn((deployment.batch, *shape[1:]), generator=generator)
+
+
+def time_against_reference(
+    dense: nn.Module,
+    variants: dict[str, nn.Module],
+    shape: tuple[int, ...],
+    deployment: Deployment,
+    cache: LatencyCache,
+) -> tuple[float, dict[str, float]]:
+    """(dense ms, variant name → ms) of one layer at input ``shape`` (batch replaced).
+
+    Uncached variants are timed interleaved with ``dense``; each gets its ratio to dense in
+    that run times dense's reference latency (the first one measured and cached).
+    """
+    dense_key = cache.key(dense, shape, deployment)
+    keys = {name: cache.key(m, shape, deployment) for name, m in variants.items()}
+    todo = {name: m for name, m in variants.items() if cache.get(keys[name]) is None}
+    if todo or cache.get(dense_key) is None:
+        x = layer_input(shape, deployment)
+        runners = {REFERENCE: make_runner(dense, x, deployment)}
+        runners.update({name: make_runner(m, x, deployment) for name, m in todo.items()})
+        timed = time_interleaved(runners, deployment.threads)
+        if cache.get(dense_key) is None:
+            cache.put(dense_key, timed[REFERENCE].ms)
+        reference = cache.get(dense_key)
+        assert reference is not None
+        for name in todo:
+            ratio = timed[name].ms / timed[REFERENCE].ms
+            cache.put(keys[name], ratio * reference)
+    dense_ms = cache.get(dense_key)
+    assert dense_ms is not None
+    return dense_ms, {name: float(cache.get(k)) for name, k in keys.items()}  # type: ignore[arg-type]
+
+
+def time_models(
+    models: dict[str, nn.Module],
+    example: Any,
+    deployment: Deployment,
+    forward_fn: ForwardFn | None = None,
+) -> dict[str, Timing]:
+    """Whole models on ``example`` (its first sample repeated to the deployment's batch),
+    interleaved; never cached (a whole model is timed to check the per-layer prediction)."""
+    x = at_batch(example, deployment.batch)
+    runners = {name: make_runner(m, x, deployment, forward_fn) for name, m in models.items()}
+    return time_interleaved(runners, deployment.threads, min_rounds=12)
+
+
+def load_average() -> float:
+    """The 1-minute load average (0 where the platform has none): a busy machine skews timing."""
+    try:
+        return float(os.getloadavg()[0])
+    except OSError:
+        return 0.0

@@ -1,0 +1,89 @@
+"""Deployment settings, interleaved timing and the latency cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from tensorslim.analysis.deployment import Deployment, at_batch, make_runner
+from tensorslim.analysis.timing import (
+    LatencyCache,
+    time_against_reference,
+    time_interleaved,
+    time_models,
+)
+from tensorslim.errors import TensorslimError
+
+
+def test_deployment_parse_validate_and_default() -> None:
+    d = Deployment.parse("batch=8, threads=2, format=channels_last, backend=onnxruntime")
+    assert (d.batch, d.threads, d.memory_format, d.backend) == (
+        8,
+        2,
+        "channels_last",
+        "onnxruntime",
+    )
+    assert Deployment.coerce(d.to_dict()) == d and d.key != Deployment().key
+    assert Deployment.coerce(None, torch.zeros(5, 3)).batch == 5
+    for bad in ("batch=0", "threads=x", "format=nhwc", "backend=tvm", "colour=red"):
+        with pytest.raises(TensorslimError):
+            Deployment.parse(bad)
+
+
+def test_at_batch_repeats_the_first_sample() -> None:
+    x = torch.arange(6.0).reshape(2, 3)
+    assert torch.equal(at_batch(x, 4), x[:1].expand(4, 3))
+
+
+def test_runners_compute_the_module_in_every_setting() -> None:
+    conv = nn.Conv2d(3, 4, 3, padding=1).eval()
+    x = torch.randn(2, 3, 8, 8)
+    want = conv(x).detach()
+    for d in (
+        Deployment(),
+        Deployment(memory_format="channels_last"),
+        Deployment(backend="onnxruntime"),
+    ):
+        got = make_runner(conv, x, d)()
+        got = torch.as_tensor(got[0]) if isinstance(got, list) else got
+        assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_interleaved_timing_ranks_a_bigger_matmul_slower() -> None:
+    a, b = torch.randn(64, 64), torch.randn(512, 512)
+    timed = time_interleaved(
+        {"small": lambda: a @ a, "big": lambda: b @ b}, threads=1, max_rounds=12
+    )
+    assert timed["big"].ms > 5 * timed["small"].ms
+    assert (
+        timed["small"].wall_ms <= timed["small"].wall_median_ms and 8 <= timed["small"].rounds <= 12
+    )
+
+
+def test_cache_keys_and_reuse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dense, low = nn.Linear(32, 32), nn.Sequential(nn.Linear(32, 4), nn.Linear(4, 32))
+    cache = LatencyCache(tmp_path / "lat.json")
+    d = Deployment(batch=4)
+    assert cache.key(dense, (1, 32), d) != cache.key(dense, (1, 16), d)
+    assert cache.key(dense, (1, 32), d) != cache.key(dense, (1, 32), Deployment(batch=8))
+    assert cache.key(dense, (1, 32), d) != cache.key(low, (1, 32), d)
+    first = time_against_reference(dense, {"low": low}, (1, 32), d, cache)
+    cache.save()
+    again = LatencyCache(tmp_path / "lat.json")
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("a cached latency was measured again")
+
+    monkeypatch.setattr("tensorslim.analysis.timing.time_interleaved", no_timing)
+    assert time_against_reference(dense, {"low": low}, (1, 32), d, again) == first
+
+
+def test_time_models_is_interleaved_over_whole_models() -> None:
+    small, big = nn.Linear(16, 16), nn.Sequential(*[nn.Linear(256, 256) for _ in range(4)])
+    timed = time_models({"a": small}, torch.randn(1, 16), Deployment(batch=2))
+    assert timed["a"].ms > 0
+    with pytest.raises(TensorslimError):
+        make_runner(big, {"x": torch.randn(1, 256)}, Deployment(backend="onnxruntime"))
