@@ -10,7 +10,9 @@ A method answers, for one layer of a model:
   with an input Gram the planner measures errors in output space (:meth:`Method.output_errors`);
 - ``build(module, option_config, info, init=...)``: the structured module; with ``init=True`` its
   weights come from the decomposition of ``module``, with ``init=False`` only the structure is made
-  (``load`` fills the weights from safetensors afterwards);
+  (``load`` fills the weights from safetensors afterwards). A method whose weights depend on
+  the data (``needs_statistics_to_build``: ASVD, SVD-LLM, FWSVD) also takes ``stats=`` — the
+  layer's calibration statistics, which ``apply`` supplies;
 - optionally ``train_hooks(model, plan)`` (extra loss terms, per-step actions) and
   ``finalize(model, plan)`` (a conversion after training, e.g. baking masks).
 
