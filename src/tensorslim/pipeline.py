@@ -259,15 +259,15 @@ def compress_model(
     original = measure_original or measure(model, example_batch, test_loader, latency=latency)
     phases = PhaseSeeds(seed, loaders=(train_loader, test_loader))
     phases.start("compress")
+    settings, preset, training = _preset_and_training(
+        method, settings, preset, lr=lr, optimizer=optimizer, weight_decay=weight_decay
+    )
+    objectives = objectives or Objectives()
     timing = {
         "deployment": deployment,
         "allow_slower": allow_slower,
         "latency_cache": latency_cache,
     }
-    settings, preset, training = _preset_and_training(
-        method, settings, preset, lr=lr, optimizer=optimizer, weight_decay=weight_decay
-    )
-    objectives = objectives or Objectives()
     the_plan, method_obj, small = _plan_and_apply(
         model,
         method,
@@ -285,30 +285,15 @@ def compress_model(
         recalibrate_batchnorm(small, train_loader, bn_recalibration_batches)
     applied_at = time.perf_counter()
     before = evaluate(small, test_loader) if test_loader is not None else {}
-    hooks = method_obj.train_hooks(small, the_plan)
-    if hooks and finetune_epochs == 0:
-        raise TensorslimError(
-            f"method '{method}' works during training: give --finetune-epochs ≥ 1"
-        )
     tuner = _FineTuner(
         small, train_loader, test_loader, training["lr"], training["optimizer"],
         training["weight_decay"],
         copy.deepcopy(model).eval() if distill else None,
         resume, progress, log, max_steps_per_epoch, method, objectives,
     )  # fmt: skip
-    if finetune_epochs > 0:
-        phases.start("fine-tune")
-    history = tuner.train(finetune_epochs, hooks, checkpoint_dir, "fine-tune")
-    small = method_obj.finalize(small, the_plan)
-    tuner.model = small
-    set_plans(small, [refresh_plan(small, p) for p in plans_of(small)])
-    after_finalize: dict[str, Any] = {}
-    if post_finalize_epochs > 0:
-        after_finalize = evaluate(small, test_loader) if test_loader is not None else {}
-        # its own directory: the first phase's last.pt belongs to another model shape
-        post_dir = Path(checkpoint_dir) / "post-finalize" if checkpoint_dir else None
-        phases.start("post-finalize")
-        history += tuner.train(post_finalize_epochs, [], post_dir, "fine-tune after finalize")
+    small, history, after_finalize = _fine_tune_phases(
+        tuner, method_obj, the_plan, phases, finetune_epochs, post_finalize_epochs, checkpoint_dir
+    )
     compressed = measure(small, example_batch, test_loader, latency=latency)
     results = _results(method, method_obj, budget, original, compressed, latency)
     results.update(
@@ -318,11 +303,7 @@ def compress_model(
             "accuracy_before_finetune": before.get("accuracy"),
             "bn_recalibration_batches": bn_recalibration_batches,
             "accuracy_after_finalize": after_finalize.get("accuracy", compressed.get("accuracy")),
-            "plan_notes": the_plan.notes,
-            # the plan's estimate in both metrics (the measured fractions are above)
-            "plan_summary": the_plan.summary(),
-            "plan_fractions": the_plan.fractions,
-            "layers": layer_rows(plans_of(small)[-1]),
+            **_plan_facts(the_plan, small),
             "history": history,
             "seeds": phases.seeds,
             "seconds": {"decompose": applied_at - started, "total": time.perf_counter() - started},
@@ -334,6 +315,53 @@ def compress_model(
     if summary:
         results["method_summary"] = summary
     return small, results
+
+
+def _fine_tune_phases(
+    tuner: _FineTuner,
+    method_obj: Method,
+    the_plan: CompressionPlan,
+    phases: PhaseSeeds,
+    finetune_epochs: int,
+    post_finalize_epochs: int,
+    checkpoint_dir: str | Path | None,
+) -> tuple[nn.Module, list[dict], dict[str, Any]]:
+    """Fine-tune with the method's hooks, finalize, then fine-tune the finalized model.
+
+    Returns (final model, every epoch's history, the evaluation right after finalize — empty
+    without post-finalize epochs). Each phase starts from its own derived seed.
+    """
+    hooks = method_obj.train_hooks(tuner.model, the_plan)
+    if hooks and finetune_epochs == 0:
+        raise TensorslimError(
+            f"method '{tuner.method}' works during training: give --finetune-epochs ≥ 1"
+        )
+    if finetune_epochs > 0:
+        phases.start("fine-tune")
+    history = tuner.train(finetune_epochs, hooks, checkpoint_dir, "fine-tune")
+    small = method_obj.finalize(tuner.model, the_plan)
+    tuner.model = small
+    set_plans(small, [refresh_plan(small, p) for p in plans_of(small)])
+    after_finalize: dict[str, Any] = {}
+    if post_finalize_epochs > 0:
+        test_loader = tuner.test_loader
+        after_finalize = evaluate(small, test_loader) if test_loader is not None else {}
+        # its own directory: the first phase's last.pt belongs to another model shape
+        post_dir = Path(checkpoint_dir) / "post-finalize" if checkpoint_dir else None
+        phases.start("post-finalize")
+        history += tuner.train(post_finalize_epochs, [], post_dir, "fine-tune after finalize")
+    return small, history, after_finalize
+
+
+def _plan_facts(the_plan: CompressionPlan, small: nn.Module) -> dict[str, Any]:
+    """The plan's notes, its estimate in both metrics (the measured fractions are elsewhere in
+    the results) and the per-layer rows of the model's last plan."""
+    return {
+        "plan_notes": the_plan.notes,
+        "plan_summary": the_plan.summary(),
+        "plan_fractions": the_plan.fractions,
+        "layers": layer_rows(plans_of(small)[-1]),
+    }
 
 
 def latency_check(

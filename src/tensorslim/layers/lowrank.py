@@ -37,6 +37,7 @@ from tensorslim.layers.base import StructuredLayer, dense_linear
 from tensorslim.layers.conv_geometry import (
     conv_output_hw,
     dense_conv,
+    geometry_of,
     pair,
     unsupported_conv_reason,
 )
@@ -194,19 +195,7 @@ class LowRankConv2d(StructuredLayer):
         if reason is not None:
             raise TensorslimError(f"cannot factorize this Conv2d: {reason}")
         w = layer.weight.detach()
-        new = cls(
-            layer.in_channels,
-            layer.out_channels,
-            layer.kernel_size,
-            rank,
-            scheme,
-            layer.stride,
-            layer.padding,
-            layer.dilation,
-            layer.bias is not None,
-            device=w.device,
-            dtype=w.dtype,
-        )
+        new = cls(rank=rank, scheme=scheme, **geometry_of(layer))
         n, c, kh, kw = w.shape
         if factors is None:
             factors = balanced_factors(conv_weight_to_matrix(w, scheme), rank, driver)

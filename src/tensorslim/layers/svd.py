@@ -53,6 +53,7 @@ from tensorslim.layers.base import StructuredLayer, dense_linear
 from tensorslim.layers.conv_geometry import (
     conv_output_hw,
     dense_conv,
+    geometry_of,
     pair,
     unsupported_conv_reason,
 )
@@ -432,20 +433,7 @@ class SVDConv2d(SVDLayer):
         if reason is not None:
             raise TensorslimError(f"cannot train this Conv2d in SVD form: {reason}")
         w = conv.weight.detach()
-        new = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            scheme,
-            conv.stride,
-            conv.padding,
-            conv.dilation,
-            conv.bias is not None,
-            rank,
-            init=False,
-            device=w.device,
-            dtype=w.dtype,
-        )
+        new = cls(scheme=scheme, rank=rank, init=False, **geometry_of(conv))
         new._fill_from_matrix(conv_weight_to_matrix(w, scheme), driver)
         if conv.bias is not None:
             with torch.no_grad():
