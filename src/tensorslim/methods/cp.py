@@ -53,7 +53,6 @@ from tensorslim.methods.tucker import (
     TuckerMethod,
     effective_rule,
     is_pointwise,
-    pick_default,
     svd_fallback,
     validate_rank_settings,
 )
@@ -66,6 +65,8 @@ class CPMethod(Method):
     """CP decomposition of convolutions (see the module docstring)."""
 
     name: ClassVar[str] = "cp"
+    choice_noun: ClassVar[str] = "ranks"
+    choice_hint: ClassVar[str] = "a rank rule (--set rank_rule=vbmf or --set rank=8)"
     description: ClassVar[str] = (
         "CP of conv kernels (1×1 → depthwise kh×1 → depthwise 1×kw → 1×1), ALS ranks by budget"
     )
@@ -279,17 +280,6 @@ class CPMethod(Method):
             error = relative_output_error(reference, approx, stats.gram)
             measured.append(dataclasses.replace(option, error=error, error_space=OUTPUT_ERROR))
         return measured
-
-    def choose_without_budget(self, options: list[Option], info: LayerInfo) -> Option | None:
-        chosen = pick_default(options)
-        if chosen is not None:
-            return chosen
-        if len(options) == 1:
-            return options[0]
-        raise TensorslimError(
-            f"cp with rank_rule 'budget' needs a budget (e.g. --budget flops=0.5) to choose among "
-            f"{len(options)} ranks for {info.fqn}; or use rank_rule vbmf or a rank"
-        )
 
     def build(
         self, module: nn.Module, config: Config, info: LayerInfo | None, *, init: bool = True

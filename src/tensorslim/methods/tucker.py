@@ -124,14 +124,6 @@ def svd_fallback(
     return options
 
 
-def pick_default(options: list[Option]) -> Option | None:
-    """The option a rank rule marked as the choice for plans without a budget."""
-    for option in options:
-        if option.extra.get("default"):
-            return option
-    return None
-
-
 # ----- tucker ----------------------------------------------------------------------------------
 
 
@@ -243,6 +235,8 @@ class TuckerMethod(Method):
     """Tucker-2 decomposition of convolutions (see the module docstring)."""
 
     name: ClassVar[str] = "tucker"
+    choice_noun: ClassVar[str] = "rank pairs"
+    choice_hint: ClassVar[str] = "a rank rule (--set rank_rule=vbmf or a rank)"
     description: ClassVar[str] = "Tucker-2 of conv kernels (1×1 → core → 1×1), VBMF or budget ranks"
     builds: ClassVar[tuple[type[nn.Module], ...]] = (TuckerConv2d,)
     demo_settings: ClassVar[dict[str, Any] | None] = {"rank_rule": "auto"}
@@ -385,17 +379,6 @@ class TuckerMethod(Method):
             )
             for o in options
         ]
-
-    def choose_without_budget(self, options: list[Option], info: LayerInfo) -> Option | None:
-        chosen = pick_default(options)
-        if chosen is not None:
-            return chosen
-        if len(options) == 1:
-            return options[0]
-        raise TensorslimError(
-            f"tucker with rank_rule 'budget' needs a budget (e.g. --budget flops=0.5) to choose "
-            f"among {len(options)} rank pairs for {info.fqn}; or use rank_rule vbmf or a rank"
-        )
 
     def build(
         self, module: nn.Module, config: Config, info: LayerInfo | None, *, init: bool = True
