@@ -84,8 +84,6 @@ class SVDLayer(StructuredLayer):
         with ``init=True`` (a Kaiming-normal weight stored as its SVD)."""
         return cls(*args, init=True, **kwargs)
 
-    active: torch.Tensor
-
     def _init_factors(
         self, m: int, n: int, rank: int, device: torch.device | None, dtype: torch.dtype | None
     ) -> None:
