@@ -199,3 +199,12 @@ class Method(abc.ABC):
     def finalize(self, model: nn.Module, plan: CompressionPlan) -> nn.Module:
         """Conversion after training (e.g. bake pruning masks); default: nothing to do."""
         return model
+
+
+def require_conv2d(method: str, module: nn.Module) -> None:
+    """A one-line error unless ``module`` is an ``nn.Conv2d`` (for kernel decompositions)."""
+    if not isinstance(module, nn.Conv2d):
+        raise TensorslimError(
+            f"{method} builds Conv2d layers only, got {type(module).__name__} (Linear and 1×1 "
+            "convs go through the svd method)"
+        )

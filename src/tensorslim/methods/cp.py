@@ -46,7 +46,7 @@ from tensorslim.decompose.cp_path import cp_als_path
 from tensorslim.errors import TensorslimError
 from tensorslim.facts import OUTPUT_ERROR, Config, LayerStats
 from tensorslim.layers.cp import CPConv2d, conv_structure_reason
-from tensorslim.methods.base import LayerInfo, Method, Option
+from tensorslim.methods.base import LayerInfo, Method, Option, require_conv2d
 from tensorslim.methods.planned import Factorizations
 from tensorslim.methods.registry import get_method
 from tensorslim.methods.tucker import (
@@ -267,9 +267,10 @@ class CPMethod(Method):
         self, module: nn.Module, info: LayerInfo, options: list[Option], stats: LayerStats
     ) -> list[Option]:
         """Output-space errors of the planned decompositions (no second decomposition)."""
-        if is_pointwise(module):
+        if is_pointwise(module):  # planned as the svd method plans it
             return get_method("svd").output_errors(module, info, options, stats)
-        assert isinstance(module, nn.Conv2d) and stats.gram is not None
+        require_conv2d(self.name, module)
+        assert stats.gram is not None
         results = self._layer_results(module, info)
         reference = weight_rows_matrix(module)
         measured = []
@@ -284,11 +285,7 @@ class CPMethod(Method):
     def build(
         self, module: nn.Module, config: Config, info: LayerInfo | None, *, init: bool = True
     ) -> nn.Module:
-        if not isinstance(module, nn.Conv2d):
-            raise TensorslimError(
-                f"cp builds Conv2d layers only, got {type(module).__name__} (Linear and 1×1 "
-                "convs go through the svd method)"
-            )
+        require_conv2d(self.name, module)
         try:
             rank = int(config["rank"])
         except (KeyError, TypeError, ValueError):

@@ -55,7 +55,7 @@ from tensorslim.errors import TensorslimError
 from tensorslim.facts import OUTPUT_ERROR, Config, LayerStats
 from tensorslim.layers.cp import conv_structure_reason
 from tensorslim.layers.tucker import TuckerConv2d
-from tensorslim.methods.base import LayerInfo, Method, Option
+from tensorslim.methods.base import LayerInfo, Method, Option, require_conv2d
 from tensorslim.methods.planned import Factorizations
 from tensorslim.methods.presets import Preset
 from tensorslim.methods.registry import get_method
@@ -367,9 +367,10 @@ class TuckerMethod(Method):
     ) -> list[Option]:
         """Output-space HOSVD errors of every option from one table
         (:func:`tensorslim.decompose.tucker.tucker2_output_error_table`)."""
-        if is_pointwise(module):
+        if is_pointwise(module):  # planned as the svd method plans it
             return get_method("svd").output_errors(module, info, options, stats)
-        assert isinstance(module, nn.Conv2d) and stats.gram is not None
+        require_conv2d(self.name, module)
+        assert stats.gram is not None
         table = tucker2_output_error_table(self.bases(module, info), stats.gram)
         return [
             dataclasses.replace(
@@ -383,11 +384,7 @@ class TuckerMethod(Method):
     def build(
         self, module: nn.Module, config: Config, info: LayerInfo | None, *, init: bool = True
     ) -> nn.Module:
-        if not isinstance(module, nn.Conv2d):
-            raise TensorslimError(
-                f"tucker builds Conv2d layers only, got {type(module).__name__} (Linear and 1×1 "
-                "convs go through the svd method)"
-            )
+        require_conv2d(self.name, module)
         try:
             ro, ri = int(config["rank_out"]), int(config["rank_in"])
         except (KeyError, TypeError, ValueError):
