@@ -135,24 +135,19 @@ class CPMethod(Method):
             warnings.simplefilter("ignore", CPDegeneracyWarning)
             if self.on_degenerate == "reduce_rank":
                 return {r: self._cp_als(weight, r) for r in sorted(set(ranks))}
-            return cp_als_path(
-                weight,
-                ranks,
-                max_iter=self.max_iter,
-                tol=self.tol,
-                on_degenerate=self.on_degenerate,  # type: ignore[arg-type]
-                seed=self.seed,
-            )
+            return cp_als_path(weight, ranks, **self._als_options())
 
     def _cp_als(self, weight: torch.Tensor, rank: int) -> CPResult:
-        return cp_als(
-            weight,
-            rank,
-            max_iter=self.max_iter,
-            tol=self.tol,
-            on_degenerate=self.on_degenerate,  # type: ignore[arg-type]
-            seed=self.seed,
-        )
+        return cp_als(weight, rank, **self._als_options())
+
+    def _als_options(self) -> dict[str, Any]:
+        """The ALS settings a single decomposition and a rank path both take."""
+        return {
+            "max_iter": self.max_iter,
+            "tol": self.tol,
+            "on_degenerate": self.on_degenerate,
+            "seed": self.seed,
+        }
 
     def _layer_results(
         self, module: nn.Conv2d, info: LayerInfo | None, up_to: int | None = None
