@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import abc
 import math
-from typing import Any
+from typing import Any, Self
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +77,12 @@ class SVDLayer(StructuredLayer):
     s: nn.Parameter
     V: nn.Parameter
     active: torch.Tensor
+
+    @classmethod
+    def from_shape(cls, *args: Any, **kwargs: Any) -> Self:
+        """A freshly initialized layer for training from scratch: the constructor's arguments
+        with ``init=True`` (a Kaiming-normal weight stored as its SVD)."""
+        return cls(*args, init=True, **kwargs)
 
     def _init_factors(
         self, m: int, n: int, rank: int, device: torch.device | None, dtype: torch.dtype | None
@@ -240,18 +246,6 @@ class SVDLinear(SVDLayer):
             nn.init.uniform_(self.bias, -bound, bound)
 
     @classmethod
-    def from_shape(
-        cls,
-        in_features: int,
-        out_features: int,
-        rank: int | None = None,
-        bias: bool = True,
-        **factory: Any,
-    ) -> SVDLinear:
-        """A freshly initialized layer for training from scratch (Kaiming-style, see above)."""
-        return cls(in_features, out_features, rank, bias, init=True, **factory)
-
-    @classmethod
     def from_dense(
         cls, layer: nn.Linear, rank: int | None = None, driver: SvdDriver = "auto"
     ) -> SVDLinear:
@@ -388,35 +382,6 @@ class SVDConv2d(SVDLayer):
         if self.bias is not None:
             bound = 1.0 / math.sqrt(self.in_channels * self.kernel_size[0] * self.kernel_size[1])
             nn.init.uniform_(self.bias, -bound, bound)
-
-    @classmethod
-    def from_shape(
-        cls,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | tuple[int, int],
-        scheme: Scheme = "channel",
-        stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] | str = 0,
-        dilation: int | tuple[int, int] = 1,
-        bias: bool = True,
-        rank: int | None = None,
-        **factory: Any,
-    ) -> SVDConv2d:
-        """A freshly initialized layer for training from scratch (Kaiming-style, see above)."""
-        return cls(
-            in_channels,
-            out_channels,
-            kernel_size,
-            scheme,
-            stride,
-            padding,
-            dilation,
-            bias,
-            rank,
-            init=True,
-            **factory,
-        )
 
     @classmethod
     def from_dense(

@@ -55,7 +55,7 @@ from tensorslim.errors import TensorslimError
 from tensorslim.facts import OUTPUT_ERROR, Config, LayerStats
 from tensorslim.layers.cp import conv_structure_reason
 from tensorslim.layers.tucker import TuckerConv2d
-from tensorslim.methods.base import LayerInfo, Method, Option
+from tensorslim.methods.base import LayerInfo, Method, Option, require_conv2d
 from tensorslim.methods.planned import Factorizations
 from tensorslim.methods.presets import Preset
 from tensorslim.methods.registry import get_method
@@ -122,14 +122,6 @@ def svd_fallback(
         nearest.extra["default"] = True
         nearest.extra["vbmf_rank"] = vbmf_rank
     return options
-
-
-def pick_default(options: list[Option]) -> Option | None:
-    """The option a rank rule marked as the choice for plans without a budget."""
-    for option in options:
-        if option.extra.get("default"):
-            return option
-    return None
 
 
 # ----- tucker ----------------------------------------------------------------------------------
@@ -243,6 +235,8 @@ class TuckerMethod(Method):
     """Tucker-2 decomposition of convolutions (see the module docstring)."""
 
     name: ClassVar[str] = "tucker"
+    choice_noun: ClassVar[str] = "rank pairs"
+    choice_hint: ClassVar[str] = "a rank rule (--set rank_rule=vbmf or a rank)"
     description: ClassVar[str] = "Tucker-2 of conv kernels (1×1 → core → 1×1), VBMF or budget ranks"
     builds: ClassVar[tuple[type[nn.Module], ...]] = (TuckerConv2d,)
     demo_settings: ClassVar[dict[str, Any] | None] = {"rank_rule": "auto"}
@@ -373,9 +367,10 @@ class TuckerMethod(Method):
     ) -> list[Option]:
         """Output-space HOSVD errors of every option from one table
         (:func:`tensorslim.decompose.tucker.tucker2_output_error_table`)."""
-        if is_pointwise(module):
+        if is_pointwise(module):  # planned as the svd method plans it
             return get_method("svd").output_errors(module, info, options, stats)
-        assert isinstance(module, nn.Conv2d) and stats.gram is not None
+        require_conv2d(self.name, module)
+        assert stats.gram is not None
         table = tucker2_output_error_table(self.bases(module, info), stats.gram)
         return [
             dataclasses.replace(
@@ -386,25 +381,10 @@ class TuckerMethod(Method):
             for o in options
         ]
 
-    def choose_without_budget(self, options: list[Option], info: LayerInfo) -> Option | None:
-        chosen = pick_default(options)
-        if chosen is not None:
-            return chosen
-        if len(options) == 1:
-            return options[0]
-        raise TensorslimError(
-            f"tucker with rank_rule 'budget' needs a budget (e.g. --budget flops=0.5) to choose "
-            f"among {len(options)} rank pairs for {info.fqn}; or use rank_rule vbmf or a rank"
-        )
-
     def build(
         self, module: nn.Module, config: Config, info: LayerInfo | None, *, init: bool = True
     ) -> nn.Module:
-        if not isinstance(module, nn.Conv2d):
-            raise TensorslimError(
-                f"tucker builds Conv2d layers only, got {type(module).__name__} (Linear and 1×1 "
-                "convs go through the svd method)"
-            )
+        require_conv2d(self.name, module)
         try:
             ro, ri = int(config["rank_out"]), int(config["rank_in"])
         except (KeyError, TypeError, ValueError):
