@@ -73,10 +73,19 @@ def dense_conv(geometry: nn.Module, weight: torch.Tensor, bias: torch.Tensor | N
     return dense
 
 
-def geometry_of(conv: nn.Conv2d, *, padding_mode: bool = False) -> dict[str, Any]:
-    """Keyword arguments that give a structured conv ``conv``'s geometry, bias and placement:
-    in/out channels, kernel size, stride, padding, dilation, ``bias`` (whether it has one),
-    the weight's device and dtype, and ``padding_mode`` for the layers that take it."""
+def geometry_of(conv: nn.Module, *, padding_mode: bool = False) -> dict[str, Any]:
+    """Keyword arguments that give a structured layer ``conv``'s geometry, bias and placement:
+    in/out channels, kernel size, stride, padding, dilation (in/out features for an
+    ``nn.Linear``), ``bias`` (whether it has one), the weight's device and dtype, and
+    ``padding_mode`` for the layers that take it."""
+    if isinstance(conv, nn.Linear):
+        return {
+            "in_features": conv.in_features,
+            "out_features": conv.out_features,
+            "bias": conv.bias is not None,
+            "device": conv.weight.device,
+            "dtype": conv.weight.dtype,
+        }
     kwargs: dict[str, Any] = {
         "in_channels": conv.in_channels,
         "out_channels": conv.out_channels,
