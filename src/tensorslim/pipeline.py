@@ -224,9 +224,7 @@ def compress_model(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Compress ``model`` (left untouched) and return (compressed model, results dict).
 
-    ``objectives`` (:class:`Objectives`) say how to calibrate and distil a model whose batches
-    are unlabeled (a pretrained encoder on text).
-
+    ``objectives`` (:class:`Objectives`): how to calibrate and distil on unlabeled batches.
     ``finetune_epochs`` train the applied model (with the method's hooks: regularizers or the
     pruning schedule); ``post_finalize_epochs`` then fine-tune the finalized model without hooks
     — the third stage of SVD training, where truncation left the model to recover.
@@ -247,11 +245,8 @@ def compress_model(
     post-finalize epochs), the per-layer ``layers`` rows, the ``history`` of every epoch and
     whatever the method's ``summary(model)`` adds.
 
-    ``deployment``, ``allow_slower`` and ``latency_cache`` go to :func:`tensorslim.plan.plan`
-    (by default the plan times layers at ``example_batch``'s batch size and never picks a
-    structured layer slower than its dense form); when the plan measured latency, the results'
-    ``latency_check`` compares its predicted latency with the whole compressed model measured
-    against the original, interleaved, at the plan's deployment.
+    ``deployment``, ``allow_slower`` and ``latency_cache`` go to :func:`tensorslim.plan.plan`;
+    when it timed layers, ``latency_check`` compares its prediction with both models measured.
     """
     if post_finalize_epochs < 0:
         raise TensorslimError(f"post_finalize_epochs must be ≥ 0, got {post_finalize_epochs}")
@@ -303,17 +298,12 @@ def compress_model(
             "accuracy_before_finetune": before.get("accuracy"),
             "bn_recalibration_batches": bn_recalibration_batches,
             "accuracy_after_finalize": after_finalize.get("accuracy", compressed.get("accuracy")),
-            **_plan_facts(the_plan, small),
             "history": history,
             "seeds": phases.seeds,
             "seconds": {"decompose": applied_at - started, "total": time.perf_counter() - started},
         }
     )
-    if latency and the_plan.latency is not None:
-        results["latency_check"] = latency_check(model, small, the_plan, example_batch)
-    summary = method_obj.summary(small)
-    if summary:
-        results["method_summary"] = summary
+    results.update(_plan_facts(the_plan, method_obj, model, small, example_batch, latency))
     return small, results
 
 
@@ -353,15 +343,29 @@ def _fine_tune_phases(
     return small, history, after_finalize
 
 
-def _plan_facts(the_plan: CompressionPlan, small: nn.Module) -> dict[str, Any]:
+def _plan_facts(
+    the_plan: CompressionPlan,
+    method_obj: Method,
+    model: nn.Module,
+    small: nn.Module,
+    example: Any,
+    latency: bool,
+) -> dict[str, Any]:
     """The plan's notes, its estimate in both metrics (the measured fractions are elsewhere in
-    the results) and the per-layer rows of the model's last plan."""
-    return {
+    the results), the per-layer rows of the model's last plan, the predicted latency checked
+    against both models measured (when the plan timed layers) and the method's own summary."""
+    facts: dict[str, Any] = {
         "plan_notes": the_plan.notes,
         "plan_summary": the_plan.summary(),
         "plan_fractions": the_plan.fractions,
         "layers": layer_rows(plans_of(small)[-1]),
     }
+    if latency and the_plan.latency is not None:
+        facts["latency_check"] = latency_check(model, small, the_plan, example)
+    summary = method_obj.summary(small)
+    if summary:
+        facts["method_summary"] = summary
+    return facts
 
 
 def latency_check(
