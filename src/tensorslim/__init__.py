@@ -10,6 +10,8 @@ again = ts.load("out/", base_model=fresh_model)
 __version__ = "0.1.0"
 
 from tensorslim import layers as _layers
+from tensorslim.analysis.deployment import Deployment
+from tensorslim.analysis.timing import LatencyCache, time_models
 from tensorslim.errors import TensorslimError
 from tensorslim.io import load, save
 from tensorslim.layers import *  # noqa: F403 (the structured layers, listed in layers.__all__)
@@ -38,6 +40,8 @@ def list_models() -> list[str]:
 __all__ = [
     "Budget",
     "CompressionPlan",
+    "Deployment",
+    "LatencyCache",
     "LayerPlan",
     "TensorslimError",
     "__version__",
@@ -54,5 +58,6 @@ __all__ = [
     "recalibrate_batchnorm",
     "refit_right_factors",
     "save",
+    "time_models",
     *_layers.__all__,
 ]

@@ -224,9 +224,7 @@ def compress_model(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Compress ``model`` (left untouched) and return (compressed model, results dict).
 
-    ``objectives`` (:class:`Objectives`) say how to calibrate and distil a model whose batches
-    are unlabeled (a pretrained encoder on text).
-
+    ``objectives`` (:class:`Objectives`): how to calibrate and distil on unlabeled batches.
     ``finetune_epochs`` train the applied model (with the method's hooks: regularizers or the
     pruning schedule); ``post_finalize_epochs`` then fine-tune the finalized model without hooks
     — the third stage of SVD training, where truncation left the model to recover.
@@ -247,11 +245,8 @@ def compress_model(
     post-finalize epochs), the per-layer ``layers`` rows, the ``history`` of every epoch and
     whatever the method's ``summary(model)`` adds.
 
-    ``deployment``, ``allow_slower`` and ``latency_cache`` go to :func:`tensorslim.plan.plan`
-    (by default the plan times layers at ``example_batch``'s batch size and never picks a
-    structured layer slower than its dense form); when the plan measured latency, the results'
-    ``latency_check`` compares its predicted latency with the whole compressed model measured
-    against the original, interleaved, at the plan's deployment.
+    ``deployment``, ``allow_slower`` and ``latency_cache`` go to :func:`tensorslim.plan.plan`;
+    when it timed layers, ``latency_check`` compares its prediction with both models measured.
     """
     if post_finalize_epochs < 0:
         raise TensorslimError(f"post_finalize_epochs must be ≥ 0, got {post_finalize_epochs}")
@@ -259,15 +254,15 @@ def compress_model(
     original = measure_original or measure(model, example_batch, test_loader, latency=latency)
     phases = PhaseSeeds(seed, loaders=(train_loader, test_loader))
     phases.start("compress")
+    settings, preset, training = _preset_and_training(
+        method, settings, preset, lr=lr, optimizer=optimizer, weight_decay=weight_decay
+    )
+    objectives = objectives or Objectives()
     timing = {
         "deployment": deployment,
         "allow_slower": allow_slower,
         "latency_cache": latency_cache,
     }
-    settings, preset, training = _preset_and_training(
-        method, settings, preset, lr=lr, optimizer=optimizer, weight_decay=weight_decay
-    )
-    objectives = objectives or Objectives()
     the_plan, method_obj, small = _plan_and_apply(
         model,
         method,
@@ -285,30 +280,15 @@ def compress_model(
         recalibrate_batchnorm(small, train_loader, bn_recalibration_batches)
     applied_at = time.perf_counter()
     before = evaluate(small, test_loader) if test_loader is not None else {}
-    hooks = method_obj.train_hooks(small, the_plan)
-    if hooks and finetune_epochs == 0:
-        raise TensorslimError(
-            f"method '{method}' works during training: give --finetune-epochs ≥ 1"
-        )
     tuner = _FineTuner(
         small, train_loader, test_loader, training["lr"], training["optimizer"],
         training["weight_decay"],
         copy.deepcopy(model).eval() if distill else None,
         resume, progress, log, max_steps_per_epoch, method, objectives,
     )  # fmt: skip
-    if finetune_epochs > 0:
-        phases.start("fine-tune")
-    history = tuner.train(finetune_epochs, hooks, checkpoint_dir, "fine-tune")
-    small = method_obj.finalize(small, the_plan)
-    tuner.model = small
-    set_plans(small, [refresh_plan(small, p) for p in plans_of(small)])
-    after_finalize: dict[str, Any] = {}
-    if post_finalize_epochs > 0:
-        after_finalize = evaluate(small, test_loader) if test_loader is not None else {}
-        # its own directory: the first phase's last.pt belongs to another model shape
-        post_dir = Path(checkpoint_dir) / "post-finalize" if checkpoint_dir else None
-        phases.start("post-finalize")
-        history += tuner.train(post_finalize_epochs, [], post_dir, "fine-tune after finalize")
+    small, history, after_finalize = _fine_tune_phases(
+        tuner, method_obj, the_plan, phases, finetune_epochs, post_finalize_epochs, checkpoint_dir
+    )
     compressed = measure(small, example_batch, test_loader, latency=latency)
     results = _results(method, method_obj, budget, original, compressed, latency)
     results.update(
@@ -318,22 +298,74 @@ def compress_model(
             "accuracy_before_finetune": before.get("accuracy"),
             "bn_recalibration_batches": bn_recalibration_batches,
             "accuracy_after_finalize": after_finalize.get("accuracy", compressed.get("accuracy")),
-            "plan_notes": the_plan.notes,
-            # the plan's estimate in both metrics (the measured fractions are above)
-            "plan_summary": the_plan.summary(),
-            "plan_fractions": the_plan.fractions,
-            "layers": layer_rows(plans_of(small)[-1]),
             "history": history,
             "seeds": phases.seeds,
             "seconds": {"decompose": applied_at - started, "total": time.perf_counter() - started},
         }
     )
+    results.update(_plan_facts(the_plan, method_obj, model, small, example_batch, latency))
+    return small, results
+
+
+def _fine_tune_phases(
+    tuner: _FineTuner,
+    method_obj: Method,
+    the_plan: CompressionPlan,
+    phases: PhaseSeeds,
+    finetune_epochs: int,
+    post_finalize_epochs: int,
+    checkpoint_dir: str | Path | None,
+) -> tuple[nn.Module, list[dict], dict[str, Any]]:
+    """Fine-tune with the method's hooks, finalize, then fine-tune the finalized model.
+
+    Returns (final model, every epoch's history, the evaluation right after finalize — empty
+    without post-finalize epochs). Each phase starts from its own derived seed.
+    """
+    hooks = method_obj.train_hooks(tuner.model, the_plan)
+    if hooks and finetune_epochs == 0:
+        raise TensorslimError(
+            f"method '{tuner.method}' works during training: give --finetune-epochs ≥ 1"
+        )
+    if finetune_epochs > 0:
+        phases.start("fine-tune")
+    history = tuner.train(finetune_epochs, hooks, checkpoint_dir, "fine-tune")
+    small = method_obj.finalize(tuner.model, the_plan)
+    tuner.model = small
+    set_plans(small, [refresh_plan(small, p) for p in plans_of(small)])
+    after_finalize: dict[str, Any] = {}
+    if post_finalize_epochs > 0:
+        test_loader = tuner.test_loader
+        after_finalize = evaluate(small, test_loader) if test_loader is not None else {}
+        # its own directory: the first phase's last.pt belongs to another model shape
+        post_dir = Path(checkpoint_dir) / "post-finalize" if checkpoint_dir else None
+        phases.start("post-finalize")
+        history += tuner.train(post_finalize_epochs, [], post_dir, "fine-tune after finalize")
+    return small, history, after_finalize
+
+
+def _plan_facts(
+    the_plan: CompressionPlan,
+    method_obj: Method,
+    model: nn.Module,
+    small: nn.Module,
+    example: Any,
+    latency: bool,
+) -> dict[str, Any]:
+    """The plan's notes, its estimate in both metrics (the measured fractions are elsewhere in
+    the results), the per-layer rows of the model's last plan, the predicted latency checked
+    against both models measured (when the plan timed layers) and the method's own summary."""
+    facts: dict[str, Any] = {
+        "plan_notes": the_plan.notes,
+        "plan_summary": the_plan.summary(),
+        "plan_fractions": the_plan.fractions,
+        "layers": layer_rows(plans_of(small)[-1]),
+    }
     if latency and the_plan.latency is not None:
-        results["latency_check"] = latency_check(model, small, the_plan, example_batch)
+        facts["latency_check"] = latency_check(model, small, the_plan, example)
     summary = method_obj.summary(small)
     if summary:
-        results["method_summary"] = summary
-    return small, results
+        facts["method_summary"] = summary
+    return facts
 
 
 def latency_check(

@@ -4,13 +4,12 @@ by a data-aware method and distilled on unlabeled sentences, offline."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
+from hf_helpers import save_tiny_encoder
 from tensorslim.cli import app
 from tensorslim.data.text import FORTUNES_DIR
 from tensorslim.models.huggingface import minilm_path
@@ -30,19 +29,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def tiny_encoder(tmp_path_factory) -> Path:
-    """A one-layer BERT with MiniLM's tokenizer, saved as a local HF directory."""
-    directory = tmp_path_factory.mktemp("tiny-bert")
-    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "vocab.txt",
-                       "special_tokens_map.json")  # fmt: skip
-    for name in tokenizer_files:
-        shutil.copy(minilm_path() / name, directory / name)
-    config = transformers.BertConfig(
-        vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=128,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    transformers.BertModel(config).save_pretrained(directory)
-    return directory
+    return save_tiny_encoder(tmp_path_factory.mktemp("tiny-bert"))
 
 
 def test_compress_an_hf_encoder_with_distillation(tiny_encoder: Path, tmp_path: Path) -> None:

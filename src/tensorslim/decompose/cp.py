@@ -42,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -451,19 +452,9 @@ def cp_als(
         return CPResult(torch.zeros(rank, dtype=dtype), zeros, 0.0, 0, True, rank=0)
     init_factors = _init_factors(x, rank, init, torch.Generator().manual_seed(seed))
 
-    def run(start: list[torch.Tensor], mu: float, stop: bool) -> _AlsOutcome:
-        return _als(
-            x,
-            start,
-            norm_x2,
-            max_iter=max_iter,
-            tol=tol,
-            mu=mu,
-            kappa_limit=kappa_limit,
-            stop_on_degenerate=stop,
-            extrapolate=extrapolate,
-        )
-
+    run = als_runner(
+        x, norm_x2, max_iter=max_iter, tol=tol, kappa_limit=kappa_limit, extrapolate=extrapolate
+    )
     out = run(init_factors, ridge, on_degenerate in ("stabilize", "reduce_rank", "raise"))
     if not out.degenerate:
         return _result(out, rank)
@@ -491,6 +482,34 @@ def cp_als(
             return _padded(_result(fix, smaller, history=out.errors), rank)
     # Rank 1 is never degenerate (one component cannot cancel), so the loop always returns.
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def als_runner(
+    x: torch.Tensor,
+    norm_x2: float,
+    *,
+    max_iter: int,
+    tol: float,
+    kappa_limit: float,
+    extrapolate: bool,
+) -> Callable[[list[torch.Tensor], float, bool], _AlsOutcome]:
+    """ALS on ``x`` (‖x‖² = ``norm_x2``) as a function of what a retry changes: the starting
+    factors, the ridge μ and whether to stop at a degenerate sweep."""
+
+    def run(start: list[torch.Tensor], mu: float, stop: bool) -> _AlsOutcome:
+        return _als(
+            x,
+            start,
+            norm_x2,
+            max_iter=max_iter,
+            tol=tol,
+            mu=mu,
+            kappa_limit=kappa_limit,
+            stop_on_degenerate=stop,
+            extrapolate=extrapolate,
+        )
+
+    return run
 
 
 def _check_cp_arguments(

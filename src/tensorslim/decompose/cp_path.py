@@ -28,10 +28,10 @@ from tensorslim.decompose.cp import (
     CPDegeneracyWarning,
     CPResult,
     OnDegenerate,
-    _als,
     _AlsOutcome,
     _init_factors,
     _result,
+    als_runner,
     cp_to_tensor,
     khatri_rao,
 )
@@ -89,6 +89,9 @@ def cp_als_path(
     x = tensor.detach().to(device="cpu", dtype=dtype)
     norm_x2 = float((x * x).sum())
     generator = torch.Generator().manual_seed(seed)
+    als = als_runner(
+        x, norm_x2, max_iter=max_iter, tol=tol, kappa_limit=kappa_limit, extrapolate=True
+    )
     results: dict[int, CPResult] = {}
     previous: CPResult | None = None
     for rank in order:
@@ -99,17 +102,7 @@ def cp_als_path(
         start = _extend(x, previous, rank, generator)
 
         def run(mu: float, stop: bool, start: list[torch.Tensor] = start) -> _AlsOutcome:
-            return _als(
-                x,
-                start,
-                norm_x2,
-                max_iter=max_iter,
-                tol=tol,
-                mu=mu,
-                kappa_limit=kappa_limit,
-                stop_on_degenerate=stop,
-                extrapolate=True,
-            )
+            return als(start, mu, stop)
 
         out = run(ridge, on_degenerate != "warn")
         result = _result(out, rank)

@@ -194,5 +194,9 @@ def gram_factorization(matrix: torch.Tensor) -> GramFactorization:
     gram = work.T @ work if side == "right" else work @ work.T
     lam, vecs = torch.linalg.eigh(gram)  # ascending
     del gram
-    s = lam.flip(0).double().clamp_min(0.0).sqrt()
+    lam = lam.flip(0).double()
+    # eigh resolves eigenvalues of the Gram to about n·ε·λ₁: anything below that is round-off
+    # (it would read as σ ≈ √(n·ε)·σ₁, far above an SVD's own noise floor), so it is zero
+    floor = lam.numel() * torch.finfo(work.dtype).eps * float(lam[0].clamp_min(0.0))
+    s = torch.where(lam > floor, lam, torch.zeros_like(lam)).sqrt()
     return GramFactorization(vecs.flip(1).contiguous(), s, side)

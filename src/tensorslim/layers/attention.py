@@ -102,11 +102,9 @@ class LowRankMultiheadAttention(StructuredLayer):
             self.bias_k = self.bias_v = None
 
     @classmethod
-    def from_dense(
-        cls, mha: nn.MultiheadAttention, rank: int, driver: SvdDriver = "auto"
-    ) -> LowRankMultiheadAttention:
-        """Truncated SVD of each projection of ``mha`` at ``rank`` (capped per matrix)."""
-        new = cls(
+    def like(cls, mha: nn.MultiheadAttention, rank: int) -> LowRankMultiheadAttention:
+        """An uninitialized layer with ``mha``'s configuration, device and dtype at ``rank``."""
+        return cls(
             mha.embed_dim,
             mha.num_heads,
             rank,
@@ -120,6 +118,13 @@ class LowRankMultiheadAttention(StructuredLayer):
             device=mha.out_proj.weight.device,
             dtype=mha.out_proj.weight.dtype,
         )
+
+    @classmethod
+    def from_dense(
+        cls, mha: nn.MultiheadAttention, rank: int, driver: SvdDriver = "auto"
+    ) -> LowRankMultiheadAttention:
+        """Truncated SVD of each projection of ``mha`` at ``rank`` (capped per matrix)."""
+        new = cls.like(mha, rank)
         for name, (w, b) in zip(PROJECTIONS, attention_projections(mha), strict=True):
             setattr(new, name, factor_from_weight(w.detach(), b, rank, driver))
         if mha.bias_k is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -69,3 +71,32 @@ def dense_conv(geometry: nn.Module, weight: torch.Tensor, bias: torch.Tensor | N
         if bias is not None:
             dense.bias.copy_(bias)
     return dense
+
+
+def geometry_of(conv: nn.Module, *, padding_mode: bool = False) -> dict[str, Any]:
+    """Keyword arguments that give a structured layer ``conv``'s geometry, bias and placement:
+    in/out channels, kernel size, stride, padding, dilation (in/out features for an
+    ``nn.Linear``), ``bias`` (whether it has one), the weight's device and dtype, and
+    ``padding_mode`` for the layers that take it."""
+    if isinstance(conv, nn.Linear):
+        return {
+            "in_features": conv.in_features,
+            "out_features": conv.out_features,
+            "bias": conv.bias is not None,
+            "device": conv.weight.device,
+            "dtype": conv.weight.dtype,
+        }
+    kwargs: dict[str, Any] = {
+        "in_channels": conv.in_channels,
+        "out_channels": conv.out_channels,
+        "kernel_size": conv.kernel_size,
+        "stride": conv.stride,
+        "padding": conv.padding,
+        "dilation": conv.dilation,
+        "bias": conv.bias is not None,
+        "device": conv.weight.device,
+        "dtype": conv.weight.dtype,
+    }
+    if padding_mode:
+        kwargs["padding_mode"] = conv.padding_mode
+    return kwargs

@@ -35,7 +35,7 @@ from torch import nn
 from tensorslim.decompose.cp import CPResult, cp_als
 from tensorslim.errors import TensorslimError
 from tensorslim.layers.base import StructuredLayer
-from tensorslim.layers.conv_geometry import conv_output_hw, dense_conv, pair
+from tensorslim.layers.conv_geometry import conv_output_hw, dense_conv, geometry_of, pair
 from tensorslim.layers.pointwise import PointwiseConv2d
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -139,19 +139,7 @@ class CPConv2d(StructuredLayer):
         if reason is not None:
             raise TensorslimError(f"cannot CP-decompose this layer: {reason}")
         w = layer.weight.detach()
-        new = cls(
-            layer.in_channels,
-            layer.out_channels,
-            layer.kernel_size,
-            rank,
-            layer.stride,
-            layer.padding,
-            layer.dilation,
-            layer.bias is not None,
-            layer.padding_mode,
-            device=w.device,
-            dtype=w.dtype,
-        )
+        new = cls(rank=rank, **geometry_of(layer, padding_mode=True))
         if result is None:
             result = cp_als(w, rank, **als)
         if [f.shape for f in result.factors] != [(s, rank) for s in w.shape]:

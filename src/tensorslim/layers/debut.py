@@ -41,7 +41,12 @@ from torch import nn
 
 from tensorslim.errors import TensorslimError
 from tensorslim.layers.base import StructuredLayer
-from tensorslim.layers.conv_geometry import conv_output_hw, pair, unsupported_conv_reason
+from tensorslim.layers.conv_geometry import (
+    conv_output_hw,
+    geometry_of,
+    pair,
+    unsupported_conv_reason,
+)
 from tensorslim.layers.debut_chain import (
     DeButChain,
     DeButFactor,
@@ -644,20 +649,7 @@ class DeButConv2d(StructuredLayer):
         if reason is not None:
             raise TensorslimError(f"cannot make a DeBut conv from this Conv2d: {reason}")
         w = layer.weight.detach()
-        new = cls(
-            layer.in_channels,
-            layer.out_channels,
-            layer.kernel_size,
-            chain,
-            layer.stride,
-            layer.padding,
-            layer.dilation,
-            layer.bias is not None,
-            device=w.device,
-            dtype=w.dtype,
-            order=order,
-            pad=pad,
-        )
+        new = cls(chain=chain, order=order, pad=pad, **geometry_of(layer))
         matrix = kernel_to_matrix(w, order)
         new.init_from_weight(matrix, init, sweeps=sweeps, steps=steps, seed=seed, **fit)
         if layer.bias is not None:

@@ -37,6 +37,7 @@ from tensorslim.layers.base import StructuredLayer, dense_linear
 from tensorslim.layers.conv_geometry import (
     conv_output_hw,
     dense_conv,
+    geometry_of,
     pair,
     unsupported_conv_reason,
 )
@@ -49,7 +50,18 @@ def _check_rank(rank: int, full_rank: int, what: str) -> None:
         raise TensorslimError(f"rank {rank} is impossible for {what}: choose 1..{full_rank}")
 
 
-class LowRankLinear(StructuredLayer):
+class DownUp(StructuredLayer):
+    """A layer computed as ``up(down(x))``: ``down`` maps to the rank, ``up`` (which holds the
+    bias) maps back out; the low-rank Linear and convs share this forward."""
+
+    down: nn.Module
+    up: nn.Module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x))
+
+
+class LowRankLinear(DownUp):
     """x (…, in) → up(down(x)) (…, out) with ``down``: in→r (no bias), ``up``: r→out."""
 
     def __init__(
@@ -105,9 +117,6 @@ class LowRankLinear(StructuredLayer):
                 new.up.bias.copy_(layer.bias)
         return new
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.down(x))
-
     def to_dense(self) -> nn.Linear:
         return dense_linear(self.up.weight @ self.down.weight, self.up.bias)
 
@@ -122,7 +131,7 @@ class LowRankLinear(StructuredLayer):
         return f"{self.in_features} → {self.rank} → {self.out_features}"
 
 
-class LowRankConv2d(StructuredLayer):
+class LowRankConv2d(DownUp):
     """A Conv2d factorized channel-wise or spatial-wise (see the module docstring)."""
 
     def __init__(
@@ -194,19 +203,7 @@ class LowRankConv2d(StructuredLayer):
         if reason is not None:
             raise TensorslimError(f"cannot factorize this Conv2d: {reason}")
         w = layer.weight.detach()
-        new = cls(
-            layer.in_channels,
-            layer.out_channels,
-            layer.kernel_size,
-            rank,
-            scheme,
-            layer.stride,
-            layer.padding,
-            layer.dilation,
-            layer.bias is not None,
-            device=w.device,
-            dtype=w.dtype,
-        )
+        new = cls(rank=rank, scheme=scheme, **geometry_of(layer))
         n, c, kh, kw = w.shape
         if factors is None:
             factors = balanced_factors(conv_weight_to_matrix(w, scheme), rank, driver)
@@ -222,9 +219,6 @@ class LowRankConv2d(StructuredLayer):
             if layer.bias is not None:
                 new.up.bias.copy_(layer.bias)
         return new
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.down(x))
 
     def dense_weight(self) -> torch.Tensor:
         """The product kernel (n, c, kh, kw)."""

@@ -18,15 +18,15 @@ from torch import nn
 
 from tensorslim.decompose.svd import SvdDriver, balanced_factors
 from tensorslim.errors import TensorslimError
-from tensorslim.layers.base import StructuredLayer
 from tensorslim.layers.conv_geometry import conv_output_hw, unsupported_conv_reason
+from tensorslim.layers.lowrank import DownUp
 
 
 def _single(value: int | tuple[int, ...]) -> int:
     return int(value if isinstance(value, int) else value[0])
 
 
-class LowRankConv1d(StructuredLayer):
+class LowRankConv1d(DownUp):
     """x (B, c, L) → up(down(x)) (B, n, Lo): ``down`` c→r (k taps), ``up`` r→n (1 tap)."""
 
     def __init__(
@@ -97,9 +97,6 @@ class LowRankConv1d(StructuredLayer):
             if layer.bias is not None:
                 new.up.bias.copy_(layer.bias)
         return new
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.down(x))
 
     def dense_weight(self) -> torch.Tensor:
         """The product kernel (n, c, k)."""

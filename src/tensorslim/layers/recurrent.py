@@ -123,13 +123,10 @@ class LowRankRNN(StructuredLayer):
                 self.cells.append(GateMatrices(ih, hh))
 
     @classmethod
-    def from_dense(cls, module: nn.RNNBase, rank: int, driver: SvdDriver = "auto") -> LowRankRNN:
-        """Truncated SVD of every gate matrix of ``module`` at ``rank`` (capped per matrix)."""
-        reason = unsupported_rnn_reason(module)
-        if reason is not None:
-            raise TensorslimError(f"cannot factorize this {type(module).__name__}: {reason}")
+    def like(cls, module: nn.RNNBase, rank: int) -> LowRankRNN:
+        """An uninitialized layer with ``module``'s configuration, device and dtype at ``rank``."""
         weight = gate_matrices(module)[0]
-        new = cls(
+        return cls(
             module.mode,
             module.input_size,
             module.hidden_size,
@@ -142,6 +139,14 @@ class LowRankRNN(StructuredLayer):
             device=weight.device,
             dtype=weight.dtype,
         )
+
+    @classmethod
+    def from_dense(cls, module: nn.RNNBase, rank: int, driver: SvdDriver = "auto") -> LowRankRNN:
+        """Truncated SVD of every gate matrix of ``module`` at ``rank`` (capped per matrix)."""
+        reason = unsupported_rnn_reason(module)
+        if reason is not None:
+            raise TensorslimError(f"cannot factorize this {type(module).__name__}: {reason}")
+        new = cls.like(module, rank)
         for index, cell in enumerate(new.cells):
             suffix = _suffix(index, new.directions)
             for kind in ("ih", "hh"):

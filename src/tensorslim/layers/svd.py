@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import abc
 import math
-from typing import Any
+from typing import Any, Self
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +53,7 @@ from tensorslim.layers.base import StructuredLayer, dense_linear
 from tensorslim.layers.conv_geometry import (
     conv_output_hw,
     dense_conv,
+    geometry_of,
     pair,
     unsupported_conv_reason,
 )
@@ -76,6 +77,12 @@ class SVDLayer(StructuredLayer):
     s: nn.Parameter
     V: nn.Parameter
     active: torch.Tensor
+
+    @classmethod
+    def from_shape(cls, *args: Any, **kwargs: Any) -> Self:
+        """A freshly initialized layer for training from scratch: the constructor's arguments
+        with ``init=True`` (a Kaiming-normal weight stored as its SVD)."""
+        return cls(*args, init=True, **kwargs)
 
     def _init_factors(
         self, m: int, n: int, rank: int, device: torch.device | None, dtype: torch.dtype | None
@@ -239,18 +246,6 @@ class SVDLinear(SVDLayer):
             nn.init.uniform_(self.bias, -bound, bound)
 
     @classmethod
-    def from_shape(
-        cls,
-        in_features: int,
-        out_features: int,
-        rank: int | None = None,
-        bias: bool = True,
-        **factory: Any,
-    ) -> SVDLinear:
-        """A freshly initialized layer for training from scratch (Kaiming-style, see above)."""
-        return cls(in_features, out_features, rank, bias, init=True, **factory)
-
-    @classmethod
     def from_dense(
         cls, layer: nn.Linear, rank: int | None = None, driver: SvdDriver = "auto"
     ) -> SVDLinear:
@@ -389,35 +384,6 @@ class SVDConv2d(SVDLayer):
             nn.init.uniform_(self.bias, -bound, bound)
 
     @classmethod
-    def from_shape(
-        cls,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | tuple[int, int],
-        scheme: Scheme = "channel",
-        stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] | str = 0,
-        dilation: int | tuple[int, int] = 1,
-        bias: bool = True,
-        rank: int | None = None,
-        **factory: Any,
-    ) -> SVDConv2d:
-        """A freshly initialized layer for training from scratch (Kaiming-style, see above)."""
-        return cls(
-            in_channels,
-            out_channels,
-            kernel_size,
-            scheme,
-            stride,
-            padding,
-            dilation,
-            bias,
-            rank,
-            init=True,
-            **factory,
-        )
-
-    @classmethod
     def from_dense(
         cls,
         conv: nn.Conv2d,
@@ -432,20 +398,7 @@ class SVDConv2d(SVDLayer):
         if reason is not None:
             raise TensorslimError(f"cannot train this Conv2d in SVD form: {reason}")
         w = conv.weight.detach()
-        new = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            scheme,
-            conv.stride,
-            conv.padding,
-            conv.dilation,
-            conv.bias is not None,
-            rank,
-            init=False,
-            device=w.device,
-            dtype=w.dtype,
-        )
+        new = cls(scheme=scheme, rank=rank, init=False, **geometry_of(conv))
         new._fill_from_matrix(conv_weight_to_matrix(w, scheme), driver)
         if conv.bias is not None:
             with torch.no_grad():

@@ -31,7 +31,7 @@ from torch import nn
 from tensorslim.decompose.tucker import TuckerResult, partial_tucker
 from tensorslim.errors import TensorslimError
 from tensorslim.layers.base import StructuredLayer
-from tensorslim.layers.conv_geometry import conv_output_hw, dense_conv, pair
+from tensorslim.layers.conv_geometry import conv_output_hw, dense_conv, geometry_of, pair
 from tensorslim.layers.cp import PADDING_MODES, conv_structure_reason
 from tensorslim.layers.pointwise import PointwiseConv2d
 
@@ -103,20 +103,7 @@ class TuckerConv2d(StructuredLayer):
         if reason is not None:
             raise TensorslimError(f"cannot Tucker-decompose this layer: {reason}")
         w = layer.weight.detach()
-        new = cls(
-            layer.in_channels,
-            layer.out_channels,
-            layer.kernel_size,
-            rank_out,
-            rank_in,
-            layer.stride,
-            layer.padding,
-            layer.dilation,
-            layer.bias is not None,
-            layer.padding_mode,
-            device=w.device,
-            dtype=w.dtype,
-        )
+        new = cls(rank_out=rank_out, rank_in=rank_in, **geometry_of(layer, padding_mode=True))
         if result is None:
             result = partial_tucker(
                 w, (rank_out, rank_in), (0, 1), hooi_iters=hooi_iters, tol=hooi_tol

@@ -10,7 +10,9 @@ A method answers, for one layer of a model:
   with an input Gram the planner measures errors in output space (:meth:`Method.output_errors`);
 - ``build(module, option_config, info, init=...)``: the structured module; with ``init=True`` its
   weights come from the decomposition of ``module``, with ``init=False`` only the structure is made
-  (``load`` fills the weights from safetensors afterwards);
+  (``load`` fills the weights from safetensors afterwards). A method whose weights depend on
+  the data (``needs_statistics_to_build``: ASVD, SVD-LLM, FWSVD) also takes ``stats=`` — the
+  layer's calibration statistics, which ``apply`` supplies;
 - optionally ``train_hooks(model, plan)`` (extra loss terms, per-step actions) and
   ``finalize(model, plan)`` (a conversion after training, e.g. baking masks).
 
@@ -87,6 +89,9 @@ class Method(abc.ABC):
     demo_settings: ClassVar[dict[str, Any] | None] = None
     # named presets (e.g. "paper": the official code's settings); "default" changes nothing
     presets: ClassVar[Mapping[str, Preset]] = {}
+    # for the error of a plan without a budget: what a layer's options are, and how else to pick
+    choice_noun: ClassVar[str] = "options"
+    choice_hint: ClassVar[str] = "a per-layer rule (e.g. rank, ratio or energy)"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -173,13 +178,18 @@ class Method(abc.ABC):
     def choose_without_budget(self, options: list[Option], info: LayerInfo) -> Option | None:
         """Pick an option when the plan has no global budget (a per-layer rule decides).
 
-        The default accepts a single candidate (the method's own rank rule already chose it).
+        The option the method's rank rule marked ``extra["default"]`` (e.g. the VBMF rank), else
+        a single candidate; several unmarked ones are an error that names ``choice_noun`` and
+        the other ways to choose (``choice_hint``).
         """
+        for option in options:
+            if option.extra.get("default"):
+                return option
         if len(options) == 1:
             return options[0]
         raise TensorslimError(
-            f"method '{self.name}' needs a budget (e.g. --budget flops=0.5) or a per-layer rule "
-            f"(e.g. rank, ratio or energy) to choose among {len(options)} options for {info.fqn}"
+            f"method '{self.name}' needs a budget (e.g. --budget flops=0.5) or {self.choice_hint} "
+            f"to choose among {len(options)} {self.choice_noun} for {info.fqn}"
         )
 
     def train_hooks(self, model: nn.Module, plan: CompressionPlan) -> list[TrainHook]:
@@ -189,3 +199,12 @@ class Method(abc.ABC):
     def finalize(self, model: nn.Module, plan: CompressionPlan) -> nn.Module:
         """Conversion after training (e.g. bake pruning masks); default: nothing to do."""
         return model
+
+
+def require_conv2d(method: str, module: nn.Module) -> None:
+    """A one-line error unless ``module`` is an ``nn.Conv2d`` (for kernel decompositions)."""
+    if not isinstance(module, nn.Conv2d):
+        raise TensorslimError(
+            f"{method} builds Conv2d layers only, got {type(module).__name__} (Linear and 1×1 "
+            "convs go through the svd method)"
+        )

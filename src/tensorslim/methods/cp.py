@@ -46,14 +46,13 @@ from tensorslim.decompose.cp_path import cp_als_path
 from tensorslim.errors import TensorslimError
 from tensorslim.facts import OUTPUT_ERROR, Config, LayerStats
 from tensorslim.layers.cp import CPConv2d, conv_structure_reason
-from tensorslim.methods.base import LayerInfo, Method, Option
+from tensorslim.methods.base import LayerInfo, Method, Option, require_conv2d
 from tensorslim.methods.planned import Factorizations
 from tensorslim.methods.registry import get_method
 from tensorslim.methods.tucker import (
     TuckerMethod,
     effective_rule,
     is_pointwise,
-    pick_default,
     svd_fallback,
     validate_rank_settings,
 )
@@ -66,6 +65,8 @@ class CPMethod(Method):
     """CP decomposition of convolutions (see the module docstring)."""
 
     name: ClassVar[str] = "cp"
+    choice_noun: ClassVar[str] = "ranks"
+    choice_hint: ClassVar[str] = "a rank rule (--set rank_rule=vbmf or --set rank=8)"
     description: ClassVar[str] = (
         "CP of conv kernels (1×1 → depthwise kh×1 → depthwise 1×kw → 1×1), ALS ranks by budget"
     )
@@ -134,24 +135,19 @@ class CPMethod(Method):
             warnings.simplefilter("ignore", CPDegeneracyWarning)
             if self.on_degenerate == "reduce_rank":
                 return {r: self._cp_als(weight, r) for r in sorted(set(ranks))}
-            return cp_als_path(
-                weight,
-                ranks,
-                max_iter=self.max_iter,
-                tol=self.tol,
-                on_degenerate=self.on_degenerate,  # type: ignore[arg-type]
-                seed=self.seed,
-            )
+            return cp_als_path(weight, ranks, **self._als_options())
 
     def _cp_als(self, weight: torch.Tensor, rank: int) -> CPResult:
-        return cp_als(
-            weight,
-            rank,
-            max_iter=self.max_iter,
-            tol=self.tol,
-            on_degenerate=self.on_degenerate,  # type: ignore[arg-type]
-            seed=self.seed,
-        )
+        return cp_als(weight, rank, **self._als_options())
+
+    def _als_options(self) -> dict[str, Any]:
+        """The ALS settings a single decomposition and a rank path both take."""
+        return {
+            "max_iter": self.max_iter,
+            "tol": self.tol,
+            "on_degenerate": self.on_degenerate,
+            "seed": self.seed,
+        }
 
     def _layer_results(
         self, module: nn.Conv2d, info: LayerInfo | None, up_to: int | None = None
@@ -266,9 +262,10 @@ class CPMethod(Method):
         self, module: nn.Module, info: LayerInfo, options: list[Option], stats: LayerStats
     ) -> list[Option]:
         """Output-space errors of the planned decompositions (no second decomposition)."""
-        if is_pointwise(module):
+        if is_pointwise(module):  # planned as the svd method plans it
             return get_method("svd").output_errors(module, info, options, stats)
-        assert isinstance(module, nn.Conv2d) and stats.gram is not None
+        require_conv2d(self.name, module)
+        assert stats.gram is not None
         results = self._layer_results(module, info)
         reference = weight_rows_matrix(module)
         measured = []
@@ -280,25 +277,10 @@ class CPMethod(Method):
             measured.append(dataclasses.replace(option, error=error, error_space=OUTPUT_ERROR))
         return measured
 
-    def choose_without_budget(self, options: list[Option], info: LayerInfo) -> Option | None:
-        chosen = pick_default(options)
-        if chosen is not None:
-            return chosen
-        if len(options) == 1:
-            return options[0]
-        raise TensorslimError(
-            f"cp with rank_rule 'budget' needs a budget (e.g. --budget flops=0.5) to choose among "
-            f"{len(options)} ranks for {info.fqn}; or use rank_rule vbmf or a rank"
-        )
-
     def build(
         self, module: nn.Module, config: Config, info: LayerInfo | None, *, init: bool = True
     ) -> nn.Module:
-        if not isinstance(module, nn.Conv2d):
-            raise TensorslimError(
-                f"cp builds Conv2d layers only, got {type(module).__name__} (Linear and 1×1 "
-                "convs go through the svd method)"
-            )
+        require_conv2d(self.name, module)
         try:
             rank = int(config["rank"])
         except (KeyError, TypeError, ValueError):

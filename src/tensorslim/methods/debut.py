@@ -115,6 +115,10 @@ class DeButMethod(Method):
     """
 
     name: ClassVar[str] = "debut"
+    choice_noun: ClassVar[str] = "chains"
+    choice_hint: ClassVar[str] = (
+        "a per-layer rule (--set ratio=4) or an explicit chain (--set chain='p q r s t ...')"
+    )
     description: ClassVar[str] = "deformable butterfly chains (DeBut) with ALS initialisation"
     builds: ClassVar[tuple[type[nn.Module], ...]] = (
         DeButLinear,
@@ -331,15 +335,7 @@ class DeButMethod(Method):
         return measured
 
     def choose_without_budget(self, options: list[Option], info: LayerInfo) -> Option | None:
-        if len(options) == 1:
-            return options[0]
-        if not options:
-            return None
-        raise TensorslimError(
-            f"method 'debut' needs a budget (e.g. --budget flops=0.5), a per-layer rule "
-            f"(--set ratio=4) or an explicit chain (--set chain='p q r s t ...') to choose "
-            f"among {len(options)} chains for {info.fqn}"
-        )
+        return super().choose_without_budget(options, info) if options else None
 
     def build(
         self, module: nn.Module, config: Config, info: LayerInfo | None, *, init: bool = True

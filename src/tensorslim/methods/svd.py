@@ -31,7 +31,7 @@ from tensorslim.layers.composite import (
     is_composite,
     unsupported_composite_reason,
 )
-from tensorslim.layers.conv_geometry import unsupported_conv_reason
+from tensorslim.layers.conv_geometry import geometry_of, unsupported_conv_reason
 from tensorslim.layers.lowrank import LowRankConv2d, LowRankLinear
 from tensorslim.layers.lowrank_conv1d import LowRankConv1d
 from tensorslim.layers.recurrent import LowRankRNN
@@ -225,43 +225,12 @@ class SVDMethod(Method):
     @staticmethod
     def _skeleton(module: nn.Module, rank: int, scheme: str, meta: bool = False) -> nn.Module:
         # meta=True builds on the meta device: no memory, used only for FLOP formulas
-        device = torch.device("meta") if meta else module.weight.device
-        dtype = module.weight.dtype
+        placed = {**geometry_of(module), **({"device": torch.device("meta")} if meta else {})}
         if isinstance(module, nn.Linear):
-            return LowRankLinear(
-                module.in_features,
-                module.out_features,
-                rank,
-                module.bias is not None,
-                device=device,
-                dtype=dtype,
-            )
+            return LowRankLinear(rank=rank, **placed)
         if isinstance(module, nn.Conv1d):
-            return LowRankConv1d(
-                module.in_channels,
-                module.out_channels,
-                module.kernel_size,  # type: ignore[arg-type]
-                rank,
-                module.stride,  # type: ignore[arg-type]
-                module.padding,  # type: ignore[arg-type]
-                module.dilation,  # type: ignore[arg-type]
-                module.bias is not None,
-                device=device,
-                dtype=dtype,
-            )
-        return LowRankConv2d(
-            module.in_channels,
-            module.out_channels,
-            module.kernel_size,
-            rank,
-            scheme,  # type: ignore[arg-type]
-            module.stride,
-            module.padding,
-            module.dilation,
-            module.bias is not None,
-            device=device,
-            dtype=dtype,
-        )
+            return LowRankConv1d(rank=rank, **placed)
+        return LowRankConv2d(rank=rank, scheme=scheme, **placed)  # type: ignore[arg-type]
 
 
 def _scheme_output_errors(

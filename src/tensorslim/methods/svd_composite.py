@@ -86,36 +86,9 @@ def build_composite(
     if isinstance(module, nn.RNNBase):
         if init:
             return LowRankRNN.from_dense(module, rank, driver=driver)
-        weight = composite_matrices(module)[0]
-        return LowRankRNN(
-            module.mode,
-            module.input_size,
-            module.hidden_size,
-            rank,
-            module.num_layers,
-            module.bias,
-            module.batch_first,
-            module.dropout,
-            module.bidirectional,
-            device=weight.device,
-            dtype=weight.dtype,
-        )
+        return LowRankRNN.like(module, rank)
     if isinstance(module, nn.MultiheadAttention):
         if init:
             return LowRankMultiheadAttention.from_dense(module, rank, driver=driver)
-        weight = module.out_proj.weight
-        return LowRankMultiheadAttention(
-            module.embed_dim,
-            module.num_heads,
-            rank,
-            module.dropout,
-            module.in_proj_bias is not None,
-            module.bias_k is not None,
-            module.add_zero_attn,
-            module.kdim,
-            module.vdim,
-            module.batch_first,
-            device=weight.device,
-            dtype=weight.dtype,
-        )
+        return LowRankMultiheadAttention.like(module, rank)
     raise TensorslimError(f"svd does not factorize {type(module).__name__} layers")

@@ -20,7 +20,7 @@ from torch import nn
 
 from tensorslim.errors import TensorslimError
 from tensorslim.facts import Config, LayerStats
-from tensorslim.layers.conv_geometry import unsupported_conv_reason
+from tensorslim.layers.conv_geometry import geometry_of, unsupported_conv_reason
 from tensorslim.layers.svd import SVDConv2d, SVDLayer, SVDLinear
 from tensorslim.methods.base import LayerInfo, Method, Option
 from tensorslim.methods.presets import Preset
@@ -142,32 +142,10 @@ class SVDTrainMethod(Method):
         init: bool,
         device: torch.device | None = None,
     ) -> SVDLayer:
-        device = device if device is not None else module.weight.device
-        dtype = module.weight.dtype
+        placed = {**geometry_of(module), **({"device": device} if device is not None else {})}
         if isinstance(module, nn.Linear):
-            return SVDLinear(
-                module.in_features,
-                module.out_features,
-                rank,
-                module.bias is not None,
-                init=init,
-                device=device,
-                dtype=dtype,
-            )
-        return SVDConv2d(
-            module.in_channels,
-            module.out_channels,
-            module.kernel_size,
-            scheme,  # type: ignore[arg-type]
-            module.stride,
-            module.padding,
-            module.dilation,
-            module.bias is not None,
-            rank,
-            init=init,
-            device=device,
-            dtype=dtype,
-        )
+            return SVDLinear(rank=rank, init=init, **placed)
+        return SVDConv2d(scheme=scheme, rank=rank, init=init, **placed)  # type: ignore[arg-type]
 
     def candidates(
         self, module: nn.Module, info: LayerInfo, stats: LayerStats | None = None

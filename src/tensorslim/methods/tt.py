@@ -48,6 +48,8 @@ class TTMethod(Method):
     """Tensor-train decomposition of Linear layers (see the module docstring)."""
 
     name: ClassVar[str] = "tt"
+    choice_noun: ClassVar[str] = "TT ranks"
+    choice_hint: ClassVar[str] = "a per-layer rule (--set rank=8 or --set eps=0.3)"
     description: ClassVar[str] = "tensor-train Linear layers (TT-SVD), ranks by budget or accuracy"
     builds: ClassVar[tuple[type[nn.Module], ...]] = (TTLinear,)
     demo_settings: ClassVar[dict[str, Any] | None] = None
@@ -159,14 +161,6 @@ class TTMethod(Method):
                 )
             )
         return options
-
-    def choose_without_budget(self, options: list[Option], info: LayerInfo) -> Option | None:
-        if len(options) == 1:
-            return options[0]
-        raise TensorslimError(
-            f"tt needs a budget (e.g. --budget flops=0.5) or a per-layer rule (--set rank=8 or "
-            f"--set eps=0.3) to choose among {len(options)} TT ranks for {info.fqn}"
-        )
 
     def build(
         self, module: nn.Module, config: Config, info: LayerInfo | None, *, init: bool = True

@@ -27,7 +27,7 @@ from tensorslim.analysis.timing import (
     time_models,
 )
 from tensorslim.facts import Option
-from tensorslim.inputs import ForwardFn
+from tensorslim.inputs import ForwardFn, first_tensor_shape
 from tensorslim.methods.base import Method
 from tensorslim.methods.registry import get_method
 from tensorslim.planner.survey import ModelSurvey
@@ -134,9 +134,14 @@ def faster_only(layer: LayerChoices) -> LayerChoices:
 
 
 def dense_model_ms(model: nn.Module, survey: ModelSurvey, setting: LatencySetting) -> float:
-    """The whole dense model's latency at the deployment (median of interleaved rounds)."""
-    timed = time_models({"dense": model}, survey.example, setting.deployment, setting.forward_fn)
-    return timed["dense"].ms
+    """The whole dense model's latency at the deployment (best of interleaved rounds), cached
+    beside its layers' so every plan from one cache prices "the rest of the model" alike."""
+    shape = tuple(first_tensor_shape(survey.example))
+    key = setting.cache.key(model, shape, setting.deployment)
+    if setting.cache.get(key) is None:
+        where, fn = setting.deployment, setting.forward_fn
+        setting.cache.put(key, time_models({"dense": model}, survey.example, where, fn)["dense"].ms)
+    return float(setting.cache.get(key))  # type: ignore[arg-type]
 
 
 def latency_record(

@@ -25,8 +25,8 @@ from tensorslim.methods.registry import get_method
 from tensorslim.planner.apply import DEFAULT_CALIBRATION_BATCHES as DEFAULT_BATCHES
 from tensorslim.planner.apply import attach_statistics
 from tensorslim.planner.assemble import assemble_plan
-from tensorslim.planner.candidates import gather_candidates
-from tensorslim.planner.choose import choose_options
+from tensorslim.planner.candidates import Candidates, gather_candidates
+from tensorslim.planner.choose import Choice, choose_options
 from tensorslim.planner.choose_measured import choose_measured
 from tensorslim.planner.latency import LatencySetting
 from tensorslim.planner.records import CompressionPlan
@@ -88,9 +88,8 @@ def plan(
     memory_format="channels_last", backend="onnxruntime")`` or ``"batch=8,threads=1"``; default:
     the example's batch size, ``torch.get_num_threads()``, NCHW, eager). Under any budget a
     decomposition method's compressed layers are timed there against their dense form and an
-    option measured slower is never chosen
-    (the layer stays dense, its reason gives the times) unless ``allow_slower=True``
-    (``None``: :data:`ALLOW_SLOWER_BY_DEFAULT`, False);
+    option measured slower is never chosen (the layer stays dense, its reason gives the times)
+    unless ``allow_slower=True`` (``None``: :data:`ALLOW_SLOWER_BY_DEFAULT`, False);
     ``budget="latency=0.5"`` spends measured per-layer latency. ``latency_cache`` (a
     :class:`~tensorslim.analysis.timing.LatencyCache`, optionally on disk) reuses timings.
     ``fold_bn``: fold every BatchNorm that follows a conv into it first (:mod:`tensorslim.fold`;
@@ -109,27 +108,16 @@ def plan(
     ties = decide_ties(tied, survey.modules, survey.tied, survey.order, chosen.name)
     selected, reasons = select_layers(survey, layers, exclude, filter_fn, ties)
     stats = calibrate(
-        model,
-        chosen,
-        survey,
-        selected,
-        calibration,
-        calibration_batches,
-        loss_fn,
-        forward_fn,
+        model, chosen, survey, selected, calibration, calibration_batches, loss_fn, forward_fn,
         progress,
-    )
+    )  # fmt: skip
     # a latency budget prices options once they are measured (planner.latency); FLOPs until then
     metric = budget.metric if budget is not None and budget.metric != "latency" else "flops"
     candidates = gather_candidates(chosen, survey, selected, stats, metric, progress)
-    totals = {"flops": survey.model_flops, "params": survey.model_params}
     where = Deployment.coerce(deployment, example)
     slower = ALLOW_SLOWER_BY_DEFAULT if allow_slower is None else bool(allow_slower)
     setting = _latency_setting(chosen, budget, where, slower, latency_cache, forward_fn)
-    if setting is not None and budget is not None:
-        choice = choose_measured(model, chosen, budget, candidates, survey, setting)
-    else:
-        choice = choose_options(chosen, budget, candidates, survey.infos, totals)
+    choice = _choose(model, chosen, budget, candidates, survey, setting)
     record = _calibration_record(stats, calibration_batches) if stats else None
     result = assemble_plan(chosen, budget, survey, reasons, candidates, choice, record, ties)
     if stats:
@@ -137,6 +125,22 @@ def plan(
     carry_factorizations(result, chosen)
     result.folded_batchnorm = folded
     return result
+
+
+def _choose(
+    model: nn.Module,
+    method: Method,
+    budget: Budget | None,
+    candidates: Candidates,
+    survey: ModelSurvey,
+    setting: LatencySetting | None,
+) -> Choice:
+    """Allocate: by measured latency when the plan times layers under a budget (``setting``
+    from :func:`_latency_setting`), else by the budget's metric or the method's own rule."""
+    if setting is not None and budget is not None:
+        return choose_measured(model, method, budget, candidates, survey, setting)
+    totals = {"flops": survey.model_flops, "params": survey.model_params}
+    return choose_options(method, budget, candidates, survey.infos, totals)
 
 
 def _latency_setting(

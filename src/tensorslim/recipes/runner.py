@@ -30,12 +30,14 @@ from torch import nn
 from torch.utils.data import DistributedSampler
 
 from tensorslim.cli.common import load_weights
+from tensorslim.cli.hf_setup import text_agreement, text_objectives
 from tensorslim.cli.rundir import discarded_on_failure, prepare_run_dir
 from tensorslim.data import load_dataset, make_loaders
 from tensorslim.errors import TensorslimError
 from tensorslim.export import export_onnx, export_torchscript, merge_slow_layers
 from tensorslim.io import WEIGHTS_FILE, is_saved, load, save
 from tensorslim.models import create_model
+from tensorslim.models.huggingface import hf_path
 from tensorslim.pipeline import compress_model, machine_facts, measure
 from tensorslim.plan import plans_of, set_plans
 from tensorslim.rank.budget import Budget
@@ -66,6 +68,10 @@ class RecipeRun:
             log,
         )
         spec = recipe.data
+        self.text = None
+        if hf_path(recipe.model.name) is not None:
+            self._setup_text()
+            return
         # data first: a missing dataset is an error before any work starts
         self.bundle = load_dataset(
             spec.name,
@@ -98,9 +104,25 @@ class RecipeRun:
             load_weights(self.model, Path(recipe.model.weights))
         self.reference: nn.Module | None = None
 
+    def _setup_text(self) -> None:
+        """A pretrained ``hf:PATH`` model on fortunes (:mod:`tensorslim.cli.hf_setup`)."""
+        from tensorslim.cli.hf_setup import setup_hf
+
+        spec = self.recipe.data
+        s = setup_hf(self.recipe.model.name, spec.name, self.recipe.seed, spec.batch_size,
+                     spec.limit_train, spec.limit_test)  # fmt: skip
+        self.bundle, self.text = None, s.text
+        self.train_loader, self.test_loader, self.example = s.train_loader, None, s.example_batch
+        self.model = s.model
+        if self.recipe.model.weights:
+            load_weights(self.model, Path(self.recipe.model.weights))
+        self.reference = None
+
     def fresh_model(self) -> nn.Module:
         torch.manual_seed(self.recipe.seed)
         spec = self.recipe.model
+        if self.text is not None:
+            return create_model(spec.name)
         return create_model(
             spec.name,
             in_channels=int(self.bundle.input_shape[0]),
@@ -112,6 +134,13 @@ class RecipeRun:
         return load(directory, self.fresh_model())
 
     def fit(self, model: nn.Module, stage: Any, checkpoints: Path, teacher=None) -> list[dict]:
+        objectives = text_objectives(self.text)
+        if objectives is not None and teacher is None:
+            raise TensorslimError(
+                f"stage '{stage.stage}' on unlabeled text needs a teacher: use a finetune stage "
+                "with distill: true"
+            )
+        text = {} if objectives is None else {"kd_alpha": 1.0, "distill_fn": objectives.distill_fn}
         return fit(
             model,
             self.train_loader,
@@ -121,8 +150,8 @@ class RecipeRun:
             weight_decay=stage.weight_decay,
             test_loader=self.test_loader,
             teacher=teacher,
-            kd_alpha=getattr(stage, "kd_alpha", 0.5),
             kd_temperature=getattr(stage, "kd_temperature", 4.0),
+            **{"kd_alpha": getattr(stage, "kd_alpha", 0.5), **text},
             checkpoint_dir=checkpoints,
             resume=self.resume,
             progress=self.progress,
@@ -188,6 +217,7 @@ def _structure_stage(run: RecipeRun, stage: Any, sdir: Path, seed: int) -> dict[
         log=run.log,
         seed=seed,
         filter_fn=_filter(getattr(stage, "layers", None), getattr(stage, "exclude", None)),
+        objectives=text_objectives(run.text),
         deployment=getattr(stage, "deployment", None),
         allow_slower=getattr(stage, "allow_slower", None),
     )
@@ -219,7 +249,10 @@ def _run_stage(run: RecipeRun, index: int, stage: Any, sdir: Path, seed: int) ->
         history = run.fit(run.model, stage, sdir / "checkpoints", teacher=teacher)
         return {"history": history, **measure(run.model, run.example, run.test_loader)}
     if kind == "evaluate":
-        return measure(run.model, run.example, run.test_loader, latency=stage.latency)
+        measured = measure(run.model, run.example, run.test_loader, latency=stage.latency)
+        if run.text is not None and run.reference is not None:
+            measured["embedding_agreement"] = text_agreement(run.reference, run.model, run.text)
+        return measured
     if kind == "export":
         result: dict[str, Any] = {"files": {}}
         model = run.model

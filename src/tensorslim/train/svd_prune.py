@@ -269,25 +269,11 @@ def svd_to_lowrank(model: nn.Module) -> list[str]:
     return converted
 
 
-def prune_and_merge(
-    model: nn.Module,
-    example_input: torch.Tensor,
-    *,
-    energy: float | None = None,
-    target: tuple[str, float] | None = None,
-    reference: tuple[int, int] | None = None,
-    merge_dense: bool = True,
-) -> dict[str, Any]:
-    """Stage 2: :func:`prune_svd_model`, then merge back what does not pay (the survivors stay
-    in SVD form, for fine-tuning or :func:`svd_to_lowrank`). Returns the pruning report."""
-    report = prune_svd_model(
-        model,
-        example_input,
-        energy=energy,
-        target=target,
-        reference=reference,
-        merge_dense=merge_dense,
-    )
+def prune_and_merge(model: nn.Module, example_input: torch.Tensor, **pruning: Any) -> dict:
+    """Stage 2: :func:`prune_svd_model` (``pruning``: its keywords ``energy``, ``target``,
+    ``reference``, ``merge_dense``), then merge back what does not pay (the survivors stay in
+    SVD form, for fine-tuning or :func:`svd_to_lowrank`). Returns the pruning report."""
+    report = prune_svd_model(model, example_input, **pruning)
     merge_unprofitable(model, report)
     return report
 
