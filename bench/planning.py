@@ -225,8 +225,9 @@ def report(rows: list[dict[str, Any]], name: str = "planning") -> None:
         "parts 1–3). Rows without candidates_cpu_s were measured before that column existed.",
         "layers = 0 for cp: every CP layer measured slower than its dense conv, so the "
         "default never-slower rule kept them dense (the decompositions still ran). The "
-        "VGG-11 classifier's 5.3 GB peak is not the factorization (one 4096² Gram, float32); "
-        "it comes from the later stages (apply's copy, latency timing of candidate layers).",
+        "VGG-11 classifier's 5.3 GB peak is not yet attributed: its factorization holds one "
+        "4096² float32 Gram and eigenvectors (~0.2 GB); apply copies the 0.5 GB model and the "
+        "latency stage builds candidate layers.",
         "Budgets: flops=0.5 (tt: params=0.5); settings as bench/compare.py. "
         "peak_mb is ru_maxrss of the whole process, model_mb the peak before planning.",
     ]
