@@ -30,6 +30,7 @@ from tensorslim.methods.registry import get_method, method_class
 from tensorslim.plan import CompressionPlan, apply, plan, plans_of, refresh_plan, set_plans
 from tensorslim.rank.budget import Budget
 from tensorslim.train.batchnorm import recalibrate_batchnorm
+from tensorslim.train.distributed import from_main_process
 from tensorslim.train.loop import evaluate, fit
 from tensorslim.train.losses import DistillFn, LossFn, cross_entropy_loss
 from tensorslim.train.seeding import PhaseSeeds
@@ -431,15 +432,20 @@ def _plan_and_apply(
         calibration["calibration"] = train_loader
         if FISHER in needs:
             calibration["loss_fn"] = calibration_loss_fn or cross_entropy_loss
-    the_plan = plan(
-        model,
-        method,
-        budget,
-        example_batch,
-        filter_fn=filter_fn,
-        **calibration,
-        **(timing or {}),
-        **settings,
+    # one plan for every rank: timed choices differ between processes (see from_main_process)
+    the_plan = from_main_process(
+        lambda: plan(
+            model,
+            method,
+            budget,
+            example_batch,
+            filter_fn=filter_fn,
+            **calibration,
+            **(timing or {}),
+            **settings,
+        ),
+        CompressionPlan.to_json,
+        CompressionPlan.from_text,
     )
     # the plan's settings, not the caller's: the planner already aimed them at the budget
     method_obj = get_method(the_plan.method, **the_plan.settings)

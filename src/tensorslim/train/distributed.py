@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch.distributed as dist
 
 from tensorslim.errors import TensorslimError
+
+T = TypeVar("T")
 
 
 def is_distributed() -> bool:
@@ -41,20 +44,38 @@ def on_main_process(fn: Callable[[], object]) -> None:
     Rank 0 keeps its own message; the others say that rank 0 failed, instead of finding out
     later from a collective whose connection rank 0 closed.
     """
+    from_main_process(lambda: (fn(), "")[1], str, str)
+
+
+def from_main_process(
+    make: Callable[[], T], encode: Callable[[T], str], decode: Callable[[str], T]
+) -> T:
+    """``make()`` on rank 0 only; every other rank gets ``decode(encode(result))``.
+
+    For decisions that must be identical on every rank but are not deterministic — a plan
+    chosen by timing layers differs between processes, and ranks that build different models
+    then fail in the first collective with a size mismatch. Rank 0 keeps its own object (it may
+    carry state the text does not). A TensorslimError raised by ``make`` is raised on every rank,
+    as in :func:`on_main_process`.
+    """
     error: str | None = None
+    made: T | None = None
+    text = ""
     if is_main_process():
         try:
-            fn()
+            made = make()
+            text = encode(made)
         except TensorslimError as exc:
             error = str(exc)
     if is_distributed():
-        box = [error]
+        box = [error, text]
         dist.broadcast_object_list(box, src=0)
-        error = box[0]
+        error, text = box
     if error is not None:
         if is_main_process():
             raise TensorslimError(error)
         raise TensorslimError(f"rank {rank()} stops: rank 0 failed ({error[:120]})")
+    return made if is_main_process() else decode(text)  # type: ignore[return-value]
 
 
 # what gloo (and nccl) say when the process at the other end of a connection has died
