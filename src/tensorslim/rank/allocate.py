@@ -1,7 +1,8 @@
 """Global allocation: one option per layer so the model meets its budget at the least error.
 
 Each layer offers options (cost c, error e); keeping the layer dense costs c_dense with e = 0.
-We minimise Σ_layers e² subject to Σ cost ≤ target by a greedy walk down each layer's lower
+A layer may carry a weight w (how much a unit of its error costs the model's output; 1 when
+unknown). We minimise Σ_layers w·e² subject to Σ cost ≤ target by a greedy walk down each layer's lower
 convex hull of (cost, e²): repeatedly take the step, over all layers, that saves cost at the
 smallest increase of squared error per unit of cost saved, until the target is met. On convex
 hulls this greedy is the Lagrangian optimum; it overshoots the target by at most one step of one
@@ -37,15 +38,21 @@ class LayerChoices:
 
     ``dense_cost`` is in the allocation's target metric; ``dense_costs`` holds the dense layer's
     cost in every metric (needed for caps; defaults to ``dense_cost``). Latencies are ms.
+    ``weight`` (> 0) multiplies the layer's squared errors in the allocation's objective.
     """
 
     fqn: str
     dense_cost: float
     options: list[Option]
     dense_costs: dict[str, float] = field(default_factory=dict)
+    weight: float = 1.0
 
     def dense(self, metric: str) -> float:
         return self.dense_costs.get(metric, self.dense_cost)
+
+    def loss(self, option: Option | None) -> float:
+        """weight · error² of ``option`` (0 for the dense layer): its term in the objective."""
+        return 0.0 if option is None else self.weight * float(option.error) ** 2
 
 
 def option_cost(option: Option, metric: str) -> float:
@@ -74,7 +81,7 @@ def _pareto(choices: LayerChoices, metric: str | CostFn) -> list[Point]:
     dense = cost(choices, None)
     points: list[Point] = [(dense, 0.0, None)]
     points += [
-        (cost(choices, o), float(o.error) ** 2, o)
+        (cost(choices, o), choices.loss(o), o)
         for o in choices.options
         if cost(choices, o) < dense
     ]
@@ -151,6 +158,7 @@ def _allocate_with_cap(
     """The least-error choice meeting every need, over combined costs of a few cap weights."""
     (cap,) = [m for m in needs if m != metric]  # one other metric today (flops or params)
     scale = {m: max(1, sum(layer.dense(m) for layer in layers)) for m in (metric, cap)}
+    by_fqn = {layer.fqn: layer for layer in layers}
     best: tuple[bool, float, dict[str, Option | None], dict[str, int]] | None = None
     for weight in CAP_WEIGHTS:
 
@@ -162,7 +170,7 @@ def _allocate_with_cap(
 
         picked, saved = _walk(layers, cost, needs, refund)
         feasible = all(saved[m] >= need for m, need in needs.items())
-        error = sum(float(o.error) ** 2 for o in picked.values() if o is not None)
+        error = sum(by_fqn[f].loss(o) for f, o in picked.items())
         if best is None or (feasible, -error) > (best[0], -best[1]):
             best = (feasible, error, picked, saved)
     assert best is not None
@@ -239,7 +247,7 @@ def _refund_overshoot(
         best: tuple[float, str, Option | None, dict[str, int]] | None = None
         for fqn, front in fronts.items():
             current = chosen[fqn]
-            error = float(current.error) ** 2 if current is not None else 0.0
+            error = layers[fqn].loss(current)
             for _, point_error, option in front:
                 gain = error - point_error
                 if gain <= 0 or (best is not None and gain <= best[0]):
