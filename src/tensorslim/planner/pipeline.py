@@ -89,7 +89,9 @@ def plan(
     the example's batch size, ``torch.get_num_threads()``, NCHW, eager). Under any budget a
     decomposition method's compressed layers are timed there against their dense form and an
     option measured slower is never chosen (the layer stays dense, its reason gives the times)
-    unless ``allow_slower=True`` (``None``: :data:`ALLOW_SLOWER_BY_DEFAULT`, False);
+    unless ``allow_slower=True`` (``None``: :data:`ALLOW_SLOWER_BY_DEFAULT`, False); a
+    FLOPs or params budget is then met where it buys measured time (least error per ms saved,
+    see :mod:`tensorslim.planner.choose_measured`);
     ``budget="latency=0.5"`` spends measured per-layer latency. ``latency_cache`` (a
     :class:`~tensorslim.analysis.timing.LatencyCache`, optionally on disk) reuses timings.
     ``fold_bn``: fold every BatchNorm that follows a conv into it first (:mod:`tensorslim.fold`;
