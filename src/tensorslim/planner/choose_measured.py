@@ -43,17 +43,24 @@ def choose_measured(
     candidates: Candidates,
     survey: ModelSurvey,
     setting: LatencySetting,
+    baseline_ms: float | None = None,
 ) -> Choice:
-    """One option per layer under ``budget`` with every compressed layer measured."""
+    """One option per layer under ``budget`` with every compressed layer measured.
+
+    ``baseline_ms``: the dense latency a latency budget is a fraction of (default: the dense
+    model's in ``setting``; "auto" passes the faster layout's, see
+    :mod:`tensorslim.planner.memory_format`).
+    """
     totals = {"flops": survey.model_flops, "params": survey.model_params}
     model_ms = dense_model_ms(model, survey, setting)
     layers = _measured(method, survey, candidates.choices, setting)
     timed = _with(candidates, layers)
     if budget.metric == "latency":
-        choice = by_budget(budget, timed, {**totals, "latency": model_ms})
-        note = _reachable_note(budget, layers, model_ms)
+        here = _in_this_layout(budget, baseline_ms, model_ms)
+        choice = by_budget(here, timed, {**totals, "latency": model_ms})
+        note = _reachable_note(here, layers, model_ms)
         if note:  # replaces by_budget's note with the figure in measured terms
-            choice.notes = [n for n in choice.notes if not n.startswith(f"budget {budget} is not")]
+            choice.notes = [n for n in choice.notes if not n.startswith(f"budget {here} is not")]
             choice.notes.append(note)
     else:
         choice = by_budget(budget, timed, totals, spend="latency")
@@ -75,6 +82,13 @@ def choose_measured(
             "error_sq": _error_sq(least_error),
         }
     return choice
+
+
+def _in_this_layout(budget: Budget, baseline_ms: float | None, model_ms: float) -> Budget:
+    """The latency budget as a fraction of this layout's dense model: f·baseline / model_ms."""
+    if baseline_ms is None or model_ms <= 0 or baseline_ms >= model_ms:
+        return budget
+    return dataclasses.replace(budget, latency=budget.fraction * baseline_ms / model_ms)
 
 
 def _measured(
