@@ -14,20 +14,25 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 from torch import nn
 
+from tensorslim.facts import Option
 from tensorslim.methods.base import Method
 from tensorslim.planner.candidates import Candidates
 from tensorslim.planner.choose import Choice, by_budget
+from tensorslim.planner.in_context import TOLERANCE, InContext, calibrated, measure_in_context
 from tensorslim.planner.latency import (
     LatencySetting,
     dense_model_ms,
     faster_only,
     latency_record,
     measure_all,
-    measure_layer,
-    spread,
+    measure_layers,
+    near,
+    predicted_fraction,
+    without_slower,
 )
 from tensorslim.planner.survey import ModelSurvey
 from tensorslim.rank.allocate import LayerChoices
@@ -44,30 +49,72 @@ def choose_measured(
 ) -> Choice:
     """One option per layer under ``budget`` with every compressed layer measured."""
     totals = {"flops": survey.model_flops, "params": survey.model_params}
-    model_ms = dense_model_ms(model, survey, setting)
+
+    def in_context(picked: dict[str, Option | None]) -> InContext:
+        return measure_in_context(model, method, survey, setting, picked)
+
     if budget.metric == "latency":
+        model_ms = dense_model_ms(model, survey, setting)
         layers = [faster_only(c) for c in measure_all(method, survey, candidates.choices, setting)]
-        choice = by_budget(budget, _with(candidates, layers), {**totals, "latency": model_ms})
-        note = _reachable_note(budget, layers, model_ms)
-        if note:  # replaces by_budget's note with the figure in measured terms
-            choice.notes = [n for n in choice.notes if not n.startswith(f"budget {budget} is not")]
-            choice.notes.append(note)
+        measured_totals = {**totals, "latency": model_ms}
+        choice, timed = _latency_choice(
+            budget, _with(candidates, layers), measured_totals, in_context
+        )
     else:
         choice, layers = _never_slower(method, budget, candidates, survey, setting, totals)
+        timed = in_context(choice.picked)
     for layer in layers:
-        measured = layer.fqn in setting.measured
-        if measured and not layer.options and choice.picked.get(layer.fqn) is None:
+        measured_any = any(o.latency is not None for o in layer.options)
+        if layer.fqn in setting.measured and not measured_any and choice.picked[layer.fqn] is None:
             choice.reasons[layer.fqn] = (
                 "kept dense: every measured option is slower than the dense layer "
                 f"({setting.describe(layer.fqn)})"
             )
     choice.measured = setting.measured
-    choice.latency = latency_record(setting, model_ms, choice.picked)
+    choice.latency = latency_record(setting, timed, choice.picked)
     return choice
 
 
 def _with(candidates: Candidates, layers: list[LayerChoices]) -> Candidates:
     return dataclasses.replace(candidates, choices=layers)
+
+
+def _latency_choice(
+    budget: Budget,
+    candidates: Candidates,
+    totals: dict[str, float],
+    in_context: Callable[[dict[str, Option | None]], InContext],
+) -> tuple[Choice, InContext]:
+    """Allocate measured ms for ``budget``, checked in context and re-allocated when the
+    planned structure misses the target (:func:`~tensorslim.planner.in_context.calibrated`)."""
+    choices: dict[float, Choice] = {}
+
+    def allocate(target: float) -> tuple[dict[str, Option | None], float]:
+        choice = by_budget(dataclasses.replace(budget, latency=target), candidates, totals)
+        choices[target] = choice
+        return choice.picked, predicted_fraction(
+            candidates.choices, choice.picked, totals["latency"]
+        )
+
+    (ask, _, timed), tried = calibrated(allocate, budget.fraction, in_context)
+    choice = choices[ask]
+    # by_budget's notes speak of the layer-sum target it was given: restated for the budget
+    choice.notes = [n for n in choice.notes if not n.startswith("budget latency=")]
+    note = _reachable_note(budget, candidates.choices, totals["latency"])
+    if note:
+        choice.notes.append(note)
+    if ask != budget.fraction:
+        choice.notes.append(
+            f"budget {budget}: the allocation for it measured {tried[0][2].fraction:.3f} of the "
+            f"dense model in context; re-allocated for a layer-sum {ask:.3f}, which measured "
+            f"{timed.fraction:.3f}"
+        )
+    if timed.fraction > budget.fraction * (1 + TOLERANCE):
+        choice.notes.append(
+            f"budget {budget} is missed in context: the planned structure measured "
+            f"{timed.fraction:.3f} of the dense model"
+        )
+    return choice, timed
 
 
 def _never_slower(
@@ -78,19 +125,17 @@ def _never_slower(
     setting: LatencySetting,
     totals: dict[str, int],
 ) -> tuple[Choice, list[LayerChoices]]:
-    """Allocate, time the layers compressed with unmeasured options, drop slower options, repeat."""
+    """Allocate; time each picked unmeasured option with its neighbours (:func:`near`), one
+    timing per layer signature; drop options measured slower than dense; repeat."""
     layers = {c.fqn: c for c in candidates.choices}
     while True:
         choice = by_budget(budget, _with(candidates, list(layers.values())), totals)
-        pending = [f for f, o in choice.picked.items() if o is not None and o.latency is None]
+        pending = {f: o for f, o in choice.picked.items() if o is not None and o.latency is None}
         if not pending:
             return choice, list(layers.values())
-        for fqn in pending:
-            layer, picked = layers[fqn], choice.picked[fqn]
-            options = spread(layer.options, setting.limit)
-            if all(o is not picked for o in options):
-                options.append(picked)  # type: ignore[arg-type]
-            layers[fqn] = faster_only(measure_layer(method, survey, layer, options, setting))
+        wanted = {f: near(layers[f].options, o, setting.limit) for f, o in pending.items()}
+        timed = measure_layers(method, survey, [layers[f] for f in pending], wanted, setting)
+        layers.update({c.fqn: without_slower(c) for c in timed})
 
 
 def _reachable_note(budget: Budget, layers: list[LayerChoices], model_ms: float) -> str | None:
