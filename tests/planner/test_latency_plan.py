@@ -88,6 +88,37 @@ def test_a_flops_budget_keeps_only_layers_measured_faster() -> None:
         assert lp.config["rank"] * 128 / 1000 + 0.5 < 64 * 64 / 1000
 
 
+class MemoryBoundFirstLayer(ScriptedLatency):
+    """As :class:`ScriptedLatency`, but factorizations of 128-input layers pay 8 ms more
+    (memory-bound: they save FLOPs and little time)."""
+
+    def cost(self, module: nn.Module) -> float:
+        cost = super().cost(module)
+        if isinstance(module, LowRankLinear) and module.in_features == 128:
+            return cost + 8.0
+        return cost
+
+
+def test_a_flops_budget_is_met_where_it_buys_measured_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("tensorslim.planner.choose_measured.dense_model_ms", lambda *a: 50.0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 160), nn.ReLU(), nn.Linear(160, 160), nn.Linear(160, 128))
+    x = torch.randn(4, 128)
+    plan = ts.plan(model, "svd", "flops=0.5", x, latency_cache=MemoryBoundFirstLayer(0.1))
+    record = plan.latency
+    assert plan.estimated_flops <= 0.5 * plan.model_flops  # the budget is still met
+    # the least-error allocation compresses all three layers; spending time, the first layer
+    # (whose factorizations save FLOPs but hardly any time) stays dense and the others pay
+    assert record["layer_sum_ms"] < record["least_error"]["layer_sum_ms"] - 2.0
+    assert record["predicted_ms"] == pytest.approx(record["layer_sum_ms"])  # no context cost
+    assert record["error_sq"] >= record["least_error"]["error_sq"]
+    assert plan.layer("0").method is None and plan.layer("2").method == "svd"
+    errors = sum(lp.error**2 for lp in plan.compressed_layers)
+    assert record["error_sq"] == pytest.approx(errors)
+    untimed = ts.plan(model, "svd", "flops=0.5", x, allow_slower=True)
+    assert untimed.latency is None and untimed.estimated_flops <= 0.5 * untimed.model_flops
+
+
 def test_latency_budget_spends_measured_milliseconds(model_takes_10ms: None) -> None:
     model, x = mlp(), torch.randn(4, 64)
     plan = ts.plan(model, "svd", "latency=0.6", x, latency_cache=ScriptedLatency(overhead=0.1))

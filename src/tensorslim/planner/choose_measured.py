@@ -4,11 +4,19 @@
   timed against the dense layer; the allocator spends measured milliseconds to bring the
   predicted model latency (the whole dense model's measured time minus the layers' measured
   savings) to f of the dense model's.
-- Any other budget: the allocator chooses in FLOPs or parameters as before, then every layer it
-  compressed with an unmeasured option is timed (that option and a spread of the others); options
-  measured slower than the dense layer are dropped and the allocation is repeated until every
-  compressed layer is measured faster than its dense form. Each layer is timed at most once.
-  ``allow_slower=True`` skips this (and all timing).
+- Any other budget (FLOPs, params): every layer's spread options are timed too, options
+  measured slower than the dense layer are dropped (never slower), and the budget is met where
+  it buys time: the allocator walks each layer's (measured ms, error²) hull, taking the step
+  with the least error per ms saved, until the FLOPs (params) need is met
+  (:func:`~tensorslim.rank.allocate.allocate` with ``spend="latency"``). The least-error
+  allocation of the same budget over the same measured options is recorded beside it
+  (``latency["least_error"]``: its predicted ms and Σ error²), so the price in error is stated.
+  ``allow_slower=True`` skips this (and all timing): the least-error allocation in FLOPs.
+
+Layers of one signature are timed once (:func:`~tensorslim.planner.latency.measure_layers`).
+The plan's predicted latency is the planned structure timed against the dense model in context
+(:mod:`tensorslim.planner.in_context`); a latency target that measurement misses is
+re-allocated with the layers' savings rescaled.
 """
 
 from __future__ import annotations
@@ -29,10 +37,7 @@ from tensorslim.planner.latency import (
     faster_only,
     latency_record,
     measure_all,
-    measure_layers,
-    near,
     predicted_fraction,
-    without_slower,
 )
 from tensorslim.planner.survey import ModelSurvey
 from tensorslim.rank.allocate import LayerChoices
@@ -46,37 +51,47 @@ def choose_measured(
     candidates: Candidates,
     survey: ModelSurvey,
     setting: LatencySetting,
+    baseline_ms: float | None = None,
 ) -> Choice:
-    """One option per layer under ``budget`` with every compressed layer measured."""
+    """One option per layer under ``budget`` with every compressed layer measured.
+
+    ``baseline_ms``: the dense latency a latency budget is a fraction of (default: the dense
+    model's in ``setting``; "auto" passes the faster layout's, see
+    :mod:`tensorslim.planner.memory_format`).
+    """
     totals = {"flops": survey.model_flops, "params": survey.model_params}
+    model_ms = dense_model_ms(model, survey, setting)
+    layers = _measured(method, survey, candidates.choices, setting)
+    timed = _with(candidates, layers)
 
     def in_context(picked: dict[str, Option | None]) -> InContext:
         return measure_in_context(model, method, survey, setting, picked)
 
     if budget.metric == "latency":
-        model_ms = dense_model_ms(model, survey, setting)
-        layers = [faster_only(c) for c in measure_all(method, survey, candidates.choices, setting)]
-        measured_totals = {**totals, "latency": model_ms}
-        choice, timed = _latency_choice(
-            budget, _with(candidates, layers), measured_totals, in_context
-        )
+        here = _in_this_layout(budget, baseline_ms, model_ms)
+        choice, context = _latency_choice(here, timed, {**totals, "latency": model_ms}, in_context)
     else:
-        choice, layers = _never_slower(method, budget, candidates, survey, setting, totals)
-        timed = in_context(choice.picked)
+        choice = by_budget(budget, timed, totals, spend="latency")
+        context = in_context(choice.picked)
     for layer in layers:
-        measured_any = any(o.latency is not None for o in layer.options)
-        if layer.fqn in setting.measured and not measured_any and choice.picked[layer.fqn] is None:
+        measured = layer.fqn in setting.measured
+        if measured and not layer.options and choice.picked.get(layer.fqn) is None:
             choice.reasons[layer.fqn] = (
                 "kept dense: every measured option is slower than the dense layer "
                 f"({setting.describe(layer.fqn)})"
             )
     choice.measured = setting.measured
-    choice.latency = latency_record(setting, timed, choice.picked)
+    choice.latency = latency_record(setting, context, choice.picked)
+    if budget.metric != "latency":
+        least_error = by_budget(budget, timed, totals).picked
+        choice.latency["allocation"] = "least error per measured ms saved, until the budget is met"
+        choice.latency["error_sq"] = _error_sq(choice.picked)
+        choice.latency["least_error"] = {
+            "layer_sum_ms": context.dense_ms
+            * predicted_fraction(layers, least_error, context.dense_ms),
+            "error_sq": _error_sq(least_error),
+        }
     return choice
-
-
-def _with(candidates: Candidates, layers: list[LayerChoices]) -> Candidates:
-    return dataclasses.replace(candidates, choices=layers)
 
 
 def _latency_choice(
@@ -92,9 +107,8 @@ def _latency_choice(
     def allocate(target: float) -> tuple[dict[str, Option | None], float]:
         choice = by_budget(dataclasses.replace(budget, latency=target), candidates, totals)
         choices[target] = choice
-        return choice.picked, predicted_fraction(
-            candidates.choices, choice.picked, totals["latency"]
-        )
+        layer_sum = predicted_fraction(candidates.choices, choice.picked, totals["latency"])
+        return choice.picked, layer_sum
 
     (ask, _, timed), tried = calibrated(allocate, budget.fraction, in_context)
     choice = choices[ask]
@@ -117,25 +131,29 @@ def _latency_choice(
     return choice, timed
 
 
-def _never_slower(
-    method: Method,
-    budget: Budget,
-    candidates: Candidates,
-    survey: ModelSurvey,
-    setting: LatencySetting,
-    totals: dict[str, int],
-) -> tuple[Choice, list[LayerChoices]]:
-    """Allocate; time each picked unmeasured option with its neighbours (:func:`near`), one
-    timing per layer signature; drop options measured slower than dense; repeat."""
-    layers = {c.fqn: c for c in candidates.choices}
-    while True:
-        choice = by_budget(budget, _with(candidates, list(layers.values())), totals)
-        pending = {f: o for f, o in choice.picked.items() if o is not None and o.latency is None}
-        if not pending:
-            return choice, list(layers.values())
-        wanted = {f: near(layers[f].options, o, setting.limit) for f, o in pending.items()}
-        timed = measure_layers(method, survey, [layers[f] for f in pending], wanted, setting)
-        layers.update({c.fqn: without_slower(c) for c in timed})
+def _in_this_layout(budget: Budget, baseline_ms: float | None, model_ms: float) -> Budget:
+    """The latency budget as a fraction of this layout's dense model: f·baseline / model_ms."""
+    if baseline_ms is None or model_ms <= 0 or baseline_ms >= model_ms:
+        return budget
+    return dataclasses.replace(budget, latency=budget.fraction * baseline_ms / model_ms)
+
+
+def _measured(
+    method: Method, survey: ModelSurvey, layers: list[LayerChoices], setting: LatencySetting
+) -> list[LayerChoices]:
+    """Every layer that has options with them timed and the slower ones dropped (in order)."""
+    offered = [c for c in layers if c.options]
+    timed = iter(faster_only(c) for c in measure_all(method, survey, offered, setting))
+    return [next(timed) if c.options else c for c in layers]
+
+
+def _error_sq(picked: dict[str, Option | None]) -> float:
+    """Σ over layers of the chosen option's error² (the allocator's objective)."""
+    return sum(float(o.error) ** 2 for o in picked.values() if o is not None)
+
+
+def _with(candidates: Candidates, layers: list[LayerChoices]) -> Candidates:
+    return dataclasses.replace(candidates, choices=layers)
 
 
 def _reachable_note(budget: Budget, layers: list[LayerChoices], model_ms: float) -> str | None:

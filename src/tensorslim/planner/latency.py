@@ -162,17 +162,6 @@ def _with_times(
     return dataclasses.replace(layer, options=options, dense_costs=costs)
 
 
-def measure_layer(
-    method: Method,
-    survey: ModelSurvey,
-    layer: LayerChoices,
-    options: list[Option],
-    setting: LatencySetting,
-) -> LayerChoices:
-    """``layer`` with ``options`` timed (see :func:`measure_layers`)."""
-    return measure_layers(method, survey, [layer], {layer.fqn: options}, setting)[0]
-
-
 def measure_all(
     method: Method, survey: ModelSurvey, layers: list[LayerChoices], setting: LatencySetting
 ) -> list[LayerChoices]:
@@ -181,31 +170,10 @@ def measure_all(
     return measure_layers(method, survey, layers, wanted, setting)
 
 
-def near(options: list[Option], picked: Option, limit: int) -> list[Option]:
-    """``picked`` and its neighbours among the :func:`spread` points of its family: the
-    options the allocator moves to when ``picked`` is refused or the budget shifts a step."""
-    family = [
-        o for o in options
-        if o.method == picked.method and o.config.get("scheme") == picked.config.get("scheme")
-    ]  # fmt: skip
-    points = sorted(spread(family, limit), key=lambda o: o.flops)
-    below = [o for o in points if o.flops < picked.flops][-1:]
-    above = [o for o in points if o.flops > picked.flops][:1]
-    return [*below, picked, *above]
-
-
 def faster_only(layer: LayerChoices) -> LayerChoices:
     """The layer's measured options that beat its dense form (the never-slower rule)."""
     dense = layer.dense("latency")
     kept = [o for o in layer.options if o.latency is not None and o.latency < dense]
-    return dataclasses.replace(layer, options=kept)
-
-
-def without_slower(layer: LayerChoices) -> LayerChoices:
-    """The layer without its options measured no faster than its dense form (unmeasured ones
-    stay: they are timed if the allocator picks them)."""
-    dense = layer.dense("latency")
-    kept = [o for o in layer.options if o.latency is None or o.latency < dense]
     return dataclasses.replace(layer, options=kept)
 
 
