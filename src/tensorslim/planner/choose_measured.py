@@ -12,11 +12,17 @@
   allocation of the same budget over the same measured options is recorded beside it
   (``latency["least_error"]``: its predicted ms and Σ error²), so the price in error is stated.
   ``allow_slower=True`` skips this (and all timing): the least-error allocation in FLOPs.
+
+Layers of one signature are timed once (:func:`~tensorslim.planner.latency.measure_layers`).
+The plan's predicted latency is the planned structure timed against the dense model in context
+(:mod:`tensorslim.planner.in_context`); a latency target that measurement misses is
+re-allocated with the layers' savings rescaled.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 from torch import nn
 
@@ -24,12 +30,14 @@ from tensorslim.facts import Option
 from tensorslim.methods.base import Method
 from tensorslim.planner.candidates import Candidates
 from tensorslim.planner.choose import Choice, by_budget
+from tensorslim.planner.in_context import TOLERANCE, InContext, calibrated, measure_in_context
 from tensorslim.planner.latency import (
     LatencySetting,
     dense_model_ms,
     faster_only,
     latency_record,
     measure_all,
+    predicted_fraction,
 )
 from tensorslim.planner.survey import ModelSurvey
 from tensorslim.rank.allocate import LayerChoices
@@ -55,15 +63,16 @@ def choose_measured(
     model_ms = dense_model_ms(model, survey, setting)
     layers = _measured(method, survey, candidates.choices, setting)
     timed = _with(candidates, layers)
+
+    def in_context(picked: dict[str, Option | None]) -> InContext:
+        return measure_in_context(model, method, survey, setting, picked)
+
     if budget.metric == "latency":
         here = _in_this_layout(budget, baseline_ms, model_ms)
-        choice = by_budget(here, timed, {**totals, "latency": model_ms})
-        note = _reachable_note(here, layers, model_ms)
-        if note:  # replaces by_budget's note with the figure in measured terms
-            choice.notes = [n for n in choice.notes if not n.startswith(f"budget {here} is not")]
-            choice.notes.append(note)
+        choice, context = _latency_choice(here, timed, {**totals, "latency": model_ms}, in_context)
     else:
         choice = by_budget(budget, timed, totals, spend="latency")
+        context = in_context(choice.picked)
     for layer in layers:
         measured = layer.fqn in setting.measured
         if measured and not layer.options and choice.picked.get(layer.fqn) is None:
@@ -72,16 +81,54 @@ def choose_measured(
                 f"({setting.describe(layer.fqn)})"
             )
     choice.measured = setting.measured
-    choice.latency = latency_record(setting, model_ms, choice.picked)
+    choice.latency = latency_record(setting, context, choice.picked)
     if budget.metric != "latency":
         least_error = by_budget(budget, timed, totals).picked
         choice.latency["allocation"] = "least error per measured ms saved, until the budget is met"
         choice.latency["error_sq"] = _error_sq(choice.picked)
         choice.latency["least_error"] = {
-            "predicted_ms": latency_record(setting, model_ms, least_error)["predicted_ms"],
+            "layer_sum_ms": context.dense_ms
+            * predicted_fraction(layers, least_error, context.dense_ms),
             "error_sq": _error_sq(least_error),
         }
     return choice
+
+
+def _latency_choice(
+    budget: Budget,
+    candidates: Candidates,
+    totals: dict[str, float],
+    in_context: Callable[[dict[str, Option | None]], InContext],
+) -> tuple[Choice, InContext]:
+    """Allocate measured ms for ``budget``, checked in context and re-allocated when the
+    planned structure misses the target (:func:`~tensorslim.planner.in_context.calibrated`)."""
+    choices: dict[float, Choice] = {}
+
+    def allocate(target: float) -> tuple[dict[str, Option | None], float]:
+        choice = by_budget(dataclasses.replace(budget, latency=target), candidates, totals)
+        choices[target] = choice
+        layer_sum = predicted_fraction(candidates.choices, choice.picked, totals["latency"])
+        return choice.picked, layer_sum
+
+    (ask, _, timed), tried = calibrated(allocate, budget.fraction, in_context)
+    choice = choices[ask]
+    # by_budget's notes speak of the layer-sum target it was given: restated for the budget
+    choice.notes = [n for n in choice.notes if not n.startswith("budget latency=")]
+    note = _reachable_note(budget, candidates.choices, totals["latency"])
+    if note:
+        choice.notes.append(note)
+    if ask != budget.fraction:
+        choice.notes.append(
+            f"budget {budget}: the allocation for it measured {tried[0][2].fraction:.3f} of the "
+            f"dense model in context; re-allocated for a layer-sum {ask:.3f}, which measured "
+            f"{timed.fraction:.3f}"
+        )
+    if timed.fraction > budget.fraction * (1 + TOLERANCE):
+        choice.notes.append(
+            f"budget {budget} is missed in context: the planned structure measured "
+            f"{timed.fraction:.3f} of the dense model"
+        )
+    return choice, timed
 
 
 def _in_this_layout(budget: Budget, baseline_ms: float | None, model_ms: float) -> Budget:
