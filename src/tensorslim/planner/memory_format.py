@@ -30,7 +30,7 @@ from tensorslim.methods.base import Method
 from tensorslim.planner.candidates import Candidates
 from tensorslim.planner.choose import Choice
 from tensorslim.planner.choose_measured import choose_measured
-from tensorslim.planner.latency import LatencySetting, dense_model_ms
+from tensorslim.planner.latency import LatencySetting
 from tensorslim.planner.survey import ModelSurvey
 from tensorslim.rank.budget import Budget
 
@@ -53,7 +53,14 @@ def choose_in_fastest_format(
     setting: LatencySetting,
 ) -> tuple[Choice, LatencySetting]:
     """The measured choice in the layout where the compressed model is predicted fastest, and
-    the setting it was measured in (its deployment's layout concrete)."""
+    the setting it was measured in (its deployment's layout concrete).
+
+    The dense model is timed in both layouts interleaved (one run, so a load change does not
+    pick the layout); each layout's plan is predicted as a fraction of the dense model in that
+    layout (timed in context), so the compressed model in layout f is priced
+    fraction_f · dense_f and the one of least price kept, its fraction restated against the
+    faster dense layout.
+    """
     formats = formats_to_try(model, setting.deployment)
     settings = {
         f: dataclasses.replace(setting, deployment=setting.deployment.in_format(f), measured={})
@@ -62,26 +69,39 @@ def choose_in_fastest_format(
     if len(formats) == 1:
         (only,) = settings.values()
         return choose_measured(model, method, budget, candidates, survey, only), only
-    dense = {f: dense_model_ms(model, survey, s) for f, s in settings.items()}
+    dense = dense_in_layouts(model, survey, settings, setting.forward_fn)
     fastest_dense = min(dense, key=dense.__getitem__)
     choices = {
-        f: choose_measured(model, method, budget, candidates, survey, s, dense[fastest_dense])
+        f: choose_measured(
+            model, method, budget, candidates, survey, s, dense[fastest_dense] / dense[f]
+        )
         for f, s in settings.items()
     }
-    chosen = min(choices, key=lambda f: choices[f].latency["predicted_ms"])  # type: ignore[index]
+    price = {f: c.latency["predicted_fraction"] * dense[f] for f, c in choices.items()}  # type: ignore[index]
+    chosen = min(price, key=price.__getitem__)
     choice = choices[chosen]
     record: dict[str, Any] = choice.latency  # type: ignore[assignment]
     record["memory_format"] = {
         "chosen": chosen,
         "dense": fastest_dense,
-        "formats": {
-            f: {"dense_model_ms": dense[f], "predicted_ms": c.latency["predicted_ms"]}  # type: ignore[index]
-            for f, c in choices.items()
-        },
+        "formats": {f: {"dense_ms": dense[f], "predicted_ms": price[f]} for f in formats},
     }
     record["dense_model_ms"] = dense[fastest_dense]
-    record["predicted_fraction"] = record["predicted_ms"] / dense[fastest_dense]
+    record["predicted_ms"] = price[chosen]
+    record["predicted_fraction"] = price[chosen] / dense[fastest_dense]
     return choice, settings[chosen]
+
+
+def dense_in_layouts(
+    model: nn.Module,
+    survey: ModelSurvey,
+    settings: dict[str, LatencySetting],
+    forward_fn: ForwardFn | None,
+) -> dict[str, float]:
+    """The dense model's ms in every layout of ``settings``, timed interleaved in one run."""
+    models = {f: (model, s.deployment) for f, s in settings.items()}
+    timed = time_in_deployments(models, survey.example, forward_fn)
+    return {f: t.ms for f, t in timed.items()}
 
 
 def time_in_deployments(
