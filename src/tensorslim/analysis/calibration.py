@@ -196,9 +196,9 @@ def collect_statistics(
 ) -> dict[str, LayerStats]:
     """Statistics per fqn of ``layers`` over the first ``batches`` batches of ``loader``.
 
-    ``loss_fn(output, batch)`` is required for the ``"fisher"`` and ``"sensitivity"`` statistics. Batches take any
-    structure :mod:`tensorslim.inputs` accepts; ``forward_fn(model, batch)`` covers the rest.
-    The model is run in eval mode and left in the mode it had.
+    ``loss_fn(output, batch)`` is required for the ``"fisher"`` and ``"sensitivity"``
+    statistics. Batches take any structure :mod:`tensorslim.inputs` accepts; ``forward_fn(model,
+    batch)`` covers the rest. The model is run in eval mode and left in the mode it had.
     """
     needs = check_needs(needs)
     if needs & GRADIENT_STATISTICS and loss_fn is None:

@@ -2,9 +2,10 @@
 
 Each layer offers options (cost c, error e); keeping the layer dense costs c_dense with e = 0.
 A layer may carry a weight w (how much a unit of its error costs the model's output; 1 when
-unknown). We minimise Σ_layers w·e² subject to Σ cost ≤ target by a greedy walk down each layer's lower
-convex hull of (cost, e²): repeatedly take the step, over all layers, that saves cost at the
-smallest increase of squared error per unit of cost saved, until the target is met. On convex
+unknown). We minimise Σ_layers w·e² subject to Σ cost ≤ target by a greedy walk down each
+layer's lower convex hull of (cost, w·e²): repeatedly take the step, over all layers, that saves
+cost at the smallest increase of weighted squared error per unit of cost saved, until the
+target is met. On convex
 hulls this greedy is the Lagrangian optimum; it overshoots the target by at most one step of one
 layer ("within one rank step"), and the overshoot is then spent on moving layers back to more
 accurate points (the refund).
@@ -12,6 +13,16 @@ accurate points (the refund).
 Caps on a second metric (``caps``): an option that costs more than its dense layer in a capped
 metric is never taken; a cap below the dense total is met by walking the hulls of a combined cost
 c_target/T_target + λ·c_cap/T_cap for a few λ and keeping the feasible choice of least error.
+
+Spending another metric (``spend="latency"``): the budget's metric still decides how much is
+saved, the spent metric decides where. The walk follows each layer's hull of (measured ms,
+error²), taking the step with the least error added per ms saved, until the budget's need (and
+every cap) is met; the refund then moves layers back along the same hulls. Stopping on another
+metric than the one walked is not Lagrangian-optimal (an option that saves FLOPs can be off the
+latency hull, a refund can give back time), so the walk is repeated on blended costs
+ms/T_ms + w·c/T_c for a few w, and on c alone (the least-error allocation); of those meeting
+the need the one of least total ms is kept (ties: least error). Under ``flops=0.5`` FLOPs are
+thus spent where they buy time, and the plan is never predicted slower than the least-error one.
 """
 
 from __future__ import annotations
@@ -27,6 +38,8 @@ from tensorslim.rank.budget import METRICS
 
 # weights of the capped metric relative to the target metric tried when a cap must save cost
 CAP_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 10.0, 100.0)
+# weights of the budget's metric relative to the spent one, tried in order until the need is met
+SPEND_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 10.0, 100.0)
 
 Point = tuple[float, float, Option | None]  # (cost, error², option); None = dense
 CostFn = Callable[["LayerChoices", Option | None], float]
@@ -81,9 +94,7 @@ def _pareto(choices: LayerChoices, metric: str | CostFn) -> list[Point]:
     dense = cost(choices, None)
     points: list[Point] = [(dense, 0.0, None)]
     points += [
-        (cost(choices, o), choices.loss(o), o)
-        for o in choices.options
-        if cost(choices, o) < dense
+        (cost(choices, o), choices.loss(o), o) for o in choices.options if cost(choices, o) < dense
     ]
     points.sort(key=lambda p: (p[0], p[1]))
     pareto: list[Point] = []
@@ -119,8 +130,12 @@ def allocate(
     *,
     refund: bool = True,
     caps: Mapping[str, int] | None = None,
+    spend: str | None = None,
 ) -> tuple[dict[str, Option | None], int]:
     """Pick one option per layer (None = dense) saving at least ``target_saving`` in ``metric``.
+
+    ``spend`` (e.g. "latency", every option measured): choose where to save by the least error
+    per unit of ``spend`` saved, while the need stays in ``metric`` (see the module docstring).
 
     ``caps`` maps another metric to the saving it needs: > 0 a global saving; 0 (a cap of 1.0)
     no layer may cost more than dense in it; < 0 (a cap above 1.0) the model may grow in it by
@@ -140,6 +155,10 @@ def allocate(
     if strict:
         layers = [_within_caps(layer, strict) for layer in layers]
     needs = {metric: target_saving, **{m: s for m, s in caps.items() if s != 0}}
+    if spend is not None and spend != metric:
+        spent = _spend(layers, spend, metric, needs, refund)
+        if spent is not None:
+            return spent
     if len(needs) == 1:
         picked, saved = _walk(layers, metric_cost(metric), needs, refund)
         return picked, saved[metric]
@@ -177,10 +196,43 @@ def _allocate_with_cap(
     return best[2], best[3][metric]
 
 
+def _spend(
+    layers: list[LayerChoices], spend: str, metric: str, needs: dict[str, int], refund: bool
+) -> tuple[dict[str, Option | None], int] | None:
+    """Of the walks along hulls of ``spend`` blended with ``metric`` (every weight of
+    :data:`SPEND_WEIGHTS`, and ``metric`` alone: the least-error walk), the one meeting every
+    need at the least total ``spend`` (ties: least error); ``None`` if none meets them."""
+    scale = {m: max(1e-30, sum(layer.dense(m) for layer in layers)) for m in (spend, metric)}
+    best: tuple[float, float, dict[str, Option | None], int] | None = None
+    for weight in (*SPEND_WEIGHTS, None):
+
+        def cost(layer: LayerChoices, option: Option | None, w: float | None = weight) -> float:
+            if w is None:
+                return metric_cost(metric)(layer, option)
+            return (
+                metric_cost(spend)(layer, option) / scale[spend]
+                + w * metric_cost(metric)(layer, option) / scale[metric]
+            )
+
+        picked, saved = _walk(layers, cost, needs, refund, front=cost)
+        if any(saved[m] < need for m, need in needs.items()):
+            continue
+        total = sum(metric_cost(spend)(layer, picked[layer.fqn]) for layer in layers)
+        error = sum(layer.loss(picked[layer.fqn]) for layer in layers)
+        if best is None or (total, error) < best[:2]:
+            best = (total, error, picked, saved[metric])
+    return None if best is None else (best[2], best[3])
+
+
 def _walk(
-    layers: list[LayerChoices], cost: CostFn, needs: dict[str, int], refund: bool
+    layers: list[LayerChoices],
+    cost: CostFn,
+    needs: dict[str, int],
+    refund: bool,
+    front: CostFn | None = None,
 ) -> tuple[dict[str, Option | None], dict[str, int]]:
-    """Greedy along each layer's hull of ``cost`` until every metric's need is met."""
+    """Greedy along each layer's hull of ``cost`` until every metric's need is met; the refund
+    moves along the Pareto fronts of ``front`` (default: the first need's metric)."""
     hulls = {layer.fqn: _hull(layer, cost) for layer in layers}
     by_fqn = {layer.fqn: layer for layer in layers}
     position = dict.fromkeys(hulls, 0)
@@ -203,7 +255,7 @@ def _walk(
         push(fqn)
     chosen = {fqn: hulls[fqn][position[fqn]][2] for fqn in hulls}
     if refund:
-        saved = _refund_overshoot(by_fqn, chosen, saved, needs)
+        saved = _refund_overshoot(by_fqn, chosen, saved, needs, front)
     return chosen, saved
 
 
@@ -232,8 +284,10 @@ def _refund_overshoot(
     chosen: dict[str, Option | None],
     saved: dict[str, int],
     needs: Mapping[str, int],
+    front: CostFn | None = None,
 ) -> dict[str, int]:
-    """Move layers to more accurate Pareto points while every saving stays ≥ its need.
+    """Move layers to more accurate Pareto points (of ``front``, default the first need's
+    metric) while every saving stays ≥ its need.
 
     The greedy walk goes along convex hulls in whole steps, so its last step can save far more
     than was still needed: on a flat spectrum the hull is a straight line and one step jumps a
@@ -241,14 +295,14 @@ def _refund_overshoot(
     metric, hull or not) with the largest error decrease that the surpluses pay for, until none
     fits. ``chosen`` is updated in place; the savings reached are returned.
     """
-    target = next(iter(needs))
-    fronts = {fqn: _pareto(layer, target) for fqn, layer in layers.items()}
+    along = front if front is not None else next(iter(needs))
+    fronts = {fqn: _pareto(layer, along) for fqn, layer in layers.items()}
     while True:
         best: tuple[float, str, Option | None, dict[str, int]] | None = None
-        for fqn, front in fronts.items():
+        for fqn, points in fronts.items():
             current = chosen[fqn]
             error = layers[fqn].loss(current)
-            for _, point_error, option in front:
+            for _, point_error, option in points:
                 gain = error - point_error
                 if gain <= 0 or (best is not None and gain <= best[0]):
                     continue
