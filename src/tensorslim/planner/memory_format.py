@@ -62,12 +62,17 @@ def choose_in_fastest_format(
     if len(formats) == 1:
         (only,) = settings.values()
         return choose_measured(model, method, budget, candidates, survey, only), only
-    dense = {f: dense_model_ms(model, survey, s) for f, s in settings.items()}
-    fastest_dense = min(dense, key=dense.__getitem__)
+    if budget.metric == "latency":  # its target is a fraction of the faster dense layout's
+        dense = {f: dense_model_ms(model, survey, s) for f, s in settings.items()}
+        baseline: float | None = min(dense.values())
+    else:  # the dense model is timed (and cached) with each layout's planned structure
+        baseline = None
     choices = {
-        f: choose_measured(model, method, budget, candidates, survey, s, dense[fastest_dense])
+        f: choose_measured(model, method, budget, candidates, survey, s, baseline)
         for f, s in settings.items()
     }
+    dense = {f: dense_model_ms(model, survey, s) for f, s in settings.items()}
+    fastest_dense = min(dense, key=dense.__getitem__)
     chosen = min(choices, key=lambda f: choices[f].latency["predicted_ms"])  # type: ignore[index]
     choice = choices[chosen]
     record: dict[str, Any] = choice.latency  # type: ignore[assignment]
