@@ -51,13 +51,13 @@ def choose_measured(
     candidates: Candidates,
     survey: ModelSurvey,
     setting: LatencySetting,
-    baseline_ms: float | None = None,
+    dense_scale: float = 1.0,
 ) -> Choice:
     """One option per layer under ``budget`` with every compressed layer measured.
 
-    ``baseline_ms``: the dense latency a latency budget is a fraction of (default: the dense
-    model's in ``setting``; "auto" passes the faster layout's, see
-    :mod:`tensorslim.planner.memory_format`).
+    ``dense_scale``: the dense model a latency budget is a fraction of, relative to the dense
+    model in ``setting`` (≤ 1; "auto" passes the faster layout's dense ms over this layout's,
+    see :mod:`tensorslim.planner.memory_format`).
     """
     totals = {"flops": survey.model_flops, "params": survey.model_params}
     layers = _measured(method, survey, candidates.choices, setting, budget.metric)
@@ -68,7 +68,7 @@ def choose_measured(
 
     if budget.metric == "latency":
         model_ms = dense_model_ms(model, survey, setting)
-        here = _in_this_layout(budget, baseline_ms, model_ms)
+        here = _in_this_layout(budget, dense_scale)
         choice, context = _latency_choice(here, timed, {**totals, "latency": model_ms}, in_context)
     else:
         choice = by_budget(budget, timed, totals, spend="latency")
@@ -131,11 +131,11 @@ def _latency_choice(
     return choice, timed
 
 
-def _in_this_layout(budget: Budget, baseline_ms: float | None, model_ms: float) -> Budget:
-    """The latency budget as a fraction of this layout's dense model: f·baseline / model_ms."""
-    if baseline_ms is None or model_ms <= 0 or baseline_ms >= model_ms:
+def _in_this_layout(budget: Budget, dense_scale: float) -> Budget:
+    """The latency budget as a fraction of this layout's dense model: f · dense_scale."""
+    if dense_scale >= 1.0:
         return budget
-    return dataclasses.replace(budget, latency=budget.fraction * baseline_ms / model_ms)
+    return dataclasses.replace(budget, latency=budget.fraction * dense_scale)
 
 
 def _measured(

@@ -23,14 +23,14 @@ from typing import Any
 from torch import nn
 
 from tensorslim.analysis.deployment import AUTO, FORMATS, Deployment, at_batch, make_runner
-from tensorslim.analysis.timing import Timing, time_interleaved
+from tensorslim.analysis.timing import MODEL_ROUNDS, Timing, time_interleaved
 from tensorslim.errors import TensorslimError
-from tensorslim.inputs import ForwardFn
+from tensorslim.inputs import ForwardFn, first_tensor_shape
 from tensorslim.methods.base import Method
 from tensorslim.planner.candidates import Candidates
 from tensorslim.planner.choose import Choice
 from tensorslim.planner.choose_measured import choose_measured
-from tensorslim.planner.latency import LatencySetting, dense_model_ms
+from tensorslim.planner.latency import LatencySetting
 from tensorslim.planner.survey import ModelSurvey
 from tensorslim.rank.budget import Budget
 
@@ -53,7 +53,14 @@ def choose_in_fastest_format(
     setting: LatencySetting,
 ) -> tuple[Choice, LatencySetting]:
     """The measured choice in the layout where the compressed model is predicted fastest, and
-    the setting it was measured in (its deployment's layout concrete)."""
+    the setting it was measured in (its deployment's layout concrete).
+
+    The dense model is timed in both layouts interleaved (one run, so a load change does not
+    pick the layout); each layout's plan is predicted as a fraction of the dense model in that
+    layout (timed in context), so the compressed model in layout f is priced
+    fraction_f · dense_f and the one of least price kept, its fraction restated against the
+    faster dense layout.
+    """
     formats = formats_to_try(model, setting.deployment)
     settings = {
         f: dataclasses.replace(setting, deployment=setting.deployment.in_format(f), measured={})
@@ -62,43 +69,62 @@ def choose_in_fastest_format(
     if len(formats) == 1:
         (only,) = settings.values()
         return choose_measured(model, method, budget, candidates, survey, only), only
-    if budget.metric == "latency":  # its target is a fraction of the faster dense layout's
-        dense = {f: dense_model_ms(model, survey, s) for f, s in settings.items()}
-        baseline: float | None = min(dense.values())
-    else:  # the dense model is timed (and cached) with each layout's planned structure
-        baseline = None
+    dense = dense_in_layouts(model, survey, settings, setting.forward_fn)
+    fastest_dense = min(dense, key=dense.__getitem__)
     choices = {
-        f: choose_measured(model, method, budget, candidates, survey, s, baseline)
+        f: choose_measured(
+            model, method, budget, candidates, survey, s, dense[fastest_dense] / dense[f]
+        )
         for f, s in settings.items()
     }
-    dense = {f: dense_model_ms(model, survey, s) for f, s in settings.items()}
-    fastest_dense = min(dense, key=dense.__getitem__)
-    chosen = min(choices, key=lambda f: choices[f].latency["predicted_ms"])  # type: ignore[index]
+    price = {f: c.latency["predicted_fraction"] * dense[f] for f, c in choices.items()}  # type: ignore[index]
+    chosen = min(price, key=price.__getitem__)
     choice = choices[chosen]
     record: dict[str, Any] = choice.latency  # type: ignore[assignment]
     record["memory_format"] = {
         "chosen": chosen,
         "dense": fastest_dense,
-        "formats": {
-            f: {"dense_model_ms": dense[f], "predicted_ms": c.latency["predicted_ms"]}  # type: ignore[index]
-            for f, c in choices.items()
-        },
+        "formats": {f: {"dense_ms": dense[f], "predicted_ms": price[f]} for f in formats},
     }
     record["dense_model_ms"] = dense[fastest_dense]
-    record["predicted_fraction"] = record["predicted_ms"] / dense[fastest_dense]
+    record["predicted_ms"] = price[chosen]
+    record["predicted_fraction"] = price[chosen] / dense[fastest_dense]
     return choice, settings[chosen]
+
+
+def dense_in_layouts(
+    model: nn.Module,
+    survey: ModelSurvey,
+    settings: dict[str, LatencySetting],
+    forward_fn: ForwardFn | None,
+) -> dict[str, float]:
+    """The dense model's ms in every layout of ``settings``, timed interleaved in one run and
+    kept in the settings' cache as each layout's dense reference (a cached plan times none)."""
+    shape = tuple(first_tensor_shape(survey.example))
+    keys = {f: s.cache.key(model, shape, s.deployment) for f, s in settings.items()}
+    cache = next(iter(settings.values())).cache
+    if any(cache.get(k) is None for k in keys.values()):
+        models = {f: (model, s.deployment) for f, s in settings.items()}
+        timed = time_in_deployments(models, survey.example, forward_fn, MODEL_ROUNDS)
+        for f, key in keys.items():
+            if cache.get(key) is None:  # a reference already cached stays (layer ratios use it)
+                cache.put(key, timed[f].ms)
+    return {f: float(cache.get(k)) for f, k in keys.items()}  # type: ignore[arg-type]
 
 
 def time_in_deployments(
     models: dict[str, tuple[nn.Module, Deployment]],
     example: Any,
     forward_fn: ForwardFn | None = None,
+    rounds: dict[str, Any] | None = None,
 ) -> dict[str, Timing]:
     """Whole models, each in its own deployment (e.g. dense in its faster layout, compressed in
-    its own), on ``example`` at the deployments' batch, timed interleaved (one thread count)."""
+    its own), on ``example`` at the deployments' batch, timed interleaved (one thread count;
+    ``rounds``: :func:`~tensorslim.analysis.timing.time_interleaved`'s settings, default at
+    least 12 rounds, a check's)."""
     deployments = [d for _, d in models.values()]
     if len({(d.batch, d.threads) for d in deployments}) != 1:
         raise TensorslimError("time_in_deployments: give every deployment one batch and threads")
     x = at_batch(example, deployments[0].batch)
     runners = {name: make_runner(m, x, d, forward_fn) for name, (m, d) in models.items()}
-    return time_interleaved(runners, deployments[0].threads, min_rounds=12)
+    return time_interleaved(runners, deployments[0].threads, **(rounds or {"min_rounds": 12}))
