@@ -129,8 +129,11 @@ def _one_round(run: Runner, number: int) -> tuple[float, float]:
 
 
 def _iterations(run: Runner, round_time: float) -> int:
-    """Calls per round so one round of this runner lasts about ``round_time`` seconds."""
-    once = min(_one_round(run, 1)[1] for _ in range(3))  # also a warm-up
+    """Calls per round so one round of this runner lasts about ``round_time`` seconds (a
+    runner whose one call already lasts that long is not called again: a whole model)."""
+    once = _one_round(run, 1)[1]  # also a warm-up
+    if once < round_time:
+        once = min(once, *(_one_round(run, 1)[1] for _ in range(2)))
     return max(1, min(1000, math.ceil(round_time / max(once, 1e-7))))
 
 
@@ -200,11 +203,11 @@ def layer_input(shape: tuple[int, ...], deployment: Deployment) -> torch.Tensor:
     return torch.randn((deployment.batch, *shape[1:]), generator=generator)
 
 
-# a layer's comparison: short rounds, stopped once the best round held for 3 rounds (a layer is
+# a layer's comparison: short rounds, stopped once the best round held for 2 rounds (a layer is
 # timed once per signature and plan; its decisions need a few per cent, not a long benchmark)
-LAYER_ROUNDS: dict[str, Any] = {"min_rounds": 5, "patience": 3, "round_time": 0.0005}
+LAYER_ROUNDS: dict[str, Any] = {"min_rounds": 4, "patience": 2, "round_time": 0.0003}
 # whole models: a prediction check, a few more rounds (one forward is one round)
-MODEL_ROUNDS: dict[str, Any] = {"min_rounds": 8, "patience": 4}
+MODEL_ROUNDS: dict[str, Any] = {"min_rounds": 6, "patience": 3}
 
 
 def time_against_reference(
