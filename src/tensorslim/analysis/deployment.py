@@ -12,7 +12,8 @@ from __future__ import annotations
 import copy
 import io
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -118,10 +119,16 @@ def at_batch(example: Any, batch: int) -> Any:
     )
 
 
-def prepare(module: nn.Module, example: Any, deployment: Deployment) -> tuple[nn.Module, Any]:
-    """A copy of ``module`` in eval mode and ``example``, in the deployment's dtype and layout."""
+def prepare(
+    module: nn.Module, example: Any, deployment: Deployment, in_place: bool = False
+) -> tuple[nn.Module, Any]:
+    """A copy of ``module`` in eval mode and ``example``, in the deployment's dtype and layout.
+
+    ``in_place``: ``module`` itself when it is already in the deployment's dtype and layout (no
+    copy: timing a whole model must not hold a second one), its mode left to the caller (see
+    :func:`evaluating`); a copy only when a conversion is needed.
+    """
     dtype = DTYPES[deployment.dtype]
-    module = copy.deepcopy(module).eval().to(dtype)
 
     def convert(t: torch.Tensor) -> torch.Tensor:
         t = t.to(dtype) if t.is_floating_point() else t
@@ -129,9 +136,35 @@ def prepare(module: nn.Module, example: Any, deployment: Deployment) -> tuple[nn
             t = t.contiguous(memory_format=torch.channels_last)
         return t
 
+    x = map_tensors(example, convert)
+    if in_place and not _needs_conversion(module, deployment):
+        return module, x
+    module = copy.deepcopy(module).eval().to(dtype)
     if deployment.memory_format == "channels_last":
         module = module.to(memory_format=torch.channels_last)
-    return module, map_tensors(example, convert)
+    return module, x
+
+
+def _needs_conversion(module: nn.Module, deployment: Deployment) -> bool:
+    """Whether running ``module`` in ``deployment`` changes its tensors (dtype or layout)."""
+    if deployment.memory_format == "channels_last":
+        return True
+    dtype = DTYPES[deployment.dtype]
+    tensors = (*module.parameters(), *module.buffers())
+    return any(t.is_floating_point() and t.dtype != dtype for t in tensors)
+
+
+@contextmanager
+def evaluating(*modules: nn.Module) -> Iterator[None]:
+    """Every submodule of ``modules`` in eval mode for the block; each one's mode restored."""
+    modes = [(m, m.training) for module in modules for m in module.modules()]
+    for module in modules:
+        module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def make_runner(
@@ -139,15 +172,18 @@ def make_runner(
     example: Any,
     deployment: Deployment,
     forward_fn: ForwardFn | None = None,
+    in_place: bool = False,
 ) -> Runner:
     """A callable running one forward pass of ``module`` on ``example`` in ``deployment``.
 
     ``example`` already has the deployment's batch size. Eager runners run under
     ``torch.inference_mode``; the caller sets the thread count (see ``timing.threads``).
+    ``in_place``: run ``module`` itself where no conversion is needed (see :func:`prepare`),
+    inside the caller's :func:`evaluating`.
     """
     if deployment.backend == "onnxruntime":
         return _onnx_runner(module, example, deployment)
-    module, x = prepare(module, example, deployment)
+    module, x = prepare(module, example, deployment, in_place)
 
     def run() -> Any:
         with torch.inference_mode():

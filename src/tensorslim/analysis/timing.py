@@ -35,7 +35,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from tensorslim.analysis.deployment import Deployment, Runner, at_batch, make_runner
+from tensorslim.analysis.deployment import (
+    Deployment,
+    Runner,
+    at_batch,
+    evaluating,
+    make_runner,
+)
 from tensorslim.errors import TensorslimError
 from tensorslim.inputs import ForwardFn
 
@@ -217,9 +223,13 @@ def time_against_reference(
     todo = {name: m for name, m in variants.items() if cache.get(keys[name]) is None}
     if todo or cache.get(dense_key) is None:
         x = layer_input(shape, deployment)
-        runners = {REFERENCE: make_runner(dense, x, deployment)}
-        runners.update({name: make_runner(m, x, deployment) for name, m in todo.items()})
-        timed = time_interleaved(runners, deployment.threads)
+        # in place (no copies): the variants are the caller's own, the dense layer is only run
+        with evaluating(dense, *todo.values()):
+            runners = {REFERENCE: make_runner(dense, x, deployment, in_place=True)}
+            runners.update(
+                {name: make_runner(m, x, deployment, in_place=True) for name, m in todo.items()}
+            )
+            timed = time_interleaved(runners, deployment.threads)
         if cache.get(dense_key) is None:
             cache.put(dense_key, timed[REFERENCE].ms)
         reference = cache.get(dense_key)
@@ -239,10 +249,18 @@ def time_models(
     forward_fn: ForwardFn | None = None,
 ) -> dict[str, Timing]:
     """Whole models on ``example`` (its first sample repeated to the deployment's batch),
-    interleaved; never cached (a whole model is timed to check the per-layer prediction)."""
+    interleaved; never cached (a whole model is timed to check the per-layer prediction).
+
+    The models run in place, in eval mode for the timing (their modes restored after): a copy
+    of a whole model would double the memory planning needs (one is made only where the
+    deployment converts the dtype or layout)."""
     x = at_batch(example, deployment.batch)
-    runners = {name: make_runner(m, x, deployment, forward_fn) for name, m in models.items()}
-    return time_interleaved(runners, deployment.threads, min_rounds=12)
+    with evaluating(*models.values()):
+        runners = {
+            name: make_runner(m, x, deployment, forward_fn, in_place=True)
+            for name, m in models.items()
+        }
+        return time_interleaved(runners, deployment.threads, min_rounds=12)
 
 
 def load_average() -> float:
