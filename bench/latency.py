@@ -41,11 +41,12 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, facts, fashion_loaders, trained_model, write_results
 from tensorslim.analysis.deployment import Deployment
-from tensorslim.analysis.timing import LatencyCache, load_average, time_models
+from tensorslim.analysis.timing import LatencyCache, load_average
 from tensorslim.errors import TensorslimError
 from tensorslim.fold import fold_batchnorm
 from tensorslim.models import create_model
 from tensorslim.plan import apply, plan
+from tensorslim.planner.memory_format import time_in_deployments
 from tensorslim.train.loop import evaluate, fit
 
 BUDGETS = ("latency=0.5", "latency=0.7", "flops=0.5")
@@ -131,8 +132,9 @@ def base_models(quick: bool, accuracy: bool) -> list[dict[str, Any]]:
 
 
 SETTINGS = {
-    "nchw": Deployment(threads=1),
+    "nchw": Deployment(threads=1, memory_format="nchw"),
     "channels_last": Deployment(threads=1, memory_format="channels_last"),
+    "auto": Deployment(threads=1),  # the default: both layouts, the faster kept (dense: its own)
     "ort": Deployment(threads=1, backend="onnxruntime"),
 }
 
@@ -158,15 +160,14 @@ def one_plan(
         small = apply(model, the_plan)
     cache.save()
     dense = fold_batchnorm(model)[0].eval()
-    timed = time_models({"dense": dense, "small": small}, example, where)
-    two = Deployment(**{**where.to_dict(), "threads": 2})
-    timed2 = time_models({"dense": dense, "small": small}, example, two)
+    timed, layouts = _time_pair(dense, small, the_plan.latency, where, example, threads=1)
+    timed2, _ = _time_pair(dense, small, the_plan.latency, where, example, threads=2)
     measured = timed["small"].ms / timed["dense"].ms
     predicted = the_plan.latency["predicted_fraction"] if the_plan.latency else None
     row = {
         "model": entry["name"],
         "batch": where.batch,
-        "setting": f"{where.memory_format if where.backend == 'eager' else 'ort'}",
+        "setting": layouts if where.backend == "eager" else "ort",
         "method": method,
         "budget": budget,
         "speedup": 1 / measured,
@@ -192,6 +193,29 @@ def one_plan(
     if entry.get("loaders") is not None:
         row["accuracy"] = _finetuned_accuracy(small, entry["loaders"])
     return row
+
+
+def _time_pair(
+    dense: nn.Module,
+    small: nn.Module,
+    record: dict[str, Any] | None,
+    where: Deployment,
+    example: torch.Tensor,
+    threads: int,
+) -> tuple[dict[str, Any], str]:
+    """Dense and compressed timed interleaved, each in the layout the plan chose for it
+    (memory_format="auto": dense in its faster layout, compressed in its own)."""
+    small_where = Deployment(**record["deployment"]) if record else where
+    layouts = (record or {}).get("memory_format", {})
+    dense_where = small_where.in_format(layouts.get("dense", small_where.memory_format))
+    label = small_where.memory_format
+    if where.memory_format == "auto":
+        label = f"auto: {dense_where.memory_format}→{small_where.memory_format}"
+    models = {
+        "dense": (dense, Deployment(**{**dense_where.to_dict(), "threads": threads})),
+        "small": (small, Deployment(**{**small_where.to_dict(), "threads": threads})),
+    }
+    return time_in_deployments(models, example), label
 
 
 def _slower_layers(the_plan: Any) -> int:

@@ -376,14 +376,19 @@ def latency_check(
     plan's deployment: ``measured_fraction`` = compressed / original, ``prediction_error`` =
     predicted / measured − 1 (as planned, before fine-tuning changed nothing structural)."""
     from tensorslim.analysis.deployment import Deployment
-    from tensorslim.analysis.timing import load_average, time_models
+    from tensorslim.analysis.timing import load_average
+    from tensorslim.planner.memory_format import time_in_deployments
 
     record = the_plan.latency or {}
     where = Deployment(**record["deployment"])
-    timed = time_models({"original": original, "compressed": compressed}, example, where)
+    # memory_format="auto": the original runs in its own faster layout, as the plan compared
+    layout = record.get("memory_format", {}).get("dense", where.memory_format)
+    models = {"original": (original, where.in_format(layout)), "compressed": (compressed, where)}
+    timed = time_in_deployments(models, example)
     dense, small = timed["original"].ms, timed["compressed"].ms
     return {
         "deployment": where.to_dict(),
+        "original_memory_format": layout,
         "original_ms": dense,
         "compressed_ms": small,
         "speedup": dense / small,

@@ -71,3 +71,18 @@ def test_structured_layers_use_their_own_formula_and_others_count_zero() -> None
     assert dense_layer_flops(layer, (2, 3, 9, 9)) == counted_flops(layer, torch.randn(2, 3, 9, 9))
     assert dense_layer_flops(nn.ReLU(), (2, 3)) == 0
     assert dense_layer_flops(nn.BatchNorm2d(3), (2, 3, 4, 4)) == 0
+
+
+def test_counting_does_not_import_dynamo() -> None:
+    """The counter skips torch's dynamo-disable wrapper: importing torch._dynamo costs a fresh
+    process ~2 CPU-seconds, more than planning a resnet56."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch; from torch import nn; from tensorslim.analysis.flops import "
+        "count_flops; m = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(12, 5)); "
+        "n = count_flops(m, torch.randn(1, 2, 4, 4)); assert n == 2 * 12 * 18 + 2 * 12 * 5, n; "
+        "assert 'torch._dynamo' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -14,7 +14,7 @@ import io
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -23,7 +23,8 @@ from torch import nn
 from tensorslim.errors import TensorslimError
 from tensorslim.inputs import ForwardFn, batch_size, call_model, map_tensors
 
-FORMATS = ("nchw", "channels_last")
+FORMATS = ("nchw", "channels_last")  # the layouts a model is run and timed in
+AUTO = "auto"  # plan() times both and keeps the faster (tensorslim.planner.memory_format)
 BACKENDS = ("eager", "onnxruntime")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -33,13 +34,15 @@ Runner = Callable[[], Any]
 @dataclass(frozen=True)
 class Deployment:
     """Where a model will run: ``batch`` size, ``threads``, ``memory_format`` ("nchw" or
-    "channels_last", applied to 4-D inputs and conv weights), ``dtype`` ("float32",
-    "bfloat16") and ``backend`` ("eager" or "onnxruntime"; ONNX Runtime picks its own layouts, so
-    the memory format does not apply there)."""
+    "channels_last", applied to 4-D inputs and conv weights; "auto", the default: ``plan()``
+    times a convolutional model in both and plans in the faster, see
+    :mod:`tensorslim.planner.memory_format`; a runner given "auto" runs the tensors as they
+    are, NCHW), ``dtype`` ("float32", "bfloat16") and ``backend`` ("eager" or "onnxruntime";
+    ONNX Runtime picks its own layouts, so the memory format does not apply there)."""
 
     batch: int = 1
     threads: int = 1
-    memory_format: str = "nchw"
+    memory_format: str = AUTO
     backend: str = "eager"
     dtype: str = "float32"
 
@@ -48,7 +51,11 @@ class Deployment:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise TensorslimError(f"deployment {name}={value!r} must be a positive integer")
-        checks = (("memory_format", FORMATS), ("backend", BACKENDS), ("dtype", tuple(DTYPES)))
+        checks = (
+            ("memory_format", (*FORMATS, AUTO)),
+            ("backend", BACKENDS),
+            ("dtype", tuple(DTYPES)),
+        )
         for name, allowed in checks:
             if getattr(self, name) not in allowed:
                 raise TensorslimError(
@@ -64,6 +71,10 @@ class Deployment:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def in_format(self, memory_format: str) -> Deployment:
+        """The same setting in another memory format."""
+        return replace(self, memory_format=memory_format)
 
     @classmethod
     def parse(cls, text: str) -> Deployment:
@@ -91,7 +102,8 @@ class Deployment:
         cls, value: Deployment | str | dict[str, Any] | None, example: Any = None
     ) -> Deployment:
         """A ``Deployment``, its text form, a mapping, or ``None``: the example's batch size
-        (1 without one) at the current ``torch.get_num_threads()``, NCHW, eager."""
+        (1 without one) at the current ``torch.get_num_threads()``, memory format "auto",
+        eager."""
         if value is None:
             return cls(batch=_batch_or_one(example), threads=torch.get_num_threads())
         if isinstance(value, Deployment):
@@ -147,10 +159,9 @@ def prepare(
 
 def _needs_conversion(module: nn.Module, deployment: Deployment) -> bool:
     """Whether running ``module`` in ``deployment`` changes its tensors (dtype or layout)."""
-    if deployment.memory_format == "channels_last":
+    dtype, tensors = DTYPES[deployment.dtype], (*module.parameters(), *module.buffers())
+    if deployment.memory_format == "channels_last" and any(t.dim() == 4 for t in tensors):
         return True
-    dtype = DTYPES[deployment.dtype]
-    tensors = (*module.parameters(), *module.buffers())
     return any(t.is_floating_point() and t.dtype != dtype for t in tensors)
 
 

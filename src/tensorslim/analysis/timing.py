@@ -43,7 +43,7 @@ from tensorslim.analysis.deployment import (
     make_runner,
 )
 from tensorslim.errors import TensorslimError
-from tensorslim.inputs import ForwardFn
+from tensorslim.inputs import ForwardFn, first_tensor_shape
 
 REFERENCE = "dense"
 
@@ -206,6 +206,13 @@ def layer_input(shape: tuple[int, ...], deployment: Deployment) -> torch.Tensor:
     return torch.randn((deployment.batch, *shape[1:]), generator=generator)
 
 
+# a layer's comparison: short rounds, stopped once the best round held for 3 rounds (a layer is
+# timed once per signature and plan; its decisions need a few per cent, not a long benchmark)
+LAYER_ROUNDS: dict[str, Any] = {"min_rounds": 5, "patience": 3, "round_time": 0.0005}
+# whole models: a prediction check, a few more rounds (one forward is one round)
+MODEL_ROUNDS: dict[str, Any] = {"min_rounds": 8, "patience": 4}
+
+
 def time_against_reference(
     dense: nn.Module,
     variants: dict[str, nn.Module],
@@ -218,25 +225,63 @@ def time_against_reference(
     Uncached variants are timed interleaved with ``dense``; each gets its ratio to dense in
     that run times dense's reference latency (the first one measured and cached).
     """
+
+    def runners(todo: dict[str, nn.Module]) -> dict[str, Runner]:
+        x = layer_input(shape, deployment)
+        return {name: make_runner(m, x, deployment, in_place=True) for name, m in todo.items()}
+
+    return _against_reference(dense, variants, shape, deployment, cache, runners, LAYER_ROUNDS)
+
+
+def time_models_against_reference(
+    dense: nn.Module,
+    variants: dict[str, nn.Module],
+    example: Any,
+    deployment: Deployment,
+    cache: LatencyCache,
+    forward_fn: ForwardFn | None = None,
+) -> tuple[float, dict[str, float]]:
+    """(dense ms, variant name → ms) of whole models on ``example`` (its first sample repeated
+    to the deployment's batch), cached like :func:`time_against_reference`: a variant's ratio
+    to ``dense`` comes from one interleaved run, so a loaded machine slows both alike."""
+    shape = tuple(first_tensor_shape(example))
+
+    def runners(todo: dict[str, nn.Module]) -> dict[str, Runner]:
+        x = at_batch(example, deployment.batch)
+        return {
+            name: make_runner(m, x, deployment, forward_fn, in_place=True)
+            for name, m in todo.items()
+        }
+
+    return _against_reference(dense, variants, shape, deployment, cache, runners, MODEL_ROUNDS)
+
+
+def _against_reference(
+    dense: nn.Module,
+    variants: dict[str, nn.Module],
+    shape: tuple[int, ...],
+    deployment: Deployment,
+    cache: LatencyCache,
+    runners: Any,
+    rounds: dict[str, Any],
+) -> tuple[float, dict[str, float]]:
+    """The cached ratio-to-reference timing behind both public functions above."""
     dense_key = cache.key(dense, shape, deployment)
     keys = {name: cache.key(m, shape, deployment) for name, m in variants.items()}
     todo = {name: m for name, m in variants.items() if cache.get(keys[name]) is None}
     if todo or cache.get(dense_key) is None:
-        x = layer_input(shape, deployment)
-        # in place (no copies): the variants are the caller's own, the dense layer is only run
+        # in place, in eval mode (no copies): a whole model copied for its timing was a second
+        # GPT-2 in memory; the variants are the caller's own skeletons
         with evaluating(dense, *todo.values()):
-            runners = {REFERENCE: make_runner(dense, x, deployment, in_place=True)}
-            runners.update(
-                {name: make_runner(m, x, deployment, in_place=True) for name, m in todo.items()}
+            timed = time_interleaved(
+                runners({REFERENCE: dense, **todo}), deployment.threads, **rounds
             )
-            timed = time_interleaved(runners, deployment.threads)
         if cache.get(dense_key) is None:
             cache.put(dense_key, timed[REFERENCE].ms)
         reference = cache.get(dense_key)
         assert reference is not None
         for name in todo:
-            ratio = timed[name].ms / timed[REFERENCE].ms
-            cache.put(keys[name], ratio * reference)
+            cache.put(keys[name], timed[name].ms / timed[REFERENCE].ms * reference)
     dense_ms = cache.get(dense_key)
     assert dense_ms is not None
     return dense_ms, {name: float(cache.get(k)) for name, k in keys.items()}  # type: ignore[arg-type]

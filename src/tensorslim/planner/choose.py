@@ -57,13 +57,16 @@ def saving_needed(total: float, fraction: float) -> float:
     return math.ceil(round(total - fraction * total, 6))
 
 
-def by_budget(budget: Budget, candidates: Candidates, totals: dict[str, Any]) -> Choice:
+def by_budget(
+    budget: Budget, candidates: Candidates, totals: dict[str, Any], spend: str | None = None
+) -> Choice:
     """The allocator's choice for ``budget``; ``totals`` holds the model's ``flops``,
-    ``params`` (and, for a latency budget, its measured ``latency`` in ms)."""
+    ``params`` (and, for a latency budget, its measured ``latency`` in ms). ``spend``: see
+    :func:`~tensorslim.rank.allocate.allocate` (the budget met where it buys measured time)."""
     metric, total = budget.metric, totals[budget.metric]
     need = max(0, saving_needed(total, budget.fraction))
     caps = {m: saving_needed(totals[m], cap) for m, cap in budget.caps.items()}
-    picked, saved = allocate(candidates.choices, metric, need, caps=caps)
+    picked, saved = allocate(candidates.choices, metric, need, caps=caps, spend=spend)
     choice = Choice(picked=picked)
     if saved < need:
         choice.notes.append(

@@ -4,30 +4,40 @@
   timed against the dense layer; the allocator spends measured milliseconds to bring the
   predicted model latency (the whole dense model's measured time minus the layers' measured
   savings) to f of the dense model's.
-- Any other budget: the allocator chooses in FLOPs or parameters as before, then every layer it
-  compressed with an unmeasured option is timed (that option and a spread of the others); options
-  measured slower than the dense layer are dropped and the allocation is repeated until every
-  compressed layer is measured faster than its dense form. Each layer is timed at most once.
-  ``allow_slower=True`` skips this (and all timing).
+- Any other budget (FLOPs, params): every layer's spread options are timed too, options
+  measured slower than the dense layer are dropped (never slower), and the budget is met where
+  it buys time: the allocator walks each layer's (measured ms, error²) hull, taking the step
+  with the least error per ms saved, until the FLOPs (params) need is met
+  (:func:`~tensorslim.rank.allocate.allocate` with ``spend="latency"``). The least-error
+  allocation of the same budget over the same measured options is recorded beside it
+  (``latency["least_error"]``: its predicted ms and Σ error²), so the price in error is stated.
+  ``allow_slower=True`` skips this (and all timing): the least-error allocation in FLOPs.
+
+Layers of one signature are timed once (:func:`~tensorslim.planner.latency.measure_layers`).
+The plan's predicted latency is the planned structure timed against the dense model in context
+(:mod:`tensorslim.planner.in_context`); a latency target that measurement misses is
+re-allocated with the layers' savings rescaled.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 from torch import nn
 
+from tensorslim.facts import Option
 from tensorslim.methods.base import Method
 from tensorslim.planner.candidates import Candidates
 from tensorslim.planner.choose import Choice, by_budget
+from tensorslim.planner.in_context import TOLERANCE, InContext, calibrated, measure_in_context
 from tensorslim.planner.latency import (
     LatencySetting,
     dense_model_ms,
     faster_only,
     latency_record,
     measure_all,
-    measure_layer,
-    spread,
+    predicted_fraction,
 )
 from tensorslim.planner.survey import ModelSurvey
 from tensorslim.rank.allocate import LayerChoices
@@ -41,19 +51,28 @@ def choose_measured(
     candidates: Candidates,
     survey: ModelSurvey,
     setting: LatencySetting,
+    dense_scale: float = 1.0,
 ) -> Choice:
-    """One option per layer under ``budget`` with every compressed layer measured."""
+    """One option per layer under ``budget`` with every compressed layer measured.
+
+    ``dense_scale``: the dense model a latency budget is a fraction of, relative to the dense
+    model in ``setting`` (≤ 1; "auto" passes the faster layout's dense ms over this layout's,
+    see :mod:`tensorslim.planner.memory_format`).
+    """
     totals = {"flops": survey.model_flops, "params": survey.model_params}
     model_ms = dense_model_ms(model, survey, setting)
+    layers = _measured(method, survey, candidates.choices, setting)
+    timed = _with(candidates, layers)
+
+    def in_context(picked: dict[str, Option | None]) -> InContext:
+        return measure_in_context(model, method, survey, setting, picked)
+
     if budget.metric == "latency":
-        layers = [faster_only(c) for c in measure_all(method, survey, candidates.choices, setting)]
-        choice = by_budget(budget, _with(candidates, layers), {**totals, "latency": model_ms})
-        note = _reachable_note(budget, layers, model_ms)
-        if note:  # replaces by_budget's note with the figure in measured terms
-            choice.notes = [n for n in choice.notes if not n.startswith(f"budget {budget} is not")]
-            choice.notes.append(note)
+        here = _in_this_layout(budget, dense_scale)
+        choice, context = _latency_choice(here, timed, {**totals, "latency": model_ms}, in_context)
     else:
-        choice, layers = _never_slower(method, budget, candidates, survey, setting, totals)
+        choice = by_budget(budget, timed, totals, spend="latency")
+        context = in_context(choice.picked)
     for layer in layers:
         measured = layer.fqn in setting.measured
         if measured and not layer.options and choice.picked.get(layer.fqn) is None:
@@ -62,35 +81,79 @@ def choose_measured(
                 f"({setting.describe(layer.fqn)})"
             )
     choice.measured = setting.measured
-    choice.latency = latency_record(setting, model_ms, choice.picked)
+    choice.latency = latency_record(setting, context, choice.picked)
+    if budget.metric != "latency":
+        least_error = by_budget(budget, timed, totals).picked
+        choice.latency["allocation"] = "least error per measured ms saved, until the budget is met"
+        choice.latency["error_sq"] = _error_sq(choice.picked)
+        choice.latency["least_error"] = {
+            "layer_sum_ms": context.dense_ms
+            * predicted_fraction(layers, least_error, context.dense_ms),
+            "error_sq": _error_sq(least_error),
+        }
     return choice
+
+
+def _latency_choice(
+    budget: Budget,
+    candidates: Candidates,
+    totals: dict[str, float],
+    in_context: Callable[[dict[str, Option | None]], InContext],
+) -> tuple[Choice, InContext]:
+    """Allocate measured ms for ``budget``, checked in context and re-allocated when the
+    planned structure misses the target (:func:`~tensorslim.planner.in_context.calibrated`)."""
+    choices: dict[float, Choice] = {}
+
+    def allocate(target: float) -> tuple[dict[str, Option | None], float]:
+        choice = by_budget(dataclasses.replace(budget, latency=target), candidates, totals)
+        choices[target] = choice
+        layer_sum = predicted_fraction(candidates.choices, choice.picked, totals["latency"])
+        return choice.picked, layer_sum
+
+    (ask, _, timed), tried = calibrated(allocate, budget.fraction, in_context)
+    choice = choices[ask]
+    # by_budget's notes speak of the layer-sum target it was given: restated for the budget
+    choice.notes = [n for n in choice.notes if not n.startswith("budget latency=")]
+    note = _reachable_note(budget, candidates.choices, totals["latency"])
+    if note:
+        choice.notes.append(note)
+    if ask != budget.fraction:
+        choice.notes.append(
+            f"budget {budget}: the allocation for it measured {tried[0][2].fraction:.3f} of the "
+            f"dense model in context; re-allocated for a layer-sum {ask:.3f}, which measured "
+            f"{timed.fraction:.3f}"
+        )
+    if timed.fraction > budget.fraction * (1 + TOLERANCE):
+        choice.notes.append(
+            f"budget {budget} is missed in context: the planned structure measured "
+            f"{timed.fraction:.3f} of the dense model"
+        )
+    return choice, timed
+
+
+def _in_this_layout(budget: Budget, dense_scale: float) -> Budget:
+    """The latency budget as a fraction of this layout's dense model: f · dense_scale."""
+    if dense_scale >= 1.0:
+        return budget
+    return dataclasses.replace(budget, latency=budget.fraction * dense_scale)
+
+
+def _measured(
+    method: Method, survey: ModelSurvey, layers: list[LayerChoices], setting: LatencySetting
+) -> list[LayerChoices]:
+    """Every layer that has options with them timed and the slower ones dropped (in order)."""
+    offered = [c for c in layers if c.options]
+    timed = iter(faster_only(c) for c in measure_all(method, survey, offered, setting))
+    return [next(timed) if c.options else c for c in layers]
+
+
+def _error_sq(picked: dict[str, Option | None]) -> float:
+    """Σ over layers of the chosen option's error² (the allocator's objective)."""
+    return sum(float(o.error) ** 2 for o in picked.values() if o is not None)
 
 
 def _with(candidates: Candidates, layers: list[LayerChoices]) -> Candidates:
     return dataclasses.replace(candidates, choices=layers)
-
-
-def _never_slower(
-    method: Method,
-    budget: Budget,
-    candidates: Candidates,
-    survey: ModelSurvey,
-    setting: LatencySetting,
-    totals: dict[str, int],
-) -> tuple[Choice, list[LayerChoices]]:
-    """Allocate, time the layers compressed with unmeasured options, drop slower options, repeat."""
-    layers = {c.fqn: c for c in candidates.choices}
-    while True:
-        choice = by_budget(budget, _with(candidates, list(layers.values())), totals)
-        pending = [f for f, o in choice.picked.items() if o is not None and o.latency is None]
-        if not pending:
-            return choice, list(layers.values())
-        for fqn in pending:
-            layer, picked = layers[fqn], choice.picked[fqn]
-            options = spread(layer.options, setting.limit)
-            if all(o is not picked for o in options):
-                options.append(picked)  # type: ignore[arg-type]
-            layers[fqn] = faster_only(measure_layer(method, survey, layer, options, setting))
 
 
 def _reachable_note(budget: Budget, layers: list[LayerChoices], model_ms: float) -> str | None:

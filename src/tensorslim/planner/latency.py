@@ -24,10 +24,10 @@ from tensorslim.analysis.timing import (
     LatencyCache,
     load_average,
     time_against_reference,
-    time_models,
+    time_models_against_reference,
 )
 from tensorslim.facts import Option
-from tensorslim.inputs import ForwardFn, first_tensor_shape
+from tensorslim.inputs import ForwardFn
 from tensorslim.methods.base import Method
 from tensorslim.methods.registry import get_method
 from tensorslim.planner.survey import ModelSurvey
@@ -90,40 +90,84 @@ def skeleton(method: Method, module: nn.Module, option: Option, survey_info: Any
     return built
 
 
-def measure_layer(
+def option_key(option: Option) -> str:
+    """What makes two layers' options the same structure to time: method and config."""
+    return f"{option.method}|{sorted(option.config.items())!r}"
+
+
+def signature(survey: ModelSurvey, fqn: str) -> str:
+    """Layers with one signature run the same kernels: module type and configuration (its
+    repr: channels, kernel, stride, padding, bias) and input shape."""
+    module = survey.modules[fqn]
+    return f"{type(module).__qualname__}|{module!r}|{tuple(survey.infos[fqn].input_shape)}"
+
+
+def measure_layers(
     method: Method,
     survey: ModelSurvey,
+    layers: list[LayerChoices],
+    wanted: dict[str, list[Option]],
+    setting: LatencySetting,
+) -> list[LayerChoices]:
+    """``layers`` with their ``wanted`` options timed, each (layer, input shape) signature once.
+
+    Layers whose dense module and input shape are alike (resnet56: 55 convs, 8 signatures) run
+    the same kernels, so one representative per signature is timed, on the union of the options
+    its layers want, interleaved with its dense form; every layer of the signature gets those
+    times (× its own calls). Layers not in ``wanted`` are returned unchanged.
+    """
+    groups: dict[str, list[str]] = {}
+    for c in layers:
+        if c.fqn in wanted:
+            groups.setdefault(signature(survey, c.fqn), []).append(c.fqn)
+    by_fqn = {c.fqn: c for c in layers}
+    for fqns in groups.values():
+        union = {option_key(o): o for f in fqns for o in wanted[f]}
+        first = fqns[0]
+        module, info = survey.modules[first], survey.infos[first]
+        variants = {k: skeleton(method, module, o, info) for k, o in union.items()}
+        dense_ms, ms = time_against_reference(
+            module, variants, info.input_shape, setting.deployment, setting.cache
+        )
+        for fqn in fqns:
+            by_fqn[fqn] = _with_times(by_fqn[fqn], dense_ms, ms, survey, setting)
+    return [by_fqn[c.fqn] for c in layers]
+
+
+def _with_times(
     layer: LayerChoices,
-    options: list[Option],
+    dense_ms: float,
+    ms: dict[str, float],
+    survey: ModelSurvey,
     setting: LatencySetting,
 ) -> LayerChoices:
-    """``layer`` with ``options`` timed (latency set, ms over the layer's calls) and its dense
-    latency in ``dense_costs["latency"]``; the timing is recorded in ``setting.measured``."""
-    module, info = survey.modules[layer.fqn], survey.infos[layer.fqn]
-    variants = {str(i): skeleton(method, module, o, info) for i, o in enumerate(options)}
-    dense_ms, ms = time_against_reference(
-        module, variants, info.input_shape, setting.deployment, setting.cache
-    )
-    timed = [dataclasses.replace(o, latency=ms[str(i)] * info.calls) for i, o in enumerate(options)]
-    dense_ms *= info.calls
-    fastest = min(timed, key=lambda o: o.latency or 0.0)
+    """``layer`` with the latency of its options in ``ms`` (per call, by :func:`option_key`)
+    set, its dense latency in ``dense_costs["latency"]``, and the timing recorded in
+    ``setting.measured`` (accumulated over calls of :func:`measure_layers`)."""
+    calls = survey.infos[layer.fqn].calls
+    options = [
+        dataclasses.replace(o, latency=ms[option_key(o)] * calls) if option_key(o) in ms else o
+        for o in layer.options
+    ]
+    dense_ms *= calls
+    known = [o for o in options if o.latency is not None]
+    fastest = min(known, key=lambda o: o.latency or 0.0)
     setting.measured[layer.fqn] = {
         "dense_ms": dense_ms,
         "fastest_ms": fastest.latency,
         "fastest_label": fastest.label or str(fastest.config),
-        "count": len(timed),
+        "count": len(known),
     }
     costs = {**layer.dense_costs, "latency": dense_ms}
-    return dataclasses.replace(layer, options=timed, dense_costs=costs)
+    return dataclasses.replace(layer, options=options, dense_costs=costs)
 
 
 def measure_all(
     method: Method, survey: ModelSurvey, layers: list[LayerChoices], setting: LatencySetting
 ) -> list[LayerChoices]:
     """Every layer with its :func:`spread` options measured (for a latency budget)."""
-    return [
-        measure_layer(method, survey, c, spread(c.options, setting.limit), setting) for c in layers
-    ]
+    wanted = {c.fqn: spread(c.options, setting.limit) for c in layers}
+    return measure_layers(method, survey, layers, wanted, setting)
 
 
 def faster_only(layer: LayerChoices) -> LayerChoices:
@@ -136,34 +180,47 @@ def faster_only(layer: LayerChoices) -> LayerChoices:
 def dense_model_ms(model: nn.Module, survey: ModelSurvey, setting: LatencySetting) -> float:
     """The whole dense model's latency at the deployment (best of interleaved rounds), cached
     beside its layers' so every plan from one cache prices "the rest of the model" alike."""
-    shape = tuple(first_tensor_shape(survey.example))
-    key = setting.cache.key(model, shape, setting.deployment)
-    if setting.cache.get(key) is None:
-        where, fn = setting.deployment, setting.forward_fn
-        setting.cache.put(key, time_models({"dense": model}, survey.example, where, fn)["dense"].ms)
-    return float(setting.cache.get(key))  # type: ignore[arg-type]
+    where, fn = setting.deployment, setting.forward_fn
+    return time_models_against_reference(model, {}, survey.example, where, setting.cache, fn)[0]
+
+
+def predicted_fraction(
+    layers: list[LayerChoices], picked: dict[str, Option | None], model_ms: float
+) -> float:
+    """The layer-sum prediction: (dense model − Σ compressed layers' measured savings) / dense."""
+    saved = sum(
+        c.dense("latency") - float(picked[c.fqn].latency)  # type: ignore[union-attr,arg-type]
+        for c in layers
+        if picked.get(c.fqn) is not None and picked[c.fqn].latency is not None  # type: ignore[union-attr]
+    )
+    return (model_ms - saved) / model_ms if model_ms > 0 else 1.0
 
 
 def latency_record(
-    setting: LatencySetting, model_ms: float, picked: dict[str, Option | None]
+    setting: LatencySetting, timed: Any, picked: dict[str, Option | None]
 ) -> dict[str, Any]:
     """The plan's latency facts: the deployment, dense model and layer times, the prediction.
 
-    Predicted latency = whole dense model − Σ over compressed layers (dense − chosen), i.e.
-    the measured layer times plus the measured rest of the model.
+    ``timed`` (an :class:`~tensorslim.planner.in_context.InContext`) holds the dense model and
+    the planned structure timed together: the prediction. The layer-sum prediction, whole dense
+    model − Σ over compressed layers (dense − chosen), is recorded beside it.
     """
     saved = sum(
         setting.measured[f]["dense_ms"] - float(o.latency)
         for f, o in picked.items()
         if o is not None and o.latency is not None and f in setting.measured
     )
+    model_ms = timed.dense_ms
     return {
         "deployment": setting.deployment.to_dict(),
         "dense_model_ms": model_ms,
         "dense_layers_ms": sum(m["dense_ms"] for m in setting.measured.values()),
         "measured_layers": len(setting.measured),
-        "predicted_ms": model_ms - saved,
-        "predicted_fraction": (model_ms - saved) / model_ms if model_ms > 0 else 1.0,
+        "predicted_ms": timed.planned_ms,
+        "predicted_fraction": timed.fraction,
+        "prediction": "planned structure timed in context against the dense model",
+        "layer_sum_ms": model_ms - saved,
+        "layer_sum_fraction": (model_ms - saved) / model_ms if model_ms > 0 else 1.0,
         "allow_slower": setting.allow_slower,
         "load_average": load_average(),
     }

@@ -27,8 +27,8 @@ from tensorslim.planner.apply import attach_statistics
 from tensorslim.planner.assemble import assemble_plan
 from tensorslim.planner.candidates import Candidates, gather_candidates
 from tensorslim.planner.choose import Choice, choose_options
-from tensorslim.planner.choose_measured import choose_measured
 from tensorslim.planner.latency import LatencySetting
+from tensorslim.planner.memory_format import choose_in_fastest_format
 from tensorslim.planner.records import CompressionPlan
 from tensorslim.planner.survey import (
     NEVER_CALLED,
@@ -86,10 +86,15 @@ def plan(
     kept exactly (see :mod:`tensorslim.planner.ties`). A plan never unties a weight.
     ``deployment``: the setting latencies are measured in (``Deployment(batch=8, threads=1,
     memory_format="channels_last", backend="onnxruntime")`` or ``"batch=8,threads=1"``; default:
-    the example's batch size, ``torch.get_num_threads()``, NCHW, eager). Under any budget a
+    the example's batch size, ``torch.get_num_threads()``, eager, memory format "auto": a
+    convolutional model is planned in NCHW and in channels_last and the layout of the faster
+    compressed model kept, against the faster dense layout, see
+    :mod:`tensorslim.planner.memory_format`). Under any budget a
     decomposition method's compressed layers are timed there against their dense form and an
     option measured slower is never chosen (the layer stays dense, its reason gives the times)
-    unless ``allow_slower=True`` (``None``: :data:`ALLOW_SLOWER_BY_DEFAULT`, False);
+    unless ``allow_slower=True`` (``None``: :data:`ALLOW_SLOWER_BY_DEFAULT`, False); a
+    FLOPs or params budget is then met where it buys measured time (least error per ms saved,
+    see :mod:`tensorslim.planner.choose_measured`);
     ``budget="latency=0.5"`` spends measured per-layer latency. ``latency_cache`` (a
     :class:`~tensorslim.analysis.timing.LatencyCache`, optionally on disk) reuses timings.
     ``fold_bn``: fold every BatchNorm that follows a conv into it first (:mod:`tensorslim.fold`;
@@ -138,7 +143,7 @@ def _choose(
     """Allocate: by measured latency when the plan times layers under a budget (``setting``
     from :func:`_latency_setting`), else by the budget's metric or the method's own rule."""
     if setting is not None and budget is not None:
-        return choose_measured(model, method, budget, candidates, survey, setting)
+        return choose_in_fastest_format(model, method, budget, candidates, survey, setting)[0]
     totals = {"flops": survey.model_flops, "params": survey.model_params}
     return choose_options(method, budget, candidates, survey.infos, totals)
 

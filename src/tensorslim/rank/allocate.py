@@ -11,6 +11,16 @@ accurate points (the refund).
 Caps on a second metric (``caps``): an option that costs more than its dense layer in a capped
 metric is never taken; a cap below the dense total is met by walking the hulls of a combined cost
 c_target/T_target + λ·c_cap/T_cap for a few λ and keeping the feasible choice of least error.
+
+Spending another metric (``spend="latency"``): the budget's metric still decides how much is
+saved, the spent metric decides where. The walk follows each layer's hull of (measured ms,
+error²), taking the step with the least error added per ms saved, until the budget's need (and
+every cap) is met; the refund then moves layers back along the same hulls. Stopping on another
+metric than the one walked is not Lagrangian-optimal (an option that saves FLOPs can be off the
+latency hull, a refund can give back time), so the walk is repeated on blended costs
+ms/T_ms + w·c/T_c for a few w, and on c alone (the least-error allocation); of those meeting
+the need the one of least total ms is kept (ties: least error). Under ``flops=0.5`` FLOPs are
+thus spent where they buy time, and the plan is never predicted slower than the least-error one.
 """
 
 from __future__ import annotations
@@ -26,6 +36,8 @@ from tensorslim.rank.budget import METRICS
 
 # weights of the capped metric relative to the target metric tried when a cap must save cost
 CAP_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 10.0, 100.0)
+# weights of the budget's metric relative to the spent one, tried in order until the need is met
+SPEND_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 10.0, 100.0)
 
 Point = tuple[float, float, Option | None]  # (cost, error², option); None = dense
 CostFn = Callable[["LayerChoices", Option | None], float]
@@ -112,8 +124,12 @@ def allocate(
     *,
     refund: bool = True,
     caps: Mapping[str, int] | None = None,
+    spend: str | None = None,
 ) -> tuple[dict[str, Option | None], int]:
     """Pick one option per layer (None = dense) saving at least ``target_saving`` in ``metric``.
+
+    ``spend`` (e.g. "latency", every option measured): choose where to save by the least error
+    per unit of ``spend`` saved, while the need stays in ``metric`` (see the module docstring).
 
     ``caps`` maps another metric to the saving it needs: > 0 a global saving; 0 (a cap of 1.0)
     no layer may cost more than dense in it; < 0 (a cap above 1.0) the model may grow in it by
@@ -133,6 +149,10 @@ def allocate(
     if strict:
         layers = [_within_caps(layer, strict) for layer in layers]
     needs = {metric: target_saving, **{m: s for m, s in caps.items() if s != 0}}
+    if spend is not None and spend != metric:
+        spent = _spend(layers, spend, metric, needs, refund)
+        if spent is not None:
+            return spent
     if len(needs) == 1:
         picked, saved = _walk(layers, metric_cost(metric), needs, refund)
         return picked, saved[metric]
@@ -169,10 +189,43 @@ def _allocate_with_cap(
     return best[2], best[3][metric]
 
 
+def _spend(
+    layers: list[LayerChoices], spend: str, metric: str, needs: dict[str, int], refund: bool
+) -> tuple[dict[str, Option | None], int] | None:
+    """Of the walks along hulls of ``spend`` blended with ``metric`` (every weight of
+    :data:`SPEND_WEIGHTS`, and ``metric`` alone: the least-error walk), the one meeting every
+    need at the least total ``spend`` (ties: least error); ``None`` if none meets them."""
+    scale = {m: max(1e-30, sum(layer.dense(m) for layer in layers)) for m in (spend, metric)}
+    best: tuple[float, float, dict[str, Option | None], int] | None = None
+    for weight in (*SPEND_WEIGHTS, None):
+
+        def cost(layer: LayerChoices, option: Option | None, w: float | None = weight) -> float:
+            if w is None:
+                return metric_cost(metric)(layer, option)
+            return (
+                metric_cost(spend)(layer, option) / scale[spend]
+                + w * metric_cost(metric)(layer, option) / scale[metric]
+            )
+
+        picked, saved = _walk(layers, cost, needs, refund, front=cost)
+        if any(saved[m] < need for m, need in needs.items()):
+            continue
+        total = sum(metric_cost(spend)(layer, picked[layer.fqn]) for layer in layers)
+        error = sum(float(o.error) ** 2 for o in picked.values() if o is not None)
+        if best is None or (total, error) < best[:2]:
+            best = (total, error, picked, saved[metric])
+    return None if best is None else (best[2], best[3])
+
+
 def _walk(
-    layers: list[LayerChoices], cost: CostFn, needs: dict[str, int], refund: bool
+    layers: list[LayerChoices],
+    cost: CostFn,
+    needs: dict[str, int],
+    refund: bool,
+    front: CostFn | None = None,
 ) -> tuple[dict[str, Option | None], dict[str, int]]:
-    """Greedy along each layer's hull of ``cost`` until every metric's need is met."""
+    """Greedy along each layer's hull of ``cost`` until every metric's need is met; the refund
+    moves along the Pareto fronts of ``front`` (default: the first need's metric)."""
     hulls = {layer.fqn: _hull(layer, cost) for layer in layers}
     by_fqn = {layer.fqn: layer for layer in layers}
     position = dict.fromkeys(hulls, 0)
@@ -195,7 +248,7 @@ def _walk(
         push(fqn)
     chosen = {fqn: hulls[fqn][position[fqn]][2] for fqn in hulls}
     if refund:
-        saved = _refund_overshoot(by_fqn, chosen, saved, needs)
+        saved = _refund_overshoot(by_fqn, chosen, saved, needs, front)
     return chosen, saved
 
 
@@ -224,8 +277,10 @@ def _refund_overshoot(
     chosen: dict[str, Option | None],
     saved: dict[str, int],
     needs: Mapping[str, int],
+    front: CostFn | None = None,
 ) -> dict[str, int]:
-    """Move layers to more accurate Pareto points while every saving stays ≥ its need.
+    """Move layers to more accurate Pareto points (of ``front``, default the first need's
+    metric) while every saving stays ≥ its need.
 
     The greedy walk goes along convex hulls in whole steps, so its last step can save far more
     than was still needed: on a flat spectrum the hull is a straight line and one step jumps a
@@ -233,14 +288,14 @@ def _refund_overshoot(
     metric, hull or not) with the largest error decrease that the surpluses pay for, until none
     fits. ``chosen`` is updated in place; the savings reached are returned.
     """
-    target = next(iter(needs))
-    fronts = {fqn: _pareto(layer, target) for fqn, layer in layers.items()}
+    along = front if front is not None else next(iter(needs))
+    fronts = {fqn: _pareto(layer, along) for fqn, layer in layers.items()}
     while True:
         best: tuple[float, str, Option | None, dict[str, int]] | None = None
-        for fqn, front in fronts.items():
+        for fqn, points in fronts.items():
             current = chosen[fqn]
             error = float(current.error) ** 2 if current is not None else 0.0
-            for _, point_error, option in front:
+            for _, point_error, option in points:
                 gain = error - point_error
                 if gain <= 0 or (best is not None and gain <= best[0]):
                     continue

@@ -1,0 +1,130 @@
+"""``memory_format="auto"``: a convolutional model planned in its fastest measured layout.
+
+oneDNN runs a dense 3×3 convolution several times faster in channels_last than in NCHW on some
+shapes and not on others, and a factorized layer (1×1 convolutions, thin k×k cores) gains
+differently from its dense form. So neither layout is right for every model: with "auto" the
+plan is made twice, once per layout (each layer's options timed in it, the dense model timed in
+it), and the layout whose compressed model is predicted faster is kept. The dense baseline is
+the dense model in *its* faster layout, so a plan's predicted fraction (and a latency budget)
+is against the fastest dense model, not the slower layout of it.
+
+The latency record gains ``memory_format``: the chosen layout, the dense model's faster layout,
+and per layout the dense model's measured ms and the compressed model's predicted ms.
+
+The choice is one layout for the whole model (both layouts measured); the issue's "fastest
+format per layer chain" (conversions between chains) is not done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from torch import nn
+
+from tensorslim.analysis.deployment import (
+    AUTO,
+    FORMATS,
+    Deployment,
+    at_batch,
+    evaluating,
+    make_runner,
+)
+from tensorslim.analysis.timing import Timing, time_interleaved
+from tensorslim.errors import TensorslimError
+from tensorslim.inputs import ForwardFn
+from tensorslim.methods.base import Method
+from tensorslim.planner.candidates import Candidates
+from tensorslim.planner.choose import Choice
+from tensorslim.planner.choose_measured import choose_measured
+from tensorslim.planner.latency import LatencySetting
+from tensorslim.planner.survey import ModelSurvey
+from tensorslim.rank.budget import Budget
+
+
+def formats_to_try(model: nn.Module, deployment: Deployment) -> tuple[str, ...]:
+    """The layouts "auto" compares: both for an eager model with 2-D convolutions, else NCHW
+    (channels_last changes nothing without 4-D activations; ONNX Runtime picks its own)."""
+    if deployment.memory_format != AUTO:
+        return (deployment.memory_format,)
+    has_conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
+    return FORMATS if has_conv and deployment.backend == "eager" else ("nchw",)
+
+
+def choose_in_fastest_format(
+    model: nn.Module,
+    method: Method,
+    budget: Budget,
+    candidates: Candidates,
+    survey: ModelSurvey,
+    setting: LatencySetting,
+) -> tuple[Choice, LatencySetting]:
+    """The measured choice in the layout where the compressed model is predicted fastest, and
+    the setting it was measured in (its deployment's layout concrete).
+
+    The dense model is timed in both layouts interleaved (one run, so a load change does not
+    pick the layout); each layout's plan is predicted as a fraction of the dense model in that
+    layout (timed in context), so the compressed model in layout f is priced
+    fraction_f · dense_f and the one of least price kept, its fraction restated against the
+    faster dense layout.
+    """
+    formats = formats_to_try(model, setting.deployment)
+    settings = {
+        f: dataclasses.replace(setting, deployment=setting.deployment.in_format(f), measured={})
+        for f in formats
+    }
+    if len(formats) == 1:
+        (only,) = settings.values()
+        return choose_measured(model, method, budget, candidates, survey, only), only
+    dense = dense_in_layouts(model, survey, settings, setting.forward_fn)
+    fastest_dense = min(dense, key=dense.__getitem__)
+    choices = {
+        f: choose_measured(
+            model, method, budget, candidates, survey, s, dense[fastest_dense] / dense[f]
+        )
+        for f, s in settings.items()
+    }
+    price = {f: c.latency["predicted_fraction"] * dense[f] for f, c in choices.items()}  # type: ignore[index]
+    chosen = min(price, key=price.__getitem__)
+    choice = choices[chosen]
+    record: dict[str, Any] = choice.latency  # type: ignore[assignment]
+    record["memory_format"] = {
+        "chosen": chosen,
+        "dense": fastest_dense,
+        "formats": {f: {"dense_ms": dense[f], "predicted_ms": price[f]} for f in formats},
+    }
+    record["dense_model_ms"] = dense[fastest_dense]
+    record["predicted_ms"] = price[chosen]
+    record["predicted_fraction"] = price[chosen] / dense[fastest_dense]
+    return choice, settings[chosen]
+
+
+def dense_in_layouts(
+    model: nn.Module,
+    survey: ModelSurvey,
+    settings: dict[str, LatencySetting],
+    forward_fn: ForwardFn | None,
+) -> dict[str, float]:
+    """The dense model's ms in every layout of ``settings``, timed interleaved in one run."""
+    models = {f: (model, s.deployment) for f, s in settings.items()}
+    timed = time_in_deployments(models, survey.example, forward_fn)
+    return {f: t.ms for f, t in timed.items()}
+
+
+def time_in_deployments(
+    models: dict[str, tuple[nn.Module, Deployment]],
+    example: Any,
+    forward_fn: ForwardFn | None = None,
+) -> dict[str, Timing]:
+    """Whole models, each in its own deployment (e.g. dense in its faster layout, compressed in
+    its own), on ``example`` at the deployments' batch, timed interleaved (one thread count)."""
+    deployments = [d for _, d in models.values()]
+    if len({(d.batch, d.threads) for d in deployments}) != 1:
+        raise TensorslimError("time_in_deployments: give every deployment one batch and threads")
+    x = at_batch(example, deployments[0].batch)
+    # in place where the layout needs no conversion (a copy of the whole model otherwise)
+    with evaluating(*(m for m, _ in models.values())):
+        runners = {
+            name: make_runner(m, x, d, forward_fn, in_place=True) for name, (m, d) in models.items()
+        }
+        return time_interleaved(runners, deployments[0].threads, min_rounds=12)

@@ -1,0 +1,67 @@
+"""memory_format="auto": a convolutional model planned in both layouts, the faster kept."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import tensorslim as ts
+from tensorslim.analysis.deployment import Deployment
+from tensorslim.planner.memory_format import formats_to_try
+
+pytestmark = pytest.mark.measured_latency
+
+
+def convnet() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(8, 48, 3, padding=1), nn.ReLU(), nn.Conv2d(48, 48, 3, padding=1), nn.ReLU()
+    )
+
+
+def test_auto_is_the_default_and_compares_layouts_only_for_eager_convolutions() -> None:
+    assert Deployment().memory_format == "auto"
+    assert formats_to_try(convnet(), Deployment()) == ("nchw", "channels_last")
+    assert formats_to_try(convnet(), Deployment(backend="onnxruntime")) == ("nchw",)
+    assert formats_to_try(nn.Linear(4, 4), Deployment()) == ("nchw",)
+    assert formats_to_try(convnet(), Deployment(memory_format="channels_last")) == (
+        "channels_last",
+    )
+
+
+def test_auto_plans_in_the_layout_of_the_faster_compressed_model() -> None:
+    model, x = convnet(), torch.randn(1, 8, 16, 16)
+    plan = ts.plan(model, "svd", "flops=0.5", x, deployment=Deployment(batch=2, threads=1))
+    record = plan.latency
+    layouts = record["memory_format"]
+    formats = layouts["formats"]
+    assert set(formats) == {"nchw", "channels_last"}
+    chosen, dense = layouts["chosen"], layouts["dense"]
+    assert record["deployment"]["memory_format"] == chosen
+    # the compressed model in its layout, against the dense model in its own faster one
+    assert formats[chosen]["predicted_ms"] == min(f["predicted_ms"] for f in formats.values())
+    assert record["dense_model_ms"] == min(f["dense_ms"] for f in formats.values())
+    assert formats[dense]["dense_ms"] == record["dense_model_ms"]
+    assert record["predicted_fraction"] == pytest.approx(
+        formats[chosen]["predicted_ms"] / record["dense_model_ms"]
+    )
+    for lp in plan.compressed_layers:  # measured in the chosen layout, never slower there
+        assert lp.extra["latency_ms"] < lp.extra["dense_latency_ms"]
+
+
+def test_a_model_without_convolutions_is_planned_in_nchw_once() -> None:
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(256, 256), nn.ReLU()), torch.randn(8, 256)
+    plan = ts.plan(model, "svd", "flops=0.5", x, deployment=Deployment(batch=8, threads=1))
+    assert plan.latency["deployment"]["memory_format"] == "nchw"
+    assert "memory_format" not in plan.latency
+
+
+def test_a_latency_budget_is_a_fraction_of_the_faster_dense_layout() -> None:
+    from tensorslim.planner.choose_measured import _in_this_layout
+
+    budget = ts.Budget(latency=0.5)
+    # dense takes 20 ms in this layout, 10 ms in the faster one: aim at 5 ms, 0.25 of 20
+    assert _in_this_layout(budget, 10.0 / 20.0) == ts.Budget(latency=0.25)
+    assert _in_this_layout(budget, 1.0) == budget
