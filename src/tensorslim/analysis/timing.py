@@ -35,13 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tensorslim.analysis.deployment import (
-    Deployment,
-    Runner,
-    at_batch,
-    evaluating,
-    make_runner,
-)
+from tensorslim.analysis.deployment import Deployment, Runner, at_batch, make_runner
 from tensorslim.errors import TensorslimError
 from tensorslim.inputs import ForwardFn, first_tensor_shape
 
@@ -135,8 +129,11 @@ def _one_round(run: Runner, number: int) -> tuple[float, float]:
 
 
 def _iterations(run: Runner, round_time: float) -> int:
-    """Calls per round so one round of this runner lasts about ``round_time`` seconds."""
-    once = min(_one_round(run, 1)[1] for _ in range(3))  # also a warm-up
+    """Calls per round so one round of this runner lasts about ``round_time`` seconds (a
+    runner whose one call already lasts that long is not called again: a whole model)."""
+    once = _one_round(run, 1)[1]  # also a warm-up
+    if once < round_time:
+        once = min(once, *(_one_round(run, 1)[1] for _ in range(2)))
     return max(1, min(1000, math.ceil(round_time / max(once, 1e-7))))
 
 
@@ -206,11 +203,11 @@ def layer_input(shape: tuple[int, ...], deployment: Deployment) -> torch.Tensor:
     return torch.randn((deployment.batch, *shape[1:]), generator=generator)
 
 
-# a layer's comparison: short rounds, stopped once the best round held for 3 rounds (a layer is
+# a layer's comparison: short rounds, stopped once the best round held for 2 rounds (a layer is
 # timed once per signature and plan; its decisions need a few per cent, not a long benchmark)
-LAYER_ROUNDS: dict[str, Any] = {"min_rounds": 5, "patience": 3, "round_time": 0.0005}
+LAYER_ROUNDS: dict[str, Any] = {"min_rounds": 4, "patience": 2, "round_time": 0.0003}
 # whole models: a prediction check, a few more rounds (one forward is one round)
-MODEL_ROUNDS: dict[str, Any] = {"min_rounds": 8, "patience": 4}
+MODEL_ROUNDS: dict[str, Any] = {"min_rounds": 6, "patience": 3}
 
 
 def time_against_reference(
@@ -228,7 +225,7 @@ def time_against_reference(
 
     def runners(todo: dict[str, nn.Module]) -> dict[str, Runner]:
         x = layer_input(shape, deployment)
-        return {name: make_runner(m, x, deployment, in_place=True) for name, m in todo.items()}
+        return {name: make_runner(m, x, deployment) for name, m in todo.items()}
 
     return _against_reference(dense, variants, shape, deployment, cache, runners, LAYER_ROUNDS)
 
@@ -248,10 +245,7 @@ def time_models_against_reference(
 
     def runners(todo: dict[str, nn.Module]) -> dict[str, Runner]:
         x = at_batch(example, deployment.batch)
-        return {
-            name: make_runner(m, x, deployment, forward_fn, in_place=True)
-            for name, m in todo.items()
-        }
+        return {name: make_runner(m, x, deployment, forward_fn) for name, m in todo.items()}
 
     return _against_reference(dense, variants, shape, deployment, cache, runners, MODEL_ROUNDS)
 
@@ -270,12 +264,7 @@ def _against_reference(
     keys = {name: cache.key(m, shape, deployment) for name, m in variants.items()}
     todo = {name: m for name, m in variants.items() if cache.get(keys[name]) is None}
     if todo or cache.get(dense_key) is None:
-        # in place, in eval mode (no copies): a whole model copied for its timing was a second
-        # GPT-2 in memory; the variants are the caller's own skeletons
-        with evaluating(dense, *todo.values()):
-            timed = time_interleaved(
-                runners({REFERENCE: dense, **todo}), deployment.threads, **rounds
-            )
+        timed = time_interleaved(runners({REFERENCE: dense, **todo}), deployment.threads, **rounds)
         if cache.get(dense_key) is None:
             cache.put(dense_key, timed[REFERENCE].ms)
         reference = cache.get(dense_key)
@@ -294,18 +283,10 @@ def time_models(
     forward_fn: ForwardFn | None = None,
 ) -> dict[str, Timing]:
     """Whole models on ``example`` (its first sample repeated to the deployment's batch),
-    interleaved; never cached (a whole model is timed to check the per-layer prediction).
-
-    The models run in place, in eval mode for the timing (their modes restored after): a copy
-    of a whole model would double the memory planning needs (one is made only where the
-    deployment converts the dtype or layout)."""
+    interleaved; never cached (a whole model is timed to check the per-layer prediction)."""
     x = at_batch(example, deployment.batch)
-    with evaluating(*models.values()):
-        runners = {
-            name: make_runner(m, x, deployment, forward_fn, in_place=True)
-            for name, m in models.items()
-        }
-        return time_interleaved(runners, deployment.threads, min_rounds=12)
+    runners = {name: make_runner(m, x, deployment, forward_fn) for name, m in models.items()}
+    return time_interleaved(runners, deployment.threads, min_rounds=12)
 
 
 def load_average() -> float:
