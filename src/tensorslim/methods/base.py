@@ -109,6 +109,11 @@ class Method(abc.ABC):
 
             _register(cls)
 
+    def weighs_layers(self) -> bool:
+        """Whether the planner should weight each layer's output error by the model output's
+        sensitivity to it (``LayerStats.sensitivity``) when it allocates a budget."""
+        return False
+
     def settings(self) -> dict[str, Any]:
         """The constructor arguments that rebuild this method (stored in the plan)."""
         if dataclasses.is_dataclass(self):
