@@ -353,7 +353,9 @@ def notes_for(rows, args, distill_minutes: float, met: dict, seconds: float) -> 
         f"calibration, {args.distill_sentences + args.extra_distill} distillation and "
         f"{args.evaluation} evaluation "
         "sentences, disjoint. Calibration: all calibration sentences (batches of 32). "
-        "svd allocates by weight error without data; asvd, svd_llm and fwsvd by output error "
+        "svd allocates by weight error without data; asvd, svd_llm and fwsvd by output error, "
+        "each layer's squared error weighted by the output's sensitivity to it "
+        '(allocation="sensitivity"; rows marked @paper: unweighted relative errors) '
         "(fwsvd's Fisher from a sampled-Gaussian loss on the pooled embedding).",
         f"Distillation: {args.distill_sentences + args.extra_distill} unlabeled sentences, "
         "1 epoch, batch 32, AdamW lr "
