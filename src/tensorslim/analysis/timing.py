@@ -12,7 +12,9 @@ while its best CPU-time round was stable within a few per cent.
 :func:`time_against_reference` times structured variants of one layer interleaved with the
 layer's dense form; a variant's latency is its ratio to the dense layer in that run times
 the dense layer's reference latency (its first measurement), so variants timed in different runs,
-under a different machine load, stay comparable. :class:`LatencyCache` keeps those numbers keyed
+under a different machine load, stay comparable (:func:`time_models_against_reference` does the
+same for whole models). A layer's comparison uses short rounds (:data:`LAYER_ROUNDS`), a whole
+model's a few more (:data:`MODEL_ROUNDS`). :class:`LatencyCache` keeps those numbers keyed
 by the module's structure, the input shape, the deployment, the machine and the library versions
 — passed explicitly, never global — and can live in a JSON file so replanning is cheap.
 """
