@@ -115,7 +115,7 @@ def _latency_choice(
     # by_budget's notes speak of the layer-sum target it was given: restated for the budget
     choice.notes = [n for n in choice.notes if not n.startswith("budget latency=")]
     note = _reachable_note(budget, candidates.choices, totals["latency"])
-    if note:
+    if note and timed.fraction > budget.fraction * (1 + TOLERANCE):  # (the layer sum's figure)
         choice.notes.append(note)
     if ask != budget.fraction:
         choice.notes.append(
