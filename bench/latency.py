@@ -61,6 +61,7 @@ COLUMNS = [
     "measured",
     "predicted",
     "pred_err",
+    "sum_err",
     "flops",
     "params",
     "compressed",
@@ -174,6 +175,7 @@ def one_plan(
         "measured": measured,
         "predicted": predicted,
         "pred_err": predicted / measured - 1 if predicted is not None else None,
+        "sum_err": _layer_sum(the_plan.latency) / measured - 1 if the_plan.latency else None,
         "flops": the_plan.estimated_flops / the_plan.model_flops,
         "params": the_plan.estimated_params / the_plan.model_params,
         "compressed": len(the_plan.compressed_layers),
@@ -216,6 +218,16 @@ def _time_pair(
         "small": (small, Deployment(**{**small_where.to_dict(), "threads": threads})),
     }
     return time_in_deployments(models, example), label
+
+
+def _layer_sum(record: dict[str, Any]) -> float:
+    """The plan's layer-sum prediction (dense model − Σ layer savings) against the dense model
+    the measurement uses (with "auto", the faster dense layout)."""
+    layouts = record.get("memory_format")
+    if not layouts:
+        return float(record["layer_sum_fraction"])
+    dense = {f: v["dense_ms"] for f, v in layouts["formats"].items()}
+    return float(record["layer_sum_fraction"]) * dense[layouts["chosen"]] / dense[layouts["dense"]]
 
 
 def _slower_layers(the_plan: Any) -> int:

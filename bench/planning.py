@@ -31,6 +31,9 @@ from common import RESULTS, WEIGHTS, facts, fashion_loaders, trained_model, writ
 from tensorslim.models import create_model
 
 TAG = "planning-2k-1ep"
+# a case planned a second time, in a new process, with the on-disk latency cache the first left
+CACHED = {"resnet56-svd-cached": "resnet56-svd"}
+CACHE_DIR = RESULTS / "latency_cache"
 # method → (settings, budget) as the cross-method comparison runs them (bench/compare.py)
 METHODS: dict[str, tuple[dict[str, Any], str]] = {
     "svd": ({"scheme": "best"}, "flops=0.5"),
@@ -46,6 +49,7 @@ CASES: dict[str, tuple[str, str, int, dict[str, float]]] = {
     "resnet20-tucker": ("resnet20", "tucker", 1, {"plan_cpu_s": 5, "peak_mb": 1024}),
     "resnet20-cp": ("resnet20", "cp", 1, {"plan_cpu_s": 20, "peak_mb": 1024}),
     "resnet56-svd": ("resnet56", "svd", 1, {"total_cpu_s": 1}),
+    "resnet56-svd-cached": ("resnet56", "svd", 1, {}),
     "bert-svd": ("bert-base", "svd", 2, {"total_wall_s": 60}),
     "vgg11-classifier-svd": ("vgg11-classifier", "svd", 1, {}),
     "resnet20-tt": ("resnet20", "tt", 1, {}),
@@ -127,15 +131,24 @@ def _time_candidates_stage() -> dict[str, float]:
 
 
 def worker(case: str) -> dict[str, Any]:
-    """Run one case in this (fresh) process; its measurements."""
+    """Run one case in this (fresh) process; its measurements. A case in :data:`CACHED` and the
+    case it repeats keep their layer timings in an on-disk cache (the first starts it empty)."""
     model_name, method, threads, _ = CASES[case]
     torch.set_num_threads(threads)
     model, example = build(model_name)
     settings, budget = METHODS[method]
+    cache = None
+    if case in CACHED or case in CACHED.values():
+        path = CACHE_DIR / f"planning-{CACHED.get(case, case)}.json"
+        if case not in CACHED:
+            path.unlink(missing_ok=True)
+        cache = ts.LatencyCache(path)
     model_mb = _peak_mb()
     stage = _time_candidates_stage()
     cpu, wall = time.process_time(), time.perf_counter()
-    plan = ts.plan(model, method, budget, example, **settings)
+    plan = ts.plan(model, method, budget, example, latency_cache=cache, **settings)
+    if cache is not None:
+        cache.save()
     plan_cpu, plan_wall = time.process_time() - cpu, time.perf_counter() - wall
     cpu, wall = time.process_time(), time.perf_counter()
     ts.apply(model, plan)
@@ -221,13 +234,19 @@ def report(rows: list[dict[str, Any]], name: str = "planning") -> None:
         "before → after the case, on 2 cores shared with other jobs.",
         "plan_cpu_s is the whole `ts.plan` call: the survey, the candidates stage "
         "(`candidates_cpu_s`: the decompositions, this benchmark's subject) and choosing, which "
-        "by default times every candidate layer against its dense form (never slower; issue 17 "
-        "parts 1–3). Rows without candidates_cpu_s were measured before that column existed.",
+        "by default times each layer signature's options against its dense form (never slower; "
+        "issue 17 parts 1–3) and the planned structure against the dense model, in NCHW and "
+        "channels_last (memory_format auto). Rows without candidates_cpu_s were measured before "
+        "that column existed; rows at load ≈ 11 after the signature timing (the other rows "
+        "predate it).",
         "layers = 0 for cp: every CP layer measured slower than its dense conv, so the "
         "default never-slower rule kept them dense (the decompositions still ran). The "
         "VGG-11 classifier's 5.3 GB peak is not yet attributed: its factorization holds one "
         "4096² float32 Gram and eigenvectors (~0.2 GB); apply copies the 0.5 GB model and the "
         "latency stage builds candidate layers.",
+        "resnet56-svd plans with an empty on-disk latency cache and saves it (inside plan_cpu_s); "
+        "resnet56-svd-cached is the same plan in a new process reading that cache (a second plan "
+        "of the same model: no layer is timed again).",
         "Budgets: flops=0.5 (tt: params=0.5); settings as bench/compare.py. "
         "peak_mb is ru_maxrss of the whole process, model_mb the peak before planning.",
     ]

@@ -80,6 +80,8 @@ def compress(model, method, fraction, linears, calibration, args) -> tuple[Any, 
         kwargs.update(calibration=calibration, calibration_batches=len(calibration))
     if method == "fwsvd":
         kwargs["loss_fn"] = sampled_gaussian_loss()  # label-free Fisher of the pooled embedding
+    if method != "svd" and args.preset:
+        kwargs["preset"] = args.preset  # "paper": every layer's relative error counts alike
     example = None if "calibration" in kwargs else calibration[0]
     started = time.perf_counter()
     plan = ts.plan(model, method, budget, example, **kwargs)
@@ -87,6 +89,10 @@ def compress(model, method, fraction, linears, calibration, args) -> tuple[Any, 
     if args.refit:  # SVD-LLM's layer-wise closed-form update of the right factors
         ts.refit_right_factors(model, small, calibration, batches=len(calibration))
     return plan, small, time.perf_counter() - started
+
+
+def _preset_suffix(method: str, args) -> str:
+    return f"@{args.preset}" if args.preset and method != "svd" else ""
 
 
 def scores(model: nn.Module, reference: torch.Tensor, evaluation: list) -> dict[str, float]:
@@ -100,7 +106,7 @@ def run_config(model, method, fraction, data, reference, args) -> dict[str, Any]
         model, method, fraction, linears, data["calibration"], args
     )
     row: dict[str, Any] = {
-        "method": method + ("+refit" if args.refit else ""),
+        "method": method + ("+refit" if args.refit else "") + _preset_suffix(method, args),
         "target": fraction,
         "linear_params": linear_fraction(plan, linears),
         "model_params": plan.estimated_params / plan.model_params,
@@ -112,7 +118,7 @@ def run_config(model, method, fraction, data, reference, args) -> dict[str, Any]
     if args.distill_sentences:
         started = time.perf_counter()
         ts.distill(
-            no_dropout(small), model, data["distillation"], epochs=1, loss="hidden",
+            no_dropout(small), model, data["distillation"], epochs=1, loss=args.distill_loss,
             lr=args.lr, progress=False, only_structured=args.only_structured,
         )  # fmt: skip
         row["distill_seconds"] = time.perf_counter() - started
@@ -192,7 +198,7 @@ def main() -> None:
     done = {(r["method"], r["target"]) for r in rows}
     started = time.perf_counter()
     for method, fraction in configurations(args):
-        if (method, fraction) in done:
+        if (method + _preset_suffix(method, args), fraction) in done:
             continue
         row = run_config(model, method, fraction, data, reference, args)
         small = row.pop("_model")
@@ -221,11 +227,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--evaluation", type=int, default=400, help="held-out sentences")
     p.add_argument("--extra-distill", type=int, default=0, help="more distillation sentences")
     p.add_argument("--lr", type=float, default=1e-4, help="distillation learning rate (AdamW)")
+    p.add_argument("--distill-loss", default="hidden", choices=["hidden", "layers", "pooled"])
     p.add_argument("--latency-reps", type=int, default=5)
     p.add_argument("--latency-method", default="svd_llm")
     p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--fractions", nargs="+", type=float, default=list(FRACTIONS))
     p.add_argument("--refit", action="store_true", help="refit right factors after apply")
+    p.add_argument("--preset", default="", help="preset of the data-aware methods (paper)")
     p.add_argument("--only-structured", action="store_true", help="distil the factors only")
     p.add_argument("--svd-calibrated", action="store_true", help="svd allocates in output space")
     p.add_argument("--name", default=NAME)
@@ -241,6 +249,11 @@ COLUMNS = [
     "before_spearman", "before_top1", "after_mean_cos", "after_min_cos", "after_spearman",
     "after_top1", "plan_seconds", "distill_seconds",
 ]  # fmt: skip
+DISTILL_LOSSES = {
+    "hidden": "token hidden-state MSE + cosine",
+    "layers": "MSE + cosine on every layer's token hidden states",
+    "pooled": "mean-pooled embedding MSE + cosine",
+}
 LATENCY_COLUMNS = [
     "method", "target", "linear_params", "dense_ms_1t", "small_ms_1t", "latency_ratio_1t",
     "dense_ms_2t", "small_ms_2t", "latency_ratio_2t",
@@ -308,7 +321,12 @@ def report(rows: list[dict[str, Any]], args, seconds: float, model_path: Path) -
             "distillation": distilled,
             "evaluation": args.evaluation,
         },
-        "distill": {"epochs": 1, "lr": args.lr, "loss": "hidden (MSE + cosine)", "batch": 32},
+        "distill": {
+            "epochs": 1,
+            "lr": args.lr,
+            "loss": DISTILL_LOSSES[args.distill_loss],
+            "batch": 32,
+        },
         "distill_minutes_total": distill_minutes,
         "wall_minutes": seconds / 60,
         "rows": rows,
@@ -339,7 +357,7 @@ def notes_for(rows, args, distill_minutes: float, met: dict, seconds: float) -> 
         "(fwsvd's Fisher from a sampled-Gaussian loss on the pooled embedding).",
         f"Distillation: {args.distill_sentences + args.extra_distill} unlabeled sentences, "
         "1 epoch, batch 32, AdamW lr "
-        f"{args.lr}, token hidden-state MSE + cosine, dropout off; "
+        f"{args.lr}, {DISTILL_LOSSES[args.distill_loss]}, dropout off; "
         f"{statistics.mean(per) if per else 0:.1f} min per configuration, "
         f"{distill_minutes:.1f} min in all. Whole run {seconds / 60:.1f} min.",
         "Latency is measured on the " + args.latency_method + " structure at each budget (the "

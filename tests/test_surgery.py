@@ -10,7 +10,13 @@ import tensorslim as ts
 from tensorslim.errors import TensorslimError
 from tensorslim.layers.attention import LowRankMultiheadAttention
 from tensorslim.layers.lowrank import LowRankLinear
-from tensorslim.surgery import references, replace_module, replace_modules, select_modules
+from tensorslim.surgery import (
+    copy_structure,
+    references,
+    replace_module,
+    replace_modules,
+    select_modules,
+)
 
 DOUBLE = torch.float64
 
@@ -197,3 +203,33 @@ def test_plan_selects_a_shared_module_by_either_name(zoo: Zoo) -> None:
     assert "heads.tied" not in [lp.fqn for lp in excluded.compressed_layers]
     small = ts.apply(zoo, by_second)
     assert isinstance(small.stack[1], LowRankLinear) and small.stack[1] is small.heads["tied"]
+
+
+def test_copy_structure_shares_tensors_and_never_changes_the_original() -> None:
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU()).train()
+    model[1].running_mean.fill_(0.5)
+    copied = copy_structure(model).eval()
+    assert model.training and model[0].training and not copied[0].training
+    assert copied[0].weight is model[0].weight and copied[1].running_mean is model[1].running_mean
+    replace_module(copied, "2", nn.Identity())
+    assert isinstance(model[2], nn.ReLU) and isinstance(copied[2], nn.Identity)
+    x = torch.randn(2, 2, 6, 6)
+    with torch.no_grad():
+        got = copied(x)  # conv → BatchNorm with the running statistics → identity
+        want = (model[0](x) - 0.5) / torch.sqrt(torch.tensor(1.0 + model[1].eps))
+        torch.testing.assert_close(
+            got, want * model[1].weight[:, None, None] + model[1].bias[:, None, None]
+        )
+    model.eval()
+
+    def last(t: torch.Tensor) -> torch.Tensor:
+        return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
+
+    converted = copy_structure(model, last)
+    assert converted[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert model[0].weight.is_contiguous() and converted[0].bias is model[0].bias
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), model(x))
+    shared = nn.Linear(3, 3)
+    tied = copy_structure(nn.Sequential(shared, shared))
+    assert tied[0] is tied[1] and tied[0] is not shared

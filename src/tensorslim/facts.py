@@ -56,7 +56,9 @@ class LayerStats:
     - ``sq_mean``: mean x_j² per input column j (d);
     - ``output_energy``: Σ ‖y‖² of the layer's outputs (bias included);
     - ``fisher``: Σ over batches of (∂loss/∂W)², the weight's shape (float64), when a loss was
-      given.
+      given;
+    - ``sensitivity``: Σ over batches (and calls) of ‖∂loss/∂y‖²_F, the squared gradient of the
+      loss with respect to the layer's whole output y, when a loss was given.
 
     Fields are ``None`` when no method asked for them.
     """
@@ -68,6 +70,7 @@ class LayerStats:
     sq_mean: torch.Tensor | None = None
     output_energy: float | None = None
     fisher: torch.Tensor | None = None
+    sensitivity: float | None = None
 
 
 @dataclass(frozen=True)

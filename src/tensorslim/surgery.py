@@ -8,6 +8,7 @@ train/eval mode.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable
 
 import torch
@@ -106,3 +107,46 @@ def replace_modules(
             replace_module(model, fqn, new)
             replaced[fqn] = new
     return replaced
+
+
+TensorFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def copy_structure(model: nn.Module, convert: TensorFn | None = None) -> nn.Module:
+    """A new module tree of ``model``'s structure whose parameters and buffers are ``model``'s
+    own tensors (no weight is copied), or ``convert(tensor)`` where that returns a new tensor
+    (a dtype or layout change: a new frozen parameter; ``model``'s are never changed).
+
+    Each module is a shallow copy with its own parameter, buffer and child dicts, so replacing
+    a child, switching the train/eval mode or converting tensors in the copy leaves ``model``
+    as it was; modules shared within ``model`` stay shared in the copy. For running and timing:
+    the copy shares ``model``'s storage (an in-place update of a weight shows in both).
+    """
+    memo: dict[int, nn.Module] = {}
+
+    def tensors(table: dict, parameters: bool) -> dict:
+        out = {}
+        for name, t in table.items():
+            new = convert(t.detach()) if convert is not None and t is not None else None
+            if (
+                new is None
+                or new is t
+                or (new.data_ptr() == t.data_ptr() and new.stride() == t.stride())
+            ):
+                out[name] = t
+            else:
+                out[name] = nn.Parameter(new, requires_grad=False) if parameters else new
+        return out
+
+    def clone(module: nn.Module) -> nn.Module:
+        if id(module) not in memo:
+            new = copy.copy(module)
+            memo[id(module)] = new
+            new._parameters = tensors(module._parameters, parameters=True)
+            new._buffers = tensors(module._buffers, parameters=False)
+            new._modules = {
+                k: clone(m) if m is not None else None for k, m in module._modules.items()
+            }
+        return memo[id(module)]
+
+    return clone(model)

@@ -72,6 +72,27 @@ def test_fisher_is_the_sum_of_squared_batch_gradients() -> None:
         collect_statistics(net, data, {"fc": net.fc}, ["fisher"])
 
 
+def test_sensitivity_is_the_summed_squared_gradient_of_the_layer_output() -> None:
+    torch.manual_seed(0)
+    net = Net().double().eval()
+    data = [(x.double(), y) for x, y in batches()]
+    loss_fn = lambda out, batch: F.cross_entropy(out, batch[1])  # noqa: E731
+    layers = {"conv": net.conv, "fc": net.fc}
+    stats = collect_statistics(net, data, layers, ["sensitivity"], loss_fn=loss_fn, progress=False)
+    want = {"conv": 0.0, "fc": 0.0}
+    for x, y in data:
+        hidden = net.conv(x)
+        logits = net.fc(torch.relu(hidden).flatten(1))
+        grads = torch.autograd.grad(F.cross_entropy(logits, y), [hidden, logits])
+        want["conv"] += float(grads[0].pow(2).sum())
+        want["fc"] += float(grads[1].pow(2).sum())
+    for name in layers:
+        assert stats[name].sensitivity == pytest.approx(want[name], rel=1e-10)
+    assert net.fc.weight.grad is None and net.conv.weight.grad is None
+    with pytest.raises(TensorslimError, match="sensitivity statistic needs a loss"):
+        collect_statistics(net, data, layers, ["sensitivity"])
+
+
 def test_padding_modes_and_same_padding_match_the_conv_itself() -> None:
     torch.manual_seed(0)
     x = torch.randn(2, 3, 7, 6, dtype=torch.double)

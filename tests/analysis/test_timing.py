@@ -87,3 +87,29 @@ def test_time_models_is_interleaved_over_whole_models() -> None:
     assert timed["a"].ms > 0
     with pytest.raises(TensorslimError):
         make_runner(big, {"x": torch.randn(1, 256)}, Deployment(backend="onnxruntime"))
+
+
+class _Recording(nn.Module):
+    """A Linear that records, in a list its copies share, the weight storage and mode it ran in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+        self.seen: list[tuple[int, bool]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append((self.linear.weight.data_ptr(), self.training))
+        return self.linear(x)
+
+
+def test_whole_models_and_layers_are_timed_on_their_own_weights_in_eval_mode() -> None:
+    """No weight is copied to time a whole model (planning GPT-2 once held two of it), the
+    runs are in eval mode and the model's own mode is untouched."""
+    model = _Recording().train()
+    time_models({"m": model}, torch.randn(1, 8), Deployment())
+    assert model.seen and set(model.seen) == {(model.linear.weight.data_ptr(), False)}
+    assert model.training and model.linear.training
+    dense, variant = _Recording().train(), _Recording()
+    time_against_reference(dense, {"v": variant}, (1, 8), Deployment(), LatencyCache())
+    assert set(dense.seen) == {(dense.linear.weight.data_ptr(), False)} and dense.training
+    assert set(variant.seen) == {(variant.linear.weight.data_ptr(), False)}

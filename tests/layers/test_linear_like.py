@@ -46,6 +46,28 @@ def test_adapter_views_conv1d_as_the_linear_it_computes() -> None:
     torch.testing.assert_close(linear(x), layer(x), rtol=0, atol=1e-6)
     plain = nn.Linear(4, 5)
     assert as_linear(plain) is plain and as_linear(linear) is linear
+    view = as_linear(layer, copy=False)  # for planning: the same storage and version counter
+    assert view.weight.data_ptr() == layer.weight.data_ptr()
+    torch.testing.assert_close(view(x), layer(x), rtol=0, atol=1e-6)
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    assert view.weight._version == layer.weight._version
+    torch.testing.assert_close(view.weight, layer.weight.t(), rtol=0, atol=0)
+
+
+def test_planning_a_conv1d_model_keeps_no_copy_of_its_weights() -> None:
+    """The planning store (the factorizations apply reuses) holds views of the Conv1D weights:
+    a copy per layer was a second GPT-2 in memory while planning (issue 15's peak memory)."""
+    model = nn.Sequential(conv1d(12, 20), nn.ReLU(), conv1d(20, 12, seed=1)).eval()
+    plan = ts.plan(model, "svd", "params=0.6", torch.randn(2, 12), allow_slower=True)
+    store = plan.__dict__["_planner"].factorizations
+    assert len(store) >= 1
+    weights = {m.weight.untyped_storage().data_ptr() for m in model if hasattr(m, "weight")}
+    for entry in store.entries.values():
+        assert entry.weight.untyped_storage().data_ptr() in weights
+    small = ts.apply(model, plan)  # the stored factorizations still serve apply
+    x = torch.randn(3, 12)
+    assert torch.isfinite(small(x)).all() and len(store) == 0
 
 
 def test_flops_calibration_rows_and_error_matrix_use_the_out_in_orientation() -> None:

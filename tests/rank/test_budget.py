@@ -97,6 +97,15 @@ def test_allocator_prefers_the_cheapest_error_per_cost_saved() -> None:
     assert picked["b"] is b.options[0] and saved == 100
 
 
+def test_a_layer_weight_scales_its_squared_errors() -> None:
+    # the same two layers; weighting a's errors by 30 makes b (error² 0.25 < 30·0.01) go first
+    a = LayerChoices("a", 100, [opt(50, 0.1, "a50")], weight=30.0)
+    b = LayerChoices("b", 100, [opt(50, 0.5, "b50")])
+    picked, saved = allocate([a, b], "flops", 50)
+    assert picked == {"a": None, "b": b.options[0]} and saved == 50
+    assert a.loss(a.options[0]) == pytest.approx(0.3) and a.loss(None) == 0.0
+
+
 def test_unreachable_target_takes_every_cheapest_option() -> None:
     a = LayerChoices("a", 100, [opt(50, 0.1), opt(30, 0.4, "cheapest")])
     picked, saved = allocate([a], "flops", 1000)

@@ -7,7 +7,12 @@ import pytest
 import torch
 
 import tensorslim as ts
-from tensorslim.train.losses import hidden_state_distillation, pooled_embedding_distillation
+from tensorslim.errors import TensorslimError
+from tensorslim.train.losses import (
+    hidden_state_distillation,
+    layer_distillation,
+    pooled_embedding_distillation,
+)
 
 transformers = pytest.importorskip(
     "transformers", reason="transformers (the .[hf] extra) is absent"
@@ -48,7 +53,7 @@ def hidden_error(student, teacher, batches, pooled: bool) -> float:
     return (num / den) ** 0.5
 
 
-@pytest.mark.parametrize("loss", ["hidden", "pooled"])
+@pytest.mark.parametrize("loss", ["hidden", "layers", "pooled"])
 def test_distillation_moves_the_student_toward_the_teacher(loss: str) -> None:
     teacher = tiny_bert()
     data = unlabeled(6)
@@ -59,8 +64,25 @@ def test_distillation_moves_the_student_toward_the_teacher(loss: str) -> None:
     history = ts.distill(student, teacher, data, epochs=4, loss=loss, lr=1e-4, progress=False)
     assert len(history.epochs) == 4 and "train_distill_loss" in history.epochs[-1]
     assert history.epochs[-1]["train_distill_loss"] < history.epochs[0]["train_distill_loss"]
-    if loss == "hidden":  # a random tiny BERT: only the token-level signal generalises reliably
+    if loss != "pooled":  # a random tiny BERT: only the token-level signal generalises reliably
         assert hidden_error(student, teacher, held_out, False) < before
+
+
+def test_layer_loss_is_the_mean_of_each_layers_hidden_state_loss() -> None:
+    g = torch.Generator().manual_seed(0)
+    student = [torch.randn(2, 5, 4, generator=g) for _ in range(4)]  # embeddings + 3 layers
+    teacher = [torch.randn(2, 5, 4, generator=g) for _ in range(4)]
+    batch = {"attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])}
+    got = layer_distillation(0.5)(
+        {"hidden_states": tuple(student)}, {"hidden_states": tuple(teacher)}, batch
+    )
+    per_layer = hidden_state_distillation(0.5)
+    want = sum(per_layer(s, t, batch) for s, t in zip(student[1:], teacher[1:], strict=True)) / 3
+    torch.testing.assert_close(got, want)
+    same = {"hidden_states": tuple(teacher)}
+    assert float(layer_distillation()(same, same, batch)) == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(TensorslimError, match="output_hidden_states"):
+        layer_distillation()(student[0], teacher[0], batch)
 
 
 def test_interrupted_distillation_resumes_to_the_same_weights(tmp_path, monkeypatch) -> None:

@@ -4,7 +4,8 @@
 with a forward hook on every requested layer, and accumulates in float64 what the methods asked
 for (see :class:`tensorslim.facts.LayerStats` for the definitions): the input Gram XᵀX, the mean
 |x| and mean x² per input column, the output energy, and — when a ``loss_fn`` is given — the
-squared gradient of each layer's weight (the Fisher diagonal, one squared gradient per batch).
+squared gradient of each layer's weight (the Fisher diagonal, one squared gradient per batch) and
+the squared gradient of the loss with respect to each layer's output (its sensitivity).
 
 Memory is bounded by the layers, not by the data: nothing keeps an activation after its hook
 returns, and a conv's unfolded patches are processed a slice of the batch at a time. Without the
@@ -34,7 +35,10 @@ ABS_MEAN = "abs_mean"
 SQ_MEAN = "sq_mean"
 OUTPUT_ENERGY = "output_energy"
 FISHER = "fisher"
-STATISTICS = frozenset({GRAM, ABS_MEAN, SQ_MEAN, OUTPUT_ENERGY, FISHER})
+SENSITIVITY = "sensitivity"
+STATISTICS = frozenset({GRAM, ABS_MEAN, SQ_MEAN, OUTPUT_ENERGY, FISHER, SENSITIVITY})
+# statistics that need a loss and a backward pass per batch
+GRADIENT_STATISTICS = frozenset({FISHER, SENSITIVITY})
 # rows × columns of float64 handled at once: bounds the transient unfold of a conv input (32 MB)
 CHUNK_ELEMENTS = 1 << 22
 
@@ -131,6 +135,8 @@ class _Accumulator:
         self._sq: torch.Tensor | None = None
 
     def add_call(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if SENSITIVITY in self.needs and y.requires_grad:
+            y.register_hook(self._add_output_gradient)
         if self.needs & {GRAM, ABS_MEAN, SQ_MEAN}:
             for rows in input_rows(self.module, x):
                 self._add_rows(rows)
@@ -150,6 +156,11 @@ class _Accumulator:
         if SQ_MEAN in self.needs:
             part = rows.pow(2).sum(0)
             self._sq = part if self._sq is None else self._sq.add_(part)
+
+    def _add_output_gradient(self, grad: torch.Tensor) -> None:
+        """Σ ‖∂loss/∂y‖² over the layer's calls and batches (``LayerStats.sensitivity``)."""
+        energy = float(grad.detach().double().pow(2).sum())
+        self.stats.sensitivity = (self.stats.sensitivity or 0.0) + energy
 
     def add_fisher(self) -> None:
         grad = getattr(self.module, "weight", None)
@@ -185,13 +196,14 @@ def collect_statistics(
 ) -> dict[str, LayerStats]:
     """Statistics per fqn of ``layers`` over the first ``batches`` batches of ``loader``.
 
-    ``loss_fn(output, batch)`` is required for the ``"fisher"`` statistic. Batches take any
-    structure :mod:`tensorslim.inputs` accepts; ``forward_fn(model, batch)`` covers the rest.
-    The model is run in eval mode and left in the mode it had.
+    ``loss_fn(output, batch)`` is required for the ``"fisher"`` and ``"sensitivity"``
+    statistics. Batches take any structure :mod:`tensorslim.inputs` accepts; ``forward_fn(model,
+    batch)`` covers the rest. The model is run in eval mode and left in the mode it had.
     """
     needs = check_needs(needs)
-    if FISHER in needs and loss_fn is None:
-        raise TensorslimError("the Fisher statistic needs a loss: pass loss_fn(output, batch)")
+    if needs & GRADIENT_STATISTICS and loss_fn is None:
+        which = "Fisher" if FISHER in needs else "sensitivity"
+        raise TensorslimError(f"the {which} statistic needs a loss: pass loss_fn(output, batch)")
     if batches is not None and batches < 1:
         raise TensorslimError(f"calibration_batches must be ≥ 1, got {batches}")
     accumulators = _attach(layers, needs)
@@ -209,7 +221,7 @@ def collect_statistics(
         model.train(was_training)
         for handle in handles:
             handle.remove()
-        if FISHER in needs:
+        if needs & GRADIENT_STATISTICS:
             model.zero_grad(set_to_none=True)
     if used == 0:
         raise TensorslimError("the calibration loader yielded no batch")
@@ -256,13 +268,13 @@ def _run_batches(
     used = 0
     for batch in itertools.islice(loader, batches):
         batch = to_device(batch, device)
-        if FISHER in needs:
+        if needs & GRADIENT_STATISTICS:
             model.zero_grad(set_to_none=True)
             with torch.enable_grad():
                 loss = loss_fn(call_on_batch(model, batch, forward_fn), batch)  # type: ignore[misc]
                 _check_loss(loss, used)
                 loss.backward()
-            for acc in distinct:
+            for acc in distinct if FISHER in needs else ():
                 acc.add_fisher()
         else:
             with torch.no_grad():

@@ -21,6 +21,7 @@ from torch import nn
 
 from tensorslim.errors import TensorslimError
 from tensorslim.inputs import ForwardFn, batch_size, call_model, map_tensors
+from tensorslim.surgery import copy_structure
 
 FORMATS = ("nchw", "channels_last")  # the layouts a model is run and timed in
 AUTO = "auto"  # plan() times both and keeps the faster (tensorslim.planner.memory_format)
@@ -131,9 +132,13 @@ def at_batch(example: Any, batch: int) -> Any:
 
 
 def prepare(module: nn.Module, example: Any, deployment: Deployment) -> tuple[nn.Module, Any]:
-    """A copy of ``module`` in eval mode and ``example``, in the deployment's dtype and layout."""
+    """A copy of ``module`` in eval mode and ``example``, in the deployment's dtype and layout.
+
+    The copy is of the structure only (:func:`~tensorslim.surgery.copy_structure`): tensors
+    already in the deployment's dtype and layout are ``module``'s own, so a whole model is
+    not held twice (nor deep-copied, 0.1-0.3 CPU-s for a resnet56) to time it.
+    """
     dtype = DTYPES[deployment.dtype]
-    module = copy.deepcopy(module).eval().to(dtype)
 
     def convert(t: torch.Tensor) -> torch.Tensor:
         t = t.to(dtype) if t.is_floating_point() else t
@@ -141,9 +146,7 @@ def prepare(module: nn.Module, example: Any, deployment: Deployment) -> tuple[nn
             t = t.contiguous(memory_format=torch.channels_last)
         return t
 
-    if deployment.memory_format == "channels_last":
-        module = module.to(memory_format=torch.channels_last)
-    return module, map_tensors(example, convert)
+    return copy_structure(module, convert).eval(), map_tensors(example, convert)
 
 
 def make_runner(

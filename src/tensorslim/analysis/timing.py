@@ -12,7 +12,9 @@ while its best CPU-time round was stable within a few per cent.
 :func:`time_against_reference` times structured variants of one layer interleaved with the
 layer's dense form; a variant's latency is its ratio to the dense layer in that run times
 the dense layer's reference latency (its first measurement), so variants timed in different runs,
-under a different machine load, stay comparable. :class:`LatencyCache` keeps those numbers keyed
+under a different machine load, stay comparable (:func:`time_models_against_reference` does the
+same for whole models). A layer's comparison uses short rounds (:data:`LAYER_ROUNDS`), a whole
+model's a few more (:data:`MODEL_ROUNDS`). :class:`LatencyCache` keeps those numbers keyed
 by the module's structure, the input shape, the deployment, the machine and the library versions
 — passed explicitly, never global — and can live in a JSON file so replanning is cheap.
 """
@@ -129,8 +131,11 @@ def _one_round(run: Runner, number: int) -> tuple[float, float]:
 
 
 def _iterations(run: Runner, round_time: float) -> int:
-    """Calls per round so one round of this runner lasts about ``round_time`` seconds."""
-    once = min(_one_round(run, 1)[1] for _ in range(3))  # also a warm-up
+    """Calls per round so one round of this runner lasts about ``round_time`` seconds (a
+    runner whose one call already lasts that long is not called again: a whole model)."""
+    once = _one_round(run, 1)[1]  # also a warm-up
+    if once < round_time:
+        once = min(once, *(_one_round(run, 1)[1] for _ in range(2)))
     return max(1, min(1000, math.ceil(round_time / max(once, 1e-7))))
 
 
@@ -200,11 +205,11 @@ def layer_input(shape: tuple[int, ...], deployment: Deployment) -> torch.Tensor:
     return torch.randn((deployment.batch, *shape[1:]), generator=generator)
 
 
-# a layer's comparison: short rounds, stopped once the best round held for 3 rounds (a layer is
+# a layer's comparison: short rounds, stopped once the best round held for 2 rounds (a layer is
 # timed once per signature and plan; its decisions need a few per cent, not a long benchmark)
-LAYER_ROUNDS: dict[str, Any] = {"min_rounds": 5, "patience": 3, "round_time": 0.0005}
+LAYER_ROUNDS: dict[str, Any] = {"min_rounds": 4, "patience": 2, "round_time": 0.0003}
 # whole models: a prediction check, a few more rounds (one forward is one round)
-MODEL_ROUNDS: dict[str, Any] = {"min_rounds": 8, "patience": 4}
+MODEL_ROUNDS: dict[str, Any] = {"min_rounds": 6, "patience": 3}
 
 
 def time_against_reference(

@@ -74,13 +74,16 @@ def linear_features(module: nn.Module) -> tuple[int, int]:
     return int(in_features), int(out_features)
 
 
-def as_linear(module: nn.Module) -> nn.Module:
+def as_linear(module: nn.Module, copy: bool = True) -> nn.Module:
     """``module`` as an ``nn.Linear`` computing the same map when it is Linear-like, else itself.
 
-    A ``Conv1D`` becomes a new ``nn.Linear`` whose weight is a contiguous (out, in) copy of the
-    transposed weight (same ``requires_grad``) and whose bias is the same parameter, so
-    y = linear(x) equals conv1d(x) exactly. ``nn.Linear`` (and every other module) is returned
-    unchanged, so calling this twice is harmless.
+    A ``Conv1D`` becomes a new ``nn.Linear`` whose bias is the same parameter and whose weight
+    is the transposed weight (same ``requires_grad``), so y = linear(x) equals conv1d(x) exactly:
+    with ``copy`` a contiguous (out, in) copy (for a layer that may end up in a model, be saved
+    or trained), without it a transposed view sharing the Conv1D's storage and version counter
+    (for reading the weight while planning: no memory, and an in-place change of the original
+    shows in the view). ``nn.Linear`` (and every other module) is returned unchanged, so calling
+    this twice is harmless.
     """
     if not is_transposed_linear(module):
         return module
@@ -90,8 +93,9 @@ def as_linear(module: nn.Module) -> nn.Module:
     linear = nn.Linear(
         in_features, out_features, bias=bias is not None, device="meta", dtype=weight.dtype
     )
+    transposed = weight.detach().t()
     linear.weight = nn.Parameter(
-        weight.detach().t().contiguous(), requires_grad=weight.requires_grad
+        transposed.contiguous() if copy else transposed, requires_grad=weight.requires_grad
     )
     if bias is not None:
         linear.bias = bias

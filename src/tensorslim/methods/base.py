@@ -55,11 +55,17 @@ _LAYER_ENTRY_POINTS = ("supports", "candidates", "output_errors", "build")
 
 
 def _sees_linear_like_as_linear(function: Callable[..., Any]) -> Callable[..., Any]:
-    """``function(self, module, ...)`` called with ``as_linear(module)`` instead of ``module``."""
+    """``function(self, module, ...)`` called with ``as_linear(module)`` instead of ``module``.
+
+    Only ``build`` gets a copy of a transposed weight (what it returns may hold it); the planning
+    entry points read a view, so planning a GPT-2 copies none of its Conv1D weights (a method's
+    planning store keeps the weight it factorized: a copy there would be a second model).
+    """
+    copy = function.__name__ == "build"
 
     @functools.wraps(function)
     def wrapper(self: Method, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        return function(self, as_linear(module), *args, **kwargs)
+        return function(self, as_linear(module, copy=copy), *args, **kwargs)
 
     return wrapper
 
@@ -102,6 +108,11 @@ class Method(abc.ABC):
             from tensorslim.methods.registry import _register
 
             _register(cls)
+
+    def weighs_layers(self) -> bool:
+        """Whether the planner should weight each layer's output error by the model output's
+        sensitivity to it (``LayerStats.sensitivity``) when it allocates a budget."""
+        return False
 
     def settings(self) -> dict[str, Any]:
         """The constructor arguments that rebuild this method (stored in the plan)."""

@@ -13,7 +13,11 @@ only in the weighting, computed from the calibration statistics the planner coll
 Candidates are ranks on the SVD method's ladder, priced with its FLOP and parameter formulas,
 each with its exact output-space error ‖(W − Ŵ)X‖/‖WX‖ on the calibration data (one weighted
 SVD per layer gives every rank's error), so the global allocator spreads a params or FLOPs
-budget over layers by what the data says. Building needs the statistics again:
+budget over layers by what the data says. ``allocation="sensitivity"`` (the default) has the
+planner weight each layer's squared error by how much the model's output moves per unit of
+it (:mod:`tensorslim.planner.sensitivity`), so the budget goes where the output is sensitive;
+``allocation="layer"`` (``preset="paper"``: the papers allocate per layer, or uniformly)
+counts every layer's relative error alike. Building needs the statistics again:
 ``ts.apply`` takes them from the plan made in this process, or recomputes them from
 ``calibration=``; loading a saved model needs none (its weights are in safetensors).
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import abc
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -41,14 +46,40 @@ from tensorslim.errors import TensorslimError
 from tensorslim.facts import OUTPUT_ERROR, Config, LayerInfo, LayerStats, Option
 from tensorslim.layers.lowrank import LowRankLinear
 from tensorslim.methods.base import Method
+from tensorslim.methods.presets import Preset
 from tensorslim.methods.svd import SVDMethod, _ladder, _params
 
+ALLOCATIONS = ("sensitivity", "layer")
+# ASVD, SVD-LLM and FWSVD compare layers by their own (relative) errors or keep one ratio for all
+PAPER = Preset(
+    settings={"allocation": "layer"},
+    description="every layer's relative output error counts alike in the allocation",
+    source="Yuan et al. 2023 (ASVD), Wang et al. 2024 (SVD-LLM), Hsu et al. 2022 (FWSVD)",
+)
 
+
+@dataclass
 class DataAwareSVD(Method):
-    """Shared candidates and build of the weighted-SVD methods; subclasses give the weighting."""
+    """Shared candidates and build of the weighted-SVD methods; subclasses give the weighting.
+
+    ``allocation``: ``"sensitivity"`` (errors weighted by the output's sensitivity to each
+    layer when a budget is allocated) or ``"layer"`` (relative errors compared as they are).
+    """
 
     builds: ClassVar[tuple[type[nn.Module], ...]] = (LowRankLinear,)
     needs_statistics_to_build: ClassVar[bool] = True
+    presets: ClassVar[Mapping[str, Preset]] = {"paper": PAPER}
+    allocation: str = "sensitivity"
+
+    def __post_init__(self) -> None:
+        if self.allocation not in ALLOCATIONS:
+            raise TensorslimError(
+                f"{self.name} allocation must be one of {', '.join(ALLOCATIONS)}, got "
+                f"{self.allocation!r}"
+            )
+
+    def weighs_layers(self) -> bool:
+        return self.allocation == "sensitivity"
 
     @abc.abstractmethod
     def weighting(self, module: nn.Module, stats: LayerStats) -> Weighting:
@@ -129,6 +160,7 @@ class ASVDMethod(DataAwareSVD):
     alpha: float = 0.5
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         alpha = self.alpha
         if not (isinstance(alpha, int | float) and math.isfinite(alpha)) or alpha < 0:
             raise TensorslimError(f"asvd alpha must be a finite number ≥ 0, got {self.alpha!r}")

@@ -60,14 +60,14 @@ def choose_measured(
     see :mod:`tensorslim.planner.memory_format`).
     """
     totals = {"flops": survey.model_flops, "params": survey.model_params}
-    model_ms = dense_model_ms(model, survey, setting)
-    layers = _measured(method, survey, candidates.choices, setting)
+    layers = _measured(method, survey, candidates.choices, setting, budget.metric)
     timed = _with(candidates, layers)
 
     def in_context(picked: dict[str, Option | None]) -> InContext:
         return measure_in_context(model, method, survey, setting, picked)
 
     if budget.metric == "latency":
+        model_ms = dense_model_ms(model, survey, setting)
         here = _in_this_layout(budget, dense_scale)
         choice, context = _latency_choice(here, timed, {**totals, "latency": model_ms}, in_context)
     else:
@@ -115,7 +115,7 @@ def _latency_choice(
     # by_budget's notes speak of the layer-sum target it was given: restated for the budget
     choice.notes = [n for n in choice.notes if not n.startswith("budget latency=")]
     note = _reachable_note(budget, candidates.choices, totals["latency"])
-    if note:
+    if note and timed.fraction > budget.fraction * (1 + TOLERANCE):  # (the layer sum's figure)
         choice.notes.append(note)
     if ask != budget.fraction:
         choice.notes.append(
@@ -139,11 +139,17 @@ def _in_this_layout(budget: Budget, dense_scale: float) -> Budget:
 
 
 def _measured(
-    method: Method, survey: ModelSurvey, layers: list[LayerChoices], setting: LatencySetting
+    method: Method,
+    survey: ModelSurvey,
+    layers: list[LayerChoices],
+    setting: LatencySetting,
+    metric: str,
 ) -> list[LayerChoices]:
-    """Every layer that has options with them timed and the slower ones dropped (in order)."""
+    """Every layer that has options with them timed (those the budget's ``metric`` can use, see
+    :func:`~tensorslim.planner.latency.measure_all`) and the slower ones dropped (in order)."""
     offered = [c for c in layers if c.options]
-    timed = iter(faster_only(c) for c in measure_all(method, survey, offered, setting))
+    measured = measure_all(method, survey, offered, setting, metric)
+    timed = iter(faster_only(c) for c in measured)
     return [next(timed) if c.options else c for c in layers]
 
 

@@ -19,7 +19,6 @@ re-allocated with the layers' savings rescaled by the factor the measurement sho
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,7 +29,7 @@ from tensorslim.facts import Option
 from tensorslim.methods.base import Method
 from tensorslim.planner.latency import LatencySetting, skeleton
 from tensorslim.planner.survey import ModelSurvey
-from tensorslim.surgery import replace_module
+from tensorslim.surgery import copy_structure, replace_module
 
 TOLERANCE = 0.05  # relative miss of a latency target that triggers a re-allocation
 REPLANS = 2
@@ -53,8 +52,7 @@ def planned_structure(
 ) -> nn.Module:
     """``model`` with each picked layer replaced by its option's skeleton; the other modules
     are copies sharing the model's parameters and buffers (no weight is copied)."""
-    shared = {id(t): t for t in [*model.parameters(), *model.buffers()]}
-    structure = copy.deepcopy(model, memo=shared)
+    structure = copy_structure(model)
     for fqn, option in picked.items():
         if option is not None:
             built = skeleton(method, survey.modules[fqn], option, survey.infos[fqn])

@@ -7,7 +7,10 @@ timing (``build(..., init=False)``, weights filled with random numbers): no deco
 
 A method may offer dozens of options per layer (48 SVD ranks); :func:`spread` keeps at most
 ``limit`` of them, spaced evenly in FLOPs along each (method, scheme) family's (FLOPs, error)
-front, and only measured options are ever priced in latency.
+front, and only measured options are ever priced in latency. Layers alike in type,
+configuration and input shape (a :func:`signature`: resnet56's 55 convs have 9) are timed once
+for all of them (:func:`measure_layers`), and under a FLOPs or params budget only the options
+cheaper than dense in that metric are timed.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from tensorslim.methods.registry import get_method
 from tensorslim.planner.survey import ModelSurvey
 from tensorslim.rank.allocate import LayerChoices
 
-DEFAULT_LIMIT = 8
+DEFAULT_LIMIT = 6
 
 
 @dataclass
@@ -163,10 +166,21 @@ def _with_times(
 
 
 def measure_all(
-    method: Method, survey: ModelSurvey, layers: list[LayerChoices], setting: LatencySetting
+    method: Method,
+    survey: ModelSurvey,
+    layers: list[LayerChoices],
+    setting: LatencySetting,
+    metric: str | None = None,
 ) -> list[LayerChoices]:
-    """Every layer with its :func:`spread` options measured (for a latency budget)."""
+    """Every layer with its :func:`spread` options measured; with a FLOPs or params budget's
+    ``metric``, only those cheaper than the dense layer in it (an option that costs more than
+    dense works against that budget: the allocator does not take it)."""
     wanted = {c.fqn: spread(c.options, setting.limit) for c in layers}
+    if metric in ("flops", "params"):
+        wanted = {
+            c.fqn: [o for o in wanted[c.fqn] if getattr(o, metric) < c.dense(metric)]
+            for c in layers
+        }
     return measure_layers(method, survey, layers, wanted, setting)
 
 

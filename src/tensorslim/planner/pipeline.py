@@ -12,7 +12,14 @@ from typing import Any
 
 from torch import nn
 
-from tensorslim.analysis.calibration import GRAM, LossFn, collect_statistics, has_input_rows
+from tensorslim.analysis.calibration import (
+    FISHER,
+    GRAM,
+    SENSITIVITY,
+    LossFn,
+    collect_statistics,
+    has_input_rows,
+)
 from tensorslim.analysis.deployment import Deployment
 from tensorslim.analysis.timing import LatencyCache
 from tensorslim.errors import TensorslimError
@@ -30,6 +37,7 @@ from tensorslim.planner.choose import Choice, choose_options
 from tensorslim.planner.latency import LatencySetting
 from tensorslim.planner.memory_format import choose_in_fastest_format
 from tensorslim.planner.records import CompressionPlan
+from tensorslim.planner.sensitivity import weighted_choices
 from tensorslim.planner.survey import (
     NEVER_CALLED,
     NOT_SELECTED,
@@ -42,6 +50,7 @@ from tensorslim.planner.survey import (
 from tensorslim.planner.ties import TiePlan, check_tied_mode, decide_ties
 from tensorslim.rank.budget import Budget
 from tensorslim.surgery import FilterFn
+from tensorslim.train.losses import sampled_gaussian_loss
 
 DEFAULT_CALIBRATION_BATCHES = DEFAULT_BATCHES
 # plan(allow_slower=None) means this: structured layers measured slower than dense are refused
@@ -119,6 +128,8 @@ def plan(
     # a latency budget prices options once they are measured (planner.latency); FLOPs until then
     metric = budget.metric if budget is not None and budget.metric != "latency" else "flops"
     candidates = gather_candidates(chosen, survey, selected, stats, metric, progress)
+    if stats and budget is not None and chosen.weighs_layers():
+        candidates.choices = weighted_choices(candidates.choices, survey.modules, stats)
     where = Deployment.coerce(deployment, example)
     slower = ALLOW_SLOWER_BY_DEFAULT if allow_slower is None else bool(allow_slower)
     setting = _latency_setting(chosen, budget, where, slower, latency_cache, forward_fn)
@@ -242,13 +253,19 @@ def calibrate(
     """Statistics of the selected layers' inputs over ``batches`` calibration batches.
 
     A decomposition method also gets each layer's input Gram, so candidates' errors are
-    measured in output space.
+    measured in output space; a method that weighs layers (``Method.weighs_layers``) also gets
+    each layer's output sensitivity, from ``loss_fn`` or, without one, the label-free
+    sampled-Gaussian loss of the model's output.
     """
     if calibration is None or not selected:
         return None
     needs = set(method.calibration_needs)
     if method.kind != "training":
         needs.add(GRAM)
+    if method.weighs_layers():
+        needs.add(SENSITIVITY)
+        if loss_fn is None and FISHER not in needs:  # the Fisher's loss is the caller's choice
+            loss_fn = sampled_gaussian_loss()
     if not needs:
         return None
     # attention and recurrent layers have no single input Gram: their errors stay in weight space

@@ -1,9 +1,11 @@
 """Global allocation: one option per layer so the model meets its budget at the least error.
 
 Each layer offers options (cost c, error e); keeping the layer dense costs c_dense with e = 0.
-We minimise Σ_layers e² subject to Σ cost ≤ target by a greedy walk down each layer's lower
-convex hull of (cost, e²): repeatedly take the step, over all layers, that saves cost at the
-smallest increase of squared error per unit of cost saved, until the target is met. On convex
+A layer may carry a weight w (how much a unit of its error costs the model's output; 1 when
+unknown). We minimise Σ_layers w·e² subject to Σ cost ≤ target by a greedy walk down each
+layer's lower convex hull of (cost, w·e²): repeatedly take the step, over all layers, that saves
+cost at the smallest increase of weighted squared error per unit of cost saved, until the
+target is met. On convex
 hulls this greedy is the Lagrangian optimum; it overshoots the target by at most one step of one
 layer ("within one rank step"), and the overshoot is then spent on moving layers back to more
 accurate points (the refund).
@@ -49,15 +51,21 @@ class LayerChoices:
 
     ``dense_cost`` is in the allocation's target metric; ``dense_costs`` holds the dense layer's
     cost in every metric (needed for caps; defaults to ``dense_cost``). Latencies are ms.
+    ``weight`` (> 0) multiplies the layer's squared errors in the allocation's objective.
     """
 
     fqn: str
     dense_cost: float
     options: list[Option]
     dense_costs: dict[str, float] = field(default_factory=dict)
+    weight: float = 1.0
 
     def dense(self, metric: str) -> float:
         return self.dense_costs.get(metric, self.dense_cost)
+
+    def loss(self, option: Option | None) -> float:
+        """weight · error² of ``option`` (0 for the dense layer): its term in the objective."""
+        return 0.0 if option is None else self.weight * float(option.error) ** 2
 
 
 def option_cost(option: Option, metric: str) -> float:
@@ -86,9 +94,7 @@ def _pareto(choices: LayerChoices, metric: str | CostFn) -> list[Point]:
     dense = cost(choices, None)
     points: list[Point] = [(dense, 0.0, None)]
     points += [
-        (cost(choices, o), float(o.error) ** 2, o)
-        for o in choices.options
-        if cost(choices, o) < dense
+        (cost(choices, o), choices.loss(o), o) for o in choices.options if cost(choices, o) < dense
     ]
     points.sort(key=lambda p: (p[0], p[1]))
     pareto: list[Point] = []
@@ -171,6 +177,7 @@ def _allocate_with_cap(
     """The least-error choice meeting every need, over combined costs of a few cap weights."""
     (cap,) = [m for m in needs if m != metric]  # one other metric today (flops or params)
     scale = {m: max(1, sum(layer.dense(m) for layer in layers)) for m in (metric, cap)}
+    by_fqn = {layer.fqn: layer for layer in layers}
     best: tuple[bool, float, dict[str, Option | None], dict[str, int]] | None = None
     for weight in CAP_WEIGHTS:
 
@@ -182,7 +189,7 @@ def _allocate_with_cap(
 
         picked, saved = _walk(layers, cost, needs, refund)
         feasible = all(saved[m] >= need for m, need in needs.items())
-        error = sum(float(o.error) ** 2 for o in picked.values() if o is not None)
+        error = sum(by_fqn[f].loss(o) for f, o in picked.items())
         if best is None or (feasible, -error) > (best[0], -best[1]):
             best = (feasible, error, picked, saved)
     assert best is not None
@@ -211,7 +218,7 @@ def _spend(
         if any(saved[m] < need for m, need in needs.items()):
             continue
         total = sum(metric_cost(spend)(layer, picked[layer.fqn]) for layer in layers)
-        error = sum(float(o.error) ** 2 for o in picked.values() if o is not None)
+        error = sum(layer.loss(picked[layer.fqn]) for layer in layers)
         if best is None or (total, error) < best[:2]:
             best = (total, error, picked, saved[metric])
     return None if best is None else (best[2], best[3])
@@ -294,7 +301,7 @@ def _refund_overshoot(
         best: tuple[float, str, Option | None, dict[str, int]] | None = None
         for fqn, points in fronts.items():
             current = chosen[fqn]
-            error = float(current.error) ** 2 if current is not None else 0.0
+            error = layers[fqn].loss(current)
             for _, point_error, option in points:
                 gain = error - point_error
                 if gain <= 0 or (best is not None and gain <= best[0]):

@@ -3,9 +3,10 @@
 ``distill(student, teacher, loader, ...)`` is :func:`tensorslim.train.loop.fit` with the
 teacher's outputs as the only target (``kd_alpha = 1``: batches need no labels), a distillation
 loss chosen by name — ``"hidden"`` (token hidden states, MSE + cosine over real tokens),
-``"pooled"`` (mean-pooled sentence embeddings, MSE + cosine) or ``"kl"`` (logits) — or given as
-a function, AdamW and a cosine schedule. It keeps the loop's atomic per-epoch checkpoints and
-``resume``. The teacher is never changed.
+``"layers"`` (the same on every layer's hidden states, the models run with
+``output_hidden_states=True``), ``"pooled"`` (mean-pooled sentence embeddings, MSE + cosine)
+or ``"kl"`` (logits) — or given as a function, AdamW and a cosine schedule. It keeps the
+loop's atomic per-epoch checkpoints and ``resume``. The teacher is never changed.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from tensorslim.errors import TensorslimError
 from tensorslim.inputs import ForwardFn
 from tensorslim.layers.base import StructuredLayer
 from tensorslim.train.loop import History, fit
-from tensorslim.train.losses import DistillFn, named_distillation
+from tensorslim.train.losses import DistillFn, hidden_states_forward, named_distillation
 
 
 def distill(
@@ -51,6 +52,8 @@ def distill(
     if student is teacher:
         raise TensorslimError("distill: the student and the teacher are the same module")
     distill_fn = named_distillation(loss, temperature) if isinstance(loss, str) else loss
+    if loss == "layers" and forward_fn is None:
+        forward_fn = hidden_states_forward
     frozen = _freeze_unstructured(student) if only_structured else []
     try:
         return fit(

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from tensorslim.errors import TensorslimError
-from tensorslim.inputs import batch_targets, output_tensor
+from tensorslim.inputs import batch_inputs, batch_targets, output_tensor
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 MetricFn = Callable[[Any, Any], "float | dict[str, float]"]
@@ -89,6 +89,58 @@ def hidden_state_distillation(cosine_weight: float = 1.0, what: str = "hidden") 
     return distill
 
 
+def layer_distillation(cosine_weight: float = 1.0) -> DistillFn:
+    """Mean over the encoder layers ℓ = 1…L of MSE + ``cosine_weight`` · (1 − cos) between the
+    student's and the teacher's hidden states after layer ℓ (real tokens only, as
+    :func:`hidden_state_distillation`).
+
+    Outputs must carry ``hidden_states`` (the embedding output first, as Hugging Face models
+    return them with ``output_hidden_states=True``; :func:`hidden_states_forward` asks for
+    them). Every layer gets its own target, so an early layer's error is corrected where it
+    arises instead of through the layers above it.
+    """
+
+    def distill(student: Any, teacher: Any, batch: Any) -> torch.Tensor:
+        ours, theirs = _hidden_states(student), _hidden_states(teacher)
+        if len(ours) != len(theirs) or len(ours) < 2:
+            raise TensorslimError(
+                f"layer distillation needs hidden states of as many layers in both models "
+                f"(student {len(ours)}, teacher {len(theirs)})"
+            )
+        terms = []
+        for s, t in zip(ours[1:], theirs[1:], strict=True):
+            s, t = s.reshape(-1, s.shape[-1]), t.detach().reshape(-1, t.shape[-1])
+            mask = _token_mask(batch, s.shape[0])
+            if mask is not None:
+                s, t = s[mask], t[mask]
+            cos = (1.0 - F.cosine_similarity(s, t, dim=1)).mean()
+            terms.append(F.mse_loss(s, t) + cosine_weight * cos)
+        return torch.stack(terms).mean()
+
+    return distill
+
+
+def hidden_states_forward(model: Any, batch: Any) -> Any:
+    """``model(**inputs, output_hidden_states=True)``: a forward that returns every layer's
+    hidden states (for :func:`layer_distillation`)."""
+    inputs = batch_inputs(batch)
+    return model(*inputs.args, **{**inputs.kwargs, "output_hidden_states": True})
+
+
+def _hidden_states(output: Any) -> tuple[torch.Tensor, ...]:
+    states = (
+        output.get("hidden_states")
+        if isinstance(output, Mapping)
+        else getattr(output, "hidden_states", None)
+    )
+    if not isinstance(states, tuple | list) or not all(isinstance(h, torch.Tensor) for h in states):
+        raise TensorslimError(
+            "layer distillation needs outputs with hidden_states: call the models with "
+            "output_hidden_states=True (forward_fn=hidden_states_forward)"
+        )
+    return tuple(states)
+
+
 def pooled_embedding_distillation(cosine_weight: float = 1.0) -> DistillFn:
     """MSE + ``cosine_weight`` · (1 − cos) between mean-pooled sentence embeddings.
 
@@ -147,12 +199,15 @@ def sampled_gaussian_loss(seed: int = 0) -> LossFn:
 
 
 def named_distillation(name: str, temperature: float = 4.0) -> DistillFn:
-    """A distillation loss by name: ``"kl"`` (logits), ``"hidden"`` (token hidden states) or
-    ``"pooled"`` (mean-pooled embeddings), the last two MSE + cosine."""
+    """A distillation loss by name: ``"kl"`` (logits), ``"hidden"`` (token hidden states),
+    ``"layers"`` (every layer's hidden states) or ``"pooled"`` (mean-pooled embeddings), the last
+    three MSE + cosine."""
     if name == "kl":
         return kl_distillation(temperature)
     if name == "hidden":
         return hidden_state_distillation()
+    if name == "layers":
+        return layer_distillation()
     if name == "pooled":
         return pooled_embedding_distillation()
-    raise TensorslimError(f"unknown distillation loss '{name}': use kl, hidden or pooled")
+    raise TensorslimError(f"unknown distillation loss '{name}': use kl, hidden, layers or pooled")
