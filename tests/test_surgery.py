@@ -233,3 +233,12 @@ def test_copy_structure_shares_tensors_and_never_changes_the_original() -> None:
     shared = nn.Linear(3, 3)
     tied = copy_structure(nn.Sequential(shared, shared))
     assert tied[0] is tied[1] and tied[0] is not shared
+
+
+def test_copy_structure_converts_a_recurrent_layers_flat_weights() -> None:
+    lstm = nn.LSTM(4, 5, batch_first=True)
+    doubled = copy_structure(lstm, lambda t: t.double() if t.is_floating_point() else t)
+    x = torch.randn(2, 3, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(doubled(x.double())[0].float(), lstm(x)[0])
+    assert lstm.weight_ih_l0.dtype == torch.float32

@@ -103,3 +103,15 @@ def test_cross_attention_is_priced_with_the_memory_length() -> None:
     expected = dense_rest + sum(lp.flops_after for lp in plan.layers)
     assert count_flops(small, pair, lambda m, p: m(p)) == expected
     assert torch.isfinite(small(pair)).all()
+
+
+@pytest.mark.measured_latency
+def test_attention_layers_are_timed_as_self_attention() -> None:
+    """The default (timed) plan runs each attention layer and its low-rank variants on
+    (x, x, x): called on x alone, MultiheadAttention's forward raised a TypeError."""
+    torch.manual_seed(0)
+    model = Encoder(batch_first=True).eval()
+    plan = ts.plan(model, "svd", "params=0.6", example(True), layers=["encoder.layers.0.self_attn"])
+    measured = plan.latency["measured_layers"]  # type: ignore[index]
+    assert measured >= 1
+    assert plan.layer("encoder.layers.0.self_attn").method in ("svd", None)

@@ -39,7 +39,7 @@ from torch import nn
 
 from tensorslim.analysis.deployment import Deployment, Runner, at_batch, make_runner
 from tensorslim.errors import TensorslimError
-from tensorslim.inputs import ForwardFn, first_tensor_shape
+from tensorslim.inputs import ForwardFn, Inputs, first_tensor_shape
 
 REFERENCE = "dense"
 
@@ -226,10 +226,20 @@ def time_against_reference(
     """
 
     def runners(todo: dict[str, nn.Module]) -> dict[str, Runner]:
-        x = layer_input(shape, deployment)
+        x = layer_arguments(dense, layer_input(shape, deployment))
         return {name: make_runner(m, x, deployment) for name, m in todo.items()}
 
     return _against_reference(dense, variants, shape, deployment, cache, runners, LAYER_ROUNDS)
+
+
+def layer_arguments(layer: nn.Module, x: torch.Tensor) -> Any:
+    """What ``layer`` (and its structured variants, which share its call signature) is called
+    with to time it on input ``x``: an ``nn.MultiheadAttention`` as self-attention, query = key
+    = value = x without the weights (as ``nn.TransformerEncoderLayer`` calls it); every other
+    layer on ``x`` alone."""
+    if isinstance(layer, nn.MultiheadAttention):
+        return Inputs((x, x, x), {"need_weights": False})
+    return x
 
 
 def time_models_against_reference(
