@@ -10,14 +10,17 @@ Spearman ρ of the pairwise-similarity matrix, top-1 nearest-neighbour agreement
 dense model, interleaved, medians. Calibration, distillation and evaluation sentences never
 overlap (``tensorslim.data.text.split_texts``).
 
-The committed results (36.5 min at load 13-16 on the shared 2-core machine):
+The committed results (26.5 min at load 7-12 on the shared 2-core machine; asvd, svd_llm and
+fwsvd then all with allocation="sensitivity"):
 
     python bench/transformer_lowrank.py --calibration 128 --distill-sentences 256 \
         --evaluation 256 --latency-reps 3 --only-structured --lr 2e-4
-    # transformer_lowrank_refit: the same plus --methods svd_llm asvd --fractions 0.5 --refit
-    #   --latency-method none --name transformer_lowrank_refit
+    # transformer_lowrank_paper: the same plus --methods svd_llm fwsvd --preset paper
+    #   --latency-method none --name transformer_lowrank_paper  (7.2 min)
     # transformer_lowrank_long: --methods svd_llm --fractions 0.5 --extra-distill 1792
-    #   --latency-method none --name transformer_lowrank_long
+    #   --distill-loss layers --latency-method none --name transformer_lowrank_long  (9.5 min)
+    # transformer_lowrank_refit (an earlier run, per-layer allocation): --methods svd_llm asvd
+    #   --fractions 0.5 --refit --latency-method none --name transformer_lowrank_refit
     python bench/transformer_lowrank.py --quick    # a smoke run of the same code
 """
 
@@ -353,8 +356,10 @@ def notes_for(rows, args, distill_minutes: float, met: dict, seconds: float) -> 
         f"calibration, {args.distill_sentences + args.extra_distill} distillation and "
         f"{args.evaluation} evaluation "
         "sentences, disjoint. Calibration: all calibration sentences (batches of 32). "
-        "svd allocates by weight error without data; asvd, svd_llm and fwsvd by output error "
-        "(fwsvd's Fisher from a sampled-Gaussian loss on the pooled embedding).",
+        "svd allocates by weight error without data; asvd, svd_llm and fwsvd by output error, "
+        "asvd and svd_llm with each layer's squared error weighted by the output's sensitivity "
+        '(allocation="sensitivity"), fwsvd and rows marked @paper unweighted (allocation='
+        '"layer") (fwsvd\'s Fisher from a sampled-Gaussian loss on the pooled embedding).',
         f"Distillation: {args.distill_sentences + args.extra_distill} unlabeled sentences, "
         "1 epoch, batch 32, AdamW lr "
         f"{args.lr}, {DISTILL_LOSSES[args.distill_loss]}, dropout off; "

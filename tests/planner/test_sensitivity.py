@@ -93,3 +93,11 @@ def test_weights_are_left_alone_when_a_layer_has_no_sensitivity() -> None:
     stats["0"].sensitivity, stats["1"].sensitivity = 2.0, 6.0
     weights = [c.weight for c in weighted_choices(choices, layers, stats)]
     assert sum(weights) / 2 == pytest.approx(1.0)  # normalised to mean 1
+
+
+def test_fwsvd_counts_layers_alike_by_default() -> None:
+    assert ts.get_method("fwsvd").allocation == "layer"
+    assert not ts.get_method("fwsvd").weighs_layers()
+    assert ts.get_method("fwsvd", allocation="sensitivity").weighs_layers()
+    assert ts.get_method("svd_llm").weighs_layers()
+    assert not ts.get_method("svd_llm", preset="paper").weighs_layers()

@@ -13,13 +13,14 @@ only in the weighting, computed from the calibration statistics the planner coll
 Candidates are ranks on the SVD method's ladder, priced with its FLOP and parameter formulas,
 each with its exact output-space error ‖(W − Ŵ)X‖/‖WX‖ on the calibration data (one weighted
 SVD per layer gives every rank's error), so the global allocator spreads a params or FLOPs
-budget over layers by what the data says. ``allocation="sensitivity"`` (the default) has the
-planner weight each layer's squared error by how much the model's output moves per unit of
-it (:mod:`tensorslim.planner.sensitivity`), so the budget goes where the output is sensitive;
-``allocation="layer"`` (``preset="paper"``: the papers allocate per layer, or uniformly)
-counts every layer's relative error alike. Building needs the statistics again:
-``ts.apply`` takes them from the plan made in this process, or recomputes them from
-``calibration=``; loading a saved model needs none (its weights are in safetensors).
+budget over layers by what the data says. ``allocation="sensitivity"`` (the default of asvd
+and svd_llm) has the planner weight each layer's squared error by how much the model's output
+moves per unit of it (:mod:`tensorslim.planner.sensitivity`), so the budget goes where the
+output is sensitive; ``allocation="layer"`` (fwsvd's default, and ``preset="paper"``: the
+papers allocate per layer, or uniformly) counts every layer's relative error alike.
+Building needs the statistics again: ``ts.apply`` takes them from the plan made in this
+process, or recomputes them from ``calibration=``; loading a saved model needs none (its
+weights are in safetensors).
 """
 
 from __future__ import annotations
@@ -192,6 +193,10 @@ class FWSVDMethod(DataAwareSVD):
     name: ClassVar[str] = "fwsvd"
     description: ClassVar[str] = "Fisher-weighted SVD: rows weighted by the Fisher diagonal"
     calibration_needs: ClassVar[frozenset[str]] = frozenset({GRAM, FISHER})
+    # per-layer errors by default: on MiniLM the sensitivity weights cost FWSVD ρ (0.41 → 0.35
+    # at half the Linear params, bench/results/transformer_lowrank_paper.md), whose Fisher rows
+    # already weigh the outputs by the same loss
+    allocation: str = "layer"
 
     def weighting(self, module: nn.Module, stats: LayerStats) -> Weighting:
         assert stats.fisher is not None
