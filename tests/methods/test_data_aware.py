@@ -207,3 +207,30 @@ def test_hf_conv1d_layers_are_factorized_like_linears(name: str) -> None:
     x = batches(1, seed=3)[0]
     with torch.no_grad():
         torch.testing.assert_close(small(x), mlp(x), rtol=1e-4, atol=1e-5)
+
+
+class AttentionAndRecurrent(nn.Module):
+    """x → MultiheadAttention (self) → LSTM → Linear: two composite layers and a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.lstm = nn.LSTM(8, 8, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, _ = self.attn(x, x, x, need_weights=False)
+        return self.head(self.lstm(y)[0])
+
+
+@pytest.mark.parametrize("name", ["asvd", "svd_llm"])
+def test_attention_and_recurrent_layers_state_the_missing_statistics(name: str) -> None:
+    """The plan says per layer which inputs' statistics a data-aware method lacks there."""
+    torch.manual_seed(0)
+    net = AttentionAndRecurrent().eval()
+    data = [torch.randn(4, 5, 8) for _ in range(2)]
+    plan = ts.plan(net, name, "params=0.9", calibration=data)
+    attn, lstm = plan.layer("attn"), plan.layer("lstm")
+    assert attn.method is None and "query/key/value inputs" in attn.reason
+    assert lstm.method is None and "h_{t-1}" in lstm.reason
+    assert name in attn.reason and "plain svd" in lstm.reason

@@ -65,3 +65,19 @@ def test_a_latency_budget_is_a_fraction_of_the_faster_dense_layout() -> None:
     # dense takes 20 ms in this layout, 10 ms in the faster one: aim at 5 ms, 0.25 of 20
     assert _in_this_layout(budget, 10.0 / 20.0) == ts.Budget(latency=0.25)
     assert _in_this_layout(budget, 1.0) == budget
+
+
+def test_a_latency_budget_keeps_the_layout_meeting_it_with_least_error() -> None:
+    from tensorslim.facts import Option
+    from tensorslim.planner.choose import Choice
+    from tensorslim.planner.memory_format import _pick
+
+    def choice(error: float) -> Choice:
+        return Choice(picked={"a": Option("svd", {}, params=1, flops=1, error=error)})
+
+    # NCHW reaches 0.43 of the faster dense layout only by cutting deep (error 0.9)
+    choices = {"nchw": choice(0.9), "channels_last": choice(0.3)}
+    fraction = {"nchw": 0.43, "channels_last": 0.50}
+    assert _pick(ts.Budget(latency=0.5), choices, fraction) == "channels_last"
+    assert _pick(ts.Budget(latency=0.4), choices, fraction) == "nchw"  # neither meets: fastest
+    assert _pick(ts.Budget(flops=0.5), choices, fraction) == "nchw"  # FLOPs met in both: fastest

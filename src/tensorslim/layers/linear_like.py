@@ -101,3 +101,26 @@ def as_linear(module: nn.Module, copy: bool = True) -> nn.Module:
         linear.bias = bias
     linear.train(module.training)
     return linear
+
+
+def as_conv1d(linear: nn.Linear) -> nn.Module:
+    """The transformers ``Conv1D`` computing the same map as ``linear`` (the inverse of
+    :func:`as_linear`): its weight a contiguous (in, out) copy of W, its bias the same parameter.
+
+    For a method that trained a Conv1D as a Linear and bakes it back (pruning's finalize), so the
+    model keeps the layer type — and the state-dict layout — of the model it came from.
+    """
+    conv1d = _hf_conv1d_type()
+    if conv1d is None:
+        raise TypeError("transformers is not loaded: there is no Conv1D to convert to")
+    layer = conv1d(linear.out_features, linear.in_features)
+    weight = linear.weight
+    layer.weight = nn.Parameter(
+        weight.detach().t().contiguous(), requires_grad=weight.requires_grad
+    )
+    if linear.bias is not None:
+        layer.bias = linear.bias
+    else:  # Conv1D always has a bias; a Linear without one computes x·W + 0
+        layer.bias = nn.Parameter(torch.zeros_like(layer.bias), requires_grad=False)
+    layer.train(linear.training)
+    return layer

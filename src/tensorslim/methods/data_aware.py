@@ -45,6 +45,7 @@ from tensorslim.decompose.weighted_svd import (
 )
 from tensorslim.errors import TensorslimError
 from tensorslim.facts import OUTPUT_ERROR, Config, LayerInfo, LayerStats, Option
+from tensorslim.layers.composite import is_composite
 from tensorslim.layers.lowrank import LowRankLinear
 from tensorslim.methods.base import Method
 from tensorslim.methods.presets import Preset
@@ -89,6 +90,8 @@ class DataAwareSVD(Method):
     def supports(self, module: nn.Module, fqn: str) -> str | None:
         if isinstance(module, nn.Linear):
             return None
+        if is_composite(module):
+            return composite_statistics_reason(self.name, module)
         return f"{type(module).__name__} is not a Linear ({self.name} factorizes Linear layers)"
 
     def _checked(self, stats: LayerStats | None, info: LayerInfo | None) -> LayerStats:
@@ -201,3 +204,23 @@ class FWSVDMethod(DataAwareSVD):
     def weighting(self, module: nn.Module, stats: LayerStats) -> Weighting:
         assert stats.fisher is not None
         return fisher_row_weights(stats.fisher)
+
+
+def composite_statistics_reason(method: str, module: nn.Module) -> str:
+    """Why a data-aware method keeps an attention or recurrent layer dense.
+
+    Its weighting needs the statistics of the inputs each weight matrix multiplies, and the
+    calibration collects them at Linear/Conv inputs only: inside ``nn.MultiheadAttention`` the
+    in-projection sees the query/key/value inputs and the out-projection the attention output;
+    inside an LSTM/GRU the input-to-hidden matrices see x_t and the hidden-to-hidden ones
+    h_{t-1}, which arises in the layer's own loop. Plain ``svd`` factorizes these by weight.
+    """
+    if isinstance(module, nn.MultiheadAttention):
+        inputs = "its query/key/value inputs (in-projection) and attention output (out_proj)"
+    else:
+        inputs = "its inputs x_t (input-to-hidden) and hidden states h_{t-1} (hidden-to-hidden)"
+    return (
+        f"kept dense: {method} weighs each weight matrix by statistics of the inputs it "
+        f"multiplies, and calibration does not collect them inside a "
+        f"{type(module).__name__} ({inputs}); plain svd compresses it by weight"
+    )

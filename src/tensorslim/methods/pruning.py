@@ -28,9 +28,11 @@ from torch import nn
 from tensorslim.analysis.delta_rank import DEFAULT_DELTA
 from tensorslim.errors import TensorslimError
 from tensorslim.facts import Config, LayerStats
+from tensorslim.layers.linear_like import as_conv1d
 from tensorslim.layers.sparse import PRUNABLE_TYPES, add_mask, finalize, mask_of, masked_modules
 from tensorslim.methods.base import LayerInfo, Method, Option
 from tensorslim.methods.presets import Preset
+from tensorslim.surgery import replace_module
 from tensorslim.train.hooks import TrainHook, unwrap
 from tensorslim.train.pruning import (
     SCHEDULE_KINDS,
@@ -249,7 +251,16 @@ class _PruningMethod(Method):
     def finalize(self, model: nn.Module, plan: CompressionPlan) -> nn.Module:
         if self._pruned_layers is None:
             self._pruned_layers = [n for n, _ in masked_modules(unwrap(model))]
-        return finalize(model)
+        finalize(model)
+        # a transformers Conv1D was pruned as the Linear it computes: baked, it becomes a Conv1D
+        # again, so the model's layer types and state-dict layout are the original model's
+        net = unwrap(model)
+        for lp in plan.layers:
+            if lp.method == self.name and lp.type_name == "Conv1D":
+                layer = net.get_submodule(lp.fqn)
+                if isinstance(layer, nn.Linear):
+                    replace_module(net, lp.fqn, as_conv1d(layer))
+        return model
 
     def summary(self, model: nn.Module) -> dict[str, Any]:
         """Sparsity reached, per-layer sparsity, δ-ranks and the RPG code's energy ranks at

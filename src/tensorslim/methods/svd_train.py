@@ -20,6 +20,7 @@ from torch import nn
 
 from tensorslim.errors import TensorslimError
 from tensorslim.facts import Config, LayerStats
+from tensorslim.inputs import zeros_from
 from tensorslim.layers.conv_geometry import geometry_of, unsupported_conv_reason
 from tensorslim.layers.svd import SVDConv2d, SVDLayer, SVDLinear
 from tensorslim.methods.base import LayerInfo, Method, Option
@@ -30,10 +31,13 @@ if TYPE_CHECKING:
     from tensorslim.train.hooks import TrainHook
 
 
-def _zeros_input(model: nn.Module, plan: CompressionPlan) -> torch.Tensor:
-    """A zero batch of the plan's input shape on the model's device and dtype (for shapes and
-    costs only)."""
+def _zeros_input(model: nn.Module, plan: CompressionPlan) -> Any:
+    """A zero input of the plan's example on the model's device (for shapes and costs only):
+    rebuilt from the plan's input description — token ids stay integers, keyword inputs stay
+    keywords — else a zero batch of its first tensor's shape in the model's dtype."""
     first = next(iter(model.parameters()))
+    if plan.input_spec is not None:
+        return zeros_from(plan.input_spec, first.device)
     return torch.zeros(plan.input_shape, device=first.device, dtype=first.dtype)
 
 

@@ -85,11 +85,11 @@ def choose_measured(
     if budget.metric != "latency":
         least_error = by_budget(budget, timed, totals).picked
         choice.latency["allocation"] = "least error per measured ms saved, until the budget is met"
-        choice.latency["error_sq"] = _error_sq(choice.picked)
+        choice.latency["error_sq"] = error_sq_of(choice.picked)
         choice.latency["least_error"] = {
             "layer_sum_ms": context.dense_ms
             * predicted_fraction(layers, least_error, context.dense_ms),
-            "error_sq": _error_sq(least_error),
+            "error_sq": error_sq_of(least_error),
         }
     return choice
 
@@ -153,7 +153,7 @@ def _measured(
     return [next(timed) if c.options else c for c in layers]
 
 
-def _error_sq(picked: dict[str, Option | None]) -> float:
+def error_sq_of(picked: dict[str, Option | None]) -> float:
     """Σ over layers of the chosen option's error² (the allocator's objective)."""
     return sum(float(o.error) ** 2 for o in picked.values() if o is not None)
 

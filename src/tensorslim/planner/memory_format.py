@@ -29,7 +29,8 @@ from tensorslim.inputs import ForwardFn, first_tensor_shape
 from tensorslim.methods.base import Method
 from tensorslim.planner.candidates import Candidates
 from tensorslim.planner.choose import Choice
-from tensorslim.planner.choose_measured import choose_measured
+from tensorslim.planner.choose_measured import choose_measured, error_sq_of
+from tensorslim.planner.in_context import TOLERANCE
 from tensorslim.planner.latency import LatencySetting
 from tensorslim.planner.survey import ModelSurvey
 from tensorslim.rank.budget import Budget
@@ -58,8 +59,10 @@ def choose_in_fastest_format(
     The dense model is timed in both layouts interleaved (one run, so a load change does not
     pick the layout); each layout's plan is predicted as a fraction of the dense model in that
     layout (timed in context), so the compressed model in layout f is priced
-    fraction_f · dense_f and the one of least price kept, its fraction restated against the
-    faster dense layout.
+    fraction_f · dense_f. Under a FLOPs or params budget (met in both) the layout of least price
+    is kept; under a latency budget the layout whose plan meets it with the least error
+    (Σ error²; a layout where dense is slower needs deeper cuts for the same ms), the fastest
+    when neither meets it. The fraction is restated against the faster dense layout.
     """
     formats = formats_to_try(model, setting.deployment)
     settings = {
@@ -78,18 +81,37 @@ def choose_in_fastest_format(
         for f, s in settings.items()
     }
     price = {f: c.latency["predicted_fraction"] * dense[f] for f, c in choices.items()}  # type: ignore[index]
-    chosen = min(price, key=price.__getitem__)
+    chosen = _pick(budget, choices, {f: p / dense[fastest_dense] for f, p in price.items()})
     choice = choices[chosen]
     record: dict[str, Any] = choice.latency  # type: ignore[assignment]
     record["memory_format"] = {
         "chosen": chosen,
         "dense": fastest_dense,
-        "formats": {f: {"dense_ms": dense[f], "predicted_ms": price[f]} for f in formats},
+        "formats": {
+            f: {
+                "dense_ms": dense[f],
+                "predicted_ms": price[f],
+                "error_sq": error_sq_of(choices[f].picked),
+            }
+            for f in formats
+        },
     }
     record["dense_model_ms"] = dense[fastest_dense]
     record["predicted_ms"] = price[chosen]
     record["predicted_fraction"] = price[chosen] / dense[fastest_dense]
     return choice, settings[chosen]
+
+
+def _pick(budget: Budget, choices: dict[str, Choice], fraction: dict[str, float]) -> str:
+    """The layout kept: fastest, or under a latency budget the least error among those
+    meeting it (within the in-context tolerance)."""
+    fastest = min(fraction, key=fraction.__getitem__)
+    if budget.metric != "latency":
+        return fastest
+    meeting = [f for f in fraction if fraction[f] <= budget.fraction * (1 + TOLERANCE)]
+    if not meeting:
+        return fastest
+    return min(meeting, key=lambda f: (error_sq_of(choices[f].picked), fraction[f]))
 
 
 def dense_in_layouts(

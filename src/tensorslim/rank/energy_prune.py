@@ -85,8 +85,10 @@ def search_energy(
     fixed_cost: int,
     total_cost: int,
     target_fraction: float,
+    metric: str = "flops",
 ) -> tuple[float, float]:
-    """Smallest energy threshold e whose pruned model costs ≤ ``target_fraction`` of the model.
+    """Smallest energy threshold e whose pruned model costs ≤ ``target_fraction`` of the model
+    (costs in ``metric``, named in the errors).
 
     ``layer_cost[i](k)`` is layer i's cost with k singular values kept (already min'ed with its
     dense cost when the layer would be merged back); ``fixed_cost`` is everything else;
@@ -94,9 +96,9 @@ def search_energy(
     Raises when even rank 1 everywhere stays above the target.
     """
     if not 0 < target_fraction <= 1:
-        raise TensorslimError(f"target FLOPs fraction must be in (0, 1], got {target_fraction}")
+        raise TensorslimError(f"target {metric} fraction must be in (0, 1], got {target_fraction}")
     if total_cost <= 0:
-        raise TensorslimError("the model's FLOPs are zero: nothing to budget")
+        raise TensorslimError(f"the model's {metric} are zero: nothing to budget")
 
     def fraction(energy: float) -> float:
         cost = fixed_cost + sum(
@@ -109,8 +111,9 @@ def search_energy(
     cheapest = fraction(candidates[-1])
     if cheapest > target_fraction:
         raise TensorslimError(
-            f"target FLOPs {target_fraction:g} is not reachable by pruning singular values: rank 1 "
-            f"in every SVD layer still costs {cheapest:.3f} of the model's FLOPs — raise the target"
+            f"target {metric} {target_fraction:g} is not reachable by pruning singular values: "
+            f"rank 1 in every SVD layer still costs {cheapest:.3f} of the model's {metric} — "
+            "raise the target"
         )
     # fraction is non-increasing in e: find the first candidate at or under the target
     index = bisect.bisect_left(

@@ -19,6 +19,7 @@ from torch import nn
 from tensorslim.analysis.flops import count_flops
 from tensorslim.analysis.profile import collect_layer_info, count_params
 from tensorslim.errors import TensorslimError
+from tensorslim.inputs import take_samples
 from tensorslim.layers.svd import SVDLayer, svd_layers
 from tensorslim.plan import plans_of, refresh_plan, set_plans
 from tensorslim.rank.budget import METRICS
@@ -75,10 +76,12 @@ class SVDLayerCost:
         return rank * (m + n) + self._bias() if lowrank else self.dense_params()
 
 
-def svd_layer_costs(model: nn.Module, example_input: torch.Tensor) -> list[SVDLayerCost]:
+def svd_layer_costs(model: nn.Module, example_input: Any) -> list[SVDLayerCost]:
     """Input shapes (batch of 1) of every SVD layer, by one forward pass in eval mode."""
     layers = svd_layers(model)
-    infos, _ = collect_layer_info(model, example_input[:1], types=(SVDLayer,), names=layers)
+    infos, _ = collect_layer_info(
+        model, take_samples(example_input, 1), types=(SVDLayer,), names=layers
+    )
     costs = []
     for fqn, layer in layers:
         info = infos.get(fqn)
@@ -89,10 +92,10 @@ def svd_layer_costs(model: nn.Module, example_input: torch.Tensor) -> list[SVDLa
 
 
 def _model_totals(
-    model: nn.Module, example_input: torch.Tensor, costs: list[SVDLayerCost]
+    model: nn.Module, example_input: Any, costs: list[SVDLayerCost]
 ) -> tuple[int, int]:
     """(FLOPs, params) of everything except the SVD layers, measured on the current model."""
-    flops = count_flops(model, example_input[:1])
+    flops = count_flops(model, take_samples(example_input, 1))
     params = count_params(model)
     for c in costs:
         flops -= c.factorized_flops(c.layer.active_rank())
@@ -117,6 +120,7 @@ def _search_target_energy(
         fixed[index],
         reference[index],
         fraction,
+        metric,
     )
     return energy
 
@@ -151,7 +155,7 @@ def _prune_layer(
 
 def prune_svd_model(
     model: nn.Module,
-    example_input: torch.Tensor,
+    example_input: Any,
     *,
     energy: float | None = None,
     target: tuple[str, float] | None = None,
@@ -210,7 +214,7 @@ class BudgetGate:
     def __init__(
         self,
         model: nn.Module,
-        example_input: torch.Tensor,
+        example_input: Any,
         metric: str,
         target: float,
         reference: int,
@@ -269,7 +273,7 @@ def svd_to_lowrank(model: nn.Module) -> list[str]:
     return converted
 
 
-def prune_and_merge(model: nn.Module, example_input: torch.Tensor, **pruning: Any) -> dict:
+def prune_and_merge(model: nn.Module, example_input: Any, **pruning: Any) -> dict:
     """Stage 2: :func:`prune_svd_model` (``pruning``: its keywords ``energy``, ``target``,
     ``reference``, ``merge_dense``), then merge back what does not pay (the survivors stay in
     SVD form, for fine-tuning or :func:`svd_to_lowrank`). Returns the pruning report."""
@@ -278,7 +282,7 @@ def prune_and_merge(model: nn.Module, example_input: torch.Tensor, **pruning: An
     return report
 
 
-def finalize_svd_model(model: nn.Module, example_input: torch.Tensor, **kwargs: Any) -> dict:
+def finalize_svd_model(model: nn.Module, example_input: Any, **kwargs: Any) -> dict:
     """Stage 2 plus conversion, without fine-tuning: prune, merge what does not pay, convert the
     rest to low-rank layers (keywords of :func:`prune_and_merge`). Returns the pruning report."""
     report = prune_and_merge(model, example_input, **kwargs)
