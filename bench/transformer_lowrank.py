@@ -19,6 +19,7 @@ fwsvd then all with allocation="sensitivity"):
     #   --latency-method none --name transformer_lowrank_paper  (7.2 min)
     # transformer_lowrank_long: --methods svd_llm --fractions 0.5 --extra-distill 1792
     #   --distill-loss layers --latency-method none --name transformer_lowrank_long  (9.5 min)
+    #   (transformer_lowrank_long6k: --extra-distill 5888, 11.1 min)
     # transformer_lowrank_refit (an earlier run, per-layer allocation): --methods svd_llm asvd
     #   --fractions 0.5 --refit --latency-method none --name transformer_lowrank_refit
     python bench/transformer_lowrank.py --quick    # a smoke run of the same code
