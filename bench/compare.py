@@ -201,12 +201,9 @@ def main() -> None:
             name, train, test, epochs=args.epochs, tag=f"fmnist-{args.limit_train}-e{args.epochs}"
         )
         original = measure(model, example, test, min_run_time=0.5)
-        if args.merge:
-            # the kept rows were measured against their own run's original: keep that one
-            before = [r for r in kept if r.get("model") == name and r.get("method") == "original"]
-            if before:
-                original["latency_ms"] = before[0]["latency_ms"]
-                kept = [r for r in kept if r is not before[0]]
+        # every speedup is a ratio to the dense model timed in the same run: a kept row keeps
+        # its own run's ratio, the new rows divide by this run's original (never mixed runs)
+        kept = [r for r in kept if not (r.get("model") == name and r.get("method") == "original")]
         rows.append(
             {
                 "model": name,
