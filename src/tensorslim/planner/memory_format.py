@@ -30,8 +30,13 @@ from tensorslim.inputs import ForwardFn, first_tensor_shape
 from tensorslim.methods.base import Method
 from tensorslim.planner.candidates import Candidates
 from tensorslim.planner.choose import Choice
-from tensorslim.planner.choose_measured import choose_measured, error_sq_of
-from tensorslim.planner.in_context import TOLERANCE
+from tensorslim.planner.choose_measured import (
+    allocate_measured,
+    choose_measured,
+    error_sq_of,
+    finish_measured,
+)
+from tensorslim.planner.in_context import TOLERANCE, measure_in_layouts
 from tensorslim.planner.latency import LatencySetting
 from tensorslim.planner.survey import ModelSurvey
 from tensorslim.rank.budget import Budget
@@ -73,14 +78,18 @@ def choose_in_fastest_format(
     if len(formats) == 1:
         (only,) = settings.values()
         return choose_measured(model, method, budget, candidates, survey, only), only
-    dense = dense_in_layouts(model, survey, settings, setting.forward_fn)
-    fastest_dense = min(dense, key=dense.__getitem__)
-    choices = {
-        f: choose_measured(
-            model, method, budget, candidates, survey, s, dense[fastest_dense] / dense[f]
-        )
-        for f, s in settings.items()
-    }
+    if budget.metric == "latency":
+        dense = dense_in_layouts(model, survey, settings, setting.forward_fn)
+        fastest_dense = min(dense, key=dense.__getitem__)
+        choices = {
+            f: choose_measured(
+                model, method, budget, candidates, survey, s, dense[fastest_dense] / dense[f]
+            )
+            for f, s in settings.items()
+        }
+    else:  # allocated in each layout first: one run times dense and planned in all of them
+        choices, dense = _flops_in_layouts(model, method, budget, candidates, survey, settings)
+        fastest_dense = min(dense, key=dense.__getitem__)
     price = {f: c.latency["predicted_fraction"] * dense[f] for f, c in choices.items()}  # type: ignore[index]
     chosen = _pick(budget, choices, {f: p / dense[fastest_dense] for f, p in price.items()})
     choice = choices[chosen]
@@ -101,6 +110,28 @@ def choose_in_fastest_format(
     record["predicted_ms"] = price[chosen]
     record["predicted_fraction"] = price[chosen] / dense[fastest_dense]
     return choice, settings[chosen]
+
+
+def _flops_in_layouts(
+    model: nn.Module,
+    method: Method,
+    budget: Budget,
+    candidates: Candidates,
+    survey: ModelSurvey,
+    settings: dict[str, LatencySetting],
+) -> tuple[dict[str, Choice], dict[str, float]]:
+    """A FLOPs or params budget in every layout: each layout's allocation, then the dense model
+    and every layout's planned structure timed in one interleaved run
+    (:func:`~tensorslim.planner.in_context.measure_in_layouts`). (choices, dense ms) per layout."""
+    allocated = {
+        f: allocate_measured(method, budget, candidates, survey, s) for f, s in settings.items()
+    }
+    picks = {f: a.choice.picked for f, a in allocated.items()}
+    contexts = measure_in_layouts(model, method, survey, settings, picks)
+    choices = {
+        f: finish_measured(budget, s, allocated[f], contexts[f]) for f, s in settings.items()
+    }
+    return choices, {f: c.dense_ms for f, c in contexts.items()}
 
 
 def _pick(budget: Budget, choices: dict[str, Choice], fraction: dict[str, float]) -> str:
