@@ -225,11 +225,12 @@ def time_against_reference(
     that run times dense's reference latency (the first one measured and cached).
     """
 
-    def runners(todo: dict[str, nn.Module]) -> dict[str, Runner]:
+    def runners(todo: dict[str, tuple[nn.Module, Deployment]]) -> dict[str, Runner]:
         x = layer_arguments(dense, layer_input(shape, deployment))
-        return {name: make_runner(m, x, deployment) for name, m in todo.items()}
+        return {name: make_runner(m, x, deployment) for name, (m, _) in todo.items()}
 
-    return _against_reference(dense, variants, shape, deployment, cache, runners, LAYER_ROUNDS)
+    groups = {REFERENCE: (dense, variants, deployment)}
+    return _against_reference(groups, shape, cache, runners, LAYER_ROUNDS)[REFERENCE]
 
 
 def layer_arguments(layer: nn.Module, x: torch.Tensor) -> Any:
@@ -253,39 +254,83 @@ def time_models_against_reference(
     """(dense ms, variant name → ms) of whole models on ``example`` (its first sample repeated
     to the deployment's batch), cached like :func:`time_against_reference`: a variant's ratio
     to ``dense`` comes from one interleaved run, so a loaded machine slows both alike."""
+    groups = {REFERENCE: (dense, variants, deployment)}
+    return time_models_in_deployments(groups, example, cache, forward_fn)[REFERENCE]
+
+
+# a group: a dense model, its variants (name → module), and the deployment all of them run in
+Group = tuple[nn.Module, dict[str, nn.Module], Deployment]
+
+
+def time_models_in_deployments(
+    groups: dict[str, Group],
+    example: Any,
+    cache: LatencyCache,
+    forward_fn: ForwardFn | None = None,
+) -> dict[str, tuple[float, dict[str, float]]]:
+    """:func:`time_models_against_reference` for several groups at once (e.g. the dense model
+    and its planned structure in NCHW and in channels_last): every group's uncached models run
+    in **one** interleaved run, so each group's dense model is timed once and a load change
+    during the run slows every group alike. Group name → (dense ms, variant name → ms)."""
     shape = tuple(first_tensor_shape(example))
 
-    def runners(todo: dict[str, nn.Module]) -> dict[str, Runner]:
-        x = at_batch(example, deployment.batch)
-        return {name: make_runner(m, x, deployment, forward_fn) for name, m in todo.items()}
+    def runners(todo: dict[str, tuple[nn.Module, Deployment]]) -> dict[str, Runner]:
+        out: dict[str, Runner] = {}
+        for name, (m, where) in todo.items():
+            out[name] = make_runner(m, at_batch(example, where.batch), where, forward_fn)
+        return out
 
-    return _against_reference(dense, variants, shape, deployment, cache, runners, MODEL_ROUNDS)
+    return _against_reference(groups, shape, cache, runners, MODEL_ROUNDS)
 
 
 def _against_reference(
-    dense: nn.Module,
-    variants: dict[str, nn.Module],
+    groups: dict[str, Group],
     shape: tuple[int, ...],
-    deployment: Deployment,
     cache: LatencyCache,
     runners: Any,
     rounds: dict[str, Any],
-) -> tuple[float, dict[str, float]]:
-    """The cached ratio-to-reference timing behind both public functions above."""
-    dense_key = cache.key(dense, shape, deployment)
-    keys = {name: cache.key(m, shape, deployment) for name, m in variants.items()}
-    todo = {name: m for name, m in variants.items() if cache.get(keys[name]) is None}
-    if todo or cache.get(dense_key) is None:
-        timed = time_interleaved(runners({REFERENCE: dense, **todo}), deployment.threads, **rounds)
-        if cache.get(dense_key) is None:
-            cache.put(dense_key, timed[REFERENCE].ms)
-        reference = cache.get(dense_key)
-        assert reference is not None
-        for name in todo:
-            cache.put(keys[name], timed[name].ms / timed[REFERENCE].ms * reference)
-    dense_ms = cache.get(dense_key)
-    assert dense_ms is not None
-    return dense_ms, {name: float(cache.get(k)) for name, k in keys.items()}  # type: ignore[arg-type]
+) -> dict[str, tuple[float, dict[str, float]]]:
+    """The cached ratio-to-reference timing behind the public functions above.
+
+    ``runners(todo)`` turns ``{run name: (module, deployment)}`` into runners. Every group
+    with an uncached variant or dense reference joins one interleaved run (with its dense
+    model); a variant's ms is its ratio to its group's dense model in that run times the dense
+    model's reference (its first measurement, cached).
+    """
+    todo: dict[str, tuple[nn.Module, Deployment]] = {}
+    keys: dict[str, tuple[str, dict[str, str]]] = {}
+    for g, (dense, variants, where) in groups.items():
+        keys[g] = (
+            cache.key(dense, shape, where),
+            {n: cache.key(m, shape, where) for n, m in variants.items()},
+        )
+        missing = {n: m for n, m in variants.items() if cache.get(keys[g][1][n]) is None}
+        if missing or cache.get(keys[g][0]) is None:
+            todo[_run_name(g, REFERENCE)] = (dense, where)
+            todo.update({_run_name(g, n): (m, where) for n, m in missing.items()})
+    if todo:
+        threads = {where.threads for _, where in todo.values()}
+        if len(threads) != 1:
+            raise TensorslimError("models timed in one run need one thread count: give one")
+        timed = time_interleaved(runners(todo), threads.pop(), **rounds)
+        for g, (dense_key, variant_keys) in keys.items():
+            if _run_name(g, REFERENCE) not in timed:
+                continue
+            here = timed[_run_name(g, REFERENCE)].ms
+            if cache.get(dense_key) is None:
+                cache.put(dense_key, here)
+            reference = float(cache.get(dense_key))  # type: ignore[arg-type]
+            for n, key in variant_keys.items():
+                if _run_name(g, n) in timed:
+                    cache.put(key, timed[_run_name(g, n)].ms / here * reference)
+    return {
+        g: (float(cache.get(d)), {n: float(cache.get(k)) for n, k in v.items()})  # type: ignore[arg-type]
+        for g, (d, v) in keys.items()
+    }
+
+
+def _run_name(group: str, name: str) -> str:
+    return f"{group}/{name}"
 
 
 def time_models(

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -59,20 +60,77 @@ def choose_measured(
     model in ``setting`` (≤ 1; "auto" passes the faster layout's dense ms over this layout's,
     see :mod:`tensorslim.planner.memory_format`).
     """
-    totals = {"flops": survey.model_flops, "params": survey.model_params}
+    if budget.metric != "latency":
+        allocated = allocate_measured(method, budget, candidates, survey, setting)
+        context = measure_in_context(model, method, survey, setting, allocated.choice.picked)
+        return finish_measured(budget, setting, allocated, context)
+    totals = _totals(survey)
     layers = _measured(method, survey, candidates.choices, setting, budget.metric)
-    timed = _with(candidates, layers)
 
     def in_context(picked: dict[str, Option | None]) -> InContext:
         return measure_in_context(model, method, survey, setting, picked)
 
-    if budget.metric == "latency":
-        model_ms = dense_model_ms(model, survey, setting)
-        here = _in_this_layout(budget, dense_scale)
-        choice, context = _latency_choice(here, timed, {**totals, "latency": model_ms}, in_context)
-    else:
-        choice = by_budget(budget, timed, totals, spend="latency")
-        context = in_context(choice.picked)
+    totals["latency"] = dense_model_ms(model, survey, setting)
+    here = _in_this_layout(budget, dense_scale)
+    choice, context = _latency_choice(here, _with(candidates, layers), totals, in_context)
+    _record(choice, layers, setting, context)
+    return choice
+
+
+@dataclass
+class Allocated:
+    """A FLOPs or params budget's allocation over measured options (``choice``), before its
+    planned structure is timed in context; ``layers`` / ``timed``: the measured options (the
+    slower ones dropped), ``totals``: the model's FLOPs and params."""
+
+    choice: Choice
+    layers: list[LayerChoices]
+    timed: Candidates
+    totals: dict[str, float]
+
+
+def allocate_measured(
+    method: Method,
+    budget: Budget,
+    candidates: Candidates,
+    survey: ModelSurvey,
+    setting: LatencySetting,
+) -> Allocated:
+    """Stage one of a FLOPs or params budget: the options measured, the budget met where it
+    buys time (least error per measured ms saved). :func:`finish_measured` records it once its
+    planned structure is timed (one run for several layouts, see
+    :mod:`tensorslim.planner.memory_format`)."""
+    totals = _totals(survey)
+    layers = _measured(method, survey, candidates.choices, setting, budget.metric)
+    timed = _with(candidates, layers)
+    return Allocated(by_budget(budget, timed, totals, spend="latency"), layers, timed, totals)
+
+
+def finish_measured(
+    budget: Budget, setting: LatencySetting, allocated: Allocated, context: InContext
+) -> Choice:
+    """The allocation's choice with its latency record (``context``: its planned structure
+    timed against the dense model) and the least-error allocation of the same budget beside
+    it, its price in error stated."""
+    choice, layers = allocated.choice, allocated.layers
+    _record(choice, layers, setting, context)
+    least_error = by_budget(budget, allocated.timed, allocated.totals).picked
+    assert choice.latency is not None
+    choice.latency["allocation"] = "least error per measured ms saved, until the budget is met"
+    choice.latency["error_sq"] = error_sq_of(choice.picked)
+    choice.latency["least_error"] = {
+        "layer_sum_ms": context.dense_ms
+        * predicted_fraction(layers, least_error, context.dense_ms),
+        "error_sq": error_sq_of(least_error),
+    }
+    return choice
+
+
+def _record(
+    choice: Choice, layers: list[LayerChoices], setting: LatencySetting, context: InContext
+) -> None:
+    """``choice`` gains the measurements, its latency record, and the reason of every layer
+    kept dense because each of its measured options was slower."""
     for layer in layers:
         measured = layer.fqn in setting.measured
         if measured and not layer.options and choice.picked.get(layer.fqn) is None:
@@ -82,16 +140,10 @@ def choose_measured(
             )
     choice.measured = setting.measured
     choice.latency = latency_record(setting, context, choice.picked)
-    if budget.metric != "latency":
-        least_error = by_budget(budget, timed, totals).picked
-        choice.latency["allocation"] = "least error per measured ms saved, until the budget is met"
-        choice.latency["error_sq"] = error_sq_of(choice.picked)
-        choice.latency["least_error"] = {
-            "layer_sum_ms": context.dense_ms
-            * predicted_fraction(layers, least_error, context.dense_ms),
-            "error_sq": error_sq_of(least_error),
-        }
-    return choice
+
+
+def _totals(survey: ModelSurvey) -> dict[str, float]:
+    return {"flops": survey.model_flops, "params": survey.model_params}
 
 
 def _latency_choice(

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from tensorslim.analysis.timing import time_models_against_reference
+from tensorslim.analysis.timing import time_models_against_reference, time_models_in_deployments
 from tensorslim.facts import Option
 from tensorslim.methods.base import Method
 from tensorslim.planner.latency import LatencySetting, skeleton
@@ -78,6 +78,30 @@ def measure_in_context(
         setting.forward_fn,
     )
     return InContext(dense_ms, ms["planned"])
+
+
+def measure_in_layouts(
+    model: nn.Module,
+    method: Method,
+    survey: ModelSurvey,
+    settings: dict[str, LatencySetting],
+    picks: dict[str, dict[str, Option | None]],
+) -> dict[str, InContext]:
+    """:func:`measure_in_context` for several settings (memory formats) in **one**
+    interleaved run: the dense model and the planned structure of ``picks[f]`` in every
+    setting ``f`` (one cache; the settings differ in layout only). The dense model's time in
+    each layout comes from that run too, so the layouts are compared under one load."""
+    groups = {
+        f: (
+            model,
+            {"planned": planned_structure(model, method, survey, picks[f])},
+            s.deployment,
+        )
+        for f, s in settings.items()
+    }
+    first = next(iter(settings.values()))
+    timed = time_models_in_deployments(groups, survey.example, first.cache, first.forward_fn)
+    return {f: InContext(dense_ms, ms["planned"]) for f, (dense_ms, ms) in timed.items()}
 
 
 Tried = tuple[float, dict[str, Option | None], InContext]
