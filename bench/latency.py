@@ -191,6 +191,7 @@ def one_plan(
         "small_wall_median_ms": timed["small"].wall_median_ms,
         "notes": the_plan.notes,
         "slower_layers": _slower_layers(the_plan),
+        "chains": ((the_plan.latency or {}).get("memory_format") or {}).get("chains"),
         "load": load_average(),
     }
     if entry.get("loaders") is not None:

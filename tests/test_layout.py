@@ -118,3 +118,14 @@ def test_apply_save_load_and_onnx_keep_the_planned_layout(
     assert conv_outputs(loaded, x) == in_cl
     report = export_onnx(small, x, tmp_path / "m.onnx")  # checked against PyTorch's outputs
     assert report["max_abs_diff"] < 1e-4
+
+
+def test_export_merge_back_keeps_merged_weights_in_the_planned_layout(monkeypatch) -> None:
+    import tensorslim.export as export
+
+    model, x = tiny_resnet(), torch.randn(1, 3, 16, 16)
+    small = ts.apply(model, planned("channels_last"))
+    monkeypatch.setattr(export, "_time_pair", lambda *a: (2.0, 1.0))  # every dense form faster
+    decisions = export.merge_slow_layers(small, x)
+    assert decisions and all(d["merged"] for d in decisions)
+    assert all(p.is_contiguous(memory_format=CL) for p in small.parameters() if p.dim() == 4)
