@@ -46,6 +46,7 @@ from tensorslim.analysis.deployment import Deployment
 from tensorslim.analysis.timing import LatencyCache, load_average
 from tensorslim.errors import TensorslimError
 from tensorslim.fold import fold_batchnorm
+from tensorslim.layout import applied_deployment, is_per_chain
 from tensorslim.models import create_model
 from tensorslim.plan import apply, plan
 from tensorslim.planner.memory_format import time_in_deployments
@@ -196,6 +197,7 @@ def one_plan(
         "small_wall_median_ms": timed["small"].wall_median_ms,
         "notes": the_plan.notes,
         "slower_layers": _slower_layers(the_plan),
+        "chains": ((the_plan.latency or {}).get("memory_format") or {}).get("chains"),
         "load": load_average(),
         "compile_s": (the_plan.latency or {}).get("compile_s"),
     }
@@ -217,12 +219,13 @@ def _time_pair(
 ) -> tuple[dict[str, Any], str]:
     """Dense and compressed timed interleaved, each in the layout the plan chose for it
     (memory_format="auto": dense in its faster layout, compressed in its own)."""
-    small_where = Deployment(**record["deployment"]) if record else where
+    small_where = applied_deployment(record) if record else where  # per chain: as applied
     layouts = (record or {}).get("memory_format", {})
-    dense_where = small_where.in_format(layouts.get("dense", small_where.memory_format))
-    label = small_where.memory_format
+    planned = Deployment(**record["deployment"]) if record else where
+    dense_where = planned.in_format(layouts.get("dense", planned.memory_format))
+    label = "per_chain" if is_per_chain(record) else planned.memory_format
     if where.memory_format == "auto":
-        label = f"auto: {dense_where.memory_format}→{small_where.memory_format}"
+        label = f"auto: {dense_where.memory_format}→{label}"
     models = {
         "dense": (dense, Deployment(**{**dense_where.to_dict(), "threads": threads})),
         "small": (small, Deployment(**{**small_where.to_dict(), "threads": threads})),

