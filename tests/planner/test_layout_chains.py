@@ -7,7 +7,7 @@ import torch
 
 import tensorslim as ts
 from conftest import conv_outputs, tiny_resnet
-from tensorslim.analysis.deployment import Deployment
+from tensorslim.analysis.deployment import FORMATS, Deployment
 from tensorslim.analysis.timing import LatencyCache
 from tensorslim.layout import planned_layout
 from tensorslim.planner import layout_chains
@@ -25,10 +25,14 @@ def test_a_plan_records_each_chain_timed_in_both_layouts_and_keeps_what_it_measu
     entry = record["memory_format"]["chains"]
     assert list(entry["chains"]) == ["stem", "layer1", "layer2"]
     assert entry["chains"]["layer2"]["input_shape"] == [2, 8, 16, 16]  # at the deployment batch
+    times_of = list(entry["chains"].values())
     for name, times in entry["chains"].items():  # each chain's faster layout, as recorded
-        fastest = min(("nchw", "channels_last"), key=times.__getitem__)
+        fastest = min(FORMATS, key=times.__getitem__)
         assert entry["assignment"][name] == fastest
-    if len(set(entry["assignment"].values())) < 2:
+    sums = entry["chain_sum_ms"]
+    assert sums[PER_CHAIN] == pytest.approx(sum(min(t[f] for f in FORMATS) for t in times_of))
+    promising = sums[PER_CHAIN] < (1 - MARGIN) * min(sums[f] for f in FORMATS)
+    if len(set(entry["assignment"].values())) < 2 or not promising:
         assert not entry["kept"] and "model_ms" not in entry
     else:  # kept only when faster than both uniform layouts in the same run
         ms = entry["model_ms"]
