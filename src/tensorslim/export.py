@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tensorslim.analysis.deployment import Deployment, make_runner
+from tensorslim.analysis.deployment import Deployment, layer_deployment, make_runner
 from tensorslim.analysis.timing import LatencyCache, time_against_reference, time_interleaved
 from tensorslim.errors import TensorslimError
 from tensorslim.inputs import Inputs, as_inputs, call_model, map_tensors, tensors_in
@@ -211,7 +211,9 @@ def merge_slow_layers(
 def _time_pair(
     module: nn.Module, dense: nn.Module, inputs: Inputs, where: Deployment, cache: LatencyCache
 ) -> tuple[float, float]:
-    """(structured ms, dense ms), interleaved: by shape for one tensor input, else on it."""
+    """(structured ms, dense ms), interleaved: by shape for one tensor input, else on it
+    (single layers eagerly for a "compile" deployment, as the planner times them)."""
+    where = layer_deployment(where)
     if len(inputs.args) == 1 and isinstance(inputs.args[0], torch.Tensor) and not inputs.kwargs:
         shape = tuple(inputs.args[0].shape)
         t_dense, timed = time_against_reference(dense, {"s": module}, shape, where, cache)

@@ -28,8 +28,6 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +35,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from tensorslim.analysis.deployment import Deployment, Runner, at_batch, make_runner
+from tensorslim.analysis.deployment import (
+    Deployment,
+    Runner,
+    at_batch,
+    make_runner,
+    torch_threads,
+)
 from tensorslim.errors import TensorslimError
 from tensorslim.inputs import ForwardFn, Inputs, first_tensor_shape
 
@@ -55,27 +59,19 @@ class Timing:
     is the latency of an idle machine; with more, it assumes the threads stay busy (OpenMP
     threads spin while they wait, so they do). ``wall_ms`` / ``wall_median_ms``: the best and
     median round by the wall clock, recorded beside it (on a quiet machine all three agree).
+    ``setup_s``: the wall seconds the runner's one-off set-up took before timing (a
+    ``torch.compile`` d module's compilation; 0 for eager and ONNX Runtime), never part of ``ms``.
     """
 
     cpu_ms: float
     wall_ms: float
     wall_median_ms: float
     rounds: int
+    setup_s: float = 0.0
 
     @property
     def ms(self) -> float:
         return self.cpu_ms
-
-
-@contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
-    """``torch.set_num_threads(threads)`` for the block, the previous count restored after."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def time_interleaved(
@@ -116,7 +112,11 @@ def time_interleaved(
                 break
     return {
         n: Timing(
-            min(cpu[n]) * 1e3, min(wall[n]) * 1e3, statistics.median(wall[n]) * 1e3, len(cpu[n])
+            min(cpu[n]) * 1e3,
+            min(wall[n]) * 1e3,
+            statistics.median(wall[n]) * 1e3,
+            len(cpu[n]),
+            float(getattr(runners[n], "setup_s", 0.0)),
         )
         for n in names
     }
@@ -161,11 +161,14 @@ class LatencyCache:
 
     In memory by default; with ``path`` it is read from and :meth:`save` d to a JSON file. One
     instance is passed explicitly to whatever measures (the planner, export's merge-back).
+    ``setup_s``: the wall seconds spent setting up the runners this instance's timings came
+    from (compiling, for ``backend="compile"``), for reports; not saved.
     """
 
     def __init__(self, path: str | Path | None = None) -> None:
         self.path = Path(path) if path is not None else None
         self.entries: dict[str, float] = {}
+        self.setup_s = 0.0
         self._machine = machine_key()
         if self.path is not None and self.path.is_file():
             try:
@@ -313,6 +316,7 @@ def _against_reference(
         if len(threads) != 1:
             raise TensorslimError("models timed in one run need one thread count: give one")
         timed = time_interleaved(runners(todo), threads.pop(), **rounds)
+        cache.setup_s += sum(t.setup_s for t in timed.values())
         for g, (dense_key, variant_keys) in keys.items():
             if _run_name(g, REFERENCE) not in timed:
                 continue
