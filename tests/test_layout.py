@@ -129,3 +129,13 @@ def test_export_merge_back_keeps_merged_weights_in_the_planned_layout(monkeypatc
     decisions = export.merge_slow_layers(small, x)
     assert decisions and all(d["merged"] for d in decisions)
     assert all(p.is_contiguous(memory_format=CL) for p in small.parameters() if p.dim() == 4)
+
+
+def test_a_later_layout_replaces_an_earlier_one() -> None:
+    model, x = tiny_resnet(), torch.randn(2, 3, 16, 16)
+    placed = to_layout(copy.deepcopy(model), MIXED)
+    assert [layout_of(placed.get_submodule(c)) for c in MIXED] == list(MIXED.values())
+    to_layout(placed, {"": "nchw"})  # e.g. a second stage planned in NCHW
+    assert all(layout_of(m) is None for m in placed.modules())
+    assert not any(conv_outputs(placed, x).values())
+    assert all(p.is_contiguous() for p in placed.parameters())
