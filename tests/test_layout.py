@@ -118,3 +118,24 @@ def test_apply_save_load_and_onnx_keep_the_planned_layout(
     assert conv_outputs(loaded, x) == in_cl
     report = export_onnx(small, x, tmp_path / "m.onnx")  # checked against PyTorch's outputs
     assert report["max_abs_diff"] < 1e-4
+
+
+def test_export_merge_back_keeps_merged_weights_in_the_planned_layout(monkeypatch) -> None:
+    import tensorslim.export as export
+
+    model, x = tiny_resnet(), torch.randn(1, 3, 16, 16)
+    small = ts.apply(model, planned("channels_last"))
+    monkeypatch.setattr(export, "_time_pair", lambda *a: (2.0, 1.0))  # every dense form faster
+    decisions = export.merge_slow_layers(small, x)
+    assert decisions and all(d["merged"] for d in decisions)
+    assert all(p.is_contiguous(memory_format=CL) for p in small.parameters() if p.dim() == 4)
+
+
+def test_a_later_layout_replaces_an_earlier_one() -> None:
+    model, x = tiny_resnet(), torch.randn(2, 3, 16, 16)
+    placed = to_layout(copy.deepcopy(model), MIXED)
+    assert [layout_of(placed.get_submodule(c)) for c in MIXED] == list(MIXED.values())
+    to_layout(placed, {"": "nchw"})  # e.g. a second stage planned in NCHW
+    assert all(layout_of(m) is None for m in placed.modules())
+    assert not any(conv_outputs(placed, x).values())
+    assert all(p.is_contiguous() for p in placed.parameters())

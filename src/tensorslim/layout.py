@@ -94,10 +94,14 @@ def to_layout(model: nn.Module, layout: Layout, *, inplace: bool = True) -> nn.M
     ``inplace=True`` converts ``model``'s own tensors (``p.data`` is replaced, so a weight
     shared by two modules stays shared); ``inplace=False`` converts a
     :func:`~tensorslim.surgery.copy_structure` copy (for timing: ``model`` is left as it was).
-    A whole-model NCHW layout adds no hook (NCHW is PyTorch's default).
+    A whole-model NCHW layout adds no hook (NCHW is PyTorch's default); the input hooks of an
+    earlier layout are removed first, so a later stage's layout replaces it.
     """
     check_layout(layout)
     target = model if inplace else copy_structure(model)
+    for module in target.modules():  # a new layout replaces an earlier one (another stage's)
+        if layout_of(module) is not None:
+            _drop_input_layout(module)
     for fqn, fmt in layout.items():
         try:
             module = target.get_submodule(fqn) if fqn else target
@@ -128,15 +132,17 @@ def _convert_tensors(module: nn.Module, fmt: torch.memory_format, inplace: bool)
 
 
 def _set_input_layout(module: nn.Module, fmt: str) -> None:
-    """One :class:`InputLayout` pre-hook on ``module`` (an earlier one replaced).
+    """One :class:`InputLayout` pre-hook on ``module`` (an earlier one replaced)."""
+    _drop_input_layout(module)
+    module.register_forward_pre_hook(InputLayout(fmt))
 
-    The hook table is rebuilt rather than edited: a ``copy_structure`` copy shares its
-    original's table, which must not gain the copy's hook.
-    """
+
+def _drop_input_layout(module: nn.Module) -> None:
+    """``module`` without :class:`InputLayout` hooks. The hook table is rebuilt rather than
+    edited: a ``copy_structure`` copy shares its original's table, which must keep its own."""
     module._forward_pre_hooks = OrderedDict(
         (k, h) for k, h in module._forward_pre_hooks.items() if not isinstance(h, InputLayout)
     )
-    module.register_forward_pre_hook(InputLayout(fmt))
 
 
 def layout_of(module: nn.Module) -> str | None:

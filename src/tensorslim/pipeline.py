@@ -404,6 +404,12 @@ def latency_check(
         "predicted_ms": record["predicted_fraction"] * dense,
         "prediction_error": record["predicted_fraction"] * dense / small - 1.0,
         "load_average": load_average(),
+        # backend=compile: both models compiled first, never inside the timing
+        **(
+            {"compile_s": sum(t.setup_s for t in timed.values())}
+            if where.backend == "compile"
+            else {}
+        ),
     }
 
 

@@ -7,7 +7,7 @@ import torch
 
 import tensorslim as ts
 from conftest import conv_outputs, tiny_resnet
-from tensorslim.analysis.deployment import Deployment
+from tensorslim.analysis.deployment import FORMATS, Deployment
 from tensorslim.analysis.timing import LatencyCache
 from tensorslim.layout import planned_layout
 from tensorslim.planner import layout_chains
@@ -25,10 +25,14 @@ def test_a_plan_records_each_chain_timed_in_both_layouts_and_keeps_what_it_measu
     entry = record["memory_format"]["chains"]
     assert list(entry["chains"]) == ["stem", "layer1", "layer2"]
     assert entry["chains"]["layer2"]["input_shape"] == [2, 8, 16, 16]  # at the deployment batch
+    times_of = list(entry["chains"].values())
     for name, times in entry["chains"].items():  # each chain's faster layout, as recorded
-        fastest = min(("nchw", "channels_last"), key=times.__getitem__)
+        fastest = min(FORMATS, key=times.__getitem__)
         assert entry["assignment"][name] == fastest
-    if len(set(entry["assignment"].values())) < 2:
+    sums = entry["chain_sum_ms"]
+    assert sums[PER_CHAIN] == pytest.approx(sum(min(t[f] for f in FORMATS) for t in times_of))
+    promising = sums[PER_CHAIN] < (1 - MARGIN) * min(sums[f] for f in FORMATS)
+    if len(set(entry["assignment"].values())) < 2 or not promising:
         assert not entry["kept"] and "model_ms" not in entry
     else:  # kept only when faster than both uniform layouts in the same run
         ms = entry["model_ms"]
@@ -85,3 +89,53 @@ def test_the_whole_model_decision_is_timed_once_then_cached(monkeypatch) -> None
     other = {**MIXED, "layer2": "nchw"}  # another assignment is another measurement
     with pytest.raises(AssertionError, match="timed again"):
         mixed_and_uniform_ms(model, other, x, deployments, cache)
+
+
+def chain_stage(monkeypatch, chain_ms: dict[str, tuple[float, float]], model_ms: dict) -> dict:
+    """The chain stage on the tiny ResNet with its timings replaced by ``chain_ms`` (per chain:
+    NCHW, channels_last ms) and ``model_ms`` (whole model): the record it writes, with the
+    assignments whose whole model was timed under ``"tried"``."""
+    from tensorslim.methods.registry import get_method
+    from tensorslim.planner.choose import Choice
+    from tensorslim.planner.latency import LatencySetting
+    from tensorslim.planner.survey import survey_model
+
+    model, x = tiny_resnet(), torch.randn(1, 3, 16, 16)
+    by_repr = {repr(model.get_submodule(n)): n for n in chain_ms}  # the chains differ
+    tried: list[dict] = []
+
+    def chain_times(module, *args, **kwargs):
+        return dict(zip(FORMATS, chain_ms[by_repr[repr(module)]], strict=True))
+
+    def whole(structure, assignment, *args, **kwargs):
+        tried.append(assignment)
+        return model_ms
+
+    monkeypatch.setattr(layout_chains, "module_in_layouts", chain_times)
+    monkeypatch.setattr(layout_chains, "mixed_and_uniform_ms", whole)
+    record = {"predicted_ms": 8.0, "predicted_fraction": 0.8, "memory_format": {"chosen": "nchw"}}
+    setting = LatencySetting(deployment=Deployment(batch=2, threads=1), cache=LatencyCache())
+    survey = survey_model(model, x)
+    choice = Choice(latency=record)
+    layout_chains.fastest_chain_layout(model, get_method("svd"), survey, choice, setting)
+    entry = record["memory_format"]["chains"]
+    return {**entry, "tried": tried, "record": record}
+
+
+def test_the_chain_stage_tries_a_mix_only_when_the_chains_promise_one(monkeypatch) -> None:
+    uniform = {"nchw": 10.0, "channels_last": 11.0}
+    # stem and layer2 faster in channels_last, layer1 in NCHW: the sums promise 3.0 vs 3.5
+    chains = {"stem": (1.0, 0.5), "layer1": (1.0, 2.0), "layer2": (2.0, 1.5)}
+    kept = chain_stage(monkeypatch, chains, {**uniform, PER_CHAIN: 9.0})
+    assert kept["assignment"] == MIXED
+    assert kept["chain_sum_ms"] == {"nchw": 4.0, "channels_last": 4.0, PER_CHAIN: 3.0}
+    assert kept["tried"] == [kept["assignment"]] and kept["kept"]
+    assert kept["record"]["predicted_ms"] == pytest.approx(8.0 * 9.0 / 10.0)  # chosen: nchw
+    slower = chain_stage(monkeypatch, chains, {**uniform, PER_CHAIN: 10.5})
+    assert not slower["kept"] and slower["record"]["predicted_ms"] == 8.0
+    # a mix whose chains gain under the margin is not timed as a whole model
+    close = {"stem": (1.0, 0.999), "layer1": (1.0, 2.0), "layer2": (2.0, 2.5)}
+    untried = chain_stage(monkeypatch, close, {**uniform, PER_CHAIN: 1.0})
+    assert untried["tried"] == [] and not untried["kept"] and "not tried" in untried["reason"]
+    same = chain_stage(monkeypatch, {c: (1.0, 2.0) for c in chains}, {})
+    assert same["tried"] == [] and "nothing to mix" in same["reason"]

@@ -13,13 +13,16 @@ prediction times it) this stage
 2. captures each chain's real input (one forward pass of the example) and times the chain on
    it in both layouts, interleaved in one run (cached like a layer: module structure, input
    shape, deployment, machine), and assigns each chain its faster layout;
-3. if that assignment mixes layouts, times the whole structure in NCHW, in channels_last and
-   in the mixed layout, interleaved in one run (conversions between chains included: the
-   whole-model time decides), and keeps the mixed layout only if it is faster than both
-   uniform ones by more than :data:`MARGIN` (a tie is not worth a hook per chain).
+3. if that assignment mixes layouts and the chains' summed times promise more than
+   :data:`MARGIN` over the faster uniform layout, times the whole structure in NCHW, in
+   channels_last and in the mixed layout, interleaved in one run (conversions between
+   chains included: the whole-model time decides), and keeps the mixed layout only if it is
+   faster than both uniform ones by more than :data:`MARGIN` (a tie is not worth a hook per
+   chain).
 
 It records ``latency["memory_format"]["chains"]``: every chain's ms in both layouts and its
-input shape, the assignment, the three whole-model times (when tried), ``kept`` and why. When
+input shape, the assignment, the chains' summed ms per layout and mixed (``chain_sum_ms``),
+the three whole-model times (when tried), ``kept`` and why. When
 kept, the plan's predicted ms and fraction are restated for the mixed layout (scaled by
 mixed / uniform from the same run; the dense baseline stays the faster uniform dense model)
 and ``apply`` returns the model in it (:func:`tensorslim.layout.planned_layout`).
@@ -81,8 +84,16 @@ def fastest_chain_layout(
         "assignment": assignment,
         "kept": False,
     }
+    sums = {f: sum(t[f] for t in times.values()) for f in FORMATS}
+    sums[PER_CHAIN] = sum(t[assignment[c]] for c, t in times.items())
+    entry["chain_sum_ms"] = sums
     if len(set(assignment.values())) < 2:
         entry["reason"] = "every chain is fastest in one layout: nothing to mix"
+    elif sums[PER_CHAIN] >= (1 - MARGIN) * min(sums[f] for f in FORMATS):
+        entry["reason"] = (
+            "not tried: the chains' own times promise under "
+            f"{MARGIN:.0%} over the faster uniform layout"
+        )
     else:
         model_ms = mixed_and_uniform_ms(
             structure, assignment, survey.example, deployments, setting.cache, setting.forward_fn

@@ -20,7 +20,7 @@ from tensorslim.analysis.calibration import (
     collect_statistics,
     has_input_rows,
 )
-from tensorslim.analysis.deployment import Deployment
+from tensorslim.analysis.deployment import Deployment, require_backend
 from tensorslim.analysis.timing import LatencyCache
 from tensorslim.errors import TensorslimError
 from tensorslim.facts import LayerStats
@@ -121,6 +121,9 @@ def plan(
         model, folded = fold_batchnorm(model)
     chosen = _method(method, budget, settings)
     example = _example(example_input, calibration, forward_fn)
+    where = Deployment.coerce(deployment, example)
+    if budget is not None:
+        require_backend(where)  # before any work: e.g. backend=compile without a C++ compiler
     survey = survey_model(model, example, forward_fn)
     ties = decide_ties(tied, survey.modules, survey.tied, survey.order, chosen.name)
     selected, reasons = select_layers(survey, layers, exclude, filter_fn, ties)
@@ -133,7 +136,6 @@ def plan(
     candidates = gather_candidates(chosen, survey, selected, stats, metric, progress)
     if stats and budget is not None and chosen.weighs_layers():
         candidates.choices = weighted_choices(candidates.choices, survey.modules, stats)
-    where = Deployment.coerce(deployment, example)
     slower = ALLOW_SLOWER_BY_DEFAULT if allow_slower is None else bool(allow_slower)
     setting = _latency_setting(chosen, budget, where, slower, latency_cache, forward_fn)
     choice = _choose(model, chosen, budget, candidates, survey, setting)
