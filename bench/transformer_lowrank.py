@@ -8,7 +8,9 @@ held-out sentences, against the original's mean-pooled embeddings: mean and min 
 Spearman ρ of the pairwise-similarity matrix, top-1 nearest-neighbour agreement. Latency
 (batch 32, sequence 128, 1 and 2 threads) of the SVD-LLM structure at each budget and of the
 dense model, interleaved, medians. Calibration, distillation and evaluation sentences never
-overlap (``tensorslim.data.text.split_texts``).
+overlap (``tensorslim.data.text.split_texts``; the evaluation set is dealt first, so every
+calibration and distillation size is scored on the same sentences — runs before this order
+was introduced, all but transformer_lowrank_all14k, used 256 other ones).
 
 The committed results (26.5 min at load 7-12 on the shared 2-core machine; asvd, svd_llm and
 fwsvd then all with allocation="sensitivity"):
@@ -17,9 +19,13 @@ fwsvd then all with allocation="sensitivity"):
         --evaluation 256 --latency-reps 3 --only-structured --lr 2e-4
     # transformer_lowrank_paper: the same plus --methods svd_llm fwsvd --preset paper
     #   --latency-method none --name transformer_lowrank_paper  (7.2 min)
-    # transformer_lowrank_long: --methods svd_llm --fractions 0.5 --extra-distill 1792
+    # transformer_lowrank_long: --methods svd_llm --fractions 0.5 --distill-sentences 2048
     #   --distill-loss layers --latency-method none --name transformer_lowrank_long  (9.5 min)
-    #   (transformer_lowrank_long6k: --extra-distill 5888, 11.1 min; long12k: 11776)
+    #   (transformer_lowrank_long6k: 6144 sentences, 11.1 min; long12k: 12032; these runs
+    #   used the old split order, evaluation after distillation)
+    # transformer_lowrank_all14k: --methods svd_llm --fractions 0.5 --latency-method none
+    #   --calibration 512 --refit --refit-ridge 1e-4 --distill-sentences -1 --lr 2e-4
+    #   --only-structured --distill-loss layers --score-every 75 --name transformer_lowrank_all14k
     # transformer_lowrank_refit (an earlier run, per-layer allocation): --methods svd_llm asvd
     #   --fractions 0.5 --refit --latency-method none --name transformer_lowrank_refit
     python bench/transformer_lowrank.py --quick    # a smoke run of the same code
@@ -45,6 +51,7 @@ from common import RESULTS, facts, write_results
 from tensorslim.analysis.embeddings import embedding_agreement, sentence_embeddings
 from tensorslim.data.text import fortune_splits, read_fortunes, tokenized_batches
 from tensorslim.models.huggingface import load_hf_tokenizer, minilm_path
+from tensorslim.refit import DEFAULT_RIDGE
 from tensorslim.train.hooks import TrainHook, unwrap
 from tensorslim.train.losses import sampled_gaussian_loss
 
@@ -304,7 +311,7 @@ def parse_args() -> argparse.Namespace:
         "--refit", nargs="?", const="right", default="", choices=["", "right", "both"],
         help="refit the right factors (or both) to the compressed inputs after apply",
     )  # fmt: skip
-    p.add_argument("--refit-ridge", type=float, default=1e-6, help="the refit's relative ridge")
+    p.add_argument("--refit-ridge", type=float, default=DEFAULT_RIDGE, help="relative ridge")
     p.add_argument("--preset", default="", help="preset of the data-aware methods (paper)")
     p.add_argument("--only-structured", action="store_true", help="distil the factors only")
     p.add_argument("--svd-calibrated", action="store_true", help="svd allocates in output space")
