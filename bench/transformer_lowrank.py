@@ -45,6 +45,7 @@ from common import RESULTS, facts, write_results
 from tensorslim.analysis.embeddings import embedding_agreement, sentence_embeddings
 from tensorslim.data.text import fortune_splits, read_fortunes, tokenized_batches
 from tensorslim.models.huggingface import load_hf_tokenizer, minilm_path
+from tensorslim.train.hooks import TrainHook, unwrap
 from tensorslim.train.losses import sampled_gaussian_loss
 
 NAME = "transformer_lowrank"
@@ -91,18 +92,36 @@ def compress(model, method, fraction, linears, calibration, args) -> tuple[Any, 
     plan = ts.plan(model, method, budget, example, **kwargs)
     small = ts.apply(model, plan)
     if args.refit:  # SVD-LLM's layer-wise closed-form update of the right factors
-        ts.refit_right_factors(
-            model, small, calibration, batches=len(calibration), ridge=args.refit_ridge
-        )
+        ts.refit_factors(
+            model, small, calibration, factors=args.refit, batches=len(calibration),
+            ridge=args.refit_ridge,
+        )  # fmt: skip
     return plan, small, time.perf_counter() - started
 
 
-def _preset_suffix(method: str, args) -> str:
-    return f"@{args.preset}" if args.preset and method != "svd" else ""
+def row_name(method: str, args) -> str:
+    """The method, ``+refit`` (right factors) or ``+refit2`` (both), ``@preset``."""
+    refit = {"": "", "right": "+refit", "both": "+refit2"}[args.refit]
+    return method + refit + (f"@{args.preset}" if args.preset and method != "svd" else "")
 
 
 def scores(model: nn.Module, reference: torch.Tensor, evaluation: list) -> dict[str, float]:
     return embedding_agreement(reference, sentence_embeddings(model, evaluation))
+
+
+class EpochScores(TrainHook):
+    """The held-out scores after every distillation epoch (the curve of ρ against epochs)."""
+
+    def __init__(self, reference: torch.Tensor, evaluation: list, label: str) -> None:
+        self.reference, self.evaluation, self.label = reference, evaluation, label
+        self.curve: list[dict[str, float]] = []
+
+    def on_epoch_end(self, model: nn.Module, epoch: int) -> dict[str, float]:
+        point = {"epoch": epoch + 1, **scores(unwrap(model), self.reference, self.evaluation)}
+        self.curve.append(point)
+        print(f"  {self.label} epoch {epoch + 1}: ρ {point['spearman']:.4f} "
+              f"cos {point['mean_cos']:.4f}", flush=True)  # fmt: skip
+        return {f"held_out_{k}": v for k, v in point.items() if k != "epoch"}
 
 
 def run_config(model, method, fraction, data, reference, args) -> dict[str, Any]:
@@ -112,7 +131,7 @@ def run_config(model, method, fraction, data, reference, args) -> dict[str, Any]
         model, method, fraction, linears, data["calibration"], args
     )
     row: dict[str, Any] = {
-        "method": method + ("+refit" if args.refit else "") + _preset_suffix(method, args),
+        "method": row_name(method, args),
         "target": fraction,
         "linear_params": linear_fraction(plan, linears),
         "model_params": plan.estimated_params / plan.model_params,
@@ -123,12 +142,14 @@ def run_config(model, method, fraction, data, reference, args) -> dict[str, Any]
     row.update({f"before_{k}": v for k, v in scores(small, reference, data["evaluation"]).items()})
     if args.distill_sentences:
         started = time.perf_counter()
+        curve = EpochScores(reference, data["evaluation"], f"{row['method']} {fraction}")
         ts.distill(
             no_dropout(small), model, data["distillation"], epochs=args.epochs,
             loss=args.distill_loss, lr=args.lr, progress=False, warmup=args.warmup,
-            only_structured=args.only_structured,
+            only_structured=args.only_structured, hooks=[curve],
         )  # fmt: skip
         row["distill_seconds"] = time.perf_counter() - started
+        row["curve"] = curve.curve
         after = scores(small, reference, data["evaluation"])
         row.update({f"after_{k}": v for k, v in after.items()})
     row["_model"] = small
@@ -223,7 +244,7 @@ def main() -> None:
     done = {(r["method"], r["target"]) for r in rows}
     started = time.perf_counter()
     for method, fraction in configurations(args):
-        if (method + _preset_suffix(method, args), fraction) in done:
+        if (row_name(method, args), fraction) in done:
             continue
         row = run_config(model, method, fraction, data, reference, args)
         small = row.pop("_model")
@@ -258,7 +279,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--latency-method", default="svd_llm")
     p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--fractions", nargs="+", type=float, default=list(FRACTIONS))
-    p.add_argument("--refit", action="store_true", help="refit right factors after apply")
+    p.add_argument(
+        "--refit", nargs="?", const="right", default="", choices=["", "right", "both"],
+        help="refit the right factors (or both) to the compressed inputs after apply",
+    )  # fmt: skip
     p.add_argument("--refit-ridge", type=float, default=1e-6, help="the refit's relative ridge")
     p.add_argument("--preset", default="", help="preset of the data-aware methods (paper)")
     p.add_argument("--only-structured", action="store_true", help="distil the factors only")
@@ -276,6 +300,7 @@ COLUMNS = [
     "before_spearman", "before_top1", "after_mean_cos", "after_min_cos", "after_spearman",
     "after_top1", "plan_seconds", "distill_seconds",
 ]  # fmt: skip
+CURVE_COLUMNS = ["method", "target", "epoch", "mean_cos", "min_cos", "spearman", "top1"]
 DISTILL_LOSSES = {
     "hidden": "token hidden-state MSE + cosine",
     "layers": "MSE + cosine on every layer's token hidden states",
@@ -367,6 +392,9 @@ def report(rows: list[dict[str, Any]], args, seconds: float, model_path: Path) -
         ("Quality on held-out sentences (before → after distillation)", COLUMNS, rows),
         ("Latency (batch 32, sequence 128, interleaved medians)", LATENCY_COLUMNS,
          [r for r in rows if "latency_ratio_1t" in r]),
+        ("Held-out scores after each distillation epoch", CURVE_COLUMNS,
+         [{"method": r["method"], "target": r["target"], **p} for r in rows
+          for p in r.get("curve", [])]),
     ]  # fmt: skip
     write_results(args.name, payload, tables, notes)
     plot(rows, RESULTS / f"{args.name}.png")

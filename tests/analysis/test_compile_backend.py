@@ -85,9 +85,9 @@ def test_a_compiled_plan_times_layers_eagerly_and_the_whole_models_compiled(
     backends: list[set[str]] = []
     real = timing.make_runner
 
-    def recorded(module: nn.Module, x: Any, where: Deployment, *args: Any) -> Any:
+    def recorded(module: nn.Module, x: Any, where: Deployment, *args: Any, **kw: Any) -> Any:
         backends.append({where.backend, type(module).__name__})
-        return real(module, x, where, *args)
+        return real(module, x, where, *args, **kw)
 
     monkeypatch.setattr(timing, "make_runner", recorded)
     model, x = convnet(), torch.randn(1, 8, 16, 16)

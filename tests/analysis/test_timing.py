@@ -148,3 +148,15 @@ def test_models_in_several_deployments_share_one_interleaved_run(
             x,
             LatencyCache(),
         )
+
+
+def test_rounds_that_agree_stop_early_and_others_wait_for_patience() -> None:
+    from tensorslim.analysis.timing import AGREE_ROUNDS
+
+    a = torch.randn(32, 32)
+    runners = {"mm": lambda: a @ a}
+    # "agree": every median within 10× of its best — always true: stops at AGREE_ROUNDS
+    assert time_interleaved(runners, 1, min_rounds=8, stable=10.0)["mm"].rounds == AGREE_ROUNDS
+    assert time_interleaved(runners, 1, min_rounds=8)["mm"].rounds >= 8
+    # rounds that disagree (median > best) fall back to the patience rule
+    assert time_interleaved(runners, 1, min_rounds=8, stable=-0.5)["mm"].rounds >= 8

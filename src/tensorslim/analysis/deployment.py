@@ -191,25 +191,29 @@ def make_runner(
     example: Any,
     deployment: Deployment,
     forward_fn: ForwardFn | None = None,
+    warm_up: bool = True,
 ) -> Runner:
     """A callable running one forward pass of ``module`` on ``example`` in ``deployment``.
 
     ``example`` already has the deployment's batch size. Eager and compiled runners run under
     ``torch.inference_mode``; the caller sets the thread count (see ``torch_threads``; a
     compiled module is compiled here, at the deployment's threads: inductor's kernels keep
-    the thread count they were built with).
+    the thread count they were built with). ``warm_up``: run it once first (oneDNN primitive
+    creation, the allocator); :func:`~tensorslim.analysis.timing.time_interleaved` passes
+    False, its first calls (sizing the rounds) are the warm-up.
     """
     if deployment.backend == "onnxruntime":
         return _onnx_runner(module, example, deployment)
     module, x = prepare(module, example, deployment)
     if deployment.backend == "compile":
-        return _compiled_runner(module, x, deployment, forward_fn)
+        return _compiled_runner(module, x, deployment, forward_fn, warm_up)
 
     def run() -> Any:
         with torch.inference_mode():
             return call_model(module, x, forward_fn)
 
-    run()  # warm-up: oneDNN primitive creation, allocator
+    if warm_up:
+        run()
     return run
 
 
@@ -257,10 +261,14 @@ def _entry_point(module: nn.Module, forward_fn: ForwardFn | None) -> Callable[[A
 
 
 def _compiled_runner(
-    module: nn.Module, x: Any, deployment: Deployment, forward_fn: ForwardFn | None
+    module: nn.Module,
+    x: Any,
+    deployment: Deployment,
+    forward_fn: ForwardFn | None,
+    warm_up: bool,
 ) -> CompiledRunner:
     """``torch.compile(module)`` (inductor, static shapes), compiled by a first call at the
-    deployment's thread count and run once more as a warm-up."""
+    deployment's thread count (and, with ``warm_up``, run once more)."""
     require_backend(deployment)
     compiled = torch.compile(_entry_point(module, forward_fn), dynamic=False)
 
@@ -279,8 +287,9 @@ def _compiled_runner(
             "time it with backend=eager or backend=onnxruntime"
         ) from exc
     setup = time.perf_counter() - start
-    with torch_threads(deployment.threads):
-        run()
+    if warm_up:
+        with torch_threads(deployment.threads):
+            run()
     return CompiledRunner(run, setup)
 
 

@@ -46,6 +46,9 @@ from tensorslim.errors import TensorslimError
 from tensorslim.inputs import ForwardFn, Inputs, first_tensor_shape
 
 REFERENCE = "dense"
+# the fewest rounds the agreement rule (time_interleaved's ``stable``) stops at: 4, so each
+# model of a two-layout run (dense and planned in each) runs once in every position
+AGREE_ROUNDS = 4
 
 
 @dataclass(frozen=True)
@@ -83,13 +86,17 @@ def time_interleaved(
     patience: int = 6,
     tolerance: float = 0.01,
     round_time: float = 0.001,
+    stable: float | None = None,
 ) -> dict[str, Timing]:
     """Per-runner latency, the runners timed in interleaved, rotated rounds.
 
     A round runs every runner once (``number`` iterations lasting about ``round_time``). After
     ``min_rounds`` it stops once no runner's best round improved by more than ``tolerance`` in
-    the last ``patience`` rounds (at most ``max_rounds``). Our own loop rather than
-    ``torch.utils.benchmark.Timer``: each round is read on two clocks (CPU and wall) at once.
+    the last ``patience`` rounds (at most ``max_rounds``) — or, with ``stable``, after
+    :data:`AGREE_ROUNDS` rounds as soon as every runner's median round is within ``stable`` of
+    its best (the rounds agree: on a quiet machine more of them would not move the best). Our
+    own loop rather than ``torch.utils.benchmark.Timer``: each round is read on two clocks (CPU
+    and wall) at once.
     """
     if not runners:
         return {}
@@ -110,6 +117,8 @@ def time_interleaved(
             settled = 0 if improved else settled + 1
             if r + 1 >= min_rounds and settled >= patience:
                 break
+            if r + 1 >= min(min_rounds, AGREE_ROUNDS) and _agree(cpu, stable):
+                break
     return {
         n: Timing(
             min(cpu[n]) * 1e3,
@@ -122,6 +131,13 @@ def time_interleaved(
     }
 
 
+def _agree(rounds: dict[str, list[float]], stable: float | None) -> bool:
+    """Every runner's median round within ``stable`` (relative) of its best one."""
+    if stable is None:
+        return False
+    return all(statistics.median(v) <= (1 + stable) * min(v) for v in rounds.values())
+
+
 def _one_round(run: Runner, number: int) -> tuple[float, float]:
     """(process CPU seconds, wall seconds) per call over ``number`` calls of ``run``."""
     c0, w0 = time.process_time(), time.perf_counter()
@@ -132,9 +148,10 @@ def _one_round(run: Runner, number: int) -> tuple[float, float]:
 
 def _iterations(run: Runner, round_time: float) -> int:
     """Calls per round so one round of this runner lasts about ``round_time`` seconds (a
-    runner whose one call already lasts that long is not called again: a whole model)."""
-    once = _one_round(run, 1)[1]  # also a warm-up
-    if once < round_time:
+    runner whose one call already lasts that long is not called again: a whole model).
+    These calls are the runner's warm-up (runners are made without one)."""
+    once = _one_round(run, 1)[1]
+    if once < round_time:  # the first call may be cold: the fastest of three sizes the round
         once = min(once, *(_one_round(run, 1)[1] for _ in range(2)))
     return max(1, min(1000, math.ceil(round_time / max(once, 1e-7))))
 
@@ -208,11 +225,17 @@ def layer_input(shape: tuple[int, ...], deployment: Deployment) -> torch.Tensor:
     return torch.randn((deployment.batch, *shape[1:]), generator=generator)
 
 
-# a layer's comparison: short rounds, stopped once the best round held for 2 rounds (a layer is
-# timed once per signature and plan; its decisions need a few per cent, not a long benchmark)
-LAYER_ROUNDS: dict[str, Any] = {"min_rounds": 4, "patience": 2, "round_time": 0.0003}
-# whole models: a prediction check, a few more rounds (one forward is one round)
-MODEL_ROUNDS: dict[str, Any] = {"min_rounds": 6, "patience": 3}
+# a layer's comparison: short rounds, stopped once the best round held for 2 rounds or the
+# rounds agree within 2 % (a layer is timed once per signature and plan; its decisions need a
+# few per cent, not a long benchmark)
+LAYER_ROUNDS: dict[str, Any] = {
+    "min_rounds": 4,
+    "patience": 2,
+    "round_time": 0.0003,
+    "stable": 0.02,
+}
+# whole models: the prediction, a few more rounds (one forward is one round), or 4 that agree
+MODEL_ROUNDS: dict[str, Any] = {"min_rounds": 6, "patience": 3, "stable": 0.02}
 
 
 def time_against_reference(
@@ -230,7 +253,7 @@ def time_against_reference(
 
     def runners(todo: dict[str, tuple[nn.Module, Deployment]]) -> dict[str, Runner]:
         x = layer_arguments(dense, layer_input(shape, deployment))
-        return {name: make_runner(m, x, deployment) for name, (m, _) in todo.items()}
+        return {name: make_runner(m, x, deployment, warm_up=False) for name, (m, _) in todo.items()}
 
     groups = {REFERENCE: (dense, variants, deployment)}
     return _against_reference(groups, shape, cache, runners, LAYER_ROUNDS)[REFERENCE]
@@ -280,7 +303,8 @@ def time_models_in_deployments(
     def runners(todo: dict[str, tuple[nn.Module, Deployment]]) -> dict[str, Runner]:
         out: dict[str, Runner] = {}
         for name, (m, where) in todo.items():
-            out[name] = make_runner(m, at_batch(example, where.batch), where, forward_fn)
+            x = at_batch(example, where.batch)
+            out[name] = make_runner(m, x, where, forward_fn, warm_up=False)
         return out
 
     return _against_reference(groups, shape, cache, runners, MODEL_ROUNDS)
@@ -346,7 +370,9 @@ def time_models(
     """Whole models on ``example`` (its first sample repeated to the deployment's batch),
     interleaved; never cached (a whole model is timed to check the per-layer prediction)."""
     x = at_batch(example, deployment.batch)
-    runners = {name: make_runner(m, x, deployment, forward_fn) for name, m in models.items()}
+    runners = {
+        name: make_runner(m, x, deployment, forward_fn, warm_up=False) for name, m in models.items()
+    }
     return time_interleaved(runners, deployment.threads, min_rounds=12)
 
 

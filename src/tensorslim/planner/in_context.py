@@ -29,7 +29,7 @@ from tensorslim.facts import Option
 from tensorslim.methods.base import Method
 from tensorslim.planner.latency import LatencySetting, skeleton
 from tensorslim.planner.survey import ModelSurvey
-from tensorslim.surgery import copy_structure, replace_module
+from tensorslim.surgery import copy_structure, replace_modules_at
 
 TOLERANCE = 0.05  # relative miss of a latency target that triggers a re-allocation
 REPLANS = 2
@@ -53,10 +53,12 @@ def planned_structure(
     """``model`` with each picked layer replaced by its option's skeleton; the other modules
     are copies sharing the model's parameters and buffers (no weight is copied)."""
     structure = copy_structure(model)
-    for fqn, option in picked.items():
-        if option is not None:
-            built = skeleton(method, survey.modules[fqn], option, survey.infos[fqn])
-            replace_module(structure, fqn, built)
+    built = {
+        fqn: skeleton(method, survey.modules[fqn], option, survey.infos[fqn])
+        for fqn, option in picked.items()
+        if option is not None
+    }
+    replace_modules_at(structure, built)
     return structure
 
 
