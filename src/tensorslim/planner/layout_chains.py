@@ -127,13 +127,15 @@ def chain_inputs(
     model: nn.Module, chains: list[str], example: Any, forward_fn: ForwardFn | None = None
 ) -> dict[str, Inputs]:
     """Each chain's arguments at its first call in one forward pass of ``example`` (a chain
-    never called is left out)."""
+    never called, or called without a 4-D tensor argument — no layout to choose — is left
+    out)."""
     seen: dict[str, Inputs] = {}
     handles = []
 
     def recorder(name: str) -> Any:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            seen.setdefault(name, Inputs(tuple(args), dict(kwargs)))
+            if name not in seen and any(isinstance(a, torch.Tensor) and a.dim() == 4 for a in args):
+                seen[name] = Inputs(tuple(args), dict(kwargs))
 
         return hook
 
