@@ -5,13 +5,23 @@
   predicted model latency (the whole dense model's measured time minus the layers' measured
   savings) to f of the dense model's.
 - Any other budget (FLOPs, params): every layer's spread options are timed too, options
-  measured slower than the dense layer are dropped (never slower), and the budget is met where
-  it buys time: the allocator walks each layer's (measured ms, error²) hull, taking the step
-  with the least error per ms saved, until the FLOPs (params) need is met
-  (:func:`~tensorslim.rank.allocate.allocate` with ``spend="latency"``). The least-error
-  allocation of the same budget over the same measured options is recorded beside it
-  (``latency["least_error"]``: its predicted ms and Σ error²), so the price in error is stated.
-  ``allow_slower=True`` skips this (and all timing): the least-error allocation in FLOPs.
+  measured slower than the dense layer are dropped (never slower), and the budget is met for
+  its ``objective`` (:attr:`~tensorslim.rank.budget.Budget.objective`):
+
+  - ``"latency"``: where it buys time — the allocator walks each layer's (measured ms, error²)
+    hull, taking the step with the least error per ms saved, until the FLOPs (params) need is
+    met, and keeps the walk of least predicted ms (:func:`~tensorslim.rank.allocate.allocate`
+    with ``spend="latency"``);
+  - ``"error"``: the least Σ error² over the same measured (never slower) options;
+  - ``"balanced"`` (the default): the least-error walk among those whose predicted model time
+    is within :data:`BALANCED_TOLERANCE` of the fastest walk's (``bench/objective.py``: on
+    resnet20 the fastest plans cost 6–11 points of accuracy after a fine-tune epoch, for a few
+    per cent of time).
+
+  The least-time and least-error allocations of the same budget are recorded beside the chosen
+  one (``latency["least_time"]``, ``latency["least_error"]``: predicted layer-sum ms and
+  Σ error²), so each objective's price is stated. ``allow_slower=True`` skips all timing: the
+  least-error allocation in FLOPs.
 
 Layers of one signature are timed once (:func:`~tensorslim.planner.latency.measure_layers`).
 The plan's predicted latency is the planned structure timed against the dense model in context
@@ -22,6 +32,7 @@ re-allocated with the layers' savings rescaled.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 
 from torch import nn
@@ -40,8 +51,12 @@ from tensorslim.planner.latency import (
     predicted_fraction,
 )
 from tensorslim.planner.survey import ModelSurvey
-from tensorslim.rank.allocate import LayerChoices
+from tensorslim.rank.allocate import LayerChoices, option_cost
 from tensorslim.rank.budget import Budget
+
+DEFAULT_OBJECTIVE = "balanced"  # a FLOPs/params budget's objective when the budget names none
+# "balanced": plans predicted at most this fraction slower than the fastest are acceptable
+BALANCED_TOLERANCE = 0.05
 
 
 def choose_measured(
@@ -60,7 +75,7 @@ def choose_measured(
     see :mod:`tensorslim.planner.memory_format`).
     """
     totals = {"flops": survey.model_flops, "params": survey.model_params}
-    layers = _measured(method, survey, candidates.choices, setting, budget.metric)
+    layers = _measured(method, survey, candidates.choices, setting, budget)
     timed = _with(candidates, layers)
 
     def in_context(picked: dict[str, Option | None]) -> InContext:
@@ -71,7 +86,8 @@ def choose_measured(
         here = _in_this_layout(budget, dense_scale)
         choice, context = _latency_choice(here, timed, {**totals, "latency": model_ms}, in_context)
     else:
-        choice = by_budget(budget, timed, totals, spend="latency")
+        objective = budget.objective or DEFAULT_OBJECTIVE
+        choice = _objective_choice(model, budget, timed, totals, survey, setting, objective)
         context = in_context(choice.picked)
     for layer in layers:
         measured = layer.fqn in setting.measured
@@ -83,15 +99,56 @@ def choose_measured(
     choice.measured = setting.measured
     choice.latency = latency_record(setting, context, choice.picked)
     if budget.metric != "latency":
-        least_error = by_budget(budget, timed, totals).picked
-        choice.latency["allocation"] = "least error per measured ms saved, until the budget is met"
+        choice.latency["objective"] = objective
+        choice.latency["allocation"] = ALLOCATIONS[objective]
         choice.latency["error_sq"] = error_sq_of(choice.picked)
-        choice.latency["least_error"] = {
-            "layer_sum_ms": context.dense_ms
-            * predicted_fraction(layers, least_error, context.dense_ms),
-            "error_sq": error_sq_of(least_error),
-        }
+        for name, other_objective in (("least_time", "latency"), ("least_error", "error")):
+            other = _objective_choice(
+                model, budget, timed, totals, survey, setting, other_objective
+            ).picked
+            choice.latency[name] = {
+                "layer_sum_ms": context.dense_ms
+                * predicted_fraction(layers, other, context.dense_ms),
+                "error_sq": error_sq_of(other),
+            }
     return choice
+
+
+ALLOCATIONS = {
+    "latency": "least predicted time meeting the budget (least error per measured ms saved)",
+    "error": "least error meeting the budget (of the allocator's walks, over the options "
+    "measured faster than dense)",
+    "balanced": (
+        f"least error among the plans predicted within {BALANCED_TOLERANCE:.0%} of the fastest "
+        "meeting the budget"
+    ),
+}
+
+
+def _objective_choice(
+    model: nn.Module,
+    budget: Budget,
+    candidates: Candidates,
+    totals: dict[str, float],
+    survey: ModelSurvey,
+    setting: LatencySetting,
+    objective: str,
+) -> Choice:
+    """The allocation of a FLOPs or params ``budget`` for ``objective`` (module docstring): of
+    the allocator's walks meeting the budget (:func:`~tensorslim.rank.allocate.allocate` with
+    ``spend="latency"``), the fastest ("latency"), the least error ("error") or the least error
+    within :data:`BALANCED_TOLERANCE` of the fastest ("balanced").
+
+    "balanced" compares whole-model predictions: the walks' layer sums plus the rest of the
+    dense model (its measured ms minus its timed layers' dense ms), so the tolerance is a
+    fraction of the model's predicted time, not of the timed layers'.
+    """
+    tolerance = {"latency": 0.0, "error": math.inf, "balanced": BALANCED_TOLERANCE}[objective]
+    rest = 0.0
+    if objective == "balanced":
+        layers_ms = sum(c.dense("latency") for c in candidates.choices if c.options)
+        rest = max(0.0, dense_model_ms(model, survey, setting) - layers_ms)
+    return by_budget(budget, candidates, totals, spend="latency", tolerance=tolerance, rest=rest)
 
 
 def _latency_choice(
@@ -143,14 +200,36 @@ def _measured(
     survey: ModelSurvey,
     layers: list[LayerChoices],
     setting: LatencySetting,
-    metric: str,
+    budget: Budget,
 ) -> list[LayerChoices]:
-    """Every layer that has options with them timed (those the budget's ``metric`` can use, see
-    :func:`~tensorslim.planner.latency.measure_all`) and the slower ones dropped (in order)."""
-    offered = [c for c in layers if c.options]
-    measured = measure_all(method, survey, offered, setting, metric)
+    """Every layer that has options the budget can take (:func:`usable`) with them timed (see
+    :func:`~tensorslim.planner.latency.measure_all`) and the slower ones dropped (in order).
+
+    The options are narrowed to the usable ones *before* the few to time are spread over them:
+    spread over all of them, a TT layer's timed points landed on ranks whose FLOPs exceed the
+    dense layer's (dropped by the FLOPs cap of a params budget), leaving rank 1-1 as the only
+    option — small_cnn's hidden Linear at weight error 0.998, every ReLU after it off.
+    """
+    usable_layers = [usable(c, budget) for c in layers]
+    offered = [c for c in usable_layers if c.options]
+    measured = measure_all(method, survey, offered, setting, budget.metric)
     timed = iter(faster_only(c) for c in measured)
-    return [next(timed) if c.options else c for c in layers]
+    return [next(timed) if c.options else c for c in usable_layers]
+
+
+def usable(layer: LayerChoices, budget: Budget) -> LayerChoices:
+    """The layer with only the options the allocator can take under ``budget``: cheaper than
+    dense in a FLOPs or params budget's metric, and no costlier than dense in a metric capped
+    at ≤ 1.0 (the allocator drops those, see :func:`~tensorslim.rank.allocate.allocate`)."""
+    limits = {m: layer.dense(m) for m, cap in budget.caps.items() if cap <= 1.0}
+    metric = budget.metric
+    kept = [
+        o
+        for o in layer.options
+        if all(option_cost(o, m) <= limit for m, limit in limits.items())
+        and (metric == "latency" or option_cost(o, metric) < layer.dense(metric))
+    ]
+    return dataclasses.replace(layer, options=kept)
 
 
 def error_sq_of(picked: dict[str, Option | None]) -> float:
