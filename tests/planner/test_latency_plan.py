@@ -128,11 +128,12 @@ def three_layers() -> tuple[nn.Module, torch.Tensor]:
     return model, torch.randn(4, 128)
 
 
-@pytest.mark.parametrize("model_ms", [50.0, 1000.0])
+@pytest.mark.parametrize("tolerance", [0.05, 0.5])
 def test_the_objective_chooses_between_least_time_and_least_error(
-    monkeypatch: pytest.MonkeyPatch, model_ms: float
+    monkeypatch: pytest.MonkeyPatch, tolerance: float
 ) -> None:
-    monkeypatch.setattr("tensorslim.planner.choose_measured.dense_model_ms", lambda *a: model_ms)
+    monkeypatch.setattr("tensorslim.planner.choose_measured.dense_model_ms", lambda *a: 50.0)
+    monkeypatch.setattr("tensorslim.planner.choose_measured.BALANCED_TOLERANCE", tolerance)
     model, x = three_layers()
     cache = MemoryBoundFirstLayer(0.1)
     plans = {
@@ -147,12 +148,15 @@ def test_the_objective_chooses_between_least_time_and_least_error(
         assert p.latency["least_time"]["layer_sum_ms"] == pytest.approx(layer_ms["latency"])
     assert error_sq["error"] < error_sq["latency"] and layer_ms["latency"] < layer_ms["error"]
     assert plans["error"].layer("0").method == "svd"  # the least-error plan cuts layer 0 too
-    # balanced: the least error within 5 % of the fastest whole model. The least-error plan
-    # is ~9 ms slower: outside 5 % of a ~50 ms model, inside 5 % of a ~1000 ms one
-    expected = "latency" if model_ms == 50.0 else "error"
+    # balanced: the least error within tolerance × the dense layers' 66.6 ms of the fastest;
+    # the least-error plan is ~9 ms slower: outside 5 % (3.3 ms), inside 50 %
+    expected = "latency" if tolerance == 0.05 else "error"
     assert error_sq["balanced"] == pytest.approx(error_sq[expected])
     assert plans["balanced"].latency["objective"] == "balanced"
     assert plans["balanced"].budget.objective == "balanced"
+    assert ts.plan(model, "svd", "flops=0.5", x, latency_cache=cache).latency["objective"] == (
+        "balanced"
+    )
     loaded = ts.CompressionPlan.from_dict(plans["error"].to_dict())
     assert loaded.budget.objective == "error"
     with pytest.raises(TensorslimError, match="needs a budget"):

@@ -65,7 +65,8 @@ def register(app: typer.Typer) -> None:
         deployment: str = typer.Option(
             None,
             help="Where latency is measured, e.g. batch=1,threads=1,format=channels_last,"
-            "backend=onnxruntime (default: the evaluation batch, current threads, NCHW, eager).",
+            "backend=onnxruntime or backend=compile (torch.compile; needs a C++ compiler) "
+            "(default: the evaluation batch, current threads, format=auto, eager).",
         ),
         allow_slower: bool = typer.Option(
             None,

@@ -132,23 +132,26 @@ class SVDMethod(Method):
         for scheme, factorization in factorizations.items():
             spectrum = factorization.singular_values
             full = spectrum.numel()
-            kept = energy_kept(spectrum)
+            kept = energy_kept(spectrum).tolist()  # floats: ~5000 options read it on resnet56
             ranks = [self._rule_rank(spectrum, info.fqn)] if self.has_rule else _ladder(full)
-            # a factorized layer's FLOPs are linear in its rank: one rank-1 skeleton prices all
+            # a factorized layer's FLOPs and params are linear in its rank (plus the bias): one
+            # rank-1 skeleton prices all
             unit_flops = self._skeleton(module, 1, scheme, meta=True).analytic_flops(
                 info.input_shape
             )
+            bias = _params(module, 0, scheme)
+            unit_params = _params(module, 1, scheme) - bias
+            suffix = "" if scheme == "channel" else " spatial"
             for rank in ranks:
-                error = math.sqrt(max(0.0, 1.0 - float(kept[rank - 1])))
                 options.append(
                     Option(
                         method=self.name,
                         config={"rank": rank, "scheme": scheme},
-                        params=_params(module, rank, scheme),
+                        params=unit_params * rank + bias,
                         flops=unit_flops * rank * info.calls,
-                        error=error,
-                        label=f"rank {rank}/{full}" + ("" if scheme == "channel" else " spatial"),
-                        extra={"energy_kept": float(kept[rank - 1]), "full_rank": full},
+                        error=math.sqrt(max(0.0, 1.0 - kept[rank - 1])),
+                        label=f"rank {rank}/{full}{suffix}",
+                        extra={"energy_kept": kept[rank - 1], "full_rank": full},
                     )
                 )
         return options

@@ -6,22 +6,24 @@
   savings) to f of the dense model's.
 - Any other budget (FLOPs, params): every layer's spread options are timed too, options
   measured slower than the dense layer are dropped (never slower), and the budget is met for
-  its ``objective`` (:attr:`~tensorslim.rank.budget.Budget.objective`):
+  its ``objective`` (:attr:`~tensorslim.rank.budget.Budget.objective`). The allocator walks
+  each layer's (measured ms, error²) hull, taking the step with the least error per ms saved,
+  until the FLOPs (params) need is met, and repeats the walk on ms/FLOPs blends and on FLOPs
+  alone (:func:`~tensorslim.rank.allocate.allocate` with ``spend="latency"``); of those walks
 
-  - ``"latency"``: where it buys time — the allocator walks each layer's (measured ms, error²)
-    hull, taking the step with the least error per ms saved, until the FLOPs (params) need is
-    met, and keeps the walk of least predicted ms (:func:`~tensorslim.rank.allocate.allocate`
-    with ``spend="latency"``);
-  - ``"error"``: the least Σ error² over the same measured (never slower) options;
-  - ``"balanced"`` (the default): the least-error walk among those whose predicted model time
-    is within :data:`BALANCED_TOLERANCE` of the fastest walk's (``bench/objective.py``: on
-    resnet20 the fastest plans cost 6–11 points of accuracy after a fine-tune epoch, for a few
-    per cent of time).
+  - ``"latency"`` keeps the one of least predicted ms;
+  - ``"error"`` the one of least Σ error²;
+  - ``"balanced"`` (the default) the least-error one among those predicted within
+    :data:`BALANCED_TOLERANCE` × the dense timed layers' ms of the fastest
+    (``bench/results/objective``: the fastest plans cost resnet20 several points of accuracy
+    after a fine-tune epoch for a few per cent of time).
 
   The least-time and least-error allocations of the same budget are recorded beside the chosen
   one (``latency["least_time"]``, ``latency["least_error"]``: predicted layer-sum ms and
   Σ error²), so each objective's price is stated. ``allow_slower=True`` skips all timing: the
   least-error allocation in FLOPs.
+- Only the options the budget can take are timed (:func:`usable`): cheaper than dense in a
+  FLOPs or params budget's metric, no costlier than dense in a capped metric.
 
 Layers of one signature are timed once (:func:`~tensorslim.planner.latency.measure_layers`).
 The plan's predicted latency is the planned structure timed against the dense model in context
@@ -34,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -55,7 +58,8 @@ from tensorslim.rank.allocate import LayerChoices, option_cost
 from tensorslim.rank.budget import Budget
 
 DEFAULT_OBJECTIVE = "balanced"  # a FLOPs/params budget's objective when the budget names none
-# "balanced": plans predicted at most this fraction slower than the fastest are acceptable
+# "balanced": plans predicted slower than the fastest by at most this fraction of the dense
+# timed layers' ms are acceptable, and the least-error one of them is kept
 BALANCED_TOLERANCE = 0.05
 
 
@@ -74,21 +78,103 @@ def choose_measured(
     model in ``setting`` (≤ 1; "auto" passes the faster layout's dense ms over this layout's,
     see :mod:`tensorslim.planner.memory_format`).
     """
-    totals = {"flops": survey.model_flops, "params": survey.model_params}
+    if budget.metric != "latency":
+        allocated = allocate_measured(method, budget, candidates, survey, setting)
+        context = measure_in_context(model, method, survey, setting, allocated.choice.picked)
+        return finish_measured(budget, setting, allocated, context)
+    totals = _totals(survey)
     layers = _measured(method, survey, candidates.choices, setting, budget)
-    timed = _with(candidates, layers)
 
     def in_context(picked: dict[str, Option | None]) -> InContext:
         return measure_in_context(model, method, survey, setting, picked)
 
-    if budget.metric == "latency":
-        model_ms = dense_model_ms(model, survey, setting)
-        here = _in_this_layout(budget, dense_scale)
-        choice, context = _latency_choice(here, timed, {**totals, "latency": model_ms}, in_context)
-    else:
-        objective = budget.objective or DEFAULT_OBJECTIVE
-        choice = _objective_choice(model, budget, timed, totals, survey, setting, objective)
-        context = in_context(choice.picked)
+    totals["latency"] = dense_model_ms(model, survey, setting)
+    here = _in_this_layout(budget, dense_scale)
+    choice, context = _latency_choice(here, _with(candidates, layers), totals, in_context)
+    _record(choice, layers, setting, context)
+    return choice
+
+
+@dataclass
+class Allocated:
+    """A FLOPs or params budget's allocation over measured options (``choice``), before its
+    planned structure is timed in context; ``layers`` / ``timed``: the measured options (the
+    slower ones dropped), ``totals``: the model's FLOPs and params."""
+
+    choice: Choice
+    layers: list[LayerChoices]
+    timed: Candidates
+    totals: dict[str, float]
+
+
+def allocate_measured(
+    method: Method,
+    budget: Budget,
+    candidates: Candidates,
+    survey: ModelSurvey,
+    setting: LatencySetting,
+) -> Allocated:
+    """Stage one of a FLOPs or params budget: the options measured, the budget met where it
+    buys time (least error per measured ms saved). :func:`finish_measured` records it once its
+    planned structure is timed (one run for several layouts, see
+    :mod:`tensorslim.planner.memory_format`)."""
+    totals = _totals(survey)
+    layers = _measured(method, survey, candidates.choices, setting, budget)
+    timed = _with(candidates, layers)
+    objective = budget.objective or DEFAULT_OBJECTIVE
+    return Allocated(for_objective(budget, timed, totals, objective), layers, timed, totals)
+
+
+def for_objective(
+    budget: Budget, candidates: Candidates, totals: dict[str, float], objective: str
+) -> Choice:
+    """The allocation of a FLOPs or params ``budget`` over measured options for ``objective``
+    (module docstring): of the allocator's walks meeting the budget, the fastest ("latency"),
+    the least error ("error") or the least error within a slack of :data:`BALANCED_TOLERANCE`
+    × the dense timed layers' ms of the fastest ("balanced")."""
+    dense_ms = sum(c.dense("latency") for c in candidates.choices if c.options)
+    slack = {"latency": 0.0, "error": math.inf, "balanced": BALANCED_TOLERANCE * dense_ms}
+    return by_budget(budget, candidates, totals, spend="latency", slack=slack[objective])
+
+
+ALLOCATIONS = {
+    "latency": "least predicted time meeting the budget (least error per measured ms saved)",
+    "error": "least error meeting the budget (of the allocator's walks, over the options "
+    "measured faster than dense)",
+    "balanced": (
+        f"least error among the plans predicted within {BALANCED_TOLERANCE:.0%} of the dense "
+        "timed layers' time of the fastest meeting the budget"
+    ),
+}
+
+
+def finish_measured(
+    budget: Budget, setting: LatencySetting, allocated: Allocated, context: InContext
+) -> Choice:
+    """The allocation's choice with its latency record (``context``: its planned structure
+    timed against the dense model) and the least-error allocation of the same budget beside
+    it, its price in error stated."""
+    choice, layers = allocated.choice, allocated.layers
+    _record(choice, layers, setting, context)
+    assert choice.latency is not None
+    objective = budget.objective or DEFAULT_OBJECTIVE
+    choice.latency["objective"] = objective
+    choice.latency["allocation"] = ALLOCATIONS[objective]
+    choice.latency["error_sq"] = error_sq_of(choice.picked)
+    for name, other in (("least_time", "latency"), ("least_error", "error")):
+        picked = for_objective(budget, allocated.timed, allocated.totals, other).picked
+        choice.latency[name] = {
+            "layer_sum_ms": context.dense_ms * predicted_fraction(layers, picked, context.dense_ms),
+            "error_sq": error_sq_of(picked),
+        }
+    return choice
+
+
+def _record(
+    choice: Choice, layers: list[LayerChoices], setting: LatencySetting, context: InContext
+) -> None:
+    """``choice`` gains the measurements, its latency record, and the reason of every layer
+    kept dense because each of its measured options was slower."""
     for layer in layers:
         measured = layer.fqn in setting.measured
         if measured and not layer.options and choice.picked.get(layer.fqn) is None:
@@ -98,57 +184,10 @@ def choose_measured(
             )
     choice.measured = setting.measured
     choice.latency = latency_record(setting, context, choice.picked)
-    if budget.metric != "latency":
-        choice.latency["objective"] = objective
-        choice.latency["allocation"] = ALLOCATIONS[objective]
-        choice.latency["error_sq"] = error_sq_of(choice.picked)
-        for name, other_objective in (("least_time", "latency"), ("least_error", "error")):
-            other = _objective_choice(
-                model, budget, timed, totals, survey, setting, other_objective
-            ).picked
-            choice.latency[name] = {
-                "layer_sum_ms": context.dense_ms
-                * predicted_fraction(layers, other, context.dense_ms),
-                "error_sq": error_sq_of(other),
-            }
-    return choice
 
 
-ALLOCATIONS = {
-    "latency": "least predicted time meeting the budget (least error per measured ms saved)",
-    "error": "least error meeting the budget (of the allocator's walks, over the options "
-    "measured faster than dense)",
-    "balanced": (
-        f"least error among the plans predicted within {BALANCED_TOLERANCE:.0%} of the fastest "
-        "meeting the budget"
-    ),
-}
-
-
-def _objective_choice(
-    model: nn.Module,
-    budget: Budget,
-    candidates: Candidates,
-    totals: dict[str, float],
-    survey: ModelSurvey,
-    setting: LatencySetting,
-    objective: str,
-) -> Choice:
-    """The allocation of a FLOPs or params ``budget`` for ``objective`` (module docstring): of
-    the allocator's walks meeting the budget (:func:`~tensorslim.rank.allocate.allocate` with
-    ``spend="latency"``), the fastest ("latency"), the least error ("error") or the least error
-    within :data:`BALANCED_TOLERANCE` of the fastest ("balanced").
-
-    "balanced" compares whole-model predictions: the walks' layer sums plus the rest of the
-    dense model (its measured ms minus its timed layers' dense ms), so the tolerance is a
-    fraction of the model's predicted time, not of the timed layers'.
-    """
-    tolerance = {"latency": 0.0, "error": math.inf, "balanced": BALANCED_TOLERANCE}[objective]
-    rest = 0.0
-    if objective == "balanced":
-        layers_ms = sum(c.dense("latency") for c in candidates.choices if c.options)
-        rest = max(0.0, dense_model_ms(model, survey, setting) - layers_ms)
-    return by_budget(budget, candidates, totals, spend="latency", tolerance=tolerance, rest=rest)
+def _totals(survey: ModelSurvey) -> dict[str, float]:
+    return {"flops": survey.model_flops, "params": survey.model_params}
 
 
 def _latency_choice(

@@ -23,16 +23,15 @@ latency hull, a refund can give back time), so the walk is repeated on blended c
 ms/T_ms + w·c/T_c for a few w, and on c alone (the least-error allocation); of those meeting
 the need the one of least total ms is kept (ties: least error). Under ``flops=0.5`` FLOPs are
 thus spent where they buy time, and the plan is never predicted slower than the least-error one.
-With a ``tolerance`` t > 0 (the "balanced" objective), the kept walk is instead the one of least
-error among those whose predicted time, ``rest`` + Σ ms (``rest``: the time outside the walked
-layers), is within (1 + t) of the fastest walk's.
+With a ``slack`` s > 0 (the planner's "balanced" objective), the kept walk is instead the one of
+least error among those whose total ms is at most the fastest walk's + s (``slack=inf``: the
+least-error walk of them all).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import heapq
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -135,15 +134,14 @@ def allocate(
     refund: bool = True,
     caps: Mapping[str, int] | None = None,
     spend: str | None = None,
-    tolerance: float = 0.0,
-    rest: float = 0.0,
+    slack: float = 0.0,
 ) -> tuple[dict[str, Option | None], int]:
     """Pick one option per layer (None = dense) saving at least ``target_saving`` in ``metric``.
 
     ``spend`` (e.g. "latency", every option measured): choose where to save by the least error
     per unit of ``spend`` saved, while the need stays in ``metric`` (see the module docstring).
-    ``tolerance`` and ``rest`` (with ``spend``): the least-error walk within (1 + tolerance) of
-    the fastest, times counted with ``rest`` added (0: the fastest walk).
+    ``slack`` (with ``spend``): the least-error walk costing at most the least-costly walk's
+    ``spend`` + slack (0: the least-costly walk, ties: least error).
 
     ``caps`` maps another metric to the saving it needs: > 0 a global saving; 0 (a cap of 1.0)
     no layer may cost more than dense in it; < 0 (a cap above 1.0) the model may grow in it by
@@ -164,7 +162,7 @@ def allocate(
         layers = [_within_caps(layer, strict) for layer in layers]
     needs = {metric: target_saving, **{m: s for m, s in caps.items() if s != 0}}
     if spend is not None and spend != metric:
-        spent = _spend(layers, spend, metric, needs, refund, (tolerance, rest))
+        spent = _spend(layers, spend, metric, needs, refund, slack)
         if spent is not None:
             return spent
     if len(needs) == 1:
@@ -210,22 +208,18 @@ def _spend(
     metric: str,
     needs: dict[str, int],
     refund: bool,
-    within: tuple[float, float] = (0.0, 0.0),
+    slack: float = 0.0,
 ) -> tuple[dict[str, Option | None], int] | None:
     """Of the walks along hulls of ``spend`` blended with ``metric`` (every weight of
     :data:`SPEND_WEIGHTS`, and ``metric`` alone: the least-error walk), the one meeting every
     need at the least total ``spend`` (ties: least error); ``None`` if none meets them.
-    ``within`` = (tolerance t, rest r): the least-error walk with r + total ≤ (1 + t)·(r +
-    the least total) instead."""
+    ``slack``: the least-error walk with total ≤ the least total + slack instead."""
     walks = _spend_walks(layers, spend, metric, needs, refund)
     if not walks:
         return None
-    tolerance, rest = within
-    fastest = min(total for total, _, _, _ in walks)
-    limit = (rest + fastest) * (1 + tolerance) - rest if math.isfinite(tolerance) else math.inf
+    limit = min(total for total, _, _, _ in walks) + slack
     _, _, picked, saved = min(
-        (w for w in walks if w[0] <= fastest or w[0] <= limit * (1 + 1e-12)),
-        key=lambda w: (w[1], w[0]),
+        (w for w in walks if w[0] <= limit * (1 + 1e-12)), key=lambda w: (w[1], w[0])
     )
     return picked, saved
 
