@@ -48,13 +48,13 @@ def distill(
 ) -> History:
     """Train ``student`` in place to reproduce ``teacher``'s outputs on ``loader``'s batches.
 
-        Batches are whatever both models take (a tokenizer's ``BatchEncoding``, tensors, …);
-        labels, if present, are ignored. ``only_structured=True`` trains only the parameters of the
-        structured layers (the factors the compression made; embeddings, norms and dense layers stay
-        as they were). The learning rate rises linearly from ``lr``/steps to ``lr`` over the first
-        ``warmup`` epochs (a float: 0.1 is a tenth of the first epoch), then decays to 0 by a
-        cosine over the remaining steps. ``hooks`` are the loop's (e.g. a held-out score per epoch in
-    ``on_epoch_end``, which lands in the history). Returns the per-epoch history
+    Batches are whatever both models take (a tokenizer's ``BatchEncoding``, tensors, …);
+    labels, if present, are ignored. ``only_structured=True`` trains only the parameters of the
+    structured layers (the factors the compression made; embeddings, norms and dense layers stay
+    as they were). The learning rate rises linearly from ``lr``/steps to ``lr`` over the first
+    ``warmup`` epochs (a float: 0.1 is a tenth of the first epoch), then decays to 0 by a
+    cosine over the remaining steps. ``hooks`` are the loop's (e.g. a held-out score per epoch
+    in ``on_epoch_end``, which lands in the history). Returns the per-epoch history
     (``train_distill_loss`` and the hooks' records).
     """
     if student is teacher:
