@@ -139,3 +139,24 @@ def test_a_later_layout_replaces_an_earlier_one() -> None:
     assert all(layout_of(m) is None for m in placed.modules())
     assert not any(conv_outputs(placed, x).values())
     assert all(p.is_contiguous() for p in placed.parameters())
+
+
+def test_the_latency_check_times_a_per_chain_model_as_applied(monkeypatch) -> None:
+    import tensorslim.planner.memory_format as memory_format
+    from tensorslim.pipeline import latency_check
+
+    model, x = tiny_resnet(), torch.randn(1, 3, 16, 16)
+    the_plan = planned("channels_last", MIXED)
+    the_plan.latency["memory_format"]["dense"] = "nchw"
+    small = ts.apply(model, the_plan)
+    seen = {}
+    real = memory_format.time_in_deployments
+
+    def spy(models, *args, **kwargs):
+        seen.update({name: d.memory_format for name, (_, d) in models.items()})
+        return real(models, *args, **kwargs)
+
+    monkeypatch.setattr(memory_format, "time_in_deployments", spy)
+    check = latency_check(model, small, the_plan, x)
+    assert seen == {"original": "nchw", "compressed": "auto"}  # "auto": tensors as they are
+    assert check["compressed_memory_format"] == "per_chain"

@@ -163,7 +163,16 @@ def test_warmup_ramps_the_learning_rate_before_the_cosine(monkeypatch) -> None:
     teacher = tiny_bert()
     data = unlabeled(4)
     student = ts.apply(teacher, ts.plan(teacher, "svd", "params=0.7", data[0]))
-    ts.distill(student, teacher, data, epochs=2, lr=1e-3, warmup=0.5, progress=False)
+    from tensorslim.train.hooks import TrainHook
+
+    class Held(TrainHook):  # a per-epoch held-out score, as the benchmark records it
+        def on_epoch_end(self, model, epoch):
+            return {"held_out": hidden_error(model, teacher, data[:1], False)}
+
+    history = ts.distill(
+        student, teacher, data, epochs=2, lr=1e-3, warmup=0.5, progress=False, hooks=[Held()]
+    )
+    assert [("held_out" in e) for e in history.epochs] == [True, True]
     assert seen == [("cosine", 2, 8)]  # half an epoch of 4 batches, of 2 epochs
     factor = real("cosine", 2, 8)
     assert [factor(0), factor(1), factor(2)] == [0.5, 1.0, 1.0]  # linear ramp, then the cosine

@@ -12,7 +12,7 @@ is never changed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from torch import nn
@@ -20,6 +20,7 @@ from torch import nn
 from tensorslim.errors import TensorslimError
 from tensorslim.inputs import ForwardFn
 from tensorslim.layers.base import StructuredLayer
+from tensorslim.train.hooks import TrainHook
 from tensorslim.train.loop import History, fit
 from tensorslim.train.losses import DistillFn, hidden_states_forward, named_distillation
 
@@ -43,6 +44,7 @@ def distill(
     log: Callable[[str], None] | None = None,
     only_structured: bool = False,
     warmup: float = 0.0,
+    hooks: Sequence[TrainHook] = (),
 ) -> History:
     """Train ``student`` in place to reproduce ``teacher``'s outputs on ``loader``'s batches.
 
@@ -51,7 +53,9 @@ def distill(
     structured layers (the factors the compression made; embeddings, norms and dense layers stay
     as they were). The learning rate rises linearly from ``lr``/steps to ``lr`` over the first
     ``warmup`` epochs (a float: 0.1 is a tenth of the first epoch), then decays to 0 by a
-    cosine over the remaining steps. Returns the per-epoch history (``train_distill_loss``).
+    cosine over the remaining steps. ``hooks`` are the loop's (e.g. a held-out score per epoch
+    in ``on_epoch_end``, which lands in the history). Returns the per-epoch history
+    (``train_distill_loss`` and the hooks' records).
     """
     if student is teacher:
         raise TensorslimError("distill: the student and the teacher are the same module")
@@ -70,6 +74,7 @@ def distill(
             optimizer=optimizer,
             weight_decay=weight_decay,
             warmup_epochs=warmup,
+            hooks=hooks,
             teacher=teacher,
             kd_alpha=1.0,
             distill_fn=distill_fn,
