@@ -49,6 +49,7 @@ from tensorslim.fold import fold_batchnorm
 from tensorslim.layout import applied_deployment, is_per_chain
 from tensorslim.models import create_model
 from tensorslim.plan import apply, plan
+from tensorslim.planner.layout_chains import chain_layout
 from tensorslim.planner.memory_format import time_in_deployments
 from tensorslim.train.loop import evaluate, fit
 
@@ -198,6 +199,7 @@ def one_plan(
         "notes": the_plan.notes,
         "slower_layers": _slower_layers(the_plan),
         "chains": ((the_plan.latency or {}).get("memory_format") or {}).get("chains"),
+        "dense_chains": _dense_chains(dense, example, the_plan.latency, cache),
         "load": load_average(),
         "compile_s": (the_plan.latency or {}).get("compile_s"),
     }
@@ -231,6 +233,17 @@ def _time_pair(
         "small": (small, Deployment(**{**small_where.to_dict(), "threads": threads})),
     }
     return time_in_deployments(models, example), label
+
+
+def _dense_chains(
+    dense: nn.Module, example: torch.Tensor, record: dict[str, Any] | None, cache: LatencyCache
+) -> dict[str, Any] | None:
+    """When the plan kept a per-chain layout, the same search on the dense model: is the
+    baseline (dense in its faster uniform layout) itself beaten by a mix? (``None`` otherwise.)"""
+    if not is_per_chain(record):
+        return None
+    entry = chain_layout(dense, example, Deployment(**record["deployment"]), cache)  # type: ignore[index]
+    return {k: entry.get(k) for k in ("assignment", "chain_sum_ms", "model_ms", "kept", "reason")}
 
 
 def _layer_sum(record: dict[str, Any]) -> float:

@@ -55,3 +55,13 @@ def test_spending_needs_measured_options() -> None:
     untimed = Option("svd", {}, params=10, flops=10, error=0.1)
     with pytest.raises(TensorslimError, match="no measured latency"):
         allocate([layer("a", 100, 10.0, untimed)], "flops", 50, spend="latency")
+
+
+def test_a_slack_takes_the_least_error_walk_within_it_of_the_fastest() -> None:
+    # least time: 'late' (14 ms for the two layers), least error: 'early' (19.5 ms)
+    fastest, _ = allocate(two_layers(), "flops", 60, spend="latency", slack=5.0)
+    assert fastest["late"] is not None and fastest["early"] is None  # 19.5 > 14 + 5
+    within, saved = allocate(two_layers(), "flops", 60, spend="latency", slack=6.0)
+    assert within["early"] is not None and within["late"] is None and saved == 60
+    least_error, _ = allocate(two_layers(), "flops", 60, spend="latency", slack=float("inf"))
+    assert least_error == within

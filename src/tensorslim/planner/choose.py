@@ -58,15 +58,20 @@ def saving_needed(total: float, fraction: float) -> float:
 
 
 def by_budget(
-    budget: Budget, candidates: Candidates, totals: dict[str, Any], spend: str | None = None
+    budget: Budget,
+    candidates: Candidates,
+    totals: dict[str, Any],
+    spend: str | None = None,
+    slack: float = 0.0,
 ) -> Choice:
     """The allocator's choice for ``budget``; ``totals`` holds the model's ``flops``,
-    ``params`` (and, for a latency budget, its measured ``latency`` in ms). ``spend``: see
-    :func:`~tensorslim.rank.allocate.allocate` (the budget met where it buys measured time)."""
+    ``params`` (and, for a latency budget, its measured ``latency`` in ms). ``spend`` and
+    ``slack``: see :func:`~tensorslim.rank.allocate.allocate` (the budget met where it buys
+    measured time; with a slack, the least error within it of the fastest)."""
     metric, total = budget.metric, totals[budget.metric]
     need = max(0, saving_needed(total, budget.fraction))
     caps = {m: saving_needed(totals[m], cap) for m, cap in budget.caps.items()}
-    picked, saved = allocate(candidates.choices, metric, need, caps=caps, spend=spend)
+    picked, saved = allocate(candidates.choices, metric, need, caps=caps, spend=spend, slack=slack)
     choice = Choice(picked=picked)
     if saved < need:
         choice.notes.append(

@@ -5,13 +5,25 @@
   predicted model latency (the whole dense model's measured time minus the layers' measured
   savings) to f of the dense model's.
 - Any other budget (FLOPs, params): every layer's spread options are timed too, options
-  measured slower than the dense layer are dropped (never slower), and the budget is met where
-  it buys time: the allocator walks each layer's (measured ms, error²) hull, taking the step
-  with the least error per ms saved, until the FLOPs (params) need is met
-  (:func:`~tensorslim.rank.allocate.allocate` with ``spend="latency"``). The least-error
-  allocation of the same budget over the same measured options is recorded beside it
-  (``latency["least_error"]``: its predicted ms and Σ error²), so the price in error is stated.
-  ``allow_slower=True`` skips this (and all timing): the least-error allocation in FLOPs.
+  measured slower than the dense layer are dropped (never slower), and the budget is met for
+  its ``objective`` (:attr:`~tensorslim.rank.budget.Budget.objective`). The allocator walks
+  each layer's (measured ms, error²) hull, taking the step with the least error per ms saved,
+  until the FLOPs (params) need is met, and repeats the walk on ms/FLOPs blends and on FLOPs
+  alone (:func:`~tensorslim.rank.allocate.allocate` with ``spend="latency"``); of those walks
+
+  - ``"latency"`` keeps the one of least predicted ms;
+  - ``"error"`` the one of least Σ error²;
+  - ``"balanced"`` (the default) the least-error one among those predicted within
+    :data:`BALANCED_TOLERANCE` × the dense timed layers' ms of the fastest
+    (``bench/results/objective``: the fastest plans cost resnet20 several points of accuracy
+    after a fine-tune epoch for a few per cent of time).
+
+  The least-time and least-error allocations of the same budget are recorded beside the chosen
+  one (``latency["least_time"]``, ``latency["least_error"]``: predicted layer-sum ms and
+  Σ error²), so each objective's price is stated. ``allow_slower=True`` skips all timing: the
+  least-error allocation in FLOPs.
+- Only the options the budget can take are timed (:func:`usable`): cheaper than dense in a
+  FLOPs or params budget's metric, no costlier than dense in a capped metric.
 
 Layers of one signature are timed once (:func:`~tensorslim.planner.latency.measure_layers`).
 The plan's predicted latency is the planned structure timed against the dense model in context
@@ -22,6 +34,7 @@ re-allocated with the layers' savings rescaled.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -41,8 +54,13 @@ from tensorslim.planner.latency import (
     predicted_fraction,
 )
 from tensorslim.planner.survey import ModelSurvey
-from tensorslim.rank.allocate import LayerChoices
+from tensorslim.rank.allocate import LayerChoices, option_cost
 from tensorslim.rank.budget import Budget
+
+DEFAULT_OBJECTIVE = "balanced"  # a FLOPs/params budget's objective when the budget names none
+# "balanced": plans predicted slower than the fastest by at most this fraction of the dense
+# timed layers' ms are acceptable, and the least-error one of them is kept
+BALANCED_TOLERANCE = 0.05
 
 
 def choose_measured(
@@ -65,7 +83,7 @@ def choose_measured(
         context = measure_in_context(model, method, survey, setting, allocated.choice.picked)
         return finish_measured(budget, setting, allocated, context)
     totals = _totals(survey)
-    layers = _measured(method, survey, candidates.choices, setting, budget.metric)
+    layers = _measured(method, survey, candidates.choices, setting, budget)
 
     def in_context(picked: dict[str, Option | None]) -> InContext:
         return measure_in_context(model, method, survey, setting, picked)
@@ -101,9 +119,33 @@ def allocate_measured(
     planned structure is timed (one run for several layouts, see
     :mod:`tensorslim.planner.memory_format`)."""
     totals = _totals(survey)
-    layers = _measured(method, survey, candidates.choices, setting, budget.metric)
+    layers = _measured(method, survey, candidates.choices, setting, budget)
     timed = _with(candidates, layers)
-    return Allocated(by_budget(budget, timed, totals, spend="latency"), layers, timed, totals)
+    objective = budget.objective or DEFAULT_OBJECTIVE
+    return Allocated(for_objective(budget, timed, totals, objective), layers, timed, totals)
+
+
+def for_objective(
+    budget: Budget, candidates: Candidates, totals: dict[str, float], objective: str
+) -> Choice:
+    """The allocation of a FLOPs or params ``budget`` over measured options for ``objective``
+    (module docstring): of the allocator's walks meeting the budget, the fastest ("latency"),
+    the least error ("error") or the least error within a slack of :data:`BALANCED_TOLERANCE`
+    × the dense timed layers' ms of the fastest ("balanced")."""
+    dense_ms = sum(c.dense("latency") for c in candidates.choices if c.options)
+    slack = {"latency": 0.0, "error": math.inf, "balanced": BALANCED_TOLERANCE * dense_ms}
+    return by_budget(budget, candidates, totals, spend="latency", slack=slack[objective])
+
+
+ALLOCATIONS = {
+    "latency": "least predicted time meeting the budget (least error per measured ms saved)",
+    "error": "least error meeting the budget (of the allocator's walks, over the options "
+    "measured faster than dense)",
+    "balanced": (
+        f"least error among the plans predicted within {BALANCED_TOLERANCE:.0%} of the dense "
+        "timed layers' time of the fastest meeting the budget"
+    ),
+}
 
 
 def finish_measured(
@@ -114,15 +156,17 @@ def finish_measured(
     it, its price in error stated."""
     choice, layers = allocated.choice, allocated.layers
     _record(choice, layers, setting, context)
-    least_error = by_budget(budget, allocated.timed, allocated.totals).picked
     assert choice.latency is not None
-    choice.latency["allocation"] = "least error per measured ms saved, until the budget is met"
+    objective = budget.objective or DEFAULT_OBJECTIVE
+    choice.latency["objective"] = objective
+    choice.latency["allocation"] = ALLOCATIONS[objective]
     choice.latency["error_sq"] = error_sq_of(choice.picked)
-    choice.latency["least_error"] = {
-        "layer_sum_ms": context.dense_ms
-        * predicted_fraction(layers, least_error, context.dense_ms),
-        "error_sq": error_sq_of(least_error),
-    }
+    for name, other in (("least_time", "latency"), ("least_error", "error")):
+        picked = for_objective(budget, allocated.timed, allocated.totals, other).picked
+        choice.latency[name] = {
+            "layer_sum_ms": context.dense_ms * predicted_fraction(layers, picked, context.dense_ms),
+            "error_sq": error_sq_of(picked),
+        }
     return choice
 
 
@@ -195,14 +239,36 @@ def _measured(
     survey: ModelSurvey,
     layers: list[LayerChoices],
     setting: LatencySetting,
-    metric: str,
+    budget: Budget,
 ) -> list[LayerChoices]:
-    """Every layer that has options with them timed (those the budget's ``metric`` can use, see
-    :func:`~tensorslim.planner.latency.measure_all`) and the slower ones dropped (in order)."""
-    offered = [c for c in layers if c.options]
-    measured = measure_all(method, survey, offered, setting, metric)
+    """Every layer that has options the budget can take (:func:`usable`) with them timed (see
+    :func:`~tensorslim.planner.latency.measure_all`) and the slower ones dropped (in order).
+
+    The options are narrowed to the usable ones *before* the few to time are spread over them:
+    spread over all of them, a TT layer's timed points landed on ranks whose FLOPs exceed the
+    dense layer's (dropped by the FLOPs cap of a params budget), leaving rank 1-1 as the only
+    option — small_cnn's hidden Linear at weight error 0.998, every ReLU after it off.
+    """
+    usable_layers = [usable(c, budget) for c in layers]
+    offered = [c for c in usable_layers if c.options]
+    measured = measure_all(method, survey, offered, setting, budget.metric)
     timed = iter(faster_only(c) for c in measured)
-    return [next(timed) if c.options else c for c in layers]
+    return [next(timed) if c.options else c for c in usable_layers]
+
+
+def usable(layer: LayerChoices, budget: Budget) -> LayerChoices:
+    """The layer with only the options the allocator can take under ``budget``: cheaper than
+    dense in a FLOPs or params budget's metric, and no costlier than dense in a metric capped
+    at ≤ 1.0 (the allocator drops those, see :func:`~tensorslim.rank.allocate.allocate`)."""
+    limits = {m: layer.dense(m) for m, cap in budget.caps.items() if cap <= 1.0}
+    metric = budget.metric
+    kept = [
+        o
+        for o in layer.options
+        if all(option_cost(o, m) <= limit for m, limit in limits.items())
+        and (metric == "latency" or option_cost(o, metric) < layer.dense(metric))
+    ]
+    return dataclasses.replace(layer, options=kept)
 
 
 def error_sq_of(picked: dict[str, Option | None]) -> float:

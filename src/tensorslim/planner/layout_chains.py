@@ -62,31 +62,50 @@ def fastest_chain_layout(
     """``choice`` with its latency record's ``memory_format["chains"]`` (see the module
     docstring); unchanged when only one layout was tried or the model has under two chains."""
     layouts = (choice.latency or {}).get("memory_format")
-    chains = find_chains(model)
-    if not layouts or len(chains) < 2:
+    if not layouts or len(find_chains(model)) < 2:
         return choice
-    deployments = {f: setting.deployment.in_format(f) for f in FORMATS}
     structure = planned_structure(model, method, survey, choice.picked)
-    inputs = chain_inputs(structure, chains, survey.example, setting.forward_fn)
+    entry = chain_layout(
+        structure, survey.example, setting.deployment, setting.cache, setting.forward_fn
+    )
+    if entry["kept"]:  # the prediction restated for the mixed layout (scaled, same run)
+        record: dict[str, Any] = choice.latency  # type: ignore[assignment]
+        scale = entry["model_ms"][PER_CHAIN] / entry["model_ms"][layouts["chosen"]]
+        entry["uniform_predicted_ms"] = record["predicted_ms"]
+        record["predicted_ms"] *= scale
+        record["predicted_fraction"] *= scale
+    layouts["chains"] = entry
+    return choice
+
+
+def chain_layout(
+    model: nn.Module,
+    example: Any,
+    deployment: Deployment,
+    cache: LatencyCache,
+    forward_fn: ForwardFn | None = None,
+) -> dict[str, Any]:
+    """Steps 1–3 of the module docstring on ``model`` (a planned structure, or a dense model
+    to compare with) at ``deployment``'s batch and threads: the ``chains`` record."""
+    chains = find_chains(model)
+    deployments = {f: deployment.in_format(f) for f in FORMATS}
+    inputs = chain_inputs(model, chains, example, forward_fn)
     times = {  # a chain's two layouts only propose; the whole model decides: short rounds
-        c: module_in_layouts(
-            structure.get_submodule(c), x, deployments, setting.cache, rounds=LAYER_ROUNDS
-        )
+        c: module_in_layouts(model.get_submodule(c), x, deployments, cache, rounds=LAYER_ROUNDS)
         for c, x in inputs.items()
     }
     assignment = {c: min(t, key=t.__getitem__) for c, t in times.items()}
-    batch = setting.deployment.batch
+    sums = {f: sum(t[f] for t in times.values()) for f in FORMATS}
+    sums[PER_CHAIN] = sum(t[assignment[c]] for c, t in times.items())
     entry: dict[str, Any] = {
         "chains": {
-            c: {**t, "input_shape": [batch, *first_tensor_shape(inputs[c])[1:]]}
+            c: {**t, "input_shape": [deployment.batch, *first_tensor_shape(inputs[c])[1:]]}
             for c, t in times.items()
         },
         "assignment": assignment,
+        "chain_sum_ms": sums,
         "kept": False,
     }
-    sums = {f: sum(t[f] for t in times.values()) for f in FORMATS}
-    sums[PER_CHAIN] = sum(t[assignment[c]] for c, t in times.items())
-    entry["chain_sum_ms"] = sums
     if len(set(assignment.values())) < 2:
         entry["reason"] = "every chain is fastest in one layout: nothing to mix"
     elif sums[PER_CHAIN] >= (1 - MARGIN) * min(sums[f] for f in FORMATS):
@@ -95,19 +114,13 @@ def fastest_chain_layout(
             f"{MARGIN:.0%} over the faster uniform layout"
         )
     else:
-        model_ms = mixed_and_uniform_ms(
-            structure, assignment, survey.example, deployments, setting.cache, setting.forward_fn
-        )
-        _decide(entry, model_ms, choice.latency, layouts["chosen"])  # type: ignore[arg-type]
-    layouts["chains"] = entry
-    return choice
+        model_ms = mixed_and_uniform_ms(model, assignment, example, deployments, cache, forward_fn)
+        _decide(entry, model_ms)
+    return entry
 
 
-def _decide(
-    entry: dict[str, Any], model_ms: dict[str, float], record: dict[str, Any], chosen: str
-) -> None:
-    """Keep the mixed layout when it beats both uniform layouts (same run) by :data:`MARGIN`;
-    then restate the record's prediction for it."""
+def _decide(entry: dict[str, Any], model_ms: dict[str, float]) -> None:
+    """Keep the mixed layout when it beats both uniform layouts (same run) by :data:`MARGIN`."""
     entry["model_ms"] = model_ms
     uniform = min(model_ms[f] for f in FORMATS)
     entry["kept"] = model_ms[PER_CHAIN] < (1 - MARGIN) * uniform
@@ -116,11 +129,6 @@ def _decide(
         f"{verdict}: the model in the per-chain layout measured {model_ms[PER_CHAIN]:.4g} ms, "
         + ", ".join(f"{f} {model_ms[f]:.4g} ms" for f in FORMATS)
     )
-    if entry["kept"]:
-        scale = model_ms[PER_CHAIN] / model_ms[chosen]
-        entry["uniform_predicted_ms"] = record["predicted_ms"]
-        record["predicted_ms"] *= scale
-        record["predicted_fraction"] *= scale
 
 
 def chain_inputs(

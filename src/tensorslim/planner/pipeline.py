@@ -77,6 +77,7 @@ def plan(
     latency_cache: LatencyCache | None = None,
     fold_bn: bool = False,
     tied: str = "dense",
+    objective: str | None = None,
     **settings: Any,
 ) -> CompressionPlan:
     """Compute a compression plan for ``model``.
@@ -107,6 +108,10 @@ def plan(
     unless ``allow_slower=True`` (``None``: :data:`ALLOW_SLOWER_BY_DEFAULT`, False); a
     FLOPs or params budget is then met where it buys measured time (least error per ms saved,
     see :mod:`tensorslim.planner.choose_measured`);
+    ``objective`` ("latency", "balanced" — the default — or "error"; or the budget's own,
+    ``"flops=0.5,objective=error"``): what a timed FLOPs or params budget is met for: the least
+    predicted time, the least error within a few per cent of it, or the least error (see
+    :mod:`tensorslim.planner.choose_measured`; saved in ``plan.budget``).
     ``budget="latency=0.5"`` spends measured per-layer latency. ``latency_cache`` (a
     :class:`~tensorslim.analysis.timing.LatencyCache`, optionally on disk) reuses timings.
     ``fold_bn``: fold every BatchNorm that follows a conv into it first (:mod:`tensorslim.fold`;
@@ -115,6 +120,10 @@ def plan(
     ``settings`` are the method's own (e.g. ``scheme="spatial"``).
     """
     budget = Budget.coerce(budget)
+    if objective is not None:
+        if budget is None:
+            raise TensorslimError(f"objective={objective!r} needs a budget (e.g. flops=0.5)")
+        budget = budget.with_objective(objective)
     check_tied_mode(tied)
     folded: list[str] = []
     if fold_bn:
