@@ -289,8 +289,14 @@ def _reachable_note(budget: Budget, layers: list[LayerChoices], model_ms: float)
     best = (model_ms - best_saving) / model_ms if model_ms > 0 else 1.0
     if best <= budget.fraction + 1e-9:
         return None
+    rest = model_ms - sum(c.dense("latency") for c in layers)
+    # layers timed alone can sum to more than the model (a compiled model, its layers eager)
+    where = (
+        f"the rest of the model takes {rest:.3g} ms"
+        if rest >= 0
+        else f"its layers timed alone sum to {model_ms - rest:.3g} ms"
+    )
     return (
         f"budget {budget} is not reachable: the fastest measured option of every layer gives a "
-        f"predicted {best:.3f} of the dense model's {model_ms:.3g} ms (the rest of the model "
-        f"takes {model_ms - sum(c.dense('latency') for c in layers):.3g} ms)"
+        f"predicted {best:.3f} of the dense model's {model_ms:.3g} ms ({where})"
     )
