@@ -7,13 +7,14 @@ for post-hoc methods; one training epoch with the method's regularizer or prunin
 the training-time methods). Writes bench/results/compare.{json,md,png} and, with
 --update-readme, regenerates the README's summary table from the JSON.
 
-Speedups: every compressed model is timed interleaved with the dense model in the same run
-(batch 64, this process's threads), each in NCHW and in channels_last, and the faster layout of
-each is compared (:func:`interleaved_speedup`); the original row's latency is the median of
-those dense timings. Rerunning some methods with ``--merge`` keeps the other rows, each with
-the ratio measured in its own run.
+Speedups: the planner plans for batch 64 at 1 thread (memory_format auto), and every
+compressed model is timed interleaved with the dense model in the same run there, each in NCHW
+and in channels_last, and the faster layout of each is compared (:func:`interleaved_speedup`);
+the original row's latency is the median of those dense timings. Rerunning some methods with
+``--merge`` keeps the other rows, each with the ratio measured in its own run.
 
     python bench/compare.py [--limit-train 20000] [--epochs 3] [--update-readme]
+    python bench/compare.py --methods SVD,TT --merge --update-readme   # rerun some methods
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ from tensorslim.report.tables import markdown_table
 README = Path(__file__).resolve().parents[1] / "README.md"
 START, END = "<!-- compare:start -->", "<!-- compare:end -->"
 LATENCY_BATCH = 64
+# planned for and timed at 1 thread (as bench/latency.py): on the shared 2-core machine two
+# OpenMP threads wait on each other whenever a neighbour takes a core
+DEPLOYMENT = Deployment(batch=LATENCY_BATCH, threads=1)
 # method label → (registered method, settings); all share the planner's FLOPs budget
 STRUCTURED = {
     "SVD": ("svd", {"scheme": "best"}),
@@ -80,15 +84,15 @@ COLUMNS = [
 
 def interleaved_speedup(model, small, example) -> dict:
     """The dense and the compressed model timed interleaved in one run, each in NCHW and in
-    channels_last (eager, batch of ``example``, this process's threads): the faster layout of
-    each, its ms (best round's CPU time per pass, see analysis/timing.py) and dense/compressed."""
-    where = Deployment(batch=example.shape[0], threads=torch.get_num_threads())
+    channels_last (eager, :data:`DEPLOYMENT`'s batch and threads): the faster layout of each,
+    its ms (best round's CPU time per pass, see analysis/timing.py) and dense/compressed."""
+    where = DEPLOYMENT
     models = {
         f"{name}:{layout}": (m, where.in_format(layout))
         for name, m in (("dense", model), ("compressed", small))
         for layout in FORMATS
     }
-    timed = time_in_deployments(models, example)
+    timed = time_in_deployments(models, example, rounds={"min_rounds": 24})
     best = {
         name: min((k for k in timed if k.startswith(name)), key=lambda k: timed[k].ms)
         for name in ("dense", "compressed")
@@ -119,6 +123,7 @@ def run_one(model, label, method, settings, budget, loaders, example, original, 
             progress=False,
             measure_original=original,
             post_finalize_epochs=POST_FINALIZE_EPOCHS.get(label, 0),
+            deployment=DEPLOYMENT,
         )
     except TensorslimError as exc:
         return {"method": label, "budget": str(budget), "note": f"not run: {exc}"}
@@ -337,7 +342,12 @@ def main() -> None:
         "after its energy pruning (its third "
         "stage); accuracy_after_finalize is its accuracy before that epoch. TT factorizes Linear "
         "layers only, so it gets the fraction as a parameter budget (params=f); where even that "
-        "is out of reach, the note says so and every Linear takes its cheapest TT.",
+        "is out of reach, the note says so and every Linear takes its cheapest TT. Planned for "
+        f"batch {LATENCY_BATCH}, {DEPLOYMENT.threads} thread (memory_format auto, FLOPs/params "
+        "budgets met with the planner's default objective); speedup = dense ms / compressed ms, "
+        "both timed interleaved in one run, each in its faster layout (layouts: dense/compressed)"
+        "; the original row's latency_ms is the median of its model's dense timings. The "
+        "machine is shared: see the load average below.",
         (
             f"Whole run: {previous['seconds'] / 60:.1f} min; then {', '.join(wanted)} rerun "
             f"alone in {seconds / 60:.1f} min (--merge), the other rows kept."

@@ -26,6 +26,9 @@ fwsvd then all with allocation="sensitivity"):
     # transformer_lowrank_all14k: --methods svd_llm --fractions 0.5 --latency-method none
     #   --calibration 512 --refit --refit-ridge 1e-4 --distill-sentences -1 --lr 2e-4
     #   --only-structured --distill-loss layers --score-every 75 --name transformer_lowrank_all14k
+    #   (25.6 min; _all14k_refit2: the same with --refit both); the short checks _cal128,
+    #   _cal512 (--distill-sentences 0), _cal512_refit (+ --refit --refit-ridge 1e-4),
+    #   _2k_lr2e-4 and _2k_lr5e-4_warmup (2048 sentences, --warmup 0.1 for the second)
     # transformer_lowrank_refit (an earlier run, per-layer allocation): --methods svd_llm asvd
     #   --fractions 0.5 --refit --latency-method none --name transformer_lowrank_refit
     python bench/transformer_lowrank.py --quick    # a smoke run of the same code
@@ -440,7 +443,9 @@ def notes_for(rows, args, distill_minutes: float, met: dict, seconds: float) -> 
         f"`model_params` is the whole model's fraction. Debian fortunes: {args.calibration} "
         f"calibration, {args.distill_sentences} distillation and "
         f"{args.evaluation} evaluation "
-        "sentences, disjoint. Calibration: all calibration sentences (batches of 32). "
+        "sentences, disjoint (the evaluation set dealt first: the same 256 for every "
+        "calibration and distillation size). Calibration: all calibration sentences "
+        "(batches of 32). "
         "svd allocates by weight error without data; asvd, svd_llm and fwsvd by output error, "
         "asvd and svd_llm with each layer's squared error weighted by the output's sensitivity "
         '(allocation="sensitivity"), fwsvd and rows marked @paper unweighted (allocation='
@@ -451,14 +456,32 @@ def notes_for(rows, args, distill_minutes: float, met: dict, seconds: float) -> 
         f"{DISTILL_LOSSES[args.distill_loss]}, dropout off; "
         f"{statistics.mean(per) if per else 0:.1f} min per configuration, "
         f"{distill_minutes:.1f} min in all. Whole run {seconds / 60:.1f} min.",
-        "Latency is measured on the " + args.latency_method + " structure at each budget (the "
-        "others' ranks differ but their parameter counts match), dense and compressed "
-        "interleaved, median of " + str(args.latency_reps) + " forwards per thread count.",
+        _latency_note(args),
         "Targets: " + "; ".join(f"{k}: {v}" for k, v in met.items()),
         "The machine is shared with other jobs (see the load average below): latency ratios "
         "are more trustworthy than the absolute times.",
     ]
+    if args.refit:
+        which = "right factors (U kept)" if args.refit == "right" else "both factors"
+        tag = "+refit2" if args.refit == "both" else "+refit"
+        lines.insert(1, f"{tag}: after apply the {which} are refitted layer by layer to the "
+                     "compressed model's inputs on the calibration sentences "
+                     f"(ts.refit_factors, ridge {args.refit_ridge}).")  # fmt: skip
+    if args.score_every:
+        lines.append(f"The curve scores the held-out set every {args.score_every} steps of "
+                     "one run: points before the last are mid-schedule (the learning rate "
+                     "not yet decayed), not the results of shorter runs.")  # fmt: skip
     return lines
+
+
+def _latency_note(args) -> str:
+    if args.latency_method not in args.methods:
+        return "Latency is not measured in this run (see transformer_lowrank.md)."
+    return (
+        f"Latency is measured on the {args.latency_method} structure at each budget (the "
+        "others' ranks differ but their parameter counts match), dense and compressed "
+        f"interleaved, median of {args.latency_reps} forwards per thread count."
+    )
 
 
 def _linear_share(rows: list[dict[str, Any]]) -> float:
