@@ -25,7 +25,7 @@ from tensorslim.methods.registry import builder_of
 from tensorslim.planner.fastpath import keep_compressed_layers_unfused
 from tensorslim.planner.records import CompressionPlan
 from tensorslim.planner.ties import TIED_TO, check_growth, share_followers, shared_parameters
-from tensorslim.surgery import replace_module
+from tensorslim.surgery import replace_modules_at
 
 PLANS_ATTRIBUTE = "_tensorslim_plans"
 STATISTICS_ATTRIBUTE = "_tensorslim_statistics"
@@ -63,6 +63,7 @@ def apply(
     plan.validate(target)
     before, tied = count_params(target), shared_parameters(target)
     stats = _build_statistics(target, plan, init, calibration, loss_fn, forward_fn)
+    built: dict[str, nn.Module] = {}
     for lp in plan.compressed_layers:
         if TIED_TO in lp.config:
             continue  # built after its leader, by share_followers
@@ -74,7 +75,8 @@ def apply(
         except TensorslimError as exc:
             raise TensorslimError(f"layer {lp.fqn}: {exc}") from None
         if new is not module:
-            replace_module(target, lp.fqn, new)
+            built[lp.fqn] = new
+    replace_modules_at(target, built)  # one walk of the model, not one per layer
     share_followers(target, plan)
     keep_compressed_layers_unfused(target)  # torch's fused encoder path reads dense weights
     layout = planned_layout(plan.latency)

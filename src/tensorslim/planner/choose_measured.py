@@ -43,7 +43,7 @@ from torch import nn
 from tensorslim.facts import Option
 from tensorslim.methods.base import Method
 from tensorslim.planner.candidates import Candidates
-from tensorslim.planner.choose import Choice, by_budget
+from tensorslim.planner.choose import Choice, by_budget, by_budget_each
 from tensorslim.planner.in_context import TOLERANCE, InContext, calibrated, measure_in_context
 from tensorslim.planner.latency import (
     LatencySetting,
@@ -105,6 +105,8 @@ class Allocated:
     layers: list[LayerChoices]
     timed: Candidates
     totals: dict[str, float]
+    # the least-time and least-error allocations of the same budget, for the record
+    others: dict[str, dict[str, Option | None]] = dataclasses.field(default_factory=dict)
 
 
 def allocate_measured(
@@ -122,19 +124,28 @@ def allocate_measured(
     layers = _measured(method, survey, candidates.choices, setting, budget)
     timed = _with(candidates, layers)
     objective = budget.objective or DEFAULT_OBJECTIVE
-    return Allocated(for_objective(budget, timed, totals, objective), layers, timed, totals)
+    objectives = (objective, *OTHERS.values())
+    chosen, *others = for_objectives(budget, timed, totals, objectives)
+    picks = {name: c.picked for name, c in zip(OTHERS, others, strict=True)}
+    return Allocated(chosen, layers, timed, totals, picks)
 
 
-def for_objective(
-    budget: Budget, candidates: Candidates, totals: dict[str, float], objective: str
-) -> Choice:
-    """The allocation of a FLOPs or params ``budget`` over measured options for ``objective``
-    (module docstring): of the allocator's walks meeting the budget, the fastest ("latency"),
-    the least error ("error") or the least error within a slack of :data:`BALANCED_TOLERANCE`
-    × the dense timed layers' ms of the fastest ("balanced")."""
+# the allocations a plan records beside its own: record name → objective
+OTHERS = {"least_time": "latency", "least_error": "error"}
+
+
+def for_objectives(
+    budget: Budget, candidates: Candidates, totals: dict[str, float], objectives: tuple[str, ...]
+) -> list[Choice]:
+    """The allocation of a FLOPs or params ``budget`` over measured options for each of
+    ``objectives`` (module docstring; the allocator's walks made once): of the walks meeting
+    the budget, the fastest ("latency"), the least error ("error") or the least error within a
+    slack of :data:`BALANCED_TOLERANCE` × the dense timed layers' ms of the fastest
+    ("balanced")."""
     dense_ms = sum(c.dense("latency") for c in candidates.choices if c.options)
     slack = {"latency": 0.0, "error": math.inf, "balanced": BALANCED_TOLERANCE * dense_ms}
-    return by_budget(budget, candidates, totals, spend="latency", slack=slack[objective])
+    slacks = tuple(slack[o] for o in objectives)
+    return by_budget_each(budget, candidates, totals, slacks, spend="latency")
 
 
 ALLOCATIONS = {
@@ -161,8 +172,7 @@ def finish_measured(
     choice.latency["objective"] = objective
     choice.latency["allocation"] = ALLOCATIONS[objective]
     choice.latency["error_sq"] = error_sq_of(choice.picked)
-    for name, other in (("least_time", "latency"), ("least_error", "error")):
-        picked = for_objective(budget, allocated.timed, allocated.totals, other).picked
+    for name, picked in allocated.others.items():
         choice.latency[name] = {
             "layer_sum_ms": context.dense_ms * predicted_fraction(layers, picked, context.dense_ms),
             "error_sq": error_sq_of(picked),
@@ -289,8 +299,14 @@ def _reachable_note(budget: Budget, layers: list[LayerChoices], model_ms: float)
     best = (model_ms - best_saving) / model_ms if model_ms > 0 else 1.0
     if best <= budget.fraction + 1e-9:
         return None
+    rest = model_ms - sum(c.dense("latency") for c in layers)
+    # layers timed alone can sum to more than the model (a compiled model, its layers eager)
+    where = (
+        f"the rest of the model takes {rest:.3g} ms"
+        if rest >= 0
+        else f"its layers timed alone sum to {model_ms - rest:.3g} ms"
+    )
     return (
         f"budget {budget} is not reachable: the fastest measured option of every layer gives a "
-        f"predicted {best:.3f} of the dense model's {model_ms:.3g} ms (the rest of the model "
-        f"takes {model_ms - sum(c.dense('latency') for c in layers):.3g} ms)"
+        f"predicted {best:.3f} of the dense model's {model_ms:.3g} ms ({where})"
     )

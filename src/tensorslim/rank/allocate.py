@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from tensorslim.errors import TensorslimError
@@ -153,6 +153,25 @@ def allocate(
     options cannot save that much, every layer takes its cheapest option and the saving reached
     is smaller.
     """
+    return allocate_each(
+        layers, metric, target_saving, (slack,), refund=refund, caps=caps, spend=spend
+    )[0]
+
+
+def allocate_each(
+    layers: list[LayerChoices],
+    metric: str,
+    target_saving: int,
+    slacks: Sequence[float],
+    *,
+    refund: bool = True,
+    caps: Mapping[str, int] | None = None,
+    spend: str | None = None,
+) -> list[tuple[dict[str, Option | None], int]]:
+    """:func:`allocate` for each of ``slacks`` at once: with ``spend`` the walks are made once
+    and each slack selects among them (a plan records its objective's choice and the least-time
+    and least-error ones: one set of walks, not three); without, every slack gets the one
+    allocation."""
     if metric not in METRICS:
         raise TensorslimError(f"unknown budget metric '{metric}'")
     caps = dict(caps or {})
@@ -162,13 +181,13 @@ def allocate(
         layers = [_within_caps(layer, strict) for layer in layers]
     needs = {metric: target_saving, **{m: s for m, s in caps.items() if s != 0}}
     if spend is not None and spend != metric:
-        spent = _spend(layers, spend, metric, needs, refund, slack)
-        if spent is not None:
-            return spent
+        walks = _spend_walks(layers, spend, metric, needs, refund)
+        if walks:
+            return [_least_error_within(walks, slack) for slack in slacks]
     if len(needs) == 1:
         picked, saved = _walk(layers, metric_cost(metric), needs, refund)
-        return picked, saved[metric]
-    return _allocate_with_cap(layers, metric, needs, refund)
+        return [(picked, saved[metric])] * len(slacks)
+    return [_allocate_with_cap(layers, metric, needs, refund)] * len(slacks)
 
 
 def _within_caps(layer: LayerChoices, caps: Mapping[str, int]) -> LayerChoices:
@@ -202,21 +221,12 @@ def _allocate_with_cap(
     return best[2], best[3][metric]
 
 
-def _spend(
-    layers: list[LayerChoices],
-    spend: str,
-    metric: str,
-    needs: dict[str, int],
-    refund: bool,
-    slack: float = 0.0,
-) -> tuple[dict[str, Option | None], int] | None:
-    """Of the walks along hulls of ``spend`` blended with ``metric`` (every weight of
-    :data:`SPEND_WEIGHTS`, and ``metric`` alone: the least-error walk), the one meeting every
-    need at the least total ``spend`` (ties: least error); ``None`` if none meets them.
-    ``slack``: the least-error walk with total ≤ the least total + slack instead."""
-    walks = _spend_walks(layers, spend, metric, needs, refund)
-    if not walks:
-        return None
+def _least_error_within(
+    walks: list[tuple[float, float, dict[str, Option | None], int]], slack: float
+) -> tuple[dict[str, Option | None], int]:
+    """Of the walks (each meeting every need; see :func:`_spend_walks`), the one of least error
+    whose total spend is at most the least total + ``slack`` (0: the least total, ties: least
+    error)."""
     limit = min(total for total, _, _, _ in walks) + slack
     _, _, picked, saved = min(
         (w for w in walks if w[0] <= limit * (1 + 1e-12)), key=lambda w: (w[1], w[0])
@@ -227,8 +237,9 @@ def _spend(
 def _spend_walks(
     layers: list[LayerChoices], spend: str, metric: str, needs: dict[str, int], refund: bool
 ) -> list[tuple[float, float, dict[str, Option | None], int]]:
-    """(total ``spend``, error, choice, saving in ``metric``) of every walk of :func:`_spend`
-    that meets every need."""
+    """(total ``spend``, error, choice, saving in ``metric``) of every walk along hulls of
+    ``spend`` blended with ``metric`` (every weight of :data:`SPEND_WEIGHTS`, and ``metric``
+    alone: the least-error walk) that meets every need."""
     scale = {m: max(1e-30, sum(layer.dense(m) for layer in layers)) for m in (spend, metric)}
     walks: list[tuple[float, float, dict[str, Option | None], int]] = []
     for weight in (*SPEND_WEIGHTS, None):
