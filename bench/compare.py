@@ -7,13 +7,21 @@ for post-hoc methods; one training epoch with the method's regularizer or prunin
 the training-time methods). Writes bench/results/compare.{json,md,png} and, with
 --update-readme, regenerates the README's summary table from the JSON.
 
+Speedups: the planner plans for batch 64 at 1 thread (memory_format auto), and every
+compressed model is timed interleaved with the dense model in the same run there, each in NCHW
+and in channels_last, and the faster layout of each is compared (:func:`interleaved_speedup`);
+the original row's latency is the median of those dense timings. Rerunning some methods with
+``--merge`` keeps the other rows, each with the ratio measured in its own run.
+
     python bench/compare.py [--limit-train 20000] [--epochs 3] [--update-readme]
+    python bench/compare.py --methods SVD,TT --merge --update-readme   # rerun some methods
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 import traceback
@@ -27,14 +35,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, facts, fashion_loaders, trained_model, write_results
+from tensorslim.analysis.deployment import FORMATS, Deployment
 from tensorslim.errors import TensorslimError
 from tensorslim.pipeline import compress_model, measure
+from tensorslim.planner.memory_format import time_in_deployments
 from tensorslim.rank.budget import Budget
 from tensorslim.report.tables import markdown_table
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 START, END = "<!-- compare:start -->", "<!-- compare:end -->"
 LATENCY_BATCH = 64
+# planned for and timed at 1 thread (as bench/latency.py): on the shared 2-core machine two
+# OpenMP threads wait on each other whenever a neighbour takes a core
+DEPLOYMENT = Deployment(batch=LATENCY_BATCH, threads=1)
 # method label → (registered method, settings); all share the planner's FLOPs budget
 STRUCTURED = {
     "SVD": ("svd", {"scheme": "best"}),
@@ -61,17 +74,43 @@ COLUMNS = [
     "flops_fraction",
     "params_fraction",
     "latency_ms",
+    "dense_ms",
     "speedup",
+    "layouts",
     "seconds",
     "note",
 ]
+
+
+def interleaved_speedup(model, small, example) -> dict:
+    """The dense and the compressed model timed interleaved in one run, each in NCHW and in
+    channels_last (eager, :data:`DEPLOYMENT`'s batch and threads): the faster layout of each,
+    its ms (best round's CPU time per pass, see analysis/timing.py) and dense/compressed."""
+    where = DEPLOYMENT
+    models = {
+        f"{name}:{layout}": (m, where.in_format(layout))
+        for name, m in (("dense", model), ("compressed", small))
+        for layout in FORMATS
+    }
+    timed = time_in_deployments(models, example, rounds={"min_rounds": 24})
+    best = {
+        name: min((k for k in timed if k.startswith(name)), key=lambda k: timed[k].ms)
+        for name in ("dense", "compressed")
+    }
+    dense, comp = timed[best["dense"]].ms, timed[best["compressed"]].ms
+    return {
+        "dense_ms": dense,
+        "latency_ms": comp,
+        "speedup": dense / comp,
+        "layouts": f"{best['dense'].split(':')[1]}/{best['compressed'].split(':')[1]}",
+    }
 
 
 def run_one(model, label, method, settings, budget, loaders, example, original, epochs) -> dict:
     train, test = loaders
     started = time.perf_counter()
     try:
-        _, result = compress_model(
+        small, result = compress_model(
             model,
             method=method,
             budget=budget,
@@ -84,6 +123,7 @@ def run_one(model, label, method, settings, budget, loaders, example, original, 
             progress=False,
             measure_original=original,
             post_finalize_epochs=POST_FINALIZE_EPOCHS.get(label, 0),
+            deployment=DEPLOYMENT,
         )
     except TensorslimError as exc:
         return {"method": label, "budget": str(budget), "note": f"not run: {exc}"}
@@ -92,6 +132,8 @@ def run_one(model, label, method, settings, budget, loaders, example, original, 
     # nonzero counts: for pruned models what a sparse format keeps; else equal to the dense counts
     flops = comp["flops_nonzero"]
     params = comp["params_nonzero"]
+    seconds = time.perf_counter() - started
+    check = result.get("latency_check") or {}
     return {
         "method": label,
         "budget": str(budget),
@@ -100,12 +142,83 @@ def run_one(model, label, method, settings, budget, loaders, example, original, 
         "accuracy": comp["accuracy"],
         "flops_fraction": flops / original["flops"],
         "params_fraction": params / original["params"],
-        "latency_ms": comp["latency_ms"],
-        "speedup": original["latency_ms"] / comp["latency_ms"],
-        "seconds": time.perf_counter() - started,
+        **interleaved_speedup(model, small, example),
+        "plan_predicted_fraction": check.get("predicted_fraction"),
+        "plan_measured_fraction": check.get("measured_fraction"),
+        "seconds": seconds,
         "note": "; ".join(result.get("plan_notes", []))[:160],
         "summary": {k: v for k, v in summary.items() if not isinstance(v, dict | list)},
     }
+
+
+def run_model(name, model, args, wanted, kept, loaders, example) -> list[dict]:
+    """The original row and every wanted method's rows at every budget for one model; the
+    original's latency is the median of the dense timings interleaved with the new rows."""
+    original = measure(model, example, loaders[1], min_run_time=0.5)
+    first = {
+        "model": name,
+        "method": "original",
+        "budget": "–",
+        "accuracy": original["accuracy"],
+        "flops_fraction": 1.0,
+        "params_fraction": 1.0,
+        "latency_ms": original["latency_ms"],
+        "speedup": 1.0,
+    }
+    rows = [first]
+    for fraction in map(float, args.budgets.split(",")):
+        svd_params = None
+        for label, (method, settings) in {**STRUCTURED, **SPARSE}.items():
+            if label not in wanted:
+                continue
+            if label in SPARSE:
+                if svd_params is None:  # SVD not rerun: take its params from the kept rows
+                    svd_params = kept_svd_params(kept, name, fraction)
+                if svd_params is None:
+                    continue
+                budget = Budget(params=min(1.0, svd_params))
+            elif label in PARAMS_BUDGET:
+                budget = Budget(params=fraction)
+            else:
+                budget = Budget(flops=fraction)
+            try:
+                row = run_one(
+                    model, label, method, settings, budget, loaders, example, original,
+                    args.finetune_epochs,
+                )  # fmt: skip
+            except Exception as exc:
+                traceback.print_exc()
+                row = {
+                    "method": label,
+                    "budget": str(budget),
+                    "note": f"failed: {type(exc).__name__}: {exc}"[:200],
+                }
+            row["model"] = name
+            row["target_flops"] = fraction
+            if label == "SVD" and "params_fraction" in row:
+                svd_params = row["params_fraction"]
+            rows.append(row)
+            print(json.dumps(row, default=str), flush=True)
+    dense = [r["dense_ms"] for r in rows if "dense_ms" in r]
+    if dense:
+        first["latency_ms"] = statistics.median(dense)
+        first["layouts"] = "median of the rows' interleaved dense timings"
+    return rows
+
+
+def kept_svd_params(kept: list[dict], name: str, fraction: float) -> float | None:
+    """The params fraction a kept SVD row reached at this FLOPs target (sparse rows match it)."""
+    return next(
+        (
+            r["params_fraction"]
+            for r in kept
+            if r.get("model") == name
+            and r.get("method") == "SVD"
+            and r.get("target_flops") == fraction
+            and "params_fraction" in r
+        ),
+        None,
+    )
 
 
 def pareto_plot(rows: list[dict], models: list[str]) -> None:
@@ -200,72 +313,10 @@ def main() -> None:
         model, _ = trained_model(
             name, train, test, epochs=args.epochs, tag=f"fmnist-{args.limit_train}-e{args.epochs}"
         )
-        original = measure(model, example, test, min_run_time=0.5)
         # every speedup is a ratio to the dense model timed in the same run: a kept row keeps
-        # its own run's ratio, the new rows divide by this run's original (never mixed runs)
+        # its own run's ratio, the new rows are timed interleaved with this run's dense model
         kept = [r for r in kept if not (r.get("model") == name and r.get("method") == "original")]
-        rows.append(
-            {
-                "model": name,
-                "method": "original",
-                "budget": "–",
-                "accuracy": original["accuracy"],
-                "flops_fraction": 1.0,
-                "params_fraction": 1.0,
-                "latency_ms": original["latency_ms"],
-                "speedup": 1.0,
-            }
-        )
-        for fraction in map(float, args.budgets.split(",")):
-            svd_params = None
-            for label, (method, settings) in {**STRUCTURED, **SPARSE}.items():
-                if label not in wanted:
-                    continue
-                if label in SPARSE:
-                    if svd_params is None:  # SVD not rerun: take its params from the kept rows
-                        svd_params = next(
-                            (
-                                r["params_fraction"]
-                                for r in kept
-                                if r.get("model") == name
-                                and r.get("method") == "SVD"
-                                and r.get("target_flops") == fraction
-                                and "params_fraction" in r
-                            ),
-                            None,
-                        )
-                    if svd_params is None:
-                        continue
-                    budget = Budget(params=min(1.0, svd_params))
-                elif label in PARAMS_BUDGET:
-                    budget = Budget(params=fraction)
-                else:
-                    budget = Budget(flops=fraction)
-                try:
-                    row = run_one(
-                        model,
-                        label,
-                        method,
-                        settings,
-                        budget,
-                        (train, test),
-                        example,
-                        original,
-                        args.finetune_epochs,
-                    )
-                except Exception as exc:
-                    traceback.print_exc()
-                    row = {
-                        "method": label,
-                        "budget": str(budget),
-                        "note": f"failed: {type(exc).__name__}: {exc}"[:200],
-                    }
-                row["model"] = name
-                row["target_flops"] = fraction
-                if label == "SVD" and "params_fraction" in row:
-                    svd_params = row["params_fraction"]
-                rows.append(row)
-                print(json.dumps(row, default=str), flush=True)
+        rows += run_model(name, model, args, wanted, kept, (train, test), example)
     seconds = time.perf_counter() - started
     if kept:
         labels = ["original", *STRUCTURED, *SPARSE]
@@ -291,7 +342,12 @@ def main() -> None:
         "after its energy pruning (its third "
         "stage); accuracy_after_finalize is its accuracy before that epoch. TT factorizes Linear "
         "layers only, so it gets the fraction as a parameter budget (params=f); where even that "
-        "is out of reach, the note says so and every Linear takes its cheapest TT.",
+        "is out of reach, the note says so and every Linear takes its cheapest TT. Planned for "
+        f"batch {LATENCY_BATCH}, {DEPLOYMENT.threads} thread (memory_format auto, FLOPs/params "
+        "budgets met with the planner's default objective); speedup = dense ms / compressed ms, "
+        "both timed interleaved in one run, each in its faster layout (layouts: dense/compressed)"
+        "; the original row's latency_ms is the median of its model's dense timings. The "
+        "machine is shared: see the load average below.",
         (
             f"Whole run: {previous['seconds'] / 60:.1f} min; then {', '.join(wanted)} rerun "
             f"alone in {seconds / 60:.1f} min (--merge), the other rows kept."

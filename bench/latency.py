@@ -18,6 +18,8 @@ average is recorded with every row.
     python bench/latency.py              # the full matrix (long)
     python bench/latency.py --models resnet18 --settings channels_last,ort --methods svd \
         --name latency_settings          # a slice of it
+    python bench/latency.py --models resnet20 --settings compile --methods svd \
+        --name latency_compile           # torch.compile (not in the default matrix: slow)
 """
 
 from __future__ import annotations
@@ -44,8 +46,10 @@ from tensorslim.analysis.deployment import Deployment
 from tensorslim.analysis.timing import LatencyCache, load_average
 from tensorslim.errors import TensorslimError
 from tensorslim.fold import fold_batchnorm
+from tensorslim.layout import applied_deployment, is_per_chain
 from tensorslim.models import create_model
 from tensorslim.plan import apply, plan
+from tensorslim.planner.layout_chains import chain_layout
 from tensorslim.planner.memory_format import time_in_deployments
 from tensorslim.train.loop import evaluate, fit
 
@@ -137,7 +141,11 @@ SETTINGS = {
     "channels_last": Deployment(threads=1, memory_format="channels_last"),
     "auto": Deployment(threads=1),  # the default: both layouts, the faster kept (dense: its own)
     "ort": Deployment(threads=1, backend="onnxruntime"),
+    # torch.compile (inductor): layers timed eagerly, whole models compiled (each compile takes
+    # seconds to a minute of wall time): only with --settings compile, not in the default matrix
+    "compile": Deployment(threads=1, backend="compile"),
 }
+DEFAULT_SETTINGS = ("nchw", "channels_last", "auto", "ort")
 
 
 def one_plan(
@@ -168,7 +176,7 @@ def one_plan(
     row = {
         "model": entry["name"],
         "batch": where.batch,
-        "setting": layouts if where.backend == "eager" else "ort",
+        "setting": layouts if where.backend == "eager" else SETTING_NAMES[where.backend],
         "method": method,
         "budget": budget,
         "speedup": 1 / measured,
@@ -190,11 +198,17 @@ def one_plan(
         "small_wall_median_ms": timed["small"].wall_median_ms,
         "notes": the_plan.notes,
         "slower_layers": _slower_layers(the_plan),
+        "chains": ((the_plan.latency or {}).get("memory_format") or {}).get("chains"),
+        "dense_chains": _dense_chains(dense, example, the_plan.latency, cache),
         "load": load_average(),
+        "compile_s": (the_plan.latency or {}).get("compile_s"),
     }
     if entry.get("loaders") is not None:
         row["accuracy"] = _finetuned_accuracy(small, entry["loaders"])
     return row
+
+
+SETTING_NAMES = {"onnxruntime": "ort", "compile": "compile"}
 
 
 def _time_pair(
@@ -207,17 +221,29 @@ def _time_pair(
 ) -> tuple[dict[str, Any], str]:
     """Dense and compressed timed interleaved, each in the layout the plan chose for it
     (memory_format="auto": dense in its faster layout, compressed in its own)."""
-    small_where = Deployment(**record["deployment"]) if record else where
+    small_where = applied_deployment(record) if record else where  # per chain: as applied
     layouts = (record or {}).get("memory_format", {})
-    dense_where = small_where.in_format(layouts.get("dense", small_where.memory_format))
-    label = small_where.memory_format
+    planned = Deployment(**record["deployment"]) if record else where
+    dense_where = planned.in_format(layouts.get("dense", planned.memory_format))
+    label = "per_chain" if is_per_chain(record) else planned.memory_format
     if where.memory_format == "auto":
-        label = f"auto: {dense_where.memory_format}→{small_where.memory_format}"
+        label = f"auto: {dense_where.memory_format}→{label}"
     models = {
         "dense": (dense, Deployment(**{**dense_where.to_dict(), "threads": threads})),
         "small": (small, Deployment(**{**small_where.to_dict(), "threads": threads})),
     }
     return time_in_deployments(models, example), label
+
+
+def _dense_chains(
+    dense: nn.Module, example: torch.Tensor, record: dict[str, Any] | None, cache: LatencyCache
+) -> dict[str, Any] | None:
+    """When the plan kept a per-chain layout, the same search on the dense model: is the
+    baseline (dense in its faster uniform layout) itself beaten by a mix? (``None`` otherwise.)"""
+    if not is_per_chain(record):
+        return None
+    entry = chain_layout(dense, example, Deployment(**record["deployment"]), cache)  # type: ignore[index]
+    return {k: entry.get(k) for k in ("assignment", "chain_sum_ms", "model_ms", "kept", "reason")}
 
 
 def _layer_sum(record: dict[str, Any]) -> float:
@@ -328,7 +354,11 @@ def main() -> None:
     parser.add_argument("--accuracy", action="store_true", help="train/fine-tune on F-MNIST")
     parser.add_argument("--methods", default=None, help="comma list (default svd,tucker[,cp])")
     parser.add_argument("--models", default="resnet18,resnet20,resnet56")
-    parser.add_argument("--settings", default=None, help="of nchw,channels_last,ort")
+    parser.add_argument(
+        "--settings",
+        default=None,
+        help="of nchw,channels_last,auto,ort,compile (default: all but compile)",
+    )
     parser.add_argument("--budgets", default=",".join(BUDGETS))
     parser.add_argument("--batches", default=None, help="comma list (default: each model's)")
     parser.add_argument("--name", default=None, help="results name (default latency[_quick])")
@@ -342,7 +372,8 @@ def main() -> None:
     args.methods = (args.methods or default_methods).split(",")
     args.models, args.budgets = args.models.split(","), args.budgets.split(",")
     args.batches = [int(b) for b in args.batches.split(",")] if args.batches else None
-    args.settings = (args.settings or ("nchw" if args.quick else ",".join(SETTINGS))).split(",")
+    default_settings = "nchw" if args.quick else ",".join(DEFAULT_SETTINGS)
+    args.settings = (args.settings or default_settings).split(",")
     machine = facts()
     started = time.perf_counter()
     name = args.name or ("latency_quick" if args.quick else "latency")

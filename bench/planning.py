@@ -13,6 +13,7 @@ are checked beside the numbers. The machine is shared: the load average is recor
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -145,6 +146,9 @@ def worker(case: str) -> dict[str, Any]:
         cache = ts.LatencyCache(path)
     model_mb = _peak_mb()
     stage = _time_candidates_stage()
+    # the garbage of building the model and importing torch is not the plan's: uncollected, a
+    # full collection (~0.11 s over ~186k objects) fell inside resnet56's apply
+    gc.collect()
     cpu, wall = time.process_time(), time.perf_counter()
     plan = ts.plan(model, method, budget, example, latency_cache=cache, **settings)
     if cache is not None:
@@ -247,6 +251,8 @@ def report(rows: list[dict[str, Any]], name: str = "planning") -> None:
         "resnet56-svd plans with an empty on-disk latency cache and saves it (inside plan_cpu_s); "
         "resnet56-svd-cached is the same plan in a new process reading that cache (a second plan "
         "of the same model: no layer is timed again).",
+        "Each worker runs gc.collect() before its clock starts (the model build's garbage is "
+        "not the plan's; timeit goes further and disables the collector).",
         "Budgets: flops=0.5 (tt: params=0.5); settings as bench/compare.py. "
         "peak_mb is ru_maxrss of the whole process, model_mb the peak before planning.",
     ]

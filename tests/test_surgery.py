@@ -15,6 +15,7 @@ from tensorslim.surgery import (
     references,
     replace_module,
     replace_modules,
+    replace_modules_at,
     select_modules,
 )
 
@@ -114,6 +115,23 @@ def test_replace_errors(zoo: Zoo) -> None:
         replace_module(zoo, "", nn.Identity())
     with pytest.raises(TensorslimError, match=r"no module named 'heads\.b'"):
         replace_module(zoo, "heads.b", nn.Identity())
+
+
+def test_replace_modules_at_replaces_several_in_one_walk_keeping_sharing(zoo: Zoo) -> None:
+    x = torch.randn(3, 6)
+    want = zoo(x)
+    tied = LowRankLinear.from_dense(zoo.heads["tied"], 6)
+    inner = LowRankLinear.from_dense(zoo.block.inner[0], 6)
+    head = nn.Linear(6, 6).to(DOUBLE)  # takes the replaced layer's dtype and mode
+    head.load_state_dict(zoo.heads["a"].state_dict())
+    replace_modules_at(zoo.eval(), {"stack.1": tied, "block.inner.0": inner, "heads.a": head})
+    assert zoo.heads["tied"] is tied and zoo.stack[1] is tied and zoo.block.inner[0] is inner
+    assert zoo.heads["a"].weight.dtype == torch.float32 and not zoo.heads["a"].training
+    torch.testing.assert_close(zoo(x), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(TensorslimError, match="root"):
+        replace_modules_at(zoo, {"": nn.Identity()})
+    with pytest.raises(TensorslimError, match=r"no module named 'heads\.b'"):
+        replace_modules_at(zoo, {"heads.b": nn.Identity()})
 
 
 def test_replace_modules_with_a_factory(zoo: Zoo) -> None:

@@ -18,7 +18,7 @@ from tensorslim.layers import *  # noqa: F403 (the structured layers, listed in 
 from tensorslim.methods import get_method, list_methods
 from tensorslim.plan import CompressionPlan, LayerPlan, apply, plan
 from tensorslim.rank.budget import Budget
-from tensorslim.refit import refit_right_factors
+from tensorslim.refit import refit_factors, refit_right_factors
 from tensorslim.train import distill, evaluate, fit
 from tensorslim.train.batchnorm import recalibrate_batchnorm
 
@@ -56,6 +56,7 @@ __all__ = [
     "load",
     "plan",
     "recalibrate_batchnorm",
+    "refit_factors",
     "refit_right_factors",
     "save",
     "time_models",

@@ -11,11 +11,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from tensorslim.analysis.deployment import Deployment, make_runner
+from tensorslim.analysis.deployment import Deployment, layer_deployment, make_runner
 from tensorslim.analysis.timing import LatencyCache, time_against_reference, time_interleaved
 from tensorslim.errors import TensorslimError
 from tensorslim.inputs import Inputs, as_inputs, call_model, map_tensors, tensors_in
 from tensorslim.layers.base import StructuredLayer
+from tensorslim.layout import planned_layout, to_layout
 from tensorslim.plan import plans_of, refresh_plan, set_plans
 from tensorslim.surgery import replace_module
 
@@ -174,7 +175,7 @@ def merge_slow_layers(
     see in ``model(example)`` (a composite layer with several inputs, e.g. attention, on those
     inputs themselves). A composite layer holding structured parts is merged as a whole.
     Returns one decision row per layer; the model's plans are refreshed so ``save``/``load``
-    rebuild the merged structure.
+    rebuild the merged structure, and merged weights take the plans' memory layout.
     """
     planned, where = _planned_latencies(model, deployment, example)
     cache = cache if cache is not None else LatencyCache()
@@ -199,6 +200,10 @@ def merge_slow_layers(
                 "source": source,
             }
         )
+    for p in plans_of(model):  # a merged layer's dense weight in its chain's layout, as apply
+        layout = planned_layout(p.latency)
+        if layout is not None:
+            to_layout(model, layout)
     set_plans(model, [refresh_plan(model, p) for p in plans_of(model)])
     return decisions
 
@@ -206,7 +211,9 @@ def merge_slow_layers(
 def _time_pair(
     module: nn.Module, dense: nn.Module, inputs: Inputs, where: Deployment, cache: LatencyCache
 ) -> tuple[float, float]:
-    """(structured ms, dense ms), interleaved: by shape for one tensor input, else on it."""
+    """(structured ms, dense ms), interleaved: by shape for one tensor input, else on it
+    (single layers eagerly for a "compile" deployment, as the planner times them)."""
+    where = layer_deployment(where)
     if len(inputs.args) == 1 and isinstance(inputs.args[0], torch.Tensor) and not inputs.kwargs:
         shape = tuple(inputs.args[0].shape)
         t_dense, timed = time_against_reference(dense, {"s": module}, shape, where, cache)

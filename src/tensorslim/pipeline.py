@@ -377,18 +377,25 @@ def latency_check(
     predicted / measured − 1 (as planned, before fine-tuning changed nothing structural)."""
     from tensorslim.analysis.deployment import Deployment
     from tensorslim.analysis.timing import load_average
+    from tensorslim.layout import applied_deployment, is_per_chain
     from tensorslim.planner.memory_format import time_in_deployments
 
     record = the_plan.latency or {}
     where = Deployment(**record["deployment"])
     # memory_format="auto": the original runs in its own faster layout, as the plan compared
     layout = record.get("memory_format", {}).get("dense", where.memory_format)
-    models = {"original": (original, where.in_format(layout)), "compressed": (compressed, where)}
+    # a per-chain layout runs as apply left it (see tensorslim.layout.applied_deployment)
+    small_where = applied_deployment(record)
+    models = {
+        "original": (original, where.in_format(layout)),
+        "compressed": (compressed, small_where),
+    }
     timed = time_in_deployments(models, example)
     dense, small = timed["original"].ms, timed["compressed"].ms
     return {
         "deployment": where.to_dict(),
         "original_memory_format": layout,
+        "compressed_memory_format": "per_chain" if is_per_chain(record) else where.memory_format,
         "original_ms": dense,
         "compressed_ms": small,
         "speedup": dense / small,
@@ -397,6 +404,12 @@ def latency_check(
         "predicted_ms": record["predicted_fraction"] * dense,
         "prediction_error": record["predicted_fraction"] * dense / small - 1.0,
         "load_average": load_average(),
+        # backend=compile: both models compiled first, never inside the timing
+        **(
+            {"compile_s": sum(t.setup_s for t in timed.values())}
+            if where.backend == "compile"
+            else {}
+        ),
     }
 
 

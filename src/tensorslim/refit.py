@@ -1,17 +1,23 @@
-"""SVD-LLM's layer-wise closed-form update of the right factors, from calibration batches.
+"""Layer-wise closed-form refits of low-rank factors to the inputs the compressed model produces.
 
 After truncation each low-rank layer W ≈ U V (U: out × r, V: r × d) sees inputs X̃ from the
 compressed layers before it instead of the original model's inputs X. Layer by layer, in module
-order, with U fixed, the right factor is refitted so the compressed layer reproduces the
-original layer's output on the original inputs:
+order, the factors are refitted so the compressed layer reproduces the original layer's output
+on the original inputs (rows of X and X̃ are the same tokens; the bias cancels), with a ridge
+λ = ``ridge`` · tr(G̃)/d on G̃ = X̃ᵀX̃ (C = XᵀX̃):
 
-    V* = argmin_V ‖X Wᵀ − X̃ Vᵀ Uᵀ‖²_F  ⇒  (UᵀU) V (X̃ᵀX̃) = Uᵀ W (XᵀX̃),
+- ``factors="right"`` (SVD-LLM's update of the right factor, U fixed):
+  V* = argmin_V ‖X Wᵀ − X̃ Vᵀ Uᵀ‖²_F  ⇒  (UᵀU) V (G̃ + λI) = Uᵀ W C;
+- ``factors="both"`` (sequential whitening: both factors, the rank kept): since
+  ‖XWᵀ − X̃Ŵᵀ‖² + λ‖Ŵ‖² = const + ‖(Ŵ − M) L̃‖² with M = W C (G̃ + λI)⁻¹ and L̃ L̃ᵀ = G̃ + λI,
+  the best rank-r Ŵ is SVD-LLM's whitened truncation of M under G̃ — the optimum over both
+  factors, so never worse than ``"right"`` at λ = 0.
 
-solved with a small ridge on X̃ᵀX̃ (rows of X and X̃ are the same tokens; the bias cancels).
-When X̃ = X (the first compressed layer) and the layer came from SVD-LLM, V* is the factor it
-already has: whitening made the truncation optimal in output space. Each layer is refitted
-after the ones before it, so later layers see the updated inputs; every pass stops the forward
-at the layer it measures.
+When X̃ = X (the first compressed layer) and the layer came from SVD-LLM, both give back the
+layer it already has: whitening made the truncation optimal in output space. Each layer is
+refitted after the ones before it, so later layers see the updated inputs; every pass stops the
+forward at the layer it measures. The calibration rows should outnumber d several times (the
+Gram of a wide layer from a few sentences overfits them).
 """
 
 from __future__ import annotations
@@ -22,13 +28,18 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from tensorslim.decompose.weighted_svd import weighted_factors, whitening
 from tensorslim.errors import TensorslimError
 from tensorslim.inputs import ForwardFn, call_on_batch, model_device, to_device
 from tensorslim.layers.linear_like import is_linear_like, linear_weight
 from tensorslim.layers.lowrank import LowRankLinear
 
-# relative ridge (× tr(X̃ᵀX̃)/d) on the compressed inputs' Gram
-DEFAULT_RIDGE = 1e-6
+# relative ridge (× tr(X̃ᵀX̃)/d) on the compressed inputs' Gram: 1e-4 regularises the wide
+# layers' Grams (MiniLM's 1536-wide FFN input) where 1e-6 let a few calibration sentences be
+# overfitted (bench/results/transformer_lowrank_refit.md); with 512 sentences and 1e-4 the refit
+# lifts svd_llm at half the Linear params from ρ 0.746 to 0.777 before any distillation
+DEFAULT_RIDGE = 1e-4
+FACTORS = ("right", "both")
 
 
 class _Captured(Exception):
@@ -44,14 +55,36 @@ def refit_right_factors(
     ridge: float = DEFAULT_RIDGE,
     forward_fn: ForwardFn | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Refit ``down.weight`` of every :class:`LowRankLinear` of ``compressed`` that replaced a
-    Linear (or HF ``Conv1D``) of ``original``, in module order (``compressed`` is changed in place).
+    """:func:`refit_factors` with ``factors="right"`` (SVD-LLM's update, U kept)."""
+    return refit_factors(
+        original, compressed, calibration, factors="right", batches=batches, ridge=ridge,
+        forward_fn=forward_fn,
+    )  # fmt: skip
+
+
+def refit_factors(
+    original: nn.Module,
+    compressed: nn.Module,
+    calibration: Iterable,
+    *,
+    factors: str = "both",
+    batches: int = 16,
+    ridge: float = DEFAULT_RIDGE,
+    forward_fn: ForwardFn | None = None,
+) -> dict[str, dict[str, float]]:
+    """Refit every :class:`LowRankLinear` of ``compressed`` that replaced a Linear (or HF
+    ``Conv1D``) of ``original``, in module order (``compressed`` is changed in place):
+    ``factors="right"`` the right factor, ``"both"`` both at the same rank (module docstring).
 
     Returns fqn → ``{"before": e0, "after": e1}``, the layer's relative output error
     ‖XWᵀ − X̃VᵀUᵀ‖/‖XWᵀ‖ on the calibration rows before and after its update.
     """
     if batches < 1:
         raise TensorslimError(f"refit batches must be ≥ 1, got {batches}")
+    if factors not in FACTORS:
+        raise TensorslimError(f"refit factors must be one of {', '.join(FACTORS)}, got {factors!r}")
+    if not ridge >= 0.0:
+        raise TensorslimError(f"refit ridge must be ≥ 0, got {ridge}")
     named = dict(original.named_modules())
     layers = [
         (fqn, m)
@@ -65,53 +98,54 @@ def refit_right_factors(
     report = {}
     try:
         for fqn, layer in layers:
-            report[fqn] = _refit_layer(
-                original, compressed, fqn, layer, calibration, batches, ridge, forward_fn
-            )
+            grams = _paired_grams(original, compressed, fqn, calibration, batches, forward_fn)
+            w = linear_weight(original.get_submodule(fqn)).detach().double()
+            report[fqn] = _refit_layer(w, layer, grams, ridge, factors)
     finally:
         original.train(modes[0]), compressed.train(modes[1])
     return report
 
 
 def _refit_layer(
-    original: nn.Module,
-    compressed: nn.Module,
-    fqn: str,
+    w: torch.Tensor,
     layer: LowRankLinear,
-    calibration: Iterable,
-    batches: int,
+    grams: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     ridge: float,
-    forward_fn: ForwardFn | None,
+    factors: str,
 ) -> dict[str, float]:
-    """Solve the normal equations for one layer's right factor (float64)."""
-    cross, gram, energy = _paired_grams(original, compressed, fqn, calibration, batches, forward_fn)
-    w = linear_weight(original.get_submodule(fqn)).detach().double()
+    """Solve for one layer's new factors (float64); kept only if they lower its error."""
+    cross, gram, energy = grams
     u = layer.up.weight.detach().double()
     v_old = layer.down.weight.detach().double()
-    before = _relative_error(w, u, v_old, cross, gram, energy)
+    before = _relative_error(w, u @ v_old, cross, gram, energy)
     d = gram.shape[0]
-    lam = ridge * float(torch.diagonal(gram).sum()) / d
-    rhs = u.T @ w @ cross  # r × d
-    # V = (UᵀU)⁻¹ Uᵀ W C (G̃ + λI)⁻¹; G̃ symmetric, so solve from the right by transposing
-    left = torch.linalg.solve(u.T @ u, rhs)
-    v_new = torch.linalg.solve(gram + lam * torch.eye(d, dtype=gram.dtype), left.T).T
-    after = _relative_error(w, u, v_new, cross, gram, energy)
+    regularized = gram + ridge * float(torch.diagonal(gram).sum()) / d * torch.eye(
+        d, dtype=gram.dtype
+    )
+    if factors == "right":
+        # V = (UᵀU)⁻¹ Uᵀ W C (G̃ + λI)⁻¹; G̃ symmetric, so solve from the right by transposing
+        left = torch.linalg.solve(u.T @ u, u.T @ w @ cross)
+        u_new, v_new = u, torch.linalg.solve(regularized, left.T).T
+    else:
+        target = torch.linalg.solve(regularized, (w @ cross).T).T  # M = W C (G̃ + λI)⁻¹
+        a, b = weighted_factors(target, whitening(regularized), u.shape[1])
+        u_new, v_new = a, b.T
+    after = _relative_error(w, u_new @ v_new, cross, gram, energy)
     if after <= before:  # the ridge can, in a degenerate case, make the update no better
         with torch.no_grad():
+            layer.up.weight.copy_(u_new.to(layer.up.weight.dtype))
             layer.down.weight.copy_(v_new.to(layer.down.weight.dtype))
     return {"before": before, "after": min(before, after)}
 
 
 def _relative_error(
     w: torch.Tensor,
-    u: torch.Tensor,
-    v: torch.Tensor,
+    m: torch.Tensor,
     cross: torch.Tensor,
     gram: torch.Tensor,
     energy: torch.Tensor,
 ) -> float:
-    """‖XWᵀ − X̃VᵀUᵀ‖/‖XWᵀ‖ from G = XᵀX (``energy``), C = XᵀX̃ and G̃ = X̃ᵀX̃."""
-    m = u @ v
+    """‖XWᵀ − X̃Mᵀ‖/‖XWᵀ‖ from G = XᵀX (``energy``), C = XᵀX̃ and G̃ = X̃ᵀX̃."""
     reference = float(((w @ energy) * w).sum())
     value = reference - 2 * float(((w @ cross) * m).sum()) + float(((m @ gram) * m).sum())
     return (max(0.0, value) / reference) ** 0.5 if reference > 0 else 0.0

@@ -113,3 +113,50 @@ def test_whole_models_and_layers_are_timed_on_their_own_weights_in_eval_mode() -
     time_against_reference(dense, {"v": variant}, (1, 8), Deployment(), LatencyCache())
     assert set(dense.seen) == {(dense.linear.weight.data_ptr(), False)} and dense.training
     assert set(variant.seen) == {(variant.linear.weight.data_ptr(), False)}
+
+
+def test_models_in_several_deployments_share_one_interleaved_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each group's dense model and variants in one run; a variant's ms is its ratio to its own
+    group's dense model times that dense model's reference; a second call times nothing."""
+    import tensorslim.analysis.timing as timing
+
+    conv = nn.Conv2d(4, 8, 3, padding=1)
+    small = nn.Conv2d(4, 8, 1)
+    runs: list[list[str]] = []
+    real = timing.time_interleaved
+
+    def recorded(runners, threads, **kwargs):
+        runs.append(sorted(runners))
+        return real(runners, threads, **kwargs)
+
+    monkeypatch.setattr(timing, "time_interleaved", recorded)
+    cache = LatencyCache()
+    groups = {
+        f: (conv, {"small": small}, Deployment(memory_format=f)) for f in ("nchw", "channels_last")
+    }
+    x = torch.randn(1, 4, 8, 8)
+    first = timing.time_models_in_deployments(groups, x, cache)
+    assert runs == [["channels_last/dense", "channels_last/small", "nchw/dense", "nchw/small"]]
+    assert set(first) == {"nchw", "channels_last"}
+    assert all(dense > 0 and ms["small"] > 0 for dense, ms in first.values())
+    assert timing.time_models_in_deployments(groups, x, cache) == first and len(runs) == 1
+    with pytest.raises(TensorslimError, match="one thread count"):
+        timing.time_models_in_deployments(
+            {"a": (conv, {}, Deployment(threads=1)), "b": (conv, {}, Deployment(threads=2))},
+            x,
+            LatencyCache(),
+        )
+
+
+def test_rounds_that_agree_stop_early_and_others_wait_for_patience() -> None:
+    from tensorslim.analysis.timing import AGREE_ROUNDS
+
+    a = torch.randn(32, 32)
+    runners = {"mm": lambda: a @ a}
+    # "agree": every median within 10× of its best — always true: stops at AGREE_ROUNDS
+    assert time_interleaved(runners, 1, min_rounds=8, stable=10.0)["mm"].rounds == AGREE_ROUNDS
+    assert time_interleaved(runners, 1, min_rounds=8)["mm"].rounds >= 8
+    # rounds that disagree (median > best) fall back to the patience rule
+    assert time_interleaved(runners, 1, min_rounds=8, stable=-0.5)["mm"].rounds >= 8

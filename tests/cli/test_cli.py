@@ -131,6 +131,29 @@ def test_bad_budget(tmp_path: Path, budget: str, fragment: str) -> None:
     assert not out.exists(), "nothing may be written before the arguments are checked"
 
 
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [(["--budget", "flops=0.5", "--objective", "fast"], "objective='fast'"),
+     (["--objective", "error"], "needs a --budget"),
+     (["--budget", "latency=0.5", "--objective", "latency"], "least error")],
+)  # fmt: skip
+def test_bad_objective(tmp_path: Path, extra: list[str], fragment: str) -> None:
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["compress", *TINY, *extra, "--out", str(out)])
+    assert_one_line_error(result, fragment)
+    assert not out.exists(), "nothing may be written before the arguments are checked"
+
+
+def test_the_objective_is_saved_in_the_plan(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = ["compress", *TINY, "--finetune-epochs", "0", "--method", "svd"]
+    result = runner.invoke(app, [*args, "--budget", "flops=0.5", "--objective", "error",
+                                 "--out", str(out)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (stage,) = json.loads((out / "plan.json").read_text())["stages"]
+    assert stage["budget"] == {"flops": 0.5, "objective": "error"}
+
+
 def test_unknown_model(tmp_path: Path) -> None:
     args = ["compress", *TINY, "--budget", "flops=0.5", "--out", str(tmp_path / "o")]
     args[args.index("lenet5")] = "lenet9"

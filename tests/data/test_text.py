@@ -41,6 +41,21 @@ def test_splits_are_disjoint_deterministic_and_sized() -> None:
         split_texts(texts, 50, 50, 1)
 
 
+def test_evaluation_first_keeps_the_evaluation_set_across_other_sizes() -> None:
+    texts = [f"quote number {i}" for i in range(100)]
+    a = split_texts(texts, 10, 30, 20, seed=3, evaluation_first=True)
+    b = split_texts(texts, 40, 5, 20, seed=3, evaluation_first=True)
+    assert a.evaluation == b.evaluation
+    assert (len(b.calibration), len(b.distillation), len(b.evaluation)) == (40, 5, 20)
+    sets = [set(b.calibration), set(b.distillation), set(b.evaluation)]
+    assert sum(map(len, sets)) == len(set().union(*sets)) == 65
+    # the default order shifts the evaluation set when the calibration size changes
+    assert (
+        split_texts(texts, 10, 30, 20, seed=3).evaluation
+        != split_texts(texts, 40, 30, 20, seed=3).evaluation
+    )
+
+
 def test_missing_directory_says_how_to_get_it(tmp_path: Path) -> None:
     with pytest.raises(TensorslimError, match="fortunes package"):
         read_fortunes(tmp_path / "nowhere")

@@ -182,6 +182,34 @@ def test_refit_keeps_the_first_svd_llm_layer_and_improves_the_next(model) -> Non
     assert report["fc2"]["after"] < report["fc2"]["before"]
 
 
+def test_refit_of_both_factors_is_the_best_rank_r_fit_to_the_compressed_inputs(model) -> None:
+    from tensorslim.refit import refit_factors, refit_right_factors
+
+    data = batches()
+    plan = ts.plan(model, "svd_llm", "params=0.5", calibration=data, layers=["fc1", "fc2"])
+    right, both = ts.apply(model, plan), ts.apply(model, plan)
+    product = (both.fc1.up.weight @ both.fc1.down.weight).detach().clone()
+    got_right = refit_right_factors(model, right, data, batches=len(data), ridge=0.0)
+    got_both = refit_factors(model, both, data, factors="both", batches=len(data), ridge=0.0)
+    # fc1 sees the original inputs: re-whitening gives back SVD-LLM's layer
+    torch.testing.assert_close(both.fc1.up.weight @ both.fc1.down.weight, product,
+                               rtol=1e-4, atol=1e-5)  # fmt: skip
+    # fc2: the optimum over both factors beats the right factor's, which beats none
+    assert got_both["fc2"]["after"] < got_right["fc2"]["after"] < got_right["fc2"]["before"]
+    # and it is optimal: perturbed factors of the same rank fit the compressed inputs worse
+    x = torch.cat([torch.tanh(model.fc1(b)) for b in data]).detach().double()
+    x_tilde = torch.cat([torch.tanh(both.fc1(b)) for b in data]).detach().double()
+    target = x @ model.fc2.weight.detach().double().T
+    u, v = both.fc2.up.weight.detach().double(), both.fc2.down.weight.detach().double()
+    best = float((target - x_tilde @ (u @ v).T).norm())
+    g = torch.Generator().manual_seed(5)
+    for _ in range(5):
+        du, dv = (1e-2 * torch.randn(t.shape, generator=g, dtype=t.dtype) for t in (u, v))
+        assert best < float((target - x_tilde @ ((u + du) @ (v + dv)).T).norm())
+    with pytest.raises(TensorslimError, match="factors"):
+        refit_factors(model, both, data, factors="left")
+
+
 @pytest.mark.parametrize("name", DATA_AWARE)
 def test_hf_conv1d_layers_are_factorized_like_linears(name: str) -> None:
     transformers = pytest.importorskip("transformers", reason="transformers is absent")

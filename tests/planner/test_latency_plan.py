@@ -104,8 +104,11 @@ def test_a_flops_budget_is_met_where_it_buys_measured_time(monkeypatch: pytest.M
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(128, 160), nn.ReLU(), nn.Linear(160, 160), nn.Linear(160, 128))
     x = torch.randn(4, 128)
-    plan = ts.plan(model, "svd", "flops=0.5", x, latency_cache=MemoryBoundFirstLayer(0.1))
+    plan = ts.plan(
+        model, "svd", "flops=0.5", x, latency_cache=MemoryBoundFirstLayer(0.1), objective="latency"
+    )
     record = plan.latency
+    assert record["objective"] == "latency" and plan.budget.objective == "latency"
     assert plan.estimated_flops <= 0.5 * plan.model_flops  # the budget is still met
     # the least-error allocation compresses all three layers; spending time, the first layer
     # (whose factorizations save FLOPs but hardly any time) stays dense and the others pay
@@ -117,6 +120,47 @@ def test_a_flops_budget_is_met_where_it_buys_measured_time(monkeypatch: pytest.M
     assert record["error_sq"] == pytest.approx(errors)
     untimed = ts.plan(model, "svd", "flops=0.5", x, allow_slower=True)
     assert untimed.latency is None and untimed.estimated_flops <= 0.5 * untimed.model_flops
+
+
+def three_layers() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 160), nn.ReLU(), nn.Linear(160, 160), nn.Linear(160, 128))
+    return model, torch.randn(4, 128)
+
+
+@pytest.mark.parametrize("tolerance", [0.05, 0.5])
+def test_the_objective_chooses_between_least_time_and_least_error(
+    monkeypatch: pytest.MonkeyPatch, tolerance: float
+) -> None:
+    monkeypatch.setattr("tensorslim.planner.choose_measured.dense_model_ms", lambda *a: 50.0)
+    monkeypatch.setattr("tensorslim.planner.choose_measured.BALANCED_TOLERANCE", tolerance)
+    model, x = three_layers()
+    cache = MemoryBoundFirstLayer(0.1)
+    plans = {
+        objective: ts.plan(model, "svd", "flops=0.5", x, latency_cache=cache, objective=objective)
+        for objective in ("latency", "balanced", "error")
+    }
+    error_sq = {o: p.latency["error_sq"] for o, p in plans.items()}
+    layer_ms = {o: p.latency["layer_sum_ms"] for o, p in plans.items()}
+    for p in plans.values():
+        assert p.estimated_flops <= 0.5 * p.model_flops  # every objective meets the budget
+        assert p.latency["least_error"]["error_sq"] == pytest.approx(error_sq["error"])
+        assert p.latency["least_time"]["layer_sum_ms"] == pytest.approx(layer_ms["latency"])
+    assert error_sq["error"] < error_sq["latency"] and layer_ms["latency"] < layer_ms["error"]
+    assert plans["error"].layer("0").method == "svd"  # the least-error plan cuts layer 0 too
+    # balanced: the least error within tolerance × the dense layers' 66.6 ms of the fastest;
+    # the least-error plan is ~9 ms slower: outside 5 % (3.3 ms), inside 50 %
+    expected = "latency" if tolerance == 0.05 else "error"
+    assert error_sq["balanced"] == pytest.approx(error_sq[expected])
+    assert plans["balanced"].latency["objective"] == "balanced"
+    assert plans["balanced"].budget.objective == "balanced"
+    assert ts.plan(model, "svd", "flops=0.5", x, latency_cache=cache).latency["objective"] == (
+        "balanced"
+    )
+    loaded = ts.CompressionPlan.from_dict(plans["error"].to_dict())
+    assert loaded.budget.objective == "error"
+    with pytest.raises(TensorslimError, match="needs a budget"):
+        ts.plan(model, "svd", None, x, objective="error", rank=4)
 
 
 def test_latency_budget_spends_measured_milliseconds(model_takes_10ms: None) -> None:

@@ -43,8 +43,10 @@ def test_auto_plans_in_the_layout_of_the_faster_compressed_model() -> None:
     assert formats[chosen]["predicted_ms"] == min(f["predicted_ms"] for f in formats.values())
     assert record["dense_model_ms"] == min(f["dense_ms"] for f in formats.values())
     assert formats[dense]["dense_ms"] == record["dense_model_ms"]
+    chains = layouts["chains"]  # its two convs are two chains (tensorslim.planner.layout_chains)
+    scale = chains["model_ms"]["per_chain"] / chains["model_ms"][chosen] if chains["kept"] else 1
     assert record["predicted_fraction"] == pytest.approx(
-        formats[chosen]["predicted_ms"] / record["dense_model_ms"]
+        scale * formats[chosen]["predicted_ms"] / record["dense_model_ms"]
     )
     for lp in plan.compressed_layers:  # measured in the chosen layout, never slower there
         assert lp.extra["latency_ms"] < lp.extra["dense_latency_ms"]
@@ -81,3 +83,26 @@ def test_a_latency_budget_keeps_the_layout_meeting_it_with_least_error() -> None
     assert _pick(ts.Budget(latency=0.5), choices, fraction) == "channels_last"
     assert _pick(ts.Budget(latency=0.4), choices, fraction) == "nchw"  # neither meets: fastest
     assert _pick(ts.Budget(flops=0.5), choices, fraction) == "nchw"  # FLOPs met in both: fastest
+
+
+def test_a_flops_budget_times_both_layouts_and_their_plans_in_one_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under a FLOPs budget the dense model's layouts and both planned structures are timed
+    together (one whole-model run), not the dense layouts first and each plan after."""
+    import tensorslim.analysis.timing as timing
+
+    runs: list[list[str]] = []
+    real = timing.time_interleaved
+
+    def recorded(runners, threads, **kwargs):
+        runs.append(sorted(runners))
+        return real(runners, threads, **kwargs)
+
+    monkeypatch.setattr(timing, "time_interleaved", recorded)
+    model, x = convnet(), torch.randn(1, 8, 16, 16)
+    plan = ts.plan(model, "svd", "flops=0.5", x, deployment=Deployment(batch=2, threads=1))
+    whole = [r for r in runs if any(name.endswith("/planned") for name in r)]
+    assert whole == [["channels_last/dense", "channels_last/planned", "nchw/dense", "nchw/planned"]]
+    formats = plan.latency["memory_format"]["formats"]
+    assert all(f["dense_ms"] > 0 and f["predicted_ms"] > 0 for f in formats.values())

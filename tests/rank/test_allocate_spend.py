@@ -55,3 +55,39 @@ def test_spending_needs_measured_options() -> None:
     untimed = Option("svd", {}, params=10, flops=10, error=0.1)
     with pytest.raises(TensorslimError, match="no measured latency"):
         allocate([layer("a", 100, 10.0, untimed)], "flops", 50, spend="latency")
+
+
+def test_a_slack_takes_the_least_error_walk_within_it_of_the_fastest() -> None:
+    # least time: 'late' (14 ms for the two layers), least error: 'early' (19.5 ms)
+    fastest, _ = allocate(two_layers(), "flops", 60, spend="latency", slack=5.0)
+    assert fastest["late"] is not None and fastest["early"] is None  # 19.5 > 14 + 5
+    within, saved = allocate(two_layers(), "flops", 60, spend="latency", slack=6.0)
+    assert within["early"] is not None and within["late"] is None and saved == 60
+    least_error, _ = allocate(two_layers(), "flops", 60, spend="latency", slack=float("inf"))
+    assert least_error == within
+
+
+def test_allocate_each_makes_the_walks_once_and_matches_allocate_per_slack(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A plan records its objective's allocation and the least-time and least-error ones: one
+    set of walks, each slack selecting among them as allocate() would."""
+    import importlib
+
+    # the module (the package exports the function allocate under its name)
+    allocator = importlib.import_module("tensorslim.rank.allocate")
+
+    layers = two_layers()
+    slacks = (0.0, 6.0, float("inf"))
+    want = [allocator.allocate(layers, "flops", 60, spend="latency", slack=s) for s in slacks]
+    assert want[0] != want[1]  # the slacks select different walks
+    calls: list[int] = []
+    real = allocator._spend_walks
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(allocator, "_spend_walks", counted)
+    got = allocator.allocate_each(layers, "flops", 60, slacks, spend="latency")
+    assert got == want and len(calls) == 1

@@ -36,6 +36,18 @@ def test_budget_parse_and_round_trip() -> None:
     assert Budget.from_dict(None) is None
 
 
+def test_an_objective_is_parsed_printed_and_saved() -> None:
+    b = Budget.parse("flops=0.5,objective=error")
+    assert b == Budget(flops=0.5, objective="error") and str(b) == "flops=0.5,objective=error"
+    assert Budget.from_dict(b.to_dict()) == b and b.to_dict()["objective"] == "error"
+    assert Budget(params=0.5).with_objective("latency").objective == "latency"
+    assert Budget(flops=0.5).to_dict() == {"flops": 0.5}  # no objective: the planner's default
+    with pytest.raises(TensorslimError, match="objective='fast'"):
+        Budget(flops=0.5, objective="fast")
+    with pytest.raises(TensorslimError, match="least error"):
+        Budget(latency=0.5, objective="latency")
+
+
 @pytest.mark.parametrize(
     "text", ["flops=2", "flops=0", "flops=-0.5", "flops=abc", "latency<=0.5", "0.5", "flops="]
 )

@@ -149,6 +149,38 @@ def test_only_structured_trains_the_factors_alone() -> None:
     assert all(p.requires_grad for p in student.parameters())  # restored afterwards
 
 
+def test_warmup_ramps_the_learning_rate_before_the_cosine(monkeypatch) -> None:
+    import tensorslim.train.loop as loop
+
+    seen = []
+    real = loop.lr_schedule
+
+    def spy(schedule, warmup_steps, total_steps):
+        seen.append((schedule, warmup_steps, total_steps))
+        return real(schedule, warmup_steps, total_steps)
+
+    monkeypatch.setattr(loop, "lr_schedule", spy)
+    teacher = tiny_bert()
+    data = unlabeled(4)
+    student = ts.apply(teacher, ts.plan(teacher, "svd", "params=0.7", data[0]))
+    from tensorslim.train.hooks import TrainHook
+
+    class Held(TrainHook):  # a per-epoch held-out score, as the benchmark records it
+        def on_epoch_end(self, model, epoch):
+            return {"held_out": hidden_error(model, teacher, data[:1], False)}
+
+    history = ts.distill(
+        student, teacher, data, epochs=2, lr=1e-3, warmup=0.5, progress=False, hooks=[Held()]
+    )
+    assert [("held_out" in e) for e in history.epochs] == [True, True]
+    assert seen == [("cosine", 2, 8)]  # half an epoch of 4 batches, of 2 epochs
+    factor = real("cosine", 2, 8)
+    assert [factor(0), factor(1), factor(2)] == [0.5, 1.0, 1.0]  # linear ramp, then the cosine
+    assert factor(5) < factor(2)
+    with pytest.raises(TensorslimError, match="warmup"):
+        ts.distill(student, teacher, data, epochs=1, warmup=2.0, progress=False)
+
+
 def test_sampled_gaussian_loss_squared_gradients_estimate_the_fisher() -> None:
     from tensorslim.train.losses import sampled_gaussian_loss
 

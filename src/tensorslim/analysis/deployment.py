@@ -2,17 +2,20 @@
 
 A latency means nothing without its setting: on a CPU it depends on the batch size, the number
 of threads, the memory format (NCHW or channels_last), the dtype and the backend (PyTorch eager,
-or ONNX Runtime). :class:`Deployment` names that setting; :func:`make_runner` turns a module and
-an input into a zero-argument callable that runs one forward pass there, which
-:mod:`tensorslim.analysis.timing` times.
+``torch.compile`` with its inductor backend, or ONNX Runtime). :class:`Deployment` names that
+setting; :func:`make_runner` turns a module and an input into a zero-argument callable that
+runs one forward pass there, which :mod:`tensorslim.analysis.timing` times.
 """
 
 from __future__ import annotations
 
 import copy
 import io
+import time
+import types
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -25,7 +28,7 @@ from tensorslim.surgery import copy_structure
 
 FORMATS = ("nchw", "channels_last")  # the layouts a model is run and timed in
 AUTO = "auto"  # plan() times both and keeps the faster (tensorslim.planner.memory_format)
-BACKENDS = ("eager", "onnxruntime")
+BACKENDS = ("eager", "compile", "onnxruntime")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 Runner = Callable[[], Any]
@@ -37,8 +40,11 @@ class Deployment:
     "channels_last", applied to 4-D inputs and conv weights; "auto", the default: ``plan()``
     times a convolutional model in both and plans in the faster, see
     :mod:`tensorslim.planner.memory_format`; a runner given "auto" runs the tensors as they
-    are, NCHW), ``dtype`` ("float32", "bfloat16") and ``backend`` ("eager" or "onnxruntime";
-    ONNX Runtime picks its own layouts, so the memory format does not apply there)."""
+    are, NCHW), ``dtype`` ("float32", "bfloat16") and ``backend``: "eager", "compile"
+    (``torch.compile``, inductor: C++ kernels built by a C++ compiler; a plan times single
+    layers eagerly and whole models compiled, see :func:`layer_deployment`; inductor picks
+    its own convolution layouts, so "auto" plans in NCHW only) or "onnxruntime" (which picks
+    its own layouts, so the memory format does not apply there)."""
 
     batch: int = 1
     threads: int = 1
@@ -149,27 +155,142 @@ def prepare(module: nn.Module, example: Any, deployment: Deployment) -> tuple[nn
     return copy_structure(module, convert).eval(), map_tensors(example, convert)
 
 
+def layer_deployment(deployment: Deployment) -> Deployment:
+    """The setting single layers are timed in for a plan at ``deployment``: itself, except
+    that a "compile" deployment's layers are timed eagerly — compiling one candidate layer
+    took 3-4 s of wall time here (resnet56's 18 layer timings hold ~160 variants), so the
+    planner ranks options by their eager times and times whole models compiled."""
+    return replace(deployment, backend="eager") if deployment.backend == "compile" else deployment
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """``torch.set_num_threads(threads)`` for the block, the previous count restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@dataclass
+class CompiledRunner:
+    """A runner of a ``torch.compile`` d module; ``setup_s``: the wall seconds its compilation
+    (the first call) took, paid before any timing and never part of one."""
+
+    run: Runner
+    setup_s: float
+
+    def __call__(self) -> Any:
+        return self.run()
+
+
 def make_runner(
     module: nn.Module,
     example: Any,
     deployment: Deployment,
     forward_fn: ForwardFn | None = None,
+    warm_up: bool = True,
 ) -> Runner:
     """A callable running one forward pass of ``module`` on ``example`` in ``deployment``.
 
-    ``example`` already has the deployment's batch size. Eager runners run under
-    ``torch.inference_mode``; the caller sets the thread count (see ``timing.threads``).
+    ``example`` already has the deployment's batch size. Eager and compiled runners run under
+    ``torch.inference_mode``; the caller sets the thread count (see ``torch_threads``; a
+    compiled module is compiled here, at the deployment's threads: inductor's kernels keep
+    the thread count they were built with). ``warm_up``: run it once first (oneDNN primitive
+    creation, the allocator); :func:`~tensorslim.analysis.timing.time_interleaved` passes
+    False, its first calls (sizing the rounds) are the warm-up.
     """
     if deployment.backend == "onnxruntime":
         return _onnx_runner(module, example, deployment)
     module, x = prepare(module, example, deployment)
+    if deployment.backend == "compile":
+        return _compiled_runner(module, x, deployment, forward_fn, warm_up)
 
     def run() -> Any:
         with torch.inference_mode():
             return call_model(module, x, forward_fn)
 
-    run()  # warm-up: oneDNN primitive creation, allocator
+    if warm_up:
+        run()
     return run
+
+
+def compile_unavailable() -> str | None:
+    """Why ``backend="compile"`` cannot run on this machine, or ``None`` when it can."""
+    try:
+        import torch._dynamo
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError as exc:
+        return f"this torch build has no torch.compile/inductor ({exc})"
+    if not torch._dynamo.is_dynamo_supported():
+        return "torch.compile does not support this Python version"
+    try:
+        get_cpp_compiler()
+    except Exception:  # inductor raises its own InvalidCxxCompiler
+        return (
+            "torch.compile's inductor builds C++ kernels on CPU and found no C++ compiler "
+            "(g++; or set CXX): install one (e.g. apt-get install g++)"
+        )
+    return None
+
+
+def require_backend(deployment: Deployment) -> None:
+    """Raise a one-line error when the deployment's backend cannot run here."""
+    if deployment.backend == "compile":
+        reason = compile_unavailable()
+        if reason is not None:
+            raise TensorslimError(f"deployment backend=compile: {reason}, or use backend=eager")
+
+
+def _entry_point(module: nn.Module, forward_fn: ForwardFn | None) -> Callable[[Any], Any]:
+    """``x ↦ module(x)`` as a function with a code object of its own.
+
+    Dynamo keeps compiled graphs per code object and, past ``recompile_limit`` (8) graphs for
+    one, silently runs it eagerly: ``torch.compile(module)`` of the 9th structure of one model
+    class (planned structures, candidate layers) would be timed uncompiled. A fresh code object
+    per runner keeps every runner's module compiled.
+    """
+
+    def call(x: Any) -> Any:
+        return call_model(module, x, forward_fn)
+
+    code = call.__code__.replace()  # a new code object with the same body
+    return types.FunctionType(code, call.__globals__, call.__name__, None, call.__closure__)
+
+
+def _compiled_runner(
+    module: nn.Module,
+    x: Any,
+    deployment: Deployment,
+    forward_fn: ForwardFn | None,
+    warm_up: bool,
+) -> CompiledRunner:
+    """``torch.compile(module)`` (inductor, static shapes), compiled by a first call at the
+    deployment's thread count (and, with ``warm_up``, run once more)."""
+    require_backend(deployment)
+    compiled = torch.compile(_entry_point(module, forward_fn), dynamic=False)
+
+    def run() -> Any:
+        with torch.inference_mode():
+            return compiled(x)
+
+    start = time.perf_counter()
+    try:
+        with torch_threads(deployment.threads):
+            run()
+    except Exception as exc:  # dynamo and inductor raise many types; one line for the user
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise TensorslimError(
+            f"backend=compile: torch.compile failed on {type(module).__name__} ({first}): "
+            "time it with backend=eager or backend=onnxruntime"
+        ) from exc
+    setup = time.perf_counter() - start
+    if warm_up:
+        with torch_threads(deployment.threads):
+            run()
+    return CompiledRunner(run, setup)
 
 
 def _onnx_runner(module: nn.Module, example: Any, deployment: Deployment) -> Runner:

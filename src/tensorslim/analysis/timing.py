@@ -28,8 +28,6 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,11 +35,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from tensorslim.analysis.deployment import Deployment, Runner, at_batch, make_runner
+from tensorslim.analysis.deployment import (
+    Deployment,
+    Runner,
+    at_batch,
+    make_runner,
+    torch_threads,
+)
 from tensorslim.errors import TensorslimError
 from tensorslim.inputs import ForwardFn, Inputs, first_tensor_shape
 
 REFERENCE = "dense"
+# the fewest rounds the agreement rule (time_interleaved's ``stable``) stops at: 4, so each
+# model of a two-layout run (dense and planned in each) runs once in every position
+AGREE_ROUNDS = 4
 
 
 @dataclass(frozen=True)
@@ -55,27 +62,19 @@ class Timing:
     is the latency of an idle machine; with more, it assumes the threads stay busy (OpenMP
     threads spin while they wait, so they do). ``wall_ms`` / ``wall_median_ms``: the best and
     median round by the wall clock, recorded beside it (on a quiet machine all three agree).
+    ``setup_s``: the wall seconds the runner's one-off set-up took before timing (a
+    ``torch.compile`` d module's compilation; 0 for eager and ONNX Runtime), never part of ``ms``.
     """
 
     cpu_ms: float
     wall_ms: float
     wall_median_ms: float
     rounds: int
+    setup_s: float = 0.0
 
     @property
     def ms(self) -> float:
         return self.cpu_ms
-
-
-@contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
-    """``torch.set_num_threads(threads)`` for the block, the previous count restored after."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def time_interleaved(
@@ -87,13 +86,17 @@ def time_interleaved(
     patience: int = 6,
     tolerance: float = 0.01,
     round_time: float = 0.001,
+    stable: float | None = None,
 ) -> dict[str, Timing]:
     """Per-runner latency, the runners timed in interleaved, rotated rounds.
 
     A round runs every runner once (``number`` iterations lasting about ``round_time``). After
     ``min_rounds`` it stops once no runner's best round improved by more than ``tolerance`` in
-    the last ``patience`` rounds (at most ``max_rounds``). Our own loop rather than
-    ``torch.utils.benchmark.Timer``: each round is read on two clocks (CPU and wall) at once.
+    the last ``patience`` rounds (at most ``max_rounds``) — or, with ``stable``, after
+    :data:`AGREE_ROUNDS` rounds as soon as every runner's median round is within ``stable`` of
+    its best (the rounds agree: on a quiet machine more of them would not move the best). Our
+    own loop rather than ``torch.utils.benchmark.Timer``: each round is read on two clocks (CPU
+    and wall) at once.
     """
     if not runners:
         return {}
@@ -114,12 +117,25 @@ def time_interleaved(
             settled = 0 if improved else settled + 1
             if r + 1 >= min_rounds and settled >= patience:
                 break
+            if r + 1 >= min(min_rounds, AGREE_ROUNDS) and _agree(cpu, stable):
+                break
     return {
         n: Timing(
-            min(cpu[n]) * 1e3, min(wall[n]) * 1e3, statistics.median(wall[n]) * 1e3, len(cpu[n])
+            min(cpu[n]) * 1e3,
+            min(wall[n]) * 1e3,
+            statistics.median(wall[n]) * 1e3,
+            len(cpu[n]),
+            float(getattr(runners[n], "setup_s", 0.0)),
         )
         for n in names
     }
+
+
+def _agree(rounds: dict[str, list[float]], stable: float | None) -> bool:
+    """Every runner's median round within ``stable`` (relative) of its best one."""
+    if stable is None:
+        return False
+    return all(statistics.median(v) <= (1 + stable) * min(v) for v in rounds.values())
 
 
 def _one_round(run: Runner, number: int) -> tuple[float, float]:
@@ -132,9 +148,10 @@ def _one_round(run: Runner, number: int) -> tuple[float, float]:
 
 def _iterations(run: Runner, round_time: float) -> int:
     """Calls per round so one round of this runner lasts about ``round_time`` seconds (a
-    runner whose one call already lasts that long is not called again: a whole model)."""
-    once = _one_round(run, 1)[1]  # also a warm-up
-    if once < round_time:
+    runner whose one call already lasts that long is not called again: a whole model).
+    These calls are the runner's warm-up (runners are made without one)."""
+    once = _one_round(run, 1)[1]
+    if once < round_time:  # the first call may be cold: the fastest of three sizes the round
         once = min(once, *(_one_round(run, 1)[1] for _ in range(2)))
     return max(1, min(1000, math.ceil(round_time / max(once, 1e-7))))
 
@@ -161,11 +178,14 @@ class LatencyCache:
 
     In memory by default; with ``path`` it is read from and :meth:`save` d to a JSON file. One
     instance is passed explicitly to whatever measures (the planner, export's merge-back).
+    ``setup_s``: the wall seconds spent setting up the runners this instance's timings came
+    from (compiling, for ``backend="compile"``), for reports; not saved.
     """
 
     def __init__(self, path: str | Path | None = None) -> None:
         self.path = Path(path) if path is not None else None
         self.entries: dict[str, float] = {}
+        self.setup_s = 0.0
         self._machine = machine_key()
         if self.path is not None and self.path.is_file():
             try:
@@ -205,11 +225,19 @@ def layer_input(shape: tuple[int, ...], deployment: Deployment) -> torch.Tensor:
     return torch.randn((deployment.batch, *shape[1:]), generator=generator)
 
 
-# a layer's comparison: short rounds, stopped once the best round held for 2 rounds (a layer is
-# timed once per signature and plan; its decisions need a few per cent, not a long benchmark)
-LAYER_ROUNDS: dict[str, Any] = {"min_rounds": 4, "patience": 2, "round_time": 0.0003}
-# whole models: a prediction check, a few more rounds (one forward is one round)
-MODEL_ROUNDS: dict[str, Any] = {"min_rounds": 6, "patience": 3}
+# a layer's comparison: short rounds, stopped once the best round held for 2 rounds or the
+# rounds agree within 2 % (a layer is timed once per signature and plan; its decisions need a
+# few per cent, not a long benchmark). 0.2 ms rounds: resnet56 convs against 6 factorizations
+# each, 3 repeats at load 6-8, gave variant/dense ratios spread 1.5-4 % (median) with 0.2 ms
+# and with 0.3 ms rounds, the 0.2 ms ones for 20-35 % less CPU
+LAYER_ROUNDS: dict[str, Any] = {
+    "min_rounds": 4,
+    "patience": 2,
+    "round_time": 0.0002,
+    "stable": 0.02,
+}
+# whole models: the prediction, a few more rounds (one forward is one round), or 4 that agree
+MODEL_ROUNDS: dict[str, Any] = {"min_rounds": 6, "patience": 3, "stable": 0.02}
 
 
 def time_against_reference(
@@ -225,11 +253,12 @@ def time_against_reference(
     that run times dense's reference latency (the first one measured and cached).
     """
 
-    def runners(todo: dict[str, nn.Module]) -> dict[str, Runner]:
+    def runners(todo: dict[str, tuple[nn.Module, Deployment]]) -> dict[str, Runner]:
         x = layer_arguments(dense, layer_input(shape, deployment))
-        return {name: make_runner(m, x, deployment) for name, m in todo.items()}
+        return {name: make_runner(m, x, deployment, warm_up=False) for name, (m, _) in todo.items()}
 
-    return _against_reference(dense, variants, shape, deployment, cache, runners, LAYER_ROUNDS)
+    groups = {REFERENCE: (dense, variants, deployment)}
+    return _against_reference(groups, shape, cache, runners, LAYER_ROUNDS)[REFERENCE]
 
 
 def layer_arguments(layer: nn.Module, x: torch.Tensor) -> Any:
@@ -253,39 +282,85 @@ def time_models_against_reference(
     """(dense ms, variant name → ms) of whole models on ``example`` (its first sample repeated
     to the deployment's batch), cached like :func:`time_against_reference`: a variant's ratio
     to ``dense`` comes from one interleaved run, so a loaded machine slows both alike."""
+    groups = {REFERENCE: (dense, variants, deployment)}
+    return time_models_in_deployments(groups, example, cache, forward_fn)[REFERENCE]
+
+
+# a group: a dense model, its variants (name → module), and the deployment all of them run in
+Group = tuple[nn.Module, dict[str, nn.Module], Deployment]
+
+
+def time_models_in_deployments(
+    groups: dict[str, Group],
+    example: Any,
+    cache: LatencyCache,
+    forward_fn: ForwardFn | None = None,
+) -> dict[str, tuple[float, dict[str, float]]]:
+    """:func:`time_models_against_reference` for several groups at once (e.g. the dense model
+    and its planned structure in NCHW and in channels_last): every group's uncached models run
+    in **one** interleaved run, so each group's dense model is timed once and a load change
+    during the run slows every group alike. Group name → (dense ms, variant name → ms)."""
     shape = tuple(first_tensor_shape(example))
 
-    def runners(todo: dict[str, nn.Module]) -> dict[str, Runner]:
-        x = at_batch(example, deployment.batch)
-        return {name: make_runner(m, x, deployment, forward_fn) for name, m in todo.items()}
+    def runners(todo: dict[str, tuple[nn.Module, Deployment]]) -> dict[str, Runner]:
+        out: dict[str, Runner] = {}
+        for name, (m, where) in todo.items():
+            x = at_batch(example, where.batch)
+            out[name] = make_runner(m, x, where, forward_fn, warm_up=False)
+        return out
 
-    return _against_reference(dense, variants, shape, deployment, cache, runners, MODEL_ROUNDS)
+    return _against_reference(groups, shape, cache, runners, MODEL_ROUNDS)
 
 
 def _against_reference(
-    dense: nn.Module,
-    variants: dict[str, nn.Module],
+    groups: dict[str, Group],
     shape: tuple[int, ...],
-    deployment: Deployment,
     cache: LatencyCache,
     runners: Any,
     rounds: dict[str, Any],
-) -> tuple[float, dict[str, float]]:
-    """The cached ratio-to-reference timing behind both public functions above."""
-    dense_key = cache.key(dense, shape, deployment)
-    keys = {name: cache.key(m, shape, deployment) for name, m in variants.items()}
-    todo = {name: m for name, m in variants.items() if cache.get(keys[name]) is None}
-    if todo or cache.get(dense_key) is None:
-        timed = time_interleaved(runners({REFERENCE: dense, **todo}), deployment.threads, **rounds)
-        if cache.get(dense_key) is None:
-            cache.put(dense_key, timed[REFERENCE].ms)
-        reference = cache.get(dense_key)
-        assert reference is not None
-        for name in todo:
-            cache.put(keys[name], timed[name].ms / timed[REFERENCE].ms * reference)
-    dense_ms = cache.get(dense_key)
-    assert dense_ms is not None
-    return dense_ms, {name: float(cache.get(k)) for name, k in keys.items()}  # type: ignore[arg-type]
+) -> dict[str, tuple[float, dict[str, float]]]:
+    """The cached ratio-to-reference timing behind the public functions above.
+
+    ``runners(todo)`` turns ``{run name: (module, deployment)}`` into runners. Every group
+    with an uncached variant or dense reference joins one interleaved run (with its dense
+    model); a variant's ms is its ratio to its group's dense model in that run times the dense
+    model's reference (its first measurement, cached).
+    """
+    todo: dict[str, tuple[nn.Module, Deployment]] = {}
+    keys: dict[str, tuple[str, dict[str, str]]] = {}
+    for g, (dense, variants, where) in groups.items():
+        keys[g] = (
+            cache.key(dense, shape, where),
+            {n: cache.key(m, shape, where) for n, m in variants.items()},
+        )
+        missing = {n: m for n, m in variants.items() if cache.get(keys[g][1][n]) is None}
+        if missing or cache.get(keys[g][0]) is None:
+            todo[_run_name(g, REFERENCE)] = (dense, where)
+            todo.update({_run_name(g, n): (m, where) for n, m in missing.items()})
+    if todo:
+        threads = {where.threads for _, where in todo.values()}
+        if len(threads) != 1:
+            raise TensorslimError("models timed in one run need one thread count: give one")
+        timed = time_interleaved(runners(todo), threads.pop(), **rounds)
+        cache.setup_s += sum(t.setup_s for t in timed.values())
+        for g, (dense_key, variant_keys) in keys.items():
+            if _run_name(g, REFERENCE) not in timed:
+                continue
+            here = timed[_run_name(g, REFERENCE)].ms
+            if cache.get(dense_key) is None:
+                cache.put(dense_key, here)
+            reference = float(cache.get(dense_key))  # type: ignore[arg-type]
+            for n, key in variant_keys.items():
+                if _run_name(g, n) in timed:
+                    cache.put(key, timed[_run_name(g, n)].ms / here * reference)
+    return {
+        g: (float(cache.get(d)), {n: float(cache.get(k)) for n, k in v.items()})  # type: ignore[arg-type]
+        for g, (d, v) in keys.items()
+    }
+
+
+def _run_name(group: str, name: str) -> str:
+    return f"{group}/{name}"
 
 
 def time_models(
@@ -297,7 +372,9 @@ def time_models(
     """Whole models on ``example`` (its first sample repeated to the deployment's batch),
     interleaved; never cached (a whole model is timed to check the per-layer prediction)."""
     x = at_batch(example, deployment.batch)
-    runners = {name: make_runner(m, x, deployment, forward_fn) for name, m in models.items()}
+    runners = {
+        name: make_runner(m, x, deployment, forward_fn, warm_up=False) for name, m in models.items()
+    }
     return time_interleaved(runners, deployment.threads, min_rounds=12)
 
 

@@ -19,7 +19,9 @@ from tensorslim.cli.common import (
     say,
 )
 from tensorslim.cli.hf_setup import text_agreement, text_objectives, text_training
+from tensorslim.errors import TensorslimError
 from tensorslim.pipeline import compress_model
+from tensorslim.rank.budget import Budget
 from tensorslim.report.run import LAYER_COLUMNS, chosen_ranks, model_spectra, write_report
 from tensorslim.report.tables import print_table
 from tensorslim.train.seeding import derive_seed
@@ -63,7 +65,8 @@ def register(app: typer.Typer) -> None:
         deployment: str = typer.Option(
             None,
             help="Where latency is measured, e.g. batch=1,threads=1,format=channels_last,"
-            "backend=onnxruntime (default: the evaluation batch, current threads, NCHW, eager).",
+            "backend=onnxruntime or backend=compile (torch.compile; needs a C++ compiler) "
+            "(default: the evaluation batch, current threads, format=auto, eager).",
         ),
         allow_slower: bool = typer.Option(
             None,
@@ -74,12 +77,18 @@ def register(app: typer.Typer) -> None:
         latency_cache: Path = typer.Option(
             None, help="JSON file of measured layer latencies, read and updated (reuse timings)."
         ),
+        objective: str = typer.Option(
+            None,
+            help="What a timed flops/params budget is met for: latency (least predicted time), "
+            "balanced (least error within 5% of the fastest; the default) or error.",
+        ),
     ) -> None:
         """Compress a model with one method at one budget.
 
         Plans, replaces the layers, fine-tunes, measures and writes the report and the model.
         """
         chosen = parse_method(method, budget, setting, preset)  # bad input fails before any work
+        plan_budget = _with_objective(chosen.budget, objective)
         Deployment.coerce(deployment)
         cache = LatencyCache(latency_cache)
         if post_finalize_epochs is None:
@@ -91,7 +100,7 @@ def register(app: typer.Typer) -> None:
             small, results = compress_model(
                 s.model,
                 method=method,
-                budget=chosen.budget,
+                budget=plan_budget,
                 settings=chosen.settings,
                 **s.data(),
                 post_finalize_epochs=post_finalize_epochs,
@@ -142,3 +151,12 @@ def register(app: typer.Typer) -> None:
                 f"measured {check['measured_fraction']:.3f}"
             )
         typer.echo(f"wrote {run.out}/results.json, report.md, plan.json, model/")
+
+
+def _with_objective(budget: Budget | None, objective: str | None) -> Budget | None:
+    """``--objective`` applied to ``--budget`` (a one-line error without a budget)."""
+    if objective is None:
+        return budget
+    if budget is None:
+        raise TensorslimError(f"--objective {objective} needs a --budget (e.g. flops=0.5)")
+    return budget.with_objective(objective)

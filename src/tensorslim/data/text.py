@@ -91,9 +91,21 @@ def read_fortunes(directory: Path | None = None) -> list[str]:
 
 
 def split_texts(
-    texts: Sequence[str], calibration: int, distillation: int, evaluation: int, seed: int = 0
+    texts: Sequence[str],
+    calibration: int,
+    distillation: int,
+    evaluation: int,
+    seed: int = 0,
+    *,
+    evaluation_first: bool = False,
 ) -> TextSplits:
-    """Three disjoint sets of the given sizes from one seeded permutation of ``texts``."""
+    """Three disjoint sets of the given sizes from one seeded permutation of ``texts``.
+
+    The permutation is dealt calibration, distillation, evaluation in that order, or with
+    ``evaluation_first=True`` evaluation, calibration, distillation: then the evaluation set
+    depends on the seed and its own size only, so runs with other calibration or distillation
+    sizes are scored on the same sentences.
+    """
     sizes = {"calibration": calibration, "distillation": distillation, "evaluation": evaluation}
     for name, size in sizes.items():
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
@@ -103,6 +115,9 @@ def split_texts(
         raise TensorslimError(f"the splits need {need} texts but only {len(texts)} are there")
     order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
     picked = [texts[i] for i in order[:need]]
+    if evaluation_first:
+        a, b = evaluation + calibration, need
+        return TextSplits(picked[evaluation:a], picked[a:b], picked[:evaluation])
     a, b = calibration, calibration + distillation
     return TextSplits(picked[:a], picked[a:b], picked[b:need])
 
@@ -113,9 +128,14 @@ def fortune_splits(
     evaluation: int,
     seed: int = 0,
     directory: Path | None = None,
+    *,
+    evaluation_first: bool = False,
 ) -> TextSplits:
     """:func:`split_texts` of :func:`read_fortunes`."""
-    return split_texts(read_fortunes(directory), calibration, distillation, evaluation, seed)
+    return split_texts(
+        read_fortunes(directory), calibration, distillation, evaluation, seed,
+        evaluation_first=evaluation_first,
+    )  # fmt: skip
 
 
 def tokenized_batches(

@@ -20,11 +20,12 @@ from tensorslim.facts import LayerStats
 from tensorslim.fold import fold_batchnorm
 from tensorslim.inputs import ForwardFn
 from tensorslim.layers.base import StructuredLayer
+from tensorslim.layout import planned_layout, to_layout
 from tensorslim.methods.registry import builder_of
 from tensorslim.planner.fastpath import keep_compressed_layers_unfused
 from tensorslim.planner.records import CompressionPlan
 from tensorslim.planner.ties import TIED_TO, check_growth, share_followers, shared_parameters
-from tensorslim.surgery import replace_module
+from tensorslim.surgery import replace_modules_at
 
 PLANS_ATTRIBUTE = "_tensorslim_plans"
 STATISTICS_ATTRIBUTE = "_tensorslim_statistics"
@@ -53,6 +54,8 @@ def apply(
     would leave the model with more parameters than before is refused when it unties a weight
     (the other holders would keep the dense copy) and warned about otherwise, naming the layers.
     A plan made with ``fold_bn=True`` first folds the same BatchNorms into their convs.
+    The model is returned in the memory layout the plan measured (``plan.latency``: the
+    chosen format, or one per chain; see :mod:`tensorslim.layout`).
     """
     target = model if inplace else copy.deepcopy(model)
     if plan.folded_batchnorm:
@@ -60,6 +63,7 @@ def apply(
     plan.validate(target)
     before, tied = count_params(target), shared_parameters(target)
     stats = _build_statistics(target, plan, init, calibration, loss_fn, forward_fn)
+    built: dict[str, nn.Module] = {}
     for lp in plan.compressed_layers:
         if TIED_TO in lp.config:
             continue  # built after its leader, by share_followers
@@ -71,9 +75,13 @@ def apply(
         except TensorslimError as exc:
             raise TensorslimError(f"layer {lp.fqn}: {exc}") from None
         if new is not module:
-            replace_module(target, lp.fqn, new)
+            built[lp.fqn] = new
+    replace_modules_at(target, built)  # one walk of the model, not one per layer
     share_followers(target, plan)
     keep_compressed_layers_unfused(target)  # torch's fused encoder path reads dense weights
+    layout = planned_layout(plan.latency)
+    if layout is not None:  # after the swaps: the new layers' weights too
+        to_layout(target, layout)
     # loading rebuilds a saved structure as it is: its growth was checked when it was applied
     check_growth(target, plan, before, tied, check=init)
     set_plans(target, [*plans_of(model if not inplace else target), plan])

@@ -4,13 +4,14 @@ per-layer rule, or (for methods that reach their structure in training) the meth
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from tensorslim.facts import LayerInfo, Option
 from tensorslim.methods.base import Method
 from tensorslim.planner.candidates import Candidates
-from tensorslim.rank.allocate import allocate, option_cost
+from tensorslim.rank.allocate import allocate_each, option_cost
 from tensorslim.rank.budget import Budget
 
 CHOSEN_BY_ALLOCATOR = "chosen by the allocator"
@@ -58,15 +59,47 @@ def saving_needed(total: float, fraction: float) -> float:
 
 
 def by_budget(
-    budget: Budget, candidates: Candidates, totals: dict[str, Any], spend: str | None = None
+    budget: Budget,
+    candidates: Candidates,
+    totals: dict[str, Any],
+    spend: str | None = None,
+    slack: float = 0.0,
 ) -> Choice:
     """The allocator's choice for ``budget``; ``totals`` holds the model's ``flops``,
-    ``params`` (and, for a latency budget, its measured ``latency`` in ms). ``spend``: see
-    :func:`~tensorslim.rank.allocate.allocate` (the budget met where it buys measured time)."""
+    ``params`` (and, for a latency budget, its measured ``latency`` in ms). ``spend`` and
+    ``slack``: see :func:`~tensorslim.rank.allocate.allocate` (the budget met where it buys
+    measured time; with a slack, the least error within it of the fastest)."""
+    return by_budget_each(budget, candidates, totals, (slack,), spend)[0]
+
+
+def by_budget_each(
+    budget: Budget,
+    candidates: Candidates,
+    totals: dict[str, Any],
+    slacks: Sequence[float],
+    spend: str | None = None,
+) -> list[Choice]:
+    """:func:`by_budget` for each of ``slacks``, the allocator's walks made once
+    (:func:`~tensorslim.rank.allocate.allocate_each`)."""
     metric, total = budget.metric, totals[budget.metric]
     need = max(0, saving_needed(total, budget.fraction))
     caps = {m: saving_needed(totals[m], cap) for m, cap in budget.caps.items()}
-    picked, saved = allocate(candidates.choices, metric, need, caps=caps, spend=spend)
+    each = allocate_each(candidates.choices, metric, need, slacks, caps=caps, spend=spend)
+    return [_choice(budget, candidates, totals, caps, p, s) for p, s in each]
+
+
+def _choice(
+    budget: Budget,
+    candidates: Candidates,
+    totals: dict[str, Any],
+    caps: dict[str, Any],
+    picked: dict[str, Option | None],
+    saved: float,
+) -> Choice:
+    """The allocation ``picked`` (saving ``saved`` in the budget's metric) as a Choice: its
+    notes and every layer's reason."""
+    metric, total = budget.metric, totals[budget.metric]
+    need = max(0, saving_needed(total, budget.fraction))
     choice = Choice(picked=picked)
     if saved < need:
         choice.notes.append(

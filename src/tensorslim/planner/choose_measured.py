@@ -5,13 +5,25 @@
   predicted model latency (the whole dense model's measured time minus the layers' measured
   savings) to f of the dense model's.
 - Any other budget (FLOPs, params): every layer's spread options are timed too, options
-  measured slower than the dense layer are dropped (never slower), and the budget is met where
-  it buys time: the allocator walks each layer's (measured ms, error²) hull, taking the step
-  with the least error per ms saved, until the FLOPs (params) need is met
-  (:func:`~tensorslim.rank.allocate.allocate` with ``spend="latency"``). The least-error
-  allocation of the same budget over the same measured options is recorded beside it
-  (``latency["least_error"]``: its predicted ms and Σ error²), so the price in error is stated.
-  ``allow_slower=True`` skips this (and all timing): the least-error allocation in FLOPs.
+  measured slower than the dense layer are dropped (never slower), and the budget is met for
+  its ``objective`` (:attr:`~tensorslim.rank.budget.Budget.objective`). The allocator walks
+  each layer's (measured ms, error²) hull, taking the step with the least error per ms saved,
+  until the FLOPs (params) need is met, and repeats the walk on ms/FLOPs blends and on FLOPs
+  alone (:func:`~tensorslim.rank.allocate.allocate` with ``spend="latency"``); of those walks
+
+  - ``"latency"`` keeps the one of least predicted ms;
+  - ``"error"`` the one of least Σ error²;
+  - ``"balanced"`` (the default) the least-error one among those predicted within
+    :data:`BALANCED_TOLERANCE` × the dense timed layers' ms of the fastest
+    (``bench/results/objective``: the fastest plans cost resnet20 several points of accuracy
+    after a fine-tune epoch for a few per cent of time).
+
+  The least-time and least-error allocations of the same budget are recorded beside the chosen
+  one (``latency["least_time"]``, ``latency["least_error"]``: predicted layer-sum ms and
+  Σ error²), so each objective's price is stated. ``allow_slower=True`` skips all timing: the
+  least-error allocation in FLOPs.
+- Only the options the budget can take are timed (:func:`usable`): cheaper than dense in a
+  FLOPs or params budget's metric, no costlier than dense in a capped metric.
 
 Layers of one signature are timed once (:func:`~tensorslim.planner.latency.measure_layers`).
 The plan's predicted latency is the planned structure timed against the dense model in context
@@ -22,14 +34,16 @@ re-allocated with the layers' savings rescaled.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from torch import nn
 
 from tensorslim.facts import Option
 from tensorslim.methods.base import Method
 from tensorslim.planner.candidates import Candidates
-from tensorslim.planner.choose import Choice, by_budget
+from tensorslim.planner.choose import Choice, by_budget, by_budget_each
 from tensorslim.planner.in_context import TOLERANCE, InContext, calibrated, measure_in_context
 from tensorslim.planner.latency import (
     LatencySetting,
@@ -40,8 +54,13 @@ from tensorslim.planner.latency import (
     predicted_fraction,
 )
 from tensorslim.planner.survey import ModelSurvey
-from tensorslim.rank.allocate import LayerChoices
+from tensorslim.rank.allocate import LayerChoices, option_cost
 from tensorslim.rank.budget import Budget
+
+DEFAULT_OBJECTIVE = "balanced"  # a FLOPs/params budget's objective when the budget names none
+# "balanced": plans predicted slower than the fastest by at most this fraction of the dense
+# timed layers' ms are acceptable, and the least-error one of them is kept
+BALANCED_TOLERANCE = 0.05
 
 
 def choose_measured(
@@ -59,20 +78,113 @@ def choose_measured(
     model in ``setting`` (≤ 1; "auto" passes the faster layout's dense ms over this layout's,
     see :mod:`tensorslim.planner.memory_format`).
     """
-    totals = {"flops": survey.model_flops, "params": survey.model_params}
-    layers = _measured(method, survey, candidates.choices, setting, budget.metric)
-    timed = _with(candidates, layers)
+    if budget.metric != "latency":
+        allocated = allocate_measured(method, budget, candidates, survey, setting)
+        context = measure_in_context(model, method, survey, setting, allocated.choice.picked)
+        return finish_measured(budget, setting, allocated, context)
+    totals = _totals(survey)
+    layers = _measured(method, survey, candidates.choices, setting, budget)
 
     def in_context(picked: dict[str, Option | None]) -> InContext:
         return measure_in_context(model, method, survey, setting, picked)
 
-    if budget.metric == "latency":
-        model_ms = dense_model_ms(model, survey, setting)
-        here = _in_this_layout(budget, dense_scale)
-        choice, context = _latency_choice(here, timed, {**totals, "latency": model_ms}, in_context)
-    else:
-        choice = by_budget(budget, timed, totals, spend="latency")
-        context = in_context(choice.picked)
+    totals["latency"] = dense_model_ms(model, survey, setting)
+    here = _in_this_layout(budget, dense_scale)
+    choice, context = _latency_choice(here, _with(candidates, layers), totals, in_context)
+    _record(choice, layers, setting, context)
+    return choice
+
+
+@dataclass
+class Allocated:
+    """A FLOPs or params budget's allocation over measured options (``choice``), before its
+    planned structure is timed in context; ``layers`` / ``timed``: the measured options (the
+    slower ones dropped), ``totals``: the model's FLOPs and params."""
+
+    choice: Choice
+    layers: list[LayerChoices]
+    timed: Candidates
+    totals: dict[str, float]
+    # the least-time and least-error allocations of the same budget, for the record
+    others: dict[str, dict[str, Option | None]] = dataclasses.field(default_factory=dict)
+
+
+def allocate_measured(
+    method: Method,
+    budget: Budget,
+    candidates: Candidates,
+    survey: ModelSurvey,
+    setting: LatencySetting,
+) -> Allocated:
+    """Stage one of a FLOPs or params budget: the options measured, the budget met where it
+    buys time (least error per measured ms saved). :func:`finish_measured` records it once its
+    planned structure is timed (one run for several layouts, see
+    :mod:`tensorslim.planner.memory_format`)."""
+    totals = _totals(survey)
+    layers = _measured(method, survey, candidates.choices, setting, budget)
+    timed = _with(candidates, layers)
+    objective = budget.objective or DEFAULT_OBJECTIVE
+    objectives = (objective, *OTHERS.values())
+    chosen, *others = for_objectives(budget, timed, totals, objectives)
+    picks = {name: c.picked for name, c in zip(OTHERS, others, strict=True)}
+    return Allocated(chosen, layers, timed, totals, picks)
+
+
+# the allocations a plan records beside its own: record name → objective
+OTHERS = {"least_time": "latency", "least_error": "error"}
+
+
+def for_objectives(
+    budget: Budget, candidates: Candidates, totals: dict[str, float], objectives: tuple[str, ...]
+) -> list[Choice]:
+    """The allocation of a FLOPs or params ``budget`` over measured options for each of
+    ``objectives`` (module docstring; the allocator's walks made once): of the walks meeting
+    the budget, the fastest ("latency"), the least error ("error") or the least error within a
+    slack of :data:`BALANCED_TOLERANCE` × the dense timed layers' ms of the fastest
+    ("balanced")."""
+    dense_ms = sum(c.dense("latency") for c in candidates.choices if c.options)
+    slack = {"latency": 0.0, "error": math.inf, "balanced": BALANCED_TOLERANCE * dense_ms}
+    slacks = tuple(slack[o] for o in objectives)
+    return by_budget_each(budget, candidates, totals, slacks, spend="latency")
+
+
+ALLOCATIONS = {
+    "latency": "least predicted time meeting the budget (least error per measured ms saved)",
+    "error": "least error meeting the budget (of the allocator's walks, over the options "
+    "measured faster than dense)",
+    "balanced": (
+        f"least error among the plans predicted within {BALANCED_TOLERANCE:.0%} of the dense "
+        "timed layers' time of the fastest meeting the budget"
+    ),
+}
+
+
+def finish_measured(
+    budget: Budget, setting: LatencySetting, allocated: Allocated, context: InContext
+) -> Choice:
+    """The allocation's choice with its latency record (``context``: its planned structure
+    timed against the dense model) and the least-error allocation of the same budget beside
+    it, its price in error stated."""
+    choice, layers = allocated.choice, allocated.layers
+    _record(choice, layers, setting, context)
+    assert choice.latency is not None
+    objective = budget.objective or DEFAULT_OBJECTIVE
+    choice.latency["objective"] = objective
+    choice.latency["allocation"] = ALLOCATIONS[objective]
+    choice.latency["error_sq"] = error_sq_of(choice.picked)
+    for name, picked in allocated.others.items():
+        choice.latency[name] = {
+            "layer_sum_ms": context.dense_ms * predicted_fraction(layers, picked, context.dense_ms),
+            "error_sq": error_sq_of(picked),
+        }
+    return choice
+
+
+def _record(
+    choice: Choice, layers: list[LayerChoices], setting: LatencySetting, context: InContext
+) -> None:
+    """``choice`` gains the measurements, its latency record, and the reason of every layer
+    kept dense because each of its measured options was slower."""
     for layer in layers:
         measured = layer.fqn in setting.measured
         if measured and not layer.options and choice.picked.get(layer.fqn) is None:
@@ -82,16 +194,10 @@ def choose_measured(
             )
     choice.measured = setting.measured
     choice.latency = latency_record(setting, context, choice.picked)
-    if budget.metric != "latency":
-        least_error = by_budget(budget, timed, totals).picked
-        choice.latency["allocation"] = "least error per measured ms saved, until the budget is met"
-        choice.latency["error_sq"] = error_sq_of(choice.picked)
-        choice.latency["least_error"] = {
-            "layer_sum_ms": context.dense_ms
-            * predicted_fraction(layers, least_error, context.dense_ms),
-            "error_sq": error_sq_of(least_error),
-        }
-    return choice
+
+
+def _totals(survey: ModelSurvey) -> dict[str, float]:
+    return {"flops": survey.model_flops, "params": survey.model_params}
 
 
 def _latency_choice(
@@ -143,14 +249,36 @@ def _measured(
     survey: ModelSurvey,
     layers: list[LayerChoices],
     setting: LatencySetting,
-    metric: str,
+    budget: Budget,
 ) -> list[LayerChoices]:
-    """Every layer that has options with them timed (those the budget's ``metric`` can use, see
-    :func:`~tensorslim.planner.latency.measure_all`) and the slower ones dropped (in order)."""
-    offered = [c for c in layers if c.options]
-    measured = measure_all(method, survey, offered, setting, metric)
+    """Every layer that has options the budget can take (:func:`usable`) with them timed (see
+    :func:`~tensorslim.planner.latency.measure_all`) and the slower ones dropped (in order).
+
+    The options are narrowed to the usable ones *before* the few to time are spread over them:
+    spread over all of them, a TT layer's timed points landed on ranks whose FLOPs exceed the
+    dense layer's (dropped by the FLOPs cap of a params budget), leaving rank 1-1 as the only
+    option — small_cnn's hidden Linear at weight error 0.998, every ReLU after it off.
+    """
+    usable_layers = [usable(c, budget) for c in layers]
+    offered = [c for c in usable_layers if c.options]
+    measured = measure_all(method, survey, offered, setting, budget.metric)
     timed = iter(faster_only(c) for c in measured)
-    return [next(timed) if c.options else c for c in layers]
+    return [next(timed) if c.options else c for c in usable_layers]
+
+
+def usable(layer: LayerChoices, budget: Budget) -> LayerChoices:
+    """The layer with only the options the allocator can take under ``budget``: cheaper than
+    dense in a FLOPs or params budget's metric, and no costlier than dense in a metric capped
+    at ≤ 1.0 (the allocator drops those, see :func:`~tensorslim.rank.allocate.allocate`)."""
+    limits = {m: layer.dense(m) for m, cap in budget.caps.items() if cap <= 1.0}
+    metric = budget.metric
+    kept = [
+        o
+        for o in layer.options
+        if all(option_cost(o, m) <= limit for m, limit in limits.items())
+        and (metric == "latency" or option_cost(o, metric) < layer.dense(metric))
+    ]
+    return dataclasses.replace(layer, options=kept)
 
 
 def error_sq_of(picked: dict[str, Option | None]) -> float:
@@ -171,8 +299,14 @@ def _reachable_note(budget: Budget, layers: list[LayerChoices], model_ms: float)
     best = (model_ms - best_saving) / model_ms if model_ms > 0 else 1.0
     if best <= budget.fraction + 1e-9:
         return None
+    rest = model_ms - sum(c.dense("latency") for c in layers)
+    # layers timed alone can sum to more than the model (a compiled model, its layers eager)
+    where = (
+        f"the rest of the model takes {rest:.3g} ms"
+        if rest >= 0
+        else f"its layers timed alone sum to {model_ms - rest:.3g} ms"
+    )
     return (
         f"budget {budget} is not reachable: the fastest measured option of every layer gives a "
-        f"predicted {best:.3f} of the dense model's {model_ms:.3g} ms (the rest of the model "
-        f"takes {model_ms - sum(c.dense('latency') for c in layers):.3g} ms)"
+        f"predicted {best:.3f} of the dense model's {model_ms:.3g} ms ({where})"
     )

@@ -24,12 +24,12 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from tensorslim.analysis.timing import time_models_against_reference
+from tensorslim.analysis.timing import time_models_against_reference, time_models_in_deployments
 from tensorslim.facts import Option
 from tensorslim.methods.base import Method
 from tensorslim.planner.latency import LatencySetting, skeleton
 from tensorslim.planner.survey import ModelSurvey
-from tensorslim.surgery import copy_structure, replace_module
+from tensorslim.surgery import copy_structure, replace_modules_at
 
 TOLERANCE = 0.05  # relative miss of a latency target that triggers a re-allocation
 REPLANS = 2
@@ -53,10 +53,12 @@ def planned_structure(
     """``model`` with each picked layer replaced by its option's skeleton; the other modules
     are copies sharing the model's parameters and buffers (no weight is copied)."""
     structure = copy_structure(model)
-    for fqn, option in picked.items():
-        if option is not None:
-            built = skeleton(method, survey.modules[fqn], option, survey.infos[fqn])
-            replace_module(structure, fqn, built)
+    built = {
+        fqn: skeleton(method, survey.modules[fqn], option, survey.infos[fqn])
+        for fqn, option in picked.items()
+        if option is not None
+    }
+    replace_modules_at(structure, built)
     return structure
 
 
@@ -78,6 +80,30 @@ def measure_in_context(
         setting.forward_fn,
     )
     return InContext(dense_ms, ms["planned"])
+
+
+def measure_in_layouts(
+    model: nn.Module,
+    method: Method,
+    survey: ModelSurvey,
+    settings: dict[str, LatencySetting],
+    picks: dict[str, dict[str, Option | None]],
+) -> dict[str, InContext]:
+    """:func:`measure_in_context` for several settings (memory formats) in **one**
+    interleaved run: the dense model and the planned structure of ``picks[f]`` in every
+    setting ``f`` (one cache; the settings differ in layout only). The dense model's time in
+    each layout comes from that run too, so the layouts are compared under one load."""
+    groups = {
+        f: (
+            model,
+            {"planned": planned_structure(model, method, survey, picks[f])},
+            s.deployment,
+        )
+        for f, s in settings.items()
+    }
+    first = next(iter(settings.values()))
+    timed = time_models_in_deployments(groups, survey.example, first.cache, first.forward_fn)
+    return {f: InContext(dense_ms, ms["planned"]) for f, (dense_ms, ms) in timed.items()}
 
 
 Tried = tuple[float, dict[str, Option | None], InContext]

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tensorslim.analysis.deployment import Deployment
+from tensorslim.analysis.deployment import Deployment, layer_deployment
 from tensorslim.analysis.timing import (
     LatencyCache,
     load_average,
@@ -49,13 +49,26 @@ class LatencySetting:
     limit: int = DEFAULT_LIMIT
     forward_fn: ForwardFn | None = None
     measured: dict[str, dict[str, Any]] = field(default_factory=dict)  # fqn → what was timed
+    # the cache's set-up seconds (compiling) when this plan started measuring: the plan's own
+    # are the difference (a cache may serve several plans)
+    setup_before: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.setup_before is None:
+            self.setup_before = self.cache.setup_s
+
+    @property
+    def layers_at(self) -> Deployment:
+        """Where single layers are timed (:func:`~tensorslim.analysis.deployment.layer_deployment`:
+        eagerly for a "compile" deployment)."""
+        return layer_deployment(self.deployment)
 
     def describe(self, fqn: str) -> str:
         """'dense 1.20 ms; fastest rank 4/64: 1.35 ms (of 12 measured)' for a measured layer."""
         m = self.measured[fqn]
         return (
             f"dense {m['dense_ms']:.3g} ms; fastest {m['fastest_label']}: "
-            f"{m['fastest_ms']:.3g} ms (of {m['count']} measured at {self.deployment.key})"
+            f"{m['fastest_ms']:.3g} ms (of {m['count']} measured at {self.layers_at.key})"
         )
 
 
@@ -130,7 +143,7 @@ def measure_layers(
         module, info = survey.modules[first], survey.infos[first]
         variants = {k: skeleton(method, module, o, info) for k, o in union.items()}
         dense_ms, ms = time_against_reference(
-            module, variants, info.input_shape, setting.deployment, setting.cache
+            module, variants, info.input_shape, setting.layers_at, setting.cache
         )
         for fqn in fqns:
             by_fqn[fqn] = _with_times(by_fqn[fqn], dense_ms, ms, survey, setting)
@@ -237,4 +250,15 @@ def latency_record(
         "layer_sum_fraction": (model_ms - saved) / model_ms if model_ms > 0 else 1.0,
         "allow_slower": setting.allow_slower,
         "load_average": load_average(),
+        **_compile_facts(setting),
+    }
+
+
+def _compile_facts(setting: LatencySetting) -> dict[str, Any]:
+    """For a "compile" deployment: where the layers were timed and the compile seconds."""
+    if setting.deployment.backend != "compile":
+        return {}
+    return {
+        "layers_timed_at": setting.layers_at.to_dict(),
+        "compile_s": setting.cache.setup_s - float(setting.setup_before or 0.0),
     }

@@ -11,8 +11,9 @@ is against the fastest dense model, not the slower layout of it.
 The latency record gains ``memory_format``: the chosen layout, the dense model's faster layout,
 and per layout the dense model's measured ms and the compressed model's predicted ms.
 
-The choice is one layout for the whole model (both layouts measured); the issue's "fastest
-format per layer chain" (conversions between chains) is not done.
+This is one layout for the whole model; :mod:`tensorslim.planner.layout_chains` then tries
+one layout per chain of layers on the chosen structure and keeps it where the whole model,
+re-timed, is faster than in either layout.
 """
 
 from __future__ import annotations
@@ -23,14 +24,19 @@ from typing import Any
 from torch import nn
 
 from tensorslim.analysis.deployment import AUTO, FORMATS, Deployment, at_batch, make_runner
-from tensorslim.analysis.timing import MODEL_ROUNDS, Timing, time_interleaved
+from tensorslim.analysis.timing import MODEL_ROUNDS, LatencyCache, Timing, time_interleaved
 from tensorslim.errors import TensorslimError
 from tensorslim.inputs import ForwardFn, first_tensor_shape
 from tensorslim.methods.base import Method
 from tensorslim.planner.candidates import Candidates
 from tensorslim.planner.choose import Choice
-from tensorslim.planner.choose_measured import choose_measured, error_sq_of
-from tensorslim.planner.in_context import TOLERANCE
+from tensorslim.planner.choose_measured import (
+    allocate_measured,
+    choose_measured,
+    error_sq_of,
+    finish_measured,
+)
+from tensorslim.planner.in_context import TOLERANCE, measure_in_layouts
 from tensorslim.planner.latency import LatencySetting
 from tensorslim.planner.survey import ModelSurvey
 from tensorslim.rank.budget import Budget
@@ -72,14 +78,18 @@ def choose_in_fastest_format(
     if len(formats) == 1:
         (only,) = settings.values()
         return choose_measured(model, method, budget, candidates, survey, only), only
-    dense = dense_in_layouts(model, survey, settings, setting.forward_fn)
-    fastest_dense = min(dense, key=dense.__getitem__)
-    choices = {
-        f: choose_measured(
-            model, method, budget, candidates, survey, s, dense[fastest_dense] / dense[f]
-        )
-        for f, s in settings.items()
-    }
+    if budget.metric == "latency":
+        dense = dense_in_layouts(model, survey, settings, setting.forward_fn)
+        fastest_dense = min(dense, key=dense.__getitem__)
+        choices = {
+            f: choose_measured(
+                model, method, budget, candidates, survey, s, dense[fastest_dense] / dense[f]
+            )
+            for f, s in settings.items()
+        }
+    else:  # allocated in each layout first: one run times dense and planned in all of them
+        choices, dense = _flops_in_layouts(model, method, budget, candidates, survey, settings)
+        fastest_dense = min(dense, key=dense.__getitem__)
     price = {f: c.latency["predicted_fraction"] * dense[f] for f, c in choices.items()}  # type: ignore[index]
     chosen = _pick(budget, choices, {f: p / dense[fastest_dense] for f, p in price.items()})
     choice = choices[chosen]
@@ -102,6 +112,28 @@ def choose_in_fastest_format(
     return choice, settings[chosen]
 
 
+def _flops_in_layouts(
+    model: nn.Module,
+    method: Method,
+    budget: Budget,
+    candidates: Candidates,
+    survey: ModelSurvey,
+    settings: dict[str, LatencySetting],
+) -> tuple[dict[str, Choice], dict[str, float]]:
+    """A FLOPs or params budget in every layout: each layout's allocation, then the dense model
+    and every layout's planned structure timed in one interleaved run
+    (:func:`~tensorslim.planner.in_context.measure_in_layouts`). (choices, dense ms) per layout."""
+    allocated = {
+        f: allocate_measured(method, budget, candidates, survey, s) for f, s in settings.items()
+    }
+    picks = {f: a.choice.picked for f, a in allocated.items()}
+    contexts = measure_in_layouts(model, method, survey, settings, picks)
+    choices = {
+        f: finish_measured(budget, s, allocated[f], contexts[f]) for f, s in settings.items()
+    }
+    return choices, {f: c.dense_ms for f, c in contexts.items()}
+
+
 def _pick(budget: Budget, choices: dict[str, Choice], fraction: dict[str, float]) -> str:
     """The layout kept: fastest, or under a latency budget the least error among those
     meeting it (within the in-context tolerance)."""
@@ -122,14 +154,30 @@ def dense_in_layouts(
 ) -> dict[str, float]:
     """The dense model's ms in every layout of ``settings``, timed interleaved in one run and
     kept in the settings' cache as each layout's dense reference (a cached plan times none)."""
-    shape = tuple(first_tensor_shape(survey.example))
-    keys = {f: s.cache.key(model, shape, s.deployment) for f, s in settings.items()}
+    deployments = {f: s.deployment for f, s in settings.items()}
     cache = next(iter(settings.values())).cache
+    return module_in_layouts(model, survey.example, deployments, cache, forward_fn)
+
+
+def module_in_layouts(
+    module: nn.Module,
+    example: Any,
+    deployments: dict[str, Deployment],
+    cache: LatencyCache,
+    forward_fn: ForwardFn | None = None,
+    rounds: dict[str, Any] | None = None,
+) -> dict[str, float]:
+    """``module``'s ms on ``example`` in each of ``deployments`` (one per layout), timed
+    interleaved in one run when any is uncached (``rounds``: default :data:`MODEL_ROUNDS`);
+    a time already cached stays (a dense model's is the reference its layers' ratios were
+    scaled by)."""
+    shape = tuple(first_tensor_shape(example))
+    keys = {f: cache.key(module, shape, d) for f, d in deployments.items()}
     if any(cache.get(k) is None for k in keys.values()):
-        models = {f: (model, s.deployment) for f, s in settings.items()}
-        timed = time_in_deployments(models, survey.example, forward_fn, MODEL_ROUNDS)
+        models = {f: (module, d) for f, d in deployments.items()}
+        timed = time_in_deployments(models, example, forward_fn, rounds or MODEL_ROUNDS)
         for f, key in keys.items():
-            if cache.get(key) is None:  # a reference already cached stays (layer ratios use it)
+            if cache.get(key) is None:
                 cache.put(key, timed[f].ms)
     return {f: float(cache.get(k)) for f, k in keys.items()}  # type: ignore[arg-type]
 

@@ -20,7 +20,7 @@ from tensorslim.analysis.calibration import (
     collect_statistics,
     has_input_rows,
 )
-from tensorslim.analysis.deployment import Deployment
+from tensorslim.analysis.deployment import Deployment, require_backend
 from tensorslim.analysis.timing import LatencyCache
 from tensorslim.errors import TensorslimError
 from tensorslim.facts import LayerStats
@@ -35,6 +35,7 @@ from tensorslim.planner.assemble import assemble_plan
 from tensorslim.planner.candidates import Candidates, gather_candidates
 from tensorslim.planner.choose import Choice, choose_options
 from tensorslim.planner.latency import LatencySetting
+from tensorslim.planner.layout_chains import fastest_chain_layout
 from tensorslim.planner.memory_format import choose_in_fastest_format
 from tensorslim.planner.records import CompressionPlan
 from tensorslim.planner.sensitivity import weighted_choices
@@ -76,6 +77,7 @@ def plan(
     latency_cache: LatencyCache | None = None,
     fold_bn: bool = False,
     tied: str = "dense",
+    objective: str | None = None,
     **settings: Any,
 ) -> CompressionPlan:
     """Compute a compression plan for ``model``.
@@ -98,12 +100,18 @@ def plan(
     the example's batch size, ``torch.get_num_threads()``, eager, memory format "auto": a
     convolutional model is planned in NCHW and in channels_last and the layout of the faster
     compressed model kept, against the faster dense layout, see
-    :mod:`tensorslim.planner.memory_format`). Under any budget a
+    :mod:`tensorslim.planner.memory_format`; then one layout per chain of layers where the
+    whole model measures faster so, :mod:`tensorslim.planner.layout_chains`; ``apply``
+    returns the model in the layout kept). Under any budget a
     decomposition method's compressed layers are timed there against their dense form and an
     option measured slower is never chosen (the layer stays dense, its reason gives the times)
     unless ``allow_slower=True`` (``None``: :data:`ALLOW_SLOWER_BY_DEFAULT`, False); a
     FLOPs or params budget is then met where it buys measured time (least error per ms saved,
     see :mod:`tensorslim.planner.choose_measured`);
+    ``objective`` ("latency", "balanced" — the default — or "error"; or the budget's own,
+    ``"flops=0.5,objective=error"``): what a timed FLOPs or params budget is met for: the least
+    predicted time, the least error within a few per cent of it, or the least error (see
+    :mod:`tensorslim.planner.choose_measured`; saved in ``plan.budget``).
     ``budget="latency=0.5"`` spends measured per-layer latency. ``latency_cache`` (a
     :class:`~tensorslim.analysis.timing.LatencyCache`, optionally on disk) reuses timings.
     ``fold_bn``: fold every BatchNorm that follows a conv into it first (:mod:`tensorslim.fold`;
@@ -112,12 +120,19 @@ def plan(
     ``settings`` are the method's own (e.g. ``scheme="spatial"``).
     """
     budget = Budget.coerce(budget)
+    if objective is not None:
+        if budget is None:
+            raise TensorslimError(f"objective={objective!r} needs a budget (e.g. flops=0.5)")
+        budget = budget.with_objective(objective)
     check_tied_mode(tied)
     folded: list[str] = []
     if fold_bn:
         model, folded = fold_batchnorm(model)
     chosen = _method(method, budget, settings)
     example = _example(example_input, calibration, forward_fn)
+    where = Deployment.coerce(deployment, example)
+    if budget is not None:
+        require_backend(where)  # before any work: e.g. backend=compile without a C++ compiler
     survey = survey_model(model, example, forward_fn)
     ties = decide_ties(tied, survey.modules, survey.tied, survey.order, chosen.name)
     selected, reasons = select_layers(survey, layers, exclude, filter_fn, ties)
@@ -130,7 +145,6 @@ def plan(
     candidates = gather_candidates(chosen, survey, selected, stats, metric, progress)
     if stats and budget is not None and chosen.weighs_layers():
         candidates.choices = weighted_choices(candidates.choices, survey.modules, stats)
-    where = Deployment.coerce(deployment, example)
     slower = ALLOW_SLOWER_BY_DEFAULT if allow_slower is None else bool(allow_slower)
     setting = _latency_setting(chosen, budget, where, slower, latency_cache, forward_fn)
     choice = _choose(model, chosen, budget, candidates, survey, setting)
@@ -154,7 +168,8 @@ def _choose(
     """Allocate: by measured latency when the plan times layers under a budget (``setting``
     from :func:`_latency_setting`), else by the budget's metric or the method's own rule."""
     if setting is not None and budget is not None:
-        return choose_in_fastest_format(model, method, budget, candidates, survey, setting)[0]
+        choice = choose_in_fastest_format(model, method, budget, candidates, survey, setting)[0]
+        return fastest_chain_layout(model, method, survey, choice, setting)
     totals = {"flops": survey.model_flops, "params": survey.model_params}
     return choose_options(method, budget, candidates, survey.infos, totals)
 

@@ -23,13 +23,16 @@ latency hull, a refund can give back time), so the walk is repeated on blended c
 ms/T_ms + w·c/T_c for a few w, and on c alone (the least-error allocation); of those meeting
 the need the one of least total ms is kept (ties: least error). Under ``flops=0.5`` FLOPs are
 thus spent where they buy time, and the plan is never predicted slower than the least-error one.
+With a ``slack`` s > 0 (the planner's "balanced" objective), the kept walk is instead the one of
+least error among those whose total ms is at most the fastest walk's + s (``slack=inf``: the
+least-error walk of them all).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import heapq
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from tensorslim.errors import TensorslimError
@@ -131,11 +134,14 @@ def allocate(
     refund: bool = True,
     caps: Mapping[str, int] | None = None,
     spend: str | None = None,
+    slack: float = 0.0,
 ) -> tuple[dict[str, Option | None], int]:
     """Pick one option per layer (None = dense) saving at least ``target_saving`` in ``metric``.
 
     ``spend`` (e.g. "latency", every option measured): choose where to save by the least error
     per unit of ``spend`` saved, while the need stays in ``metric`` (see the module docstring).
+    ``slack`` (with ``spend``): the least-error walk costing at most the least-costly walk's
+    ``spend`` + slack (0: the least-costly walk, ties: least error).
 
     ``caps`` maps another metric to the saving it needs: > 0 a global saving; 0 (a cap of 1.0)
     no layer may cost more than dense in it; < 0 (a cap above 1.0) the model may grow in it by
@@ -147,6 +153,25 @@ def allocate(
     options cannot save that much, every layer takes its cheapest option and the saving reached
     is smaller.
     """
+    return allocate_each(
+        layers, metric, target_saving, (slack,), refund=refund, caps=caps, spend=spend
+    )[0]
+
+
+def allocate_each(
+    layers: list[LayerChoices],
+    metric: str,
+    target_saving: int,
+    slacks: Sequence[float],
+    *,
+    refund: bool = True,
+    caps: Mapping[str, int] | None = None,
+    spend: str | None = None,
+) -> list[tuple[dict[str, Option | None], int]]:
+    """:func:`allocate` for each of ``slacks`` at once: with ``spend`` the walks are made once
+    and each slack selects among them (a plan records its objective's choice and the least-time
+    and least-error ones: one set of walks, not three); without, every slack gets the one
+    allocation."""
     if metric not in METRICS:
         raise TensorslimError(f"unknown budget metric '{metric}'")
     caps = dict(caps or {})
@@ -156,13 +181,13 @@ def allocate(
         layers = [_within_caps(layer, strict) for layer in layers]
     needs = {metric: target_saving, **{m: s for m, s in caps.items() if s != 0}}
     if spend is not None and spend != metric:
-        spent = _spend(layers, spend, metric, needs, refund)
-        if spent is not None:
-            return spent
+        walks = _spend_walks(layers, spend, metric, needs, refund)
+        if walks:
+            return [_least_error_within(walks, slack) for slack in slacks]
     if len(needs) == 1:
         picked, saved = _walk(layers, metric_cost(metric), needs, refund)
-        return picked, saved[metric]
-    return _allocate_with_cap(layers, metric, needs, refund)
+        return [(picked, saved[metric])] * len(slacks)
+    return [_allocate_with_cap(layers, metric, needs, refund)] * len(slacks)
 
 
 def _within_caps(layer: LayerChoices, caps: Mapping[str, int]) -> LayerChoices:
@@ -196,14 +221,27 @@ def _allocate_with_cap(
     return best[2], best[3][metric]
 
 
-def _spend(
+def _least_error_within(
+    walks: list[tuple[float, float, dict[str, Option | None], int]], slack: float
+) -> tuple[dict[str, Option | None], int]:
+    """Of the walks (each meeting every need; see :func:`_spend_walks`), the one of least error
+    whose total spend is at most the least total + ``slack`` (0: the least total, ties: least
+    error)."""
+    limit = min(total for total, _, _, _ in walks) + slack
+    _, _, picked, saved = min(
+        (w for w in walks if w[0] <= limit * (1 + 1e-12)), key=lambda w: (w[1], w[0])
+    )
+    return picked, saved
+
+
+def _spend_walks(
     layers: list[LayerChoices], spend: str, metric: str, needs: dict[str, int], refund: bool
-) -> tuple[dict[str, Option | None], int] | None:
-    """Of the walks along hulls of ``spend`` blended with ``metric`` (every weight of
-    :data:`SPEND_WEIGHTS`, and ``metric`` alone: the least-error walk), the one meeting every
-    need at the least total ``spend`` (ties: least error); ``None`` if none meets them."""
+) -> list[tuple[float, float, dict[str, Option | None], int]]:
+    """(total ``spend``, error, choice, saving in ``metric``) of every walk along hulls of
+    ``spend`` blended with ``metric`` (every weight of :data:`SPEND_WEIGHTS`, and ``metric``
+    alone: the least-error walk) that meets every need."""
     scale = {m: max(1e-30, sum(layer.dense(m) for layer in layers)) for m in (spend, metric)}
-    best: tuple[float, float, dict[str, Option | None], int] | None = None
+    walks: list[tuple[float, float, dict[str, Option | None], int]] = []
     for weight in (*SPEND_WEIGHTS, None):
 
         def cost(layer: LayerChoices, option: Option | None, w: float | None = weight) -> float:
@@ -219,9 +257,8 @@ def _spend(
             continue
         total = sum(metric_cost(spend)(layer, picked[layer.fqn]) for layer in layers)
         error = sum(layer.loss(picked[layer.fqn]) for layer in layers)
-        if best is None or (total, error) < best[:2]:
-            best = (total, error, picked, saved[metric])
-    return None if best is None else (best[2], best[3])
+        walks.append((total, error, picked, saved[metric]))
+    return walks
 
 
 def _walk(

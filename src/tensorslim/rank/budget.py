@@ -11,10 +11,17 @@ dense layer in a capped metric.
 deployment setting (batch, threads, memory format, backend — see
 :class:`tensorslim.analysis.deployment.Deployment`); the allocator then spends per-layer latencies
 measured at each layer's real input shape. FLOPs and parameters are capped at 1.0 beside it.
+
+``objective`` says what a FLOPs or params budget is met for when the plan times layers (see
+:mod:`tensorslim.planner.choose_measured`): ``"latency"`` the plan of least predicted time,
+``"error"`` the least error, ``"balanced"`` (the default, ``None``) the least error among plans
+predicted within a few per cent of the fastest. Text: ``"flops=0.5,objective=error"``. A latency
+budget is always met with the least error.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -23,18 +30,21 @@ from tensorslim.errors import TensorslimError
 
 METRICS = ("flops", "params", "latency")  # what a budget may target
 CAPPED = ("flops", "params")  # what a budget may cap (latency is always checked per layer)
+OBJECTIVES = ("latency", "balanced", "error")  # what a FLOPs/params budget is met for
 
 
 @dataclass(frozen=True)
 class Budget:
     """Exactly one target (``flops``, ``params`` or ``latency``, a fraction in (0, 1]) and
-    optional caps (``max_flops`` / ``max_params``, fractions > 0) on the other metrics."""
+    optional caps (``max_flops`` / ``max_params``, fractions > 0) on the other metrics;
+    ``objective``: one of :data:`OBJECTIVES` or ``None`` (the planner's default)."""
 
     flops: float | None = None
     params: float | None = None
     latency: float | None = None
     max_flops: float | None = None
     max_params: float | None = None
+    objective: str | None = None
 
     def __post_init__(self) -> None:
         given = {m: getattr(self, m) for m in METRICS if getattr(self, m) is not None}
@@ -53,6 +63,21 @@ class Budget:
                 raise TensorslimError(f"budget {key}={value} cannot also cap {m} (max_{m})")
             if not _is_number(cap) or cap <= 0:
                 raise TensorslimError(f"budget cap {m}<={cap} must be a fraction > 0")
+        if self.objective is not None and self.objective not in OBJECTIVES:
+            raise TensorslimError(
+                f"budget objective={self.objective!r}: use one of {', '.join(OBJECTIVES)}"
+            )
+        if key == "latency" and self.objective not in (None, "error"):
+            raise TensorslimError(
+                f"budget latency={value} is met with the least error: drop objective="
+                f"{self.objective}"
+            )
+
+    def with_objective(self, objective: str | None) -> Budget:
+        """This budget met for ``objective`` (``None`` keeps its own)."""
+        if objective is None:
+            return self
+        return dataclasses.replace(self, objective=objective)
 
     @property
     def metric(self) -> str:
@@ -74,9 +99,14 @@ class Budget:
 
     @classmethod
     def parse(cls, text: str) -> Budget:
-        """``"flops=0.5"``, ``"params=10%"``, with caps: ``"params=0.5,flops<=1"``."""
-        fields: dict[str, float] = {}
+        """``"flops=0.5"``, ``"params=10%"``, with caps: ``"params=0.5,flops<=1"``, with an
+        objective: ``"flops=0.5,objective=error"``."""
+        fields: dict[str, Any] = {}
         for part in text.split(","):
+            key, sep, value = part.partition("=")
+            if key.strip().lower() == "objective":
+                fields["objective"] = value.strip().lower()
+                continue
             cap = "<=" in part
             key, sep, value = part.partition("<=" if cap else "=")
             key = key.strip().lower()
@@ -88,12 +118,14 @@ class Budget:
             fields[f"max_{key}" if cap else key] = _fraction(value.strip(), text)
         return cls(**fields)
 
-    def to_dict(self) -> dict[str, float]:
-        data = {self.metric: self.fraction}
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {self.metric: self.fraction}
         for m in CAPPED:
             cap = getattr(self, f"max_{m}")
             if cap is not None:
                 data[f"max_{m}"] = float(cap)
+        if self.objective is not None:
+            data["objective"] = self.objective
         return data
 
     @classmethod
@@ -102,7 +134,7 @@ class Budget:
             return None
         if not isinstance(data, dict):
             raise TensorslimError(f"a budget must be a mapping like {{'flops': 0.5}}, got {data!r}")
-        known = {*METRICS, *(f"max_{m}" for m in CAPPED)}
+        known = {*METRICS, *(f"max_{m}" for m in CAPPED), "objective"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise TensorslimError(
@@ -130,6 +162,8 @@ class Budget:
             cap = getattr(self, f"max_{m}")
             if cap is not None:
                 text += f",{m}<={cap:g}"
+        if self.objective is not None:
+            text += f",objective={self.objective}"
         return text
 
 

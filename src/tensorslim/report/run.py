@@ -74,7 +74,10 @@ def summary_row(result: Mapping[str, Any]) -> dict[str, Any]:
     comp = result["compressed"]
     return {
         "method": result["method"],
-        "budget": ", ".join(f"{k}={v:g}" for k, v in budget.items()) or "rule",
+        "budget": ", ".join(
+            f"{k}={v:g}" if isinstance(v, int | float) else f"{k}={v}" for k, v in budget.items()
+        )
+        or "rule",
         "accuracy_before_ft": result.get("accuracy_before_finetune"),
         "accuracy": comp.get("accuracy"),
         # pruned weights are stored compactly (values + indices): count what is kept

@@ -5,13 +5,14 @@ teacher's outputs as the only target (``kd_alpha = 1``: batches need no labels),
 loss chosen by name — ``"hidden"`` (token hidden states, MSE + cosine over real tokens),
 ``"layers"`` (the same on every layer's hidden states, the models run with
 ``output_hidden_states=True``), ``"pooled"`` (mean-pooled sentence embeddings, MSE + cosine)
-or ``"kl"`` (logits) — or given as a function, AdamW and a cosine schedule. It keeps the
-loop's atomic per-epoch checkpoints and ``resume``. The teacher is never changed.
+or ``"kl"`` (logits) — or given as a function, AdamW and a cosine schedule after an optional
+linear warm-up. It keeps the loop's atomic per-epoch checkpoints and ``resume``. The teacher
+is never changed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from torch import nn
@@ -19,6 +20,7 @@ from torch import nn
 from tensorslim.errors import TensorslimError
 from tensorslim.inputs import ForwardFn
 from tensorslim.layers.base import StructuredLayer
+from tensorslim.train.hooks import TrainHook
 from tensorslim.train.loop import History, fit
 from tensorslim.train.losses import DistillFn, hidden_states_forward, named_distillation
 
@@ -41,19 +43,27 @@ def distill(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     only_structured: bool = False,
+    warmup: float = 0.0,
+    hooks: Sequence[TrainHook] = (),
 ) -> History:
     """Train ``student`` in place to reproduce ``teacher``'s outputs on ``loader``'s batches.
 
     Batches are whatever both models take (a tokenizer's ``BatchEncoding``, tensors, …);
     labels, if present, are ignored. ``only_structured=True`` trains only the parameters of the
     structured layers (the factors the compression made; embeddings, norms and dense layers stay
-    as they were). Returns the per-epoch history (``train_distill_loss``).
+    as they were). The learning rate rises linearly from ``lr``/steps to ``lr`` over the first
+    ``warmup`` epochs (a float: 0.1 is a tenth of the first epoch), then decays to 0 by a
+    cosine over the remaining steps. ``hooks`` are the loop's (e.g. a held-out score per epoch
+    in ``on_epoch_end``, which lands in the history). Returns the per-epoch history
+    (``train_distill_loss`` and the hooks' records).
     """
     if student is teacher:
         raise TensorslimError("distill: the student and the teacher are the same module")
     distill_fn = named_distillation(loss, temperature) if isinstance(loss, str) else loss
     if loss == "layers" and forward_fn is None:
         forward_fn = hidden_states_forward
+    if not 0.0 <= warmup <= epochs:
+        raise TensorslimError(f"distill warmup must be in [0, epochs={epochs}], got {warmup}")
     frozen = _freeze_unstructured(student) if only_structured else []
     try:
         return fit(
@@ -63,6 +73,8 @@ def distill(
             lr=lr,
             optimizer=optimizer,
             weight_decay=weight_decay,
+            warmup_epochs=warmup,
+            hooks=hooks,
             teacher=teacher,
             kd_alpha=1.0,
             distill_fn=distill_fn,
