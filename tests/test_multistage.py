@@ -98,13 +98,15 @@ def test_stage_whose_target_is_met_is_skipped(tiny_cnn, loaders, monkeypatch) ->
     import functools
     import sys
 
-    from tensorslim.rank.allocate import allocate
+    from tensorslim.rank.allocate import allocate_each
 
     train, _, example = loaders
     # Random weights and the bare greedy walk (no refund of its overshoot): stage 1 jumps to
     # rank 1 and overshoots stage 2's target.
     choose_module = sys.modules["tensorslim.planner.choose"]
-    monkeypatch.setattr(choose_module, "allocate", functools.partial(allocate, refund=False))
+    monkeypatch.setattr(
+        choose_module, "allocate_each", functools.partial(allocate_each, refund=False)
+    )
     small, results = multistage(
         tiny_cnn,
         method="tucker",
