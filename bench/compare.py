@@ -206,6 +206,15 @@ def run_model(name, model, args, wanted, kept, loaders, example) -> list[dict]:
     return rows
 
 
+def _rerun(row: dict, methods: set, models: set, budgets: set) -> bool:
+    """Whether ``row`` is one this run measures again (its method, model and FLOPs target)."""
+    return (
+        row.get("method") in methods
+        and row.get("model") in models
+        and row.get("target_flops") in budgets
+    )
+
+
 def kept_svd_params(kept: list[dict], name: str, fraction: float) -> float | None:
     """The params fraction a kept SVD row reached at this FLOPs target (sparse rows match it)."""
     return next(
@@ -262,10 +271,19 @@ def update_readme(rows: list[dict]) -> None:
     text = README.read_text()
     if START not in text or END not in text:
         raise SystemExit(f"README has no {START} … {END} block")
+    shown = [
+        {**r, "timed": "interleaved" if "dense_ms" in r else "dense once"}
+        for r in rows
+        if "accuracy" in r
+    ]
+    for r in shown:
+        if r["method"] == "original":
+            r["timed"] = "–"
     table = markdown_table(
-        ["model", "method", "budget", "accuracy", "flops_fraction", "params_fraction", "speedup"],
-        [r for r in rows if "accuracy" in r],
-    )
+        ["model", "method", "budget", "accuracy", "flops_fraction", "params_fraction", "speedup",
+         "timed"],
+        shown,
+    )  # fmt: skip
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
     note = (
@@ -307,7 +325,8 @@ def main() -> None:
     previous: dict = {}
     if args.merge and (RESULTS / "compare.json").is_file():
         previous = json.loads((RESULTS / "compare.json").read_text())
-        kept = [r for r in previous["rows"] if r.get("method") not in wanted]
+        rerun = (set(wanted), set(args.models.split(",")), set(map(float, args.budgets.split(","))))
+        kept = [r for r in previous["rows"] if not _rerun(r, *rerun)]
     started = time.perf_counter()
     for name in args.models.split(","):
         model, _ = trained_model(

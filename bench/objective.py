@@ -13,7 +13,7 @@ tucker at ``flops=0.5``:
 - a ResNet-18-style model at 224×224, batch 1, 1 thread, NCHW, BatchNorm folded (as
   ``bench/latency.py --quick``): the measured speedup of each objective's plan.
 
-    python bench/objective.py [--name objective] [--skip-resnet18] [--skip-resnet20]
+    python bench/objective.py [--name objective] [--steps 40] [--r18-methods svd] [--skip-resnet20]
 """
 
 from __future__ import annotations
@@ -51,8 +51,9 @@ COLUMNS = [
 SWEEP_COLUMNS = ["model", "method", "tolerance", "layer_sum_ms", "error_sq", "flops"]
 
 
-def resnet20_rows(limit_train: int) -> tuple[list[dict], list[dict]]:
-    """compare.py's resnet20 at flops=0.5 per objective, fine-tuned; and the slack sweep."""
+def resnet20_rows(limit_train: int, steps: int | None, save) -> tuple[list[dict], list[dict]]:
+    """compare.py's resnet20 at flops=0.5 per objective, fine-tuned (at most ``steps`` steps);
+    and the slack sweep. ``save(rows, sweep)`` after every row."""
     torch.manual_seed(0)
     _, train, test = fashion_loaders(limit_train)
     model, _ = trained_model("resnet20", train, test, epochs=3, tag=f"fmnist-{limit_train}-e3")
@@ -66,7 +67,7 @@ def resnet20_rows(limit_train: int) -> tuple[list[dict], list[dict]]:
                 model, method=method, budget=Budget(flops=0.5, objective=objective),
                 settings=settings, train_loader=train, test_loader=test, example_batch=example,
                 finetune_epochs=1, lr=0.01, progress=False, measure_original=original,
-                latency_cache=cache, deployment=DEPLOYMENT,
+                latency_cache=cache, deployment=DEPLOYMENT, max_steps_per_epoch=steps,
             )  # fmt: skip
             check = result.get("latency_check") or {}
             rows.append(
@@ -86,7 +87,9 @@ def resnet20_rows(limit_train: int) -> tuple[list[dict], list[dict]]:
                 }
             )
             print(rows[-1], flush=True)
+            save(rows, sweep)
         sweep += slack_sweep("resnet20", model, method, settings, example[:1], cache)
+        save(rows, sweep)
     return rows, sweep
 
 
@@ -126,7 +129,7 @@ def slack_sweep(
     return rows
 
 
-def resnet18_rows() -> list[dict]:
+def resnet18_rows(methods: list[str]) -> list[dict]:
     """ResNet-18 b1 NCHW 1 thread at flops=0.5 per objective: measured speedup (interleaved)."""
     torch.manual_seed(0)
     model = create_model("resnet18", in_channels=3, num_classes=1000).eval()
@@ -134,7 +137,8 @@ def resnet18_rows() -> list[dict]:
     where = Deployment(batch=1, threads=1, memory_format="nchw")
     dense = fold_batchnorm(model)[0].eval()
     rows = []
-    for method, settings in R18_METHODS.items():
+    for method in methods:
+        settings = R18_METHODS[method]
         cache = LatencyCache()
         for objective in OBJECTIVES:
             p = plan(
@@ -165,31 +169,39 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--name", default="objective")
     parser.add_argument("--limit-train", type=int, default=20000)
-    parser.add_argument("--skip-resnet18", action="store_true")
+    parser.add_argument("--steps", type=int, default=None, help="cap the fine-tune epoch")
+    parser.add_argument("--r18-methods", default="svd,tucker", help="'' skips ResNet-18")
     parser.add_argument("--skip-resnet20", action="store_true")
     args = parser.parse_args()
     started = time.perf_counter()
-    rows, sweep = ([], []) if args.skip_resnet20 else resnet20_rows(args.limit_train)
-    if not args.skip_resnet18:
-        rows += resnet18_rows()
-    notes = [
-        "flops=0.5 per objective. resnet20: bench/compare.py's base model and fine-tune (1 "
-        "epoch, lr 0.01, 20k Fashion-MNIST images), batch 64, 1 thread, "
-        "memory_format auto; speedup = dense / compressed timed interleaved (latency_check). "
-        "resnet18: 224×224, batch 1, 1 thread, NCHW, BatchNorm folded, no accuracy (random "
-        "weights). predicted = the plan's predicted latency fraction; error_sq = Σ over "
-        "compressed layers of the weight error².",
-        "Slack sweep: resnet20 balanced plans from the same timings with the slack set to "
-        "tolerance × the dense timed layers' ms (0: least time; inf: least error).",
-        f"Whole run: {(time.perf_counter() - started) / 60:.1f} min on the shared machine "
-        "(see the load column).",
-    ]
-    write_results(
-        args.name,
-        {"rows": rows, "sweep": sweep, "machine": facts(), "notes": notes},
-        [("Objectives at flops=0.5", COLUMNS, rows), ("Balanced slack", SWEEP_COLUMNS, sweep)],
-        notes,
-    )
+    r18 = resnet18_rows([m for m in args.r18_methods.split(",") if m])
+
+    def save(rows: list[dict], sweep: list[dict]) -> None:
+        notes = [
+            "flops=0.5 per objective. resnet20: bench/compare.py's base model, batch 64, 1 "
+            "thread, memory_format auto, one fine-tune epoch at lr 0.01 on 20k Fashion-MNIST "
+            f"images{f' capped at {args.steps} steps' if args.steps else ''}; speedup = dense / "
+            "compressed timed interleaved (latency_check). resnet18: 224×224, batch 1, 1 "
+            "thread, NCHW, BatchNorm folded, no accuracy (random weights). predicted = the "
+            "plan's predicted latency fraction; error_sq = Σ over compressed layers of the "
+            "weight error².",
+            "Slack sweep: resnet20 balanced plans from the same timings with the slack set to "
+            "tolerance × the dense timed layers' ms (0: least time; inf: least error).",
+            f"Run: {(time.perf_counter() - started) / 60:.1f} min on the shared machine "
+            "(see the load column).",
+        ]
+        all_rows = r18 + rows
+        write_results(
+            args.name,
+            {"rows": all_rows, "sweep": sweep, "machine": facts(), "notes": notes},
+            [("Objectives at flops=0.5", COLUMNS, all_rows), ("Balanced slack", SWEEP_COLUMNS,
+                                                              sweep)],
+            notes,
+        )  # fmt: skip
+
+    save([], [])
+    if not args.skip_resnet20:
+        resnet20_rows(args.limit_train, args.steps, save)
 
 
 if __name__ == "__main__":
