@@ -79,8 +79,8 @@ def register(app: typer.Typer) -> None:
         ),
         objective: str = typer.Option(
             None,
-            help="What a timed flops/params budget is met for: latency (least predicted time), "
-            "balanced (least error within 5% of the fastest; the default) or error.",
+            help="What a timed flops/params budget is met for: latency (least predicted time; "
+            "the default), balanced (least error within 5% of the fastest) or error.",
         ),
     ) -> None:
         """Compress a model with one method at one budget.

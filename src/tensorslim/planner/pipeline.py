@@ -108,7 +108,7 @@ def plan(
     unless ``allow_slower=True`` (``None``: :data:`ALLOW_SLOWER_BY_DEFAULT`, False); a
     FLOPs or params budget is then met where it buys measured time (least error per ms saved,
     see :mod:`tensorslim.planner.choose_measured`);
-    ``objective`` ("latency", "balanced" — the default — or "error"; or the budget's own,
+    ``objective`` ("latency" — the default —, "balanced" or "error"; or the budget's own,
     ``"flops=0.5,objective=error"``): what a timed FLOPs or params budget is met for: the least
     predicted time, the least error within a few per cent of it, or the least error (see
     :mod:`tensorslim.planner.choose_measured`; saved in ``plan.budget``).

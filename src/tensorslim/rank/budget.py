@@ -13,8 +13,8 @@ deployment setting (batch, threads, memory format, backend — see
 measured at each layer's real input shape. FLOPs and parameters are capped at 1.0 beside it.
 
 ``objective`` says what a FLOPs or params budget is met for when the plan times layers (see
-:mod:`tensorslim.planner.choose_measured`): ``"latency"`` the plan of least predicted time,
-``"error"`` the least error, ``"balanced"`` (the default, ``None``) the least error among plans
+:mod:`tensorslim.planner.choose_measured`): ``"latency"`` (the default, ``None``) the plan of least
+predicted time, ``"error"`` the least error, ``"balanced"`` the least error among plans
 predicted within a few per cent of the fastest. Text: ``"flops=0.5,objective=error"``. A latency
 budget is always met with the least error.
 """
