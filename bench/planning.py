@@ -255,6 +255,10 @@ def report(rows: list[dict[str, Any]], name: str = "planning") -> None:
         "resnet56-svd plans with an empty on-disk latency cache and saves it (inside plan_cpu_s); "
         "resnet56-svd-cached is the same plan in a new process reading that cache (a second plan "
         "of the same model: no layer is timed again).",
+        "resnet56-svd, resnet56-svd-cached, resnet20-svd and resnet20-tucker were re-run after "
+        "the timing cuts (a layer variant ≥ 10 % slower than dense stops after 4 rounds; "
+        "whole-model rounds stop once the models' bests hold relative to each other) beside "
+        "another helper's 1-thread job (load ≈ 2.5 on 2 cores); the other rows predate them.",
         "Each worker runs gc.collect() before its clock starts (the model build's garbage is "
         "not the plan's; timeit goes further and disables the collector).",
         "Budgets: flops=0.5 (tt: params=0.5); settings as bench/compare.py. "
