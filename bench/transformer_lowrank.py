@@ -305,7 +305,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=1, help="distillation epochs")
     p.add_argument("--warmup", type=float, default=0.0, help="warm-up, in epochs")
     p.add_argument("--score-every", type=int, default=0, help="held-out scores every N steps")
-    p.add_argument("--distill-loss", default="hidden", choices=["hidden", "layers", "pooled"])
+    p.add_argument("--distill-loss", default="hidden", choices=list(DISTILL_LOSSES))
     p.add_argument("--latency-reps", type=int, default=5)
     p.add_argument("--latency-method", default="svd_llm")
     p.add_argument("--methods", nargs="+", default=list(METHODS))
@@ -338,6 +338,10 @@ DISTILL_LOSSES = {
     "hidden": "token hidden-state MSE + cosine",
     "layers": "MSE + cosine on every layer's token hidden states",
     "pooled": "mean-pooled embedding MSE + cosine",
+    "relational": "MSE of the batch's pairwise cosine-similarity matrix of the pooled "
+    "embeddings + their cosine (relational)",
+    "layers+relational": "MSE + cosine on every layer's token hidden states, plus the MSE of "
+    "the batch's pairwise cosine-similarity matrix of the pooled embeddings + their cosine",
 }
 LATENCY_COLUMNS = [
     "method", "target", "linear_params", "dense_ms_1t", "small_ms_1t", "latency_ratio_1t",

@@ -4,8 +4,10 @@
 teacher's outputs as the only target (``kd_alpha = 1``: batches need no labels), a distillation
 loss chosen by name — ``"hidden"`` (token hidden states, MSE + cosine over real tokens),
 ``"layers"`` (the same on every layer's hidden states, the models run with
-``output_hidden_states=True``), ``"pooled"`` (mean-pooled sentence embeddings, MSE + cosine)
-or ``"kl"`` (logits) — or given as a function, AdamW and a cosine schedule after an optional
+``output_hidden_states=True``), ``"pooled"`` (mean-pooled sentence embeddings, MSE + cosine),
+``"relational"`` (the batch's pairwise cosine-similarity matrix of the pooled embeddings, MSE,
+plus their cosine) or ``"kl"`` (logits), several joined by ``+`` summed
+(``"layers+relational"``) — or given as a function, AdamW and a cosine schedule after an optional
 linear warm-up. It keeps the loop's atomic per-epoch checkpoints and ``resume``. The teacher
 is never changed.
 """
@@ -60,7 +62,7 @@ def distill(
     if student is teacher:
         raise TensorslimError("distill: the student and the teacher are the same module")
     distill_fn = named_distillation(loss, temperature) if isinstance(loss, str) else loss
-    if loss == "layers" and forward_fn is None:
+    if isinstance(loss, str) and "layers" in loss.split("+") and forward_fn is None:
         forward_fn = hidden_states_forward
     if not 0.0 <= warmup <= epochs:
         raise TensorslimError(f"distill warmup must be in [0, epochs={epochs}], got {warmup}")

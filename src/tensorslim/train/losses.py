@@ -160,6 +160,33 @@ def pooled_embedding_distillation(cosine_weight: float = 1.0) -> DistillFn:
     return distill
 
 
+def relational_distillation(matrix_weight: float = 1.0, cosine_weight: float = 1.0) -> DistillFn:
+    """The batch's similarity structure: ``matrix_weight`` · mean_{i≠j} (S_ij − T_ij)² +
+    ``cosine_weight`` · mean_i (1 − cos(s_i, t_i)).
+
+    s_i, t_i (n × h) are the student's and the teacher's mean-pooled sentence embeddings of the
+    batch (as :func:`pooled_embedding_distillation`), S = ŝŝᵀ and T = t̂t̂ᵀ (n × n) their
+    pairwise cosine similarities (rows normalised to unit length). The first term is what a
+    semantic-search ranking reads (the relative similarities of sentences, as in relational
+    knowledge distillation), the second keeps each embedding on its original's direction. A
+    batch of one sentence has no pair: the first term is then 0.
+    """
+
+    def distill(student: Any, teacher: Any, batch: Any) -> torch.Tensor:
+        mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+        if mask is None:
+            raise TensorslimError("relational distillation needs batches with an attention_mask")
+        s = F.normalize(_mean_pool(output_tensor(student, "hidden"), mask), dim=1)
+        t = F.normalize(_mean_pool(output_tensor(teacher, "hidden").detach(), mask), dim=1)
+        n = s.shape[0]
+        off = ~torch.eye(n, dtype=torch.bool, device=s.device)
+        gap = (s @ s.T - t @ t.T)[off]
+        matrix = gap.pow(2).mean() if n > 1 else s.new_zeros(())
+        return matrix_weight * matrix + cosine_weight * (1.0 - (s * t).sum(1)).mean()
+
+    return distill
+
+
 def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     weights = mask.to(hidden.dtype).unsqueeze(-1)
     return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1e-9)
@@ -200,8 +227,18 @@ def sampled_gaussian_loss(seed: int = 0) -> LossFn:
 
 def named_distillation(name: str, temperature: float = 4.0) -> DistillFn:
     """A distillation loss by name: ``"kl"`` (logits), ``"hidden"`` (token hidden states),
-    ``"layers"`` (every layer's hidden states) or ``"pooled"`` (mean-pooled embeddings), the last
-    three MSE + cosine."""
+    ``"layers"`` (every layer's hidden states), ``"pooled"`` (mean-pooled embeddings), the last
+    three MSE + cosine, or ``"relational"`` (:func:`relational_distillation`: the batch's
+    pairwise-similarity matrix + cosine of the pooled embeddings). Names joined by ``+``
+    (``"layers+relational"``) are the sum of those losses."""
+    parts = name.split("+")
+    if len(parts) > 1:
+        losses = [named_distillation(part, temperature) for part in parts]
+
+        def total(student: Any, teacher: Any, batch: Any) -> torch.Tensor:
+            return torch.stack([fn(student, teacher, batch) for fn in losses]).sum()
+
+        return total
     if name == "kl":
         return kl_distillation(temperature)
     if name == "hidden":
@@ -210,4 +247,9 @@ def named_distillation(name: str, temperature: float = 4.0) -> DistillFn:
         return layer_distillation()
     if name == "pooled":
         return pooled_embedding_distillation()
-    raise TensorslimError(f"unknown distillation loss '{name}': use kl, hidden, layers or pooled")
+    if name == "relational":
+        return relational_distillation()
+    raise TensorslimError(
+        f"unknown distillation loss '{name}': use kl, hidden, layers, pooled or relational "
+        "(or several joined by +)"
+    )
