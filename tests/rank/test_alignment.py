@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from tensorslim.facts import Option
 from tensorslim.methods.svd import _ladder
-from tensorslim.planner.latency import spread
-from tensorslim.rank.alignment import aligned, alignment_for, rank_alignment
+from tensorslim.rank.alignment import aligned, alignment_for
 
 
 def test_alignment_for_picks_the_largest_multiple_that_fits() -> None:
@@ -30,26 +28,8 @@ def test_aligned_mask_keeps_multiples_and_the_full_rank() -> None:
     assert torch.nonzero(aligned(100)).reshape(-1).add(1).tolist()[-2:] == [96, 100]
 
 
-def test_rank_alignment_of_configs() -> None:
-    assert rank_alignment({"rank": 48, "scheme": "channel"}) == 16
-    assert rank_alignment({"rank_out": 24, "rank_in": 40}) == 8
-    assert rank_alignment({"rank": 79}) == 1
-    assert rank_alignment({"scheme": "x"}) == 1 and rank_alignment({"rank": True}) == 1
-
-
 def test_svd_ladder_large_ranks_are_aligned() -> None:
     ladder = _ladder(512)
     assert ladder[0] == 1 and ladder[-1] == 512
     assert all(r % 8 == 0 for r in ladder if r >= 128)
     assert sum(r % 8 == 0 for r in ladder) >= 0.75 * len(ladder)
-
-
-def test_spread_times_the_aligned_neighbour() -> None:
-    options = [
-        Option(method="svd", config={"rank": r}, params=r, flops=100 * r, error=1.0 / r)
-        for r in range(1, 65)
-    ]
-    kept = spread(options, 5)
-    assert len(kept) == 5
-    middle = [o.config["rank"] for o in kept][1:-1]
-    assert all(r % 8 == 0 for r in middle), middle

@@ -34,7 +34,6 @@ from tensorslim.inputs import ForwardFn
 from tensorslim.methods.base import Method
 from tensorslim.methods.registry import get_method
 from tensorslim.planner.survey import ModelSurvey
-from tensorslim.rank.alignment import rank_alignment
 from tensorslim.rank.allocate import LayerChoices
 
 DEFAULT_LIMIT = 6
@@ -90,21 +89,10 @@ def spread(options: list[Option], limit: int) -> list[Option]:
             kept += front
             continue
         low, high = front[0].flops, front[-1].flops
-        half = (high - low) / (limit - 1) / 2
         targets = [low + (high - low) * k / (limit - 1) for k in range(limit)]
-        chosen = {id(_near(front, t, half)): None for t in targets}
+        chosen = {id(min(front, key=lambda o, t=t: abs(o.flops - t))): None for t in targets}
         kept += [o for o in front if id(o) in chosen]
     return kept
-
-
-def _near(front: list[Option], target: float, half: float) -> Option:
-    """The best-aligned option within ``half`` FLOPs of ``target`` (the nearest of those), or
-    the nearest option: a rank that is a multiple of 16 fills the CPU's vector blocks, so it
-    is the one worth timing among its neighbours."""
-    window = [o for o in front if abs(o.flops - target) <= half]
-    if not window:
-        return min(front, key=lambda o: abs(o.flops - target))
-    return min(window, key=lambda o: (-rank_alignment(o.config), abs(o.flops - target)))
 
 
 def skeleton(method: Method, module: nn.Module, option: Option, survey_info: Any) -> nn.Module:

@@ -3,15 +3,12 @@
 oneDNN's CPU convolutions and GEMMs work on blocks of 8 (AVX2) or 16 (AVX-512) channels, so a
 factor's latency is close to a step function of its rank: on this project's AVX-512 machine a
 (8, 256, 14, 14) 3×3 conv to 79 channels took 6.9 ms and to 80 channels 2.9 ms, and every rank
-from 20 to 32 of a 64-channel conv cost the same. Offering and timing ranks that are multiples
+from 20 to 32 of a 64-channel conv cost the same. Offering ranks that are multiples
 of 16 (8, 4, … where a layer is too small for that) buys each rank's error at the latency the
 kernel charges anyway.
 """
 
 from __future__ import annotations
-
-from collections.abc import Mapping
-from typing import Any
 
 import torch
 
@@ -32,16 +29,4 @@ def aligned(full: int, granularity: int = 8) -> torch.Tensor:
     return (ranks % multiple == 0) | (ranks == full)
 
 
-def rank_alignment(config: Mapping[str, Any], cap: int = 16) -> int:
-    """The largest power of two ≤ ``cap`` dividing every integer rank in ``config`` (keys
-    containing "rank"); 1 for a config without ranks."""
-    ranks = [v for k, v in config.items() if "rank" in k and type(v) is int]
-    if not ranks:
-        return 1
-    alignment = cap
-    while alignment > 1 and any(r % alignment for r in ranks):
-        alignment //= 2
-    return alignment
-
-
-__all__ = ["ALIGNMENTS", "aligned", "alignment_for", "rank_alignment"]
+__all__ = ["ALIGNMENTS", "aligned", "alignment_for"]
