@@ -258,10 +258,11 @@ def report(rows: list[dict[str, Any]], name: str = "planning") -> None:
         "resnet56-svd, resnet56-svd-cached, resnet20-svd and resnet20-tucker were re-run after "
         "the timing cuts (a layer variant ≥ 10 % slower than dense stops after 4 rounds; "
         "whole-model rounds stop once the models' bests hold relative to each other; a plan's "
-        "mixed layout timed against its chosen layout only) and the aligned ranks, beside "
-        "another helper's 1-thread job (load ≈ 1.7 on 2 cores); the other rows predate them. "
-        "resnet56-svd total_cpu_s over five fresh runs of this code: 0.97, 0.87, 0.86, 0.92, "
-        "0.97 (the row is the last); its compressed-layer count varied 36–47 between runs.",
+        "mixed layout timed against its chosen layout only), the aligned svd ladder and the "
+        "copy-free timing of fresh layer variants, beside another helper's 1-thread job "
+        "(load ≈ 2 on 2 cores); the other rows predate them. resnet56-svd total_cpu_s over "
+        "five fresh worker runs of this code: 1.09, 0.80, 0.88, 0.87, 0.85 (28 compressed "
+        "layers in the first, 30 in the others; the row is a sixth run).",
         "Each worker runs gc.collect() before its clock starts (the model build's garbage is "
         "not the plan's; timeit goes further and disables the collector).",
         "Budgets: flops=0.5 (tt: params=0.5); settings as bench/compare.py. "
