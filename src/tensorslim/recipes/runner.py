@@ -332,7 +332,12 @@ def run_recipe(
     if last < len(recipe.stages) - 1:
         log(f"stopped after stage {last} ({recipe.stages[last].stage}): resume to continue")
         return {"stopped_after": last, "stages": stage_results}
-    return _finish(run, recipe, stage_results, distributed)
+    summary = _finish(run, recipe, stage_results, distributed)
+    # every rank leaves together: a rank that tore its process group down while rank 0 was
+    # still measuring aborted once ("terminate called without an active exception", gloo);
+    # if rank 0 fails instead, torchrun stops the waiting ranks
+    barrier()
+    return summary
 
 
 def _last_stage(recipe: Recipe, stop_after: int | None) -> int:
