@@ -495,9 +495,10 @@ def _results(
         / original["params"],
         "flops_nonzero_fraction": compressed.get("flops_nonzero", compressed["flops"])
         / original["flops"],
+        # a caller's measure_original may have been taken without latency: no speedup then
         "latency_speedup": (
             original["latency_ms"] / compressed["latency_ms"]
-            if latency and compressed.get("latency_ms")
+            if latency and compressed.get("latency_ms") and original.get("latency_ms")
             else None
         ),
         "machine": machine_facts(),

@@ -160,3 +160,69 @@ def test_rounds_that_agree_stop_early_and_others_wait_for_patience() -> None:
     assert time_interleaved(runners, 1, min_rounds=8)["mm"].rounds >= 8
     # rounds that disagree (median > best) fall back to the patience rule
     assert time_interleaved(runners, 1, min_rounds=8, stable=-0.5)["mm"].rounds >= 8
+
+
+def _scripted(monkeypatch: pytest.MonkeyPatch, rounds: dict[str, list[float]]) -> dict[str, int]:
+    """Runners whose rounds take the scripted CPU seconds (round k: rounds[name][k], the last
+    repeated); returns name → rounds run, counted."""
+    import tensorslim.analysis.timing as timing
+
+    calls = {n: 0 for n in rounds}
+
+    def one_round(run, number):
+        name = run.name
+        k = calls[name]
+        calls[name] += 1
+        x = rounds[name][min(k, len(rounds[name]) - 1)]
+        return x, x
+
+    monkeypatch.setattr(timing, "_one_round", one_round)
+    monkeypatch.setattr(timing, "_iterations", lambda run, round_time: 1)
+    return calls
+
+
+class _Named:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self) -> None:
+        return None
+
+
+def test_a_runner_clearly_slower_than_its_reference_stops_and_is_paired_with_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """drop_slower: the slow variant runs AGREE_ROUNDS rounds, the noisy close one keeps
+    the run going; the slow one's reference_ms is dense's best over *its* rounds only."""
+    from tensorslim.analysis.timing import AGREE_ROUNDS
+
+    dense = [1.0, 1.0, 1.0, 1.0, 0.9]  # a better round after the slow variant stopped
+    close = [1.0, 0.95, 1.0, 0.9, 1.0, 0.85, 1.0, 0.8, 0.8]  # keeps improving for a while
+    calls = _scripted(monkeypatch, {"dense": dense, "close": close, "slow": [2.0]})
+    runners = {n: _Named(n) for n in ("dense", "close", "slow")}
+    refs = {"close": "dense", "slow": "dense"}
+    kw = {"min_rounds": 4, "patience": 2, "references": refs}
+    timed = time_interleaved(runners, 1, drop_slower=0.1, **kw)
+    assert calls["slow"] == AGREE_ROUNDS < calls["close"] == calls["dense"]
+    assert timed["slow"].reference_ms == pytest.approx(1000.0)  # dense over rounds 1-4
+    assert timed["close"].reference_ms == pytest.approx(900.0)
+    calls.update({n: 0 for n in calls})
+    assert time_interleaved(runners, 1, **kw)["slow"].rounds == calls["close"]  # no dropping
+
+
+def test_the_relative_rule_stops_when_every_best_moves_together(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Both runners' bests improve 5 % a round (the machine got quieter): the absolute rule
+    waits, the relative one stops at min_rounds since their ratio held."""
+    falling = [1.0 * 0.95**k for k in range(12)] + [0.95**12]
+    _scripted(monkeypatch, {"a": falling, "b": [2 * x for x in falling]})
+    runners = {n: _Named(n) for n in ("a", "b")}
+    kw = {"min_rounds": 6, "patience": 3, "max_rounds": 12}
+    assert time_interleaved(runners, 1, **kw)["a"].rounds == 12
+    _scripted(monkeypatch, {"a": falling, "b": [2 * x for x in falling]})
+    timed = time_interleaved(runners, 1, relative=True, **kw)
+    assert timed["a"].rounds == 6 and timed["b"].ms / timed["a"].ms == pytest.approx(2.0)
+    # one runner improving alone is a moving ratio: the relative rule waits too
+    _scripted(monkeypatch, {"a": falling, "b": [2.0]})
+    assert time_interleaved(runners, 1, relative=True, **kw)["a"].rounds == 12

@@ -288,3 +288,17 @@ def test_layer_called_twice_is_costed_for_both_calls(method: str, settings: dict
     assert lp.flops_before == 2 * counted_flops(model.conv, x)
     small = ts.apply(model, plan)
     assert counted_flops(small, x) == plan.estimated_flops <= 0.5 * plan.model_flops
+
+
+def test_tucker_ladder_offers_aligned_pairs_only() -> None:
+    """Rank pairs fill the CPU's vector blocks (tensorslim.rank.alignment): multiples of 16 in
+    a 128-channel mode, of 8 in a 64-channel one, or the full rank."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(64, 128, 3, padding=1)
+    options = get_method("tucker", rank_rule="budget").candidates(
+        conv, info_for(conv, torch.randn(1, 64, 8, 8))
+    )
+    assert len(options) > 5
+    for o in options:
+        assert o.config["rank_out"] % 16 == 0 or o.config["rank_out"] == 128
+        assert o.config["rank_in"] % 8 == 0 or o.config["rank_in"] == 64

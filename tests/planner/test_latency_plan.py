@@ -240,3 +240,14 @@ def test_corrected_target_rescales_the_savings() -> None:
     # savings of 0.4 in the layer sum showed as 0.2 in context (k = 0.5): ask for 0.2 to get 0.6
     assert corrected_target(0.6, 0.6, 0.8) == pytest.approx(0.2)
     assert corrected_target(0.6, 0.6, 1.0) is None and corrected_target(0.6, 1.0, 0.9) is None
+
+
+def test_a_latency_budget_whose_plans_are_slower_in_context_keeps_the_model_dense() -> None:
+    """Each factorized layer is faster alone but costs 5 ms more inside the model: every
+    allocation measures slower than dense in context, so nothing is compressed (never slower)."""
+    model, x = mlp(), torch.randn(4, 64)
+    plan = ts.plan(model, "svd", "latency=0.6", x, latency_cache=ScriptedLatency(0.1, 5.0))
+    assert plan.compressed_layers == []
+    assert all("slower than the dense model in context" in lp.reason for lp in plan.layers[:2])
+    assert any("the model stays dense" in n for n in plan.notes)
+    assert plan.latency is not None and plan.latency["predicted_fraction"] == pytest.approx(1.0)

@@ -34,10 +34,11 @@ def test_a_plan_records_each_chain_timed_in_both_layouts_and_keeps_what_it_measu
     promising = sums[PER_CHAIN] < (1 - MARGIN) * min(sums[f] for f in FORMATS)
     if len(set(entry["assignment"].values())) < 2 or not promising:
         assert not entry["kept"] and "model_ms" not in entry
-    else:  # kept only when faster than both uniform layouts in the same run
-        ms = entry["model_ms"]
-        uniform = min(ms["nchw"], ms["channels_last"])
-        assert entry["kept"] == (ms[PER_CHAIN] < (1 - MARGIN) * uniform)
+    else:  # kept only when faster than the chosen layout in the same run (never timed in the
+        ms = entry["model_ms"]  # other: the stage keeps the mix or the chosen layout)
+        chosen = record["memory_format"]["chosen"]
+        assert set(ms) == {chosen, PER_CHAIN}
+        assert entry["kept"] == (ms[PER_CHAIN] < (1 - MARGIN) * ms[chosen])
     chosen = record["memory_format"]["chosen"]
     want = entry["assignment"] if entry["kept"] else {"": chosen}
     loaded = ts.CompressionPlan.from_text(the_plan.to_json())  # the JSON round trip
@@ -62,6 +63,10 @@ def test_the_mixed_layout_is_kept_only_when_it_beats_both_uniform_layouts() -> N
     for slower in (10.0, 11.0, 10.0 * (1 - MARGIN / 2)):  # not faster than channels_last
         entry = decided(slower)
         assert not entry["kept"] and "not kept" in entry["reason"]
+    # compared with one layout (a plan's chosen NCHW): beating it is enough
+    entry = {"assignment": MIXED, "kept": False}
+    _decide(entry, {"nchw": 12.0, PER_CHAIN: 11.0}, ("nchw",))
+    assert entry["kept"] and "channels_last" not in entry["reason"]
 
 
 def test_the_whole_model_decision_is_timed_once_then_cached(monkeypatch) -> None:
@@ -82,6 +87,11 @@ def test_the_whole_model_decision_is_timed_once_then_cached(monkeypatch) -> None
     other = {**MIXED, "layer2": "nchw"}  # another assignment is another measurement
     with pytest.raises(AssertionError, match="timed again"):
         mixed_and_uniform_ms(model, other, x, deployments, cache)
+    # against one layout (a plan's chosen one): that layout and the mix only, the cached pair
+    assert mixed_and_uniform_ms(model, MIXED, x, deployments, cache, against=("nchw",)) == {
+        "nchw": first["nchw"],
+        PER_CHAIN: first[PER_CHAIN],
+    }
 
 
 def chain_stage(monkeypatch, chain_ms: dict[str, tuple[float, float]], model_ms: dict) -> dict:
@@ -134,3 +144,18 @@ def test_the_chain_stage_tries_a_mix_only_when_the_chains_promise_one(monkeypatc
     assert untried["tried"] == [] and not untried["kept"] and "not tried" in untried["reason"]
     same = chain_stage(monkeypatch, {c: (1.0, 2.0) for c in chains}, {})
     assert same["tried"] == [] and "nothing to mix" in same["reason"]
+
+
+def test_a_mix_is_timed_only_against_the_layouts_it_must_beat(monkeypatch) -> None:
+    model, x = tiny_resnet(), torch.randn(1, 3, 16, 16)
+    deployments = {f: Deployment(batch=2, threads=1, memory_format=f) for f in FORMATS}
+    timed: list[list[str]] = []
+    real = layout_chains.time_in_deployments
+
+    def recorded(models, *args, **kwargs):
+        timed.append(sorted(models))
+        return real(models, *args, **kwargs)
+
+    monkeypatch.setattr(layout_chains, "time_in_deployments", recorded)
+    ms = mixed_and_uniform_ms(model, MIXED, x, deployments, LatencyCache(), against=("nchw",))
+    assert timed == [["nchw", PER_CHAIN]] and set(ms) == {"nchw", PER_CHAIN}

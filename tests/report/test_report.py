@@ -376,3 +376,21 @@ def test_chosen_ranks_are_marked_on_the_spectra(tiny_cnn, tiny_input) -> None:
         layer = next(n for n, r in ranks.items() if abs(r / spectra[n].numel() - x) < 1e-12)
         values = spectra[layer].double()
         assert y == pytest.approx(float(values[ranks[layer] - 1] / values[0]))
+
+
+def test_compress_model_accepts_an_original_measured_without_latency() -> None:
+    """A caller's ``measure_original`` taken with latency=False gives no speedup, not a KeyError."""
+    from conftest import TinyCNN
+
+    torch.manual_seed(0)
+    model = TinyCNN().eval()
+    x = torch.randn(16, 1, 14, 14)
+    loader = DataLoader(TensorDataset(x, torch.randint(0, 10, (16,))), batch_size=8)
+    original = measure(model, x[:4], loader, latency=False)
+    assert "latency_ms" not in original
+    _, result = compress_model(
+        model, method="svd", budget=Budget(flops=0.5), train_loader=loader, test_loader=loader,
+        example_batch=x[:4], finetune_epochs=0, progress=False, measure_original=original,
+    )  # fmt: skip
+    assert result["latency_speedup"] is None
+    assert result["flops_fraction"] <= 0.5

@@ -13,8 +13,11 @@ while its best CPU-time round was stable within a few per cent.
 layer's dense form; a variant's latency is its ratio to the dense layer in that run times
 the dense layer's reference latency (its first measurement), so variants timed in different runs,
 under a different machine load, stay comparable (:func:`time_models_against_reference` does the
-same for whole models). A layer's comparison uses short rounds (:data:`LAYER_ROUNDS`), a whole
-model's a few more (:data:`MODEL_ROUNDS`). :class:`LatencyCache` keeps those numbers keyed
+same for whole models). A layer's comparison uses short rounds (:data:`LAYER_ROUNDS`), and a
+variant measured ≥ 10 % slower than the dense layer over the first rounds is not run again (the
+never-slower rule drops it whatever more rounds would say); a whole model's a few more
+(:data:`MODEL_ROUNDS`), stopped once the models' bests hold relative to each other (a ratio is
+all one run's comparison uses). :class:`LatencyCache` keeps those numbers keyed
 by the module's structure, the input shape, the deployment, the machine and the library versions
 — passed explicitly, never global — and can live in a JSON file so replanning is cheap.
 """
@@ -28,6 +31,7 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,6 +75,9 @@ class Timing:
     wall_median_ms: float
     rounds: int
     setup_s: float = 0.0
+    # a runner timed against a reference (time_interleaved's ``references``): the reference's
+    # best CPU-time round (ms) over the same rounds as this runner's, the ratio's denominator
+    reference_ms: float | None = None
 
     @property
     def ms(self) -> float:
@@ -87,6 +94,9 @@ def time_interleaved(
     tolerance: float = 0.01,
     round_time: float = 0.001,
     stable: float | None = None,
+    references: Mapping[str, str] | None = None,
+    drop_slower: float | None = None,
+    relative: bool = False,
 ) -> dict[str, Timing]:
     """Per-runner latency, the runners timed in interleaved, rotated rounds.
 
@@ -94,31 +104,40 @@ def time_interleaved(
     ``min_rounds`` it stops once no runner's best round improved by more than ``tolerance`` in
     the last ``patience`` rounds (at most ``max_rounds``) — or, with ``stable``, after
     :data:`AGREE_ROUNDS` rounds as soon as every runner's median round is within ``stable`` of
-    its best (the rounds agree: on a quiet machine more of them would not move the best). Our
-    own loop rather than ``torch.utils.benchmark.Timer``: each round is read on two clocks (CPU
-    and wall) at once.
+    its best (the rounds agree: on a quiet machine more of them would not move the best).
+
+    ``references`` (runner → the runner it is compared to, e.g. a variant → its dense layer):
+    each such runner's :attr:`Timing.reference_ms` is its reference's best round over the same
+    rounds as its own. With ``drop_slower`` too, a runner whose best is at least
+    (1 + ``drop_slower``) × its reference's over the same rounds after min(``min_rounds``,
+    :data:`AGREE_ROUNDS`) rounds is clearly slower than its reference: it is not run again, and
+    the stopping rules above watch only the runners still running (at batch 1 about half of
+    resnet56's layer variants are ≥ 10 % slower than dense and are dropped by the never-slower
+    rule whatever more rounds would say). Our own loop rather than
+    ``torch.utils.benchmark.Timer``: each round is read on two clocks (CPU and wall) at once.
     """
     if not runners:
         return {}
     names = list(runners)
     cpu: dict[str, list[float]] = {n: [] for n in names}
     wall: dict[str, list[float]] = {n: [] for n in names}
+    rule = _StopRule(min_rounds, patience, tolerance, stable, relative)
+    pairs = {n: r for n, r in (references or {}).items() if n in runners and r in runners}
     with torch_threads(threads):
         numbers = {n: _iterations(runners[n], round_time) for n in names}
-        settled = 0
+        active = list(names)
         for r in range(max_rounds):
-            best_before = {n: min(cpu[n], default=math.inf) for n in names}
             shift = r % len(names)
             for n in names[shift:] + names[:shift]:
-                c, w = _one_round(runners[n], numbers[n])
-                cpu[n].append(c / threads)
-                wall[n].append(w)
-            improved = any(min(cpu[n]) < (1 - tolerance) * best_before[n] for n in names)
-            settled = 0 if improved else settled + 1
-            if r + 1 >= min_rounds and settled >= patience:
+                if n in active:
+                    c, w = _one_round(runners[n], numbers[n])
+                    cpu[n].append(c / threads)
+                    wall[n].append(w)
+            if rule.all_settled({n: cpu[n] for n in active}):
                 break
-            if r + 1 >= min(min_rounds, AGREE_ROUNDS) and _agree(cpu, stable):
-                break
+            if drop_slower is not None and r + 1 >= min(min_rounds, AGREE_ROUNDS):
+                slower = 1 + drop_slower
+                active = [n for n in active if n not in pairs or _best(cpu, n, pairs[n]) < slower]
     return {
         n: Timing(
             min(cpu[n]) * 1e3,
@@ -126,9 +145,64 @@ def time_interleaved(
             statistics.median(wall[n]) * 1e3,
             len(cpu[n]),
             float(getattr(runners[n], "setup_s", 0.0)),
+            _paired(cpu, n, pairs[n]) * 1e3 if n in pairs else None,
         )
         for n in names
     }
+
+
+def _paired(cpu: dict[str, list[float]], name: str, reference: str) -> float:
+    """The reference's best round over the rounds ``name`` ran (both run from round one)."""
+    return min(cpu[reference][: len(cpu[name])])
+
+
+def _best(cpu: dict[str, list[float]], name: str, reference: str) -> float:
+    """``name``'s best round over its reference's best in the same rounds."""
+    return min(cpu[name]) / _paired(cpu, name, reference)
+
+
+@dataclass(frozen=True)
+class _StopRule:
+    """:func:`time_interleaved`'s stopping rules, on the rounds (CPU seconds) taken so far."""
+
+    min_rounds: int
+    patience: int
+    tolerance: float
+    stable: float | None
+    relative: bool = False
+
+    def all_settled(self, cpu: dict[str, list[float]]) -> bool:
+        """Every runner at once (the rounds run together): no best improved in the last
+        ``patience`` rounds after ``min_rounds`` (``relative``: none moved against the others,
+        :meth:`_held_relative`), or every runner's rounds agree."""
+        n = len(next(iter(cpu.values())))
+        if n >= self.min_rounds:
+            if self.relative and self._held_relative(cpu):
+                return True
+            if all(self._unimproved(v, self.patience) for v in cpu.values()):
+                return True
+        return n >= min(self.min_rounds, AGREE_ROUNDS) and _agree(cpu, self.stable)
+
+    def _held_relative(self, cpu: dict[str, list[float]]) -> bool:
+        """Over the last ``patience`` rounds the runners' bests moved together: each best's
+        improvement factor b_then / b_now within ``tolerance`` of every other's (their ratios,
+        which is all a comparison in one run uses, held)."""
+        n = len(next(iter(cpu.values())))
+        if n <= self.patience:
+            return False
+        factors = [min(v[: n - self.patience]) / min(v) for v in cpu.values()]
+        return max(factors) <= (1 + self.tolerance) * min(factors)
+
+    def _unimproved(self, rounds: list[float], last: int) -> bool:
+        """No round among the ``last`` few improved the best before it by over ``tolerance``."""
+        if len(rounds) <= last:
+            return False
+        best = min(rounds[:-last])
+        for x in rounds[-last:]:
+            if x < (1 - self.tolerance) * best:
+                return False
+            best = min(best, x)
+        return True
 
 
 def _agree(rounds: dict[str, list[float]], stable: float | None) -> bool:
@@ -227,17 +301,23 @@ def layer_input(shape: tuple[int, ...], deployment: Deployment) -> torch.Tensor:
 
 # a layer's comparison: short rounds, stopped once the best round held for 2 rounds or the
 # rounds agree within 2 % (a layer is timed once per signature and plan; its decisions need a
-# few per cent, not a long benchmark). 0.2 ms rounds: resnet56 convs against 6 factorizations
-# each, 3 repeats at load 6-8, gave variant/dense ratios spread 1.5-4 % (median) with 0.2 ms
-# and with 0.3 ms rounds, the 0.2 ms ones for 20-35 % less CPU
+# few per cent, not a long benchmark); a variant ≥ 10 % slower than dense after 4 rounds stops
+# (resnet56 at batch 1: about half the variant rounds went to such variants). 0.2 ms rounds:
+# resnet56 convs against 6 factorizations each, 3 repeats at load 6-8, gave variant/dense
+# ratios spread 1.5-4 % (median) with 0.2 ms and with 0.3 ms rounds, the 0.2 ms ones for
+# 20-35 % less CPU
 LAYER_ROUNDS: dict[str, Any] = {
     "min_rounds": 4,
     "patience": 2,
     "round_time": 0.0002,
     "stable": 0.02,
+    "drop_slower": 0.1,
 }
-# whole models: the prediction, a few more rounds (one forward is one round), or 4 that agree
-MODEL_ROUNDS: dict[str, Any] = {"min_rounds": 6, "patience": 3, "stable": 0.02}
+# whole models: the prediction, a few more rounds (one forward is one round), or 4 that agree;
+# "relative": the rounds also stop once every model's best improved alike for 3 rounds (a
+# quieter machine speeds all of them; their ratios, the prediction, held). resnet56 at batch 1,
+# 4 models in 2 layouts: up to 12 rounds → 4–6
+MODEL_ROUNDS: dict[str, Any] = {"min_rounds": 6, "patience": 3, "stable": 0.02, "relative": True}
 
 
 def time_against_reference(
@@ -327,6 +407,7 @@ def _against_reference(
     model's reference (its first measurement, cached).
     """
     todo: dict[str, tuple[nn.Module, Deployment]] = {}
+    references: dict[str, str] = {}  # run name → its group's dense run
     keys: dict[str, tuple[str, dict[str, str]]] = {}
     for g, (dense, variants, where) in groups.items():
         keys[g] = (
@@ -337,11 +418,12 @@ def _against_reference(
         if missing or cache.get(keys[g][0]) is None:
             todo[_run_name(g, REFERENCE)] = (dense, where)
             todo.update({_run_name(g, n): (m, where) for n, m in missing.items()})
+            references.update({_run_name(g, n): _run_name(g, REFERENCE) for n in missing})
     if todo:
         threads = {where.threads for _, where in todo.values()}
         if len(threads) != 1:
             raise TensorslimError("models timed in one run need one thread count: give one")
-        timed = time_interleaved(runners(todo), threads.pop(), **rounds)
+        timed = time_interleaved(runners(todo), threads.pop(), **rounds, references=references)
         cache.setup_s += sum(t.setup_s for t in timed.values())
         for g, (dense_key, variant_keys) in keys.items():
             if _run_name(g, REFERENCE) not in timed:
@@ -352,7 +434,8 @@ def _against_reference(
             reference = float(cache.get(dense_key))  # type: ignore[arg-type]
             for n, key in variant_keys.items():
                 if _run_name(g, n) in timed:
-                    cache.put(key, timed[_run_name(g, n)].ms / here * reference)
+                    t = timed[_run_name(g, n)]
+                    cache.put(key, t.ms / (t.reference_ms or here) * reference)
     return {
         g: (float(cache.get(d)), {n: float(cache.get(k)) for n, k in v.items()})  # type: ignore[arg-type]
         for g, (d, v) in keys.items()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -38,6 +39,7 @@ from tensorslim.layers.recurrent import LowRankRNN
 from tensorslim.methods.base import LayerInfo, Method, Option
 from tensorslim.methods.planned import Factorizations
 from tensorslim.methods.svd_composite import build_composite, composite_candidates
+from tensorslim.rank.alignment import alignment_for
 from tensorslim.rank.select import (
     energy_kept,
     rank_from_energy,
@@ -304,11 +306,20 @@ def _largest_full_rank(module: nn.Module) -> int:
 
 @lru_cache(maxsize=256)
 def _ladder(full_rank: int) -> list[int]:
-    """Ranks offered to the allocator: 1..R when R is small, else a grid denser at low ranks."""
+    """Ranks offered to the allocator: 1..R when R is small, else a grid denser at low ranks.
+
+    Each grid rank is rounded to a multiple of the largest of 16, 8, 4, 2 that fits in its
+    step (:mod:`tensorslim.rank.alignment`: CPU kernels work on blocks of 8 or 16 channels)."""
     if full_rank <= MAX_LADDER:
         return list(range(1, full_rank + 1))
     grid = torch.linspace(0, 1, MAX_LADDER, dtype=torch.float64) ** 1.5 * (full_rank - 1) + 1
-    return sorted({round(float(v)) for v in grid})
+    values = [float(v) for v in grid]
+    ranks = {1, full_rank}
+    for previous, value in itertools.pairwise(values):
+        step = value - previous
+        multiple = alignment_for(step)
+        ranks.add(min(full_rank, max(1, multiple * round(value / multiple))))
+    return sorted(ranks)
 
 
 def layer_spectrum(module: nn.Module, scheme: str = "channel") -> torch.Tensor:

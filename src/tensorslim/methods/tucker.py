@@ -59,6 +59,7 @@ from tensorslim.methods.base import LayerInfo, Method, Option, require_conv2d
 from tensorslim.methods.planned import Factorizations
 from tensorslim.methods.presets import Preset
 from tensorslim.methods.registry import get_method
+from tensorslim.rank.alignment import aligned
 
 RANK_RULES = ("auto", "vbmf", "budget", "fixed")
 MAX_OPTIONS = 48
@@ -177,7 +178,9 @@ def pareto_ladder(
 ) -> list[tuple[int, int]]:
     """Rank pairs (index) on the Pareto front of (FLOPs, error), thinned to ``max_options``.
 
-    Only pairs cheaper than dense in FLOPs or params are considered; the front is thinned by
+    Only pairs cheaper than dense in FLOPs or params, with both ranks aligned (multiples of 16
+    in a 256-channel mode, of 8 in a 64-channel one: :func:`~tensorslim.rank.alignment.aligned`)
+    are considered; the front is thinned by
     keeping, for ``max_options`` FLOPs levels evenly spaced up to the dense FLOPs, the best pair
     at or below each level.
     """
@@ -185,6 +188,9 @@ def pareto_ladder(
     e = errors.reshape(-1)
     p = params.reshape(-1)
     useful = (f < dense_flops) | (p < dense_params)
+    # only rank pairs that fill the CPU's vector blocks (tensorslim.rank.alignment)
+    n_out, n_in = errors.shape
+    useful &= (aligned(n_out)[:, None] & aligned(n_in)[None, :]).reshape(-1)
     idx = torch.nonzero(useful).reshape(-1)
     if idx.numel() == 0:
         return []

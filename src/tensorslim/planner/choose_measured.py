@@ -44,7 +44,13 @@ from tensorslim.facts import Option
 from tensorslim.methods.base import Method
 from tensorslim.planner.candidates import Candidates
 from tensorslim.planner.choose import Choice, by_budget, by_budget_each
-from tensorslim.planner.in_context import TOLERANCE, InContext, calibrated, measure_in_context
+from tensorslim.planner.in_context import (
+    TOLERANCE,
+    InContext,
+    Tried,
+    calibrated,
+    measure_in_context,
+)
 from tensorslim.planner.latency import (
     LatencySetting,
     dense_model_ms,
@@ -217,6 +223,8 @@ def _latency_choice(
         return choice.picked, layer_sum
 
     (ask, _, timed), tried = calibrated(allocate, budget.fraction, in_context)
+    if timed.fraction >= 1.0:  # never slower: no allocation tried beat the dense model
+        return _kept_dense(budget, candidates, tried), InContext(timed.dense_ms, timed.dense_ms)
     choice = choices[ask]
     # by_budget's notes speak of the layer-sum target it was given: restated for the budget
     choice.notes = [n for n in choice.notes if not n.startswith("budget latency=")]
@@ -235,6 +243,21 @@ def _latency_choice(
             f"{timed.fraction:.3f} of the dense model"
         )
     return choice, timed
+
+
+def _kept_dense(budget: Budget, candidates: Candidates, tried: list[Tried]) -> Choice:
+    """Every layer dense: each allocation tried for a latency ``budget`` measured no faster
+    than the dense model in context (its layers' savings lost to the model around them)."""
+    fractions = ", ".join(f"{t[2].fraction:.3f}" for t in tried)
+    reason = (
+        f"kept dense: every plan tried for {budget} measured slower than the dense model in "
+        f"context ({fractions} of it)"
+    )
+    return Choice(
+        picked={c.fqn: None for c in candidates.choices},
+        reasons={c.fqn: reason for c in candidates.choices},
+        notes=[f"budget {budget}: {reason.removeprefix('kept dense: ')}; the model stays dense"],
+    )
 
 
 def _in_this_layout(budget: Budget, dense_scale: float) -> Budget:

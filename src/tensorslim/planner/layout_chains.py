@@ -14,15 +14,19 @@ prediction times it) this stage
    it in both layouts, interleaved in one run (cached like a layer: module structure, input
    shape, deployment, machine), and assigns each chain its faster layout;
 3. if that assignment mixes layouts and the chains' summed times promise more than
-   :data:`MARGIN` over the faster uniform layout, times the whole structure in NCHW, in
-   channels_last and in the mixed layout, interleaved in one run (conversions between
-   chains included: the whole-model time decides), and keeps the mixed layout only if it is
-   faster than both uniform ones by more than :data:`MARGIN` (a tie is not worth a hook per
-   chain).
+   :data:`MARGIN` over the uniform layouts it is compared with, times the whole structure in
+   those layouts and in the mixed one, interleaved in one run (conversions between chains
+   included: the whole-model time decides), and keeps the mixed layout only if it is faster
+   than each of them by more than :data:`MARGIN` (a tie is not worth a hook per chain).
+
+A plan compares the mix with its chosen layout only: the stage's outcome is the mix or the
+plan as chosen, never the planned structure in the other layout, so timing that one could only
+turn down a mix that beats the chosen layout (and cost a third of the whole-model run). A model
+searched on its own (``chain_layout``'s default, e.g. the dense baseline) is compared with both.
 
 It records ``latency["memory_format"]["chains"]``: every chain's ms in both layouts and its
 input shape, the assignment, the chains' summed ms per layout and mixed (``chain_sum_ms``),
-the three whole-model times (when tried), ``kept`` and why. When
+the whole-model times (when tried), ``kept`` and why. When
 kept, the plan's predicted ms and fraction are restated for the mixed layout (scaled by
 mixed / uniform from the same run; the dense baseline stays the faster uniform dense model)
 and ``apply`` returns the model in it (:func:`tensorslim.layout.planned_layout`).
@@ -66,7 +70,12 @@ def fastest_chain_layout(
         return choice
     structure = planned_structure(model, method, survey, choice.picked)
     entry = chain_layout(
-        structure, survey.example, setting.deployment, setting.cache, setting.forward_fn
+        structure,
+        survey.example,
+        setting.deployment,
+        setting.cache,
+        setting.forward_fn,
+        against=(layouts["chosen"],),
     )
     if entry["kept"]:  # the prediction restated for the mixed layout (scaled, same run)
         record: dict[str, Any] = choice.latency  # type: ignore[assignment]
@@ -84,9 +93,11 @@ def chain_layout(
     deployment: Deployment,
     cache: LatencyCache,
     forward_fn: ForwardFn | None = None,
+    against: tuple[str, ...] = FORMATS,
 ) -> dict[str, Any]:
     """Steps 1–3 of the module docstring on ``model`` (a planned structure, or a dense model
-    to compare with) at ``deployment``'s batch and threads: the ``chains`` record."""
+    to compare with) at ``deployment``'s batch and threads: the ``chains`` record. ``against``:
+    the uniform layouts a mix must beat (a plan's: its chosen one)."""
     chains = find_chains(model)
     deployments = {f: deployment.in_format(f) for f in FORMATS}
     inputs = chain_inputs(model, chains, example, forward_fn)
@@ -108,26 +119,31 @@ def chain_layout(
     }
     if len(set(assignment.values())) < 2:
         entry["reason"] = "every chain is fastest in one layout: nothing to mix"
-    elif sums[PER_CHAIN] >= (1 - MARGIN) * min(sums[f] for f in FORMATS):
+    elif sums[PER_CHAIN] >= (1 - MARGIN) * min(sums[f] for f in against):
         entry["reason"] = (
             "not tried: the chains' own times promise under "
-            f"{MARGIN:.0%} over the faster uniform layout"
+            f"{MARGIN:.0%} over the uniform layout ({', '.join(against)})"
         )
     else:
-        model_ms = mixed_and_uniform_ms(model, assignment, example, deployments, cache, forward_fn)
-        _decide(entry, model_ms)
+        model_ms = mixed_and_uniform_ms(
+            model, assignment, example, deployments, cache, forward_fn, against
+        )
+        _decide(entry, model_ms, against)
     return entry
 
 
-def _decide(entry: dict[str, Any], model_ms: dict[str, float]) -> None:
-    """Keep the mixed layout when it beats both uniform layouts (same run) by :data:`MARGIN`."""
+def _decide(
+    entry: dict[str, Any], model_ms: dict[str, float], against: tuple[str, ...] = FORMATS
+) -> None:
+    """Keep the mixed layout when it beats each uniform layout of ``against`` (same run) by
+    :data:`MARGIN`."""
     entry["model_ms"] = model_ms
-    uniform = min(model_ms[f] for f in FORMATS)
+    uniform = min(model_ms[f] for f in against)
     entry["kept"] = model_ms[PER_CHAIN] < (1 - MARGIN) * uniform
     verdict = "kept" if entry["kept"] else "not kept"
     entry["reason"] = (
         f"{verdict}: the model in the per-chain layout measured {model_ms[PER_CHAIN]:.4g} ms, "
-        + ", ".join(f"{f} {model_ms[f]:.4g} ms" for f in FORMATS)
+        + ", ".join(f"{f} {model_ms[f]:.4g} ms" for f in against)
     )
 
 
@@ -166,20 +182,22 @@ def mixed_and_uniform_ms(
     deployments: dict[str, Deployment],
     cache: LatencyCache,
     forward_fn: ForwardFn | None = None,
+    against: tuple[str, ...] = FORMATS,
 ) -> dict[str, float]:
-    """The whole ``structure`` in each uniform layout and in ``assignment`` (ms), interleaved
-    in one run, cached under keys naming the assignment (a replan reuses the decision)."""
+    """The whole ``structure`` in each uniform layout of ``against`` and in ``assignment``
+    (ms), interleaved in one run, cached under keys naming the assignment (a replan reuses
+    the decision)."""
     base = deployments[FORMATS[0]]
     shape = tuple(first_tensor_shape(example))
     tag = f"{cache.key(structure, shape, base.in_format(AUTO))}|chains|" + json.dumps(
         assignment, sort_keys=True
     )
-    names = (*FORMATS, PER_CHAIN)
+    names = (*against, PER_CHAIN)
     keys = {n: hashlib.sha1(f"{tag}|{n}".encode()).hexdigest() for n in names}
     if any(cache.get(k) is None for k in keys.values()):
         # a model already in its layout runs as it is: the "auto" runner converts nothing
         mixed = to_layout(structure, assignment, inplace=False)
-        models = {f: (structure, deployments[f]) for f in FORMATS}
+        models = {f: (structure, deployments[f]) for f in against}
         models[PER_CHAIN] = (mixed, base.in_format(AUTO))
         timed = time_in_deployments(models, example, forward_fn, MODEL_ROUNDS)
         for n in names:
