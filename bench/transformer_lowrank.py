@@ -29,6 +29,9 @@ fwsvd then all with allocation="sensitivity"):
     #   (25.6 min; _all14k_refit2: the same with --refit both); the short checks _cal128,
     #   _cal512 (--distill-sentences 0), _cal512_refit (+ --refit --refit-ridge 1e-4),
     #   _2k_lr2e-4 and _2k_lr5e-4_warmup (2048 sentences, --warmup 0.1 for the second)
+    # transformer_lowrank_all14k_4ep_lr1e-4: the all14k command with --lr 1e-4 --epochs 4
+    #   --score-every 146 (lr, loss and trained parameters chosen by the 2048-sentence checks
+    #   of bench/transformer_distill_options.py)
     # transformer_lowrank_refit (an earlier run, per-layer allocation): --methods svd_llm asvd
     #   --fractions 0.5 --refit --latency-method none --name transformer_lowrank_refit
     python bench/transformer_lowrank.py --quick    # a smoke run of the same code
@@ -88,7 +91,11 @@ def no_dropout(model: nn.Module) -> nn.Module:
 
 
 def compress(model, method, fraction, linears, calibration, args) -> tuple[Any, nn.Module, float]:
-    """(plan, compressed model, seconds to plan and apply)."""
+    """(plan, compressed model, seconds to plan and apply); with ``--student`` the model saved
+    there by ``ts.save`` (and its plan), loaded instead (0 seconds)."""
+    if args.student:
+        small = ts.load(args.student, ts.create_model(f"hf:{minilm_path()}"))
+        return ts.io.read_plans(args.student)[-1], small, 0.0
     budget = ts.Budget(params=whole_model_budget(model, linears, fraction))
     kwargs: dict[str, Any] = {"layers": linears}
     if method != "svd" or args.svd_calibrated:
@@ -180,6 +187,8 @@ def run_config(model, method, fraction, data, reference, args) -> dict[str, Any]
         )  # fmt: skip
         row["distill_seconds"] = time.perf_counter() - started
         row["curve"] = curve.curve
+        if args.save_student:
+            ts.save(small, args.save_student)
         after = scores(small, reference, data["evaluation"])
         row.update({f"after_{k}": v for k, v in after.items()})
     row["_model"] = small
@@ -318,8 +327,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--preset", default="", help="preset of the data-aware methods (paper)")
     p.add_argument("--only-structured", action="store_true", help="distil the factors only")
     p.add_argument("--svd-calibrated", action="store_true", help="svd allocates in output space")
+    p.add_argument("--student", default="", help="start from this ts.save directory (no plan)")
+    p.add_argument("--save-student", default="", help="ts.save the distilled model here")
     p.add_argument("--name", default=NAME)
     args = p.parse_args()
+    if args.student and (len(args.methods) > 1 or len(args.fractions) > 1):
+        p.error("--student is one compressed model: give one --methods and one --fractions")
     if args.quick:
         args.calibration, args.distill_sentences, args.evaluation = 32, 32, 48
         args.latency_reps, args.fractions, args.name = 1, [0.5], f"{NAME}_quick"
@@ -471,6 +484,10 @@ def notes_for(rows, args, distill_minutes: float, met: dict, seconds: float) -> 
         lines.insert(1, f"{tag}: after apply the {which} are refitted layer by layer to the "
                      "compressed model's inputs on the calibration sentences "
                      f"(ts.refit_factors, ridge {args.refit_ridge}).")  # fmt: skip
+    if args.student:
+        lines.insert(1, f"The compressed model was not planned in this run: loaded from "
+                     f"{args.student} (ts.save of the same method and settings), so "
+                     "plan_seconds is 0.")  # fmt: skip
     if args.score_every:
         lines.append(f"The curve scores the held-out set every {args.score_every} steps of "
                      "one run: points before the last are mid-schedule (the learning rate "
