@@ -63,7 +63,10 @@ BUDGETS = ("latency=0.5", "latency=0.7", "flops=0.5")
 # dense 0.847, svd 0.547
 FINETUNE: dict[str, Any] = {"steps": 150, "optimizer": "adam", "lr": 3e-4, "batch": 128}
 OPTIMIZERS = {"adam": "AdamW", "sgd": "SGD (Nesterov momentum 0.9)"}  # tensorslim.train's names
-METHODS = {"svd": {"scheme": "channel"}, "tucker": {}, "cp": {}}
+METHODS = {"svd": {"scheme": "channel"}, "svd_best": {"scheme": "best"}, "tucker": {}, "cp": {}}
+# bench names that run a registered method under other settings (svd_best: the allocator picks
+# the channel or the spatial scheme per layer)
+RUN_AS = {"svd_best": "svd"}
 COLUMNS = [
     "model",
     "batch",
@@ -182,7 +185,7 @@ def one_plan(
     with PeakRss() as memory:
         the_plan = plan(
             model,
-            method,
+            RUN_AS.get(method, method),
             budget,
             example,
             deployment=where,
