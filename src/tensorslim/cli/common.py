@@ -66,6 +66,7 @@ from tensorslim.cli.rundir import (  # noqa: F401  (re-exported)
     read_args,
     save_args,
 )
+from tensorslim.cli.setup_result import Setup
 from tensorslim.errors import TensorslimError
 from tensorslim.train.checkpoint import atomic_write_text
 
@@ -390,28 +391,6 @@ def require_trust(
             f"code named by a file: pass --trust-code if you trust it"
             + (f", or {other}" if other else "")
         )
-
-
-@dataclass
-class Setup:
-    """Everything a command needs about its data and model."""
-
-    model: nn.Module
-    bundle: Any
-    train_loader: Any
-    test_loader: Any
-    example_batch: torch.Tensor
-    # a pretrained model on unlabeled text (hf:PATH --data fortunes): cli/hf_setup.TextRun
-    text: Any = None
-
-    def data(self) -> dict[str, Any]:
-        """``train_loader``, ``test_loader`` and ``example_batch``: the keyword arguments the
-        pipeline functions (``compress_model``, ``multistage``, ...) take the data by."""
-        return {
-            "train_loader": self.train_loader,
-            "test_loader": self.test_loader,
-            "example_batch": self.example_batch,
-        }
 
 
 def setup(

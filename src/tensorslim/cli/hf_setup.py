@@ -18,6 +18,7 @@ from typing import Any
 
 from torch import nn
 
+from tensorslim.cli.setup_result import Setup
 from tensorslim.errors import TensorslimError
 
 TEXT_DATA = "fortunes"
@@ -47,8 +48,7 @@ def setup_hf(
     limit_test: int | None,
     latency_batch: int = 32,
 ) -> Any:
-    """The :class:`~tensorslim.cli.common.Setup` of a pretrained HF model on fortunes."""
-    from tensorslim.cli.common import Setup
+    """The :class:`~tensorslim.cli.setup_result.Setup` of a pretrained HF model on fortunes."""
     from tensorslim.data.text import fortune_splits, tokenized_batches
     from tensorslim.models.huggingface import hf_path, load_hf_model, load_hf_tokenizer
 
