@@ -39,14 +39,14 @@ from collections.abc import Sequence
 import torch
 
 from tensorslim.errors import TensorslimError
-from tensorslim.layers.debut import (
+from tensorslim.layers.debut_chain import DeButChain, DeButFactor
+from tensorslim.layers.debut_multiply import (
     apply_factor,
     chain_dense,
     chain_multiply,
     random_factor_weights,
     transpose_chain,
 )
-from tensorslim.layers.debut_chain import DeButChain, DeButFactor
 
 _DTYPE = torch.float64
 
