@@ -44,6 +44,7 @@ from tensorslim.errors import TensorslimError
 from tensorslim.facts import OUTPUT_ERROR, Config, LayerInfo, LayerStats, Option
 from tensorslim.layers.linear_like import as_linear
 from tensorslim.methods.presets import Preset
+from tensorslim.methods.registry import _register, get_method
 
 if TYPE_CHECKING:
     from tensorslim.planner.records import CompressionPlan
@@ -105,8 +106,6 @@ class Method(abc.ABC):
             if entry in cls.__dict__:
                 setattr(cls, entry, _sees_linear_like_as_linear(cls.__dict__[entry]))
         if cls.name and not getattr(cls, "__abstractmethods__", None):
-            from tensorslim.methods.registry import _register
-
             _register(cls)
 
     def weighs_layers(self) -> bool:
@@ -160,7 +159,6 @@ class Method(abc.ABC):
     def _approximate_weight(self, module: nn.Module, option: Option, info: LayerInfo) -> Tensor:
         """Ŵ of ``option``: the built layer multiplied out (a method delegating builds there)."""
         from tensorslim.layers.base import StructuredLayer
-        from tensorslim.methods.registry import get_method
 
         builder = self if option.method == self.name else get_method(option.method)
         built = builder.build(module, option.config, info, init=True)
